@@ -1,0 +1,1 @@
+"""The message bus: one interface, in-process and NATS implementations."""

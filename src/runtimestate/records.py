@@ -1,0 +1,174 @@
+"""The seed's public value types, with the seed's exact JSON.
+
+These cross boundaries (the HTTP API, the bus, other tools that read the seed's JSON), so they
+are pydantic models whose aliases are the seed's camelCase names. They are **frozen** and hold
+tuples, not lists: :meth:`runtimestate.State.get` can then hand out a snapshot by copying one
+dict of references instead of deep-copying every model of every backend, and no reader can
+change what another sees.
+
+Differences from the seed, each deliberate:
+
+* ``LLMState.undeclared_models`` (``undeclaredModels``) reports drift - models a cloud account
+  or server has that nobody declared - apart from ``error``, so that drift never disables a
+  backend. Like ``error``, it is omitted from the JSON when empty, so a clean state serializes
+  exactly as the seed's.
+* The API key a state was built with is a private attribute: never serialized, never in repr.
+* :class:`ProviderConfig` keeps its key in a ``SecretStr``; its display form masks the key.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
+from pydantic.alias_generators import to_camel
+
+from runtimestate.errors import mask_secret
+
+__all__ = [
+    "GEMINI_KEY",
+    "OPENAI_KEY",
+    "PROVIDER_KEY_PREFIX",
+    "BackendInfo",
+    "BackendType",
+    "LLMState",
+    "ListModelResponse",
+    "ModelDetails",
+    "ProviderConfig",
+]
+
+PROVIDER_KEY_PREFIX = "cloud-provider:"
+OPENAI_KEY = PROVIDER_KEY_PREFIX + "openai"
+GEMINI_KEY = PROVIDER_KEY_PREFIX + "gemini"
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class BackendType(StrEnum):
+    """The backend types this project drives. The store keeps the type as free text so that a
+    row written by another tool with an unknown type is reported, not rejected."""
+
+    OLLAMA = "ollama"
+    VLLM = "vllm"
+    OPENAI = "openai"
+    GEMINI = "gemini"
+
+
+class _SeedModel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        frozen=True,
+        extra="ignore",
+    )
+
+
+class ModelDetails(_SeedModel):
+    parent_model: str = ""
+    format: str = ""
+    family: str = ""
+    families: tuple[str, ...] | None = None
+    parameter_size: str = ""
+    quantization_level: str = ""
+
+
+class ListModelResponse(_SeedModel):
+    """One model a backend really holds, with the declared (or discovered) capabilities."""
+
+    name: str
+    model: str
+    modified_at: datetime = _EPOCH
+    size: int = 0
+    digest: str = ""
+    details: ModelDetails = Field(default_factory=ModelDetails)
+    context_length: int = 0
+    can_chat: bool = False
+    can_embed: bool = False
+    can_prompt: bool = False
+    can_stream: bool = False
+
+
+class BackendInfo(_SeedModel):
+    """The declared backend as it appears inside an ``LLMState`` (the seed's ``backend``)."""
+
+    id: str
+    name: str
+    base_url: str
+    type: str
+    created_at: datetime = _EPOCH
+    updated_at: datetime = _EPOCH
+
+
+class LLMState(_SeedModel):
+    """The observed state of one backend. Built by the reconciler, read through snapshots."""
+
+    id: str
+    name: str
+    models: tuple[str, ...] = ()
+    pulled_models: tuple[ListModelResponse, ...] = ()
+    backend: BackendInfo
+    error: str = ""
+    undeclared_models: tuple[str, ...] = ()
+
+    _api_key: str | None = PrivateAttr(default=None)
+
+    @model_serializer(mode="wrap")
+    def _omit_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for key in ("error", "undeclaredModels", "undeclared_models"):
+            if key in data and not data[key]:
+                del data[key]
+        return data
+
+    @property
+    def api_key(self) -> str | None:
+        """The key this state was observed with (cloud backends); never serialized."""
+        return self._api_key
+
+    def with_api_key(self, api_key: str | None) -> LLMState:
+        """A copy of this state that carries ``api_key`` privately."""
+        clone = self.model_copy()
+        clone._api_key = api_key
+        return clone
+
+    def __repr_args__(self) -> Any:
+        return [(k, v) for k, v in super().__repr_args__() if k != "_api_key"]
+
+
+class ProviderConfig(BaseModel):
+    """A cloud provider's credentials as stored under ``OPENAI_KEY`` / ``GEMINI_KEY``.
+
+    ``to_storage()`` is the seed's stored shape ``{"APIKey", "Type"}`` with the key in clear -
+    only the store sees it. ``model_dump()`` / ``display()`` mask the key.
+    """
+
+    model_config = ConfigDict(frozen=True, validate_by_name=True, validate_by_alias=True)
+
+    api_key: SecretStr = Field(alias="APIKey")
+    type: str = Field(alias="Type")
+
+    @model_serializer(mode="plain")
+    def _masked(self) -> dict[str, Any]:
+        return self.display()
+
+    def display(self) -> dict[str, str]:
+        return {"APIKey": mask_secret(self.api_key.get_secret_value()), "Type": self.type}
+
+    def to_storage(self) -> dict[str, str]:
+        return {"APIKey": self.api_key.get_secret_value(), "Type": self.type}
+
+    @classmethod
+    def from_storage(cls, value: Any) -> ProviderConfig:
+        return cls.model_validate(value)

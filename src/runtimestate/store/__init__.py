@@ -1,0 +1,1 @@
+"""The declared-state store: one interface, SQLite and PostgreSQL implementations."""

@@ -1,0 +1,272 @@
+"""The store contract: every operation on the declared state, in the domain's own words.
+
+One interface, two implementations (SQLite and PostgreSQL, both in :mod:`.sql`), and one
+contract test suite that runs over both. Callers never see SQL or driver exceptions: every
+method raises only :mod:`runtimestate.errors` types (``NotFound``, ``Conflict``,
+``InvalidInput``, ``StoreError``).
+
+Paging: ``list_*`` return newest first, at most ``limit`` rows (1..1000, else ``InvalidInput``),
+and an opaque ``next_cursor`` keyed on ``(created_at, id)`` so that rows sharing a timestamp
+are neither skipped nor repeated.
+
+Jobs: ``pop_*`` are atomic - a job is returned to exactly one caller even with many workers and
+several processes on one PostgreSQL.
+
+Leases: ``acquire_lease`` grants a named claim to one holder until it expires; the same holder
+may renew it. They serialize downloads per backend across workers and processes, and will elect
+the leader of several replicas.
+
+``transaction()`` yields a store bound to one database transaction: every operation through it
+commits together or not at all.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
+from types import TracebackType
+
+from runtimestate.store.records import (
+    Backend,
+    Job,
+    JSONValue,
+    KVEntry,
+    Lease,
+    Model,
+    Page,
+    Pool,
+)
+
+__all__ = ["Store"]
+
+
+class Store(abc.ABC):
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[Store]:
+        """A store whose operations share one transaction, committed on a clean exit."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise ``StoreError`` if the database cannot be reached."""
+
+    # ---- backends --------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_backend(
+        self, *, name: str, base_url: str, type: str, id: str | None = None
+    ) -> Backend: ...
+
+    @abc.abstractmethod
+    async def get_backend(self, backend_id: str) -> Backend: ...
+
+    @abc.abstractmethod
+    async def get_backend_by_name(self, name: str) -> Backend: ...
+
+    @abc.abstractmethod
+    async def update_backend(
+        self, backend_id: str, *, name: str, base_url: str, type: str
+    ) -> Backend: ...
+
+    @abc.abstractmethod
+    async def delete_backend(self, backend_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_all_backends(self) -> list[Backend]: ...
+
+    @abc.abstractmethod
+    async def list_backends(
+        self, *, cursor: str | None = None, limit: int = 100
+    ) -> Page[Backend]: ...
+
+    @abc.abstractmethod
+    async def estimate_backend_count(self) -> int: ...
+
+    # ---- models ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def append_model(
+        self,
+        *,
+        model: str,
+        context_length: int = 0,
+        can_chat: bool = False,
+        can_embed: bool = False,
+        can_prompt: bool = False,
+        can_stream: bool = False,
+        id: str | None = None,
+    ) -> Model: ...
+
+    @abc.abstractmethod
+    async def get_model(self, model_id: str) -> Model: ...
+
+    @abc.abstractmethod
+    async def get_model_by_name(self, model: str) -> Model: ...
+
+    @abc.abstractmethod
+    async def update_model(
+        self,
+        model_id: str,
+        *,
+        model: str,
+        context_length: int,
+        can_chat: bool,
+        can_embed: bool,
+        can_prompt: bool,
+        can_stream: bool,
+    ) -> Model: ...
+
+    @abc.abstractmethod
+    async def delete_model(self, model_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_all_models(self) -> list[Model]: ...
+
+    @abc.abstractmethod
+    async def list_models(self, *, cursor: str | None = None, limit: int = 100) -> Page[Model]: ...
+
+    @abc.abstractmethod
+    async def estimate_model_count(self) -> int: ...
+
+    # ---- pools -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_pool(self, *, name: str, purpose_type: str, id: str | None = None) -> Pool: ...
+
+    @abc.abstractmethod
+    async def get_pool(self, pool_id: str) -> Pool: ...
+
+    @abc.abstractmethod
+    async def get_pool_by_name(self, name: str) -> Pool: ...
+
+    @abc.abstractmethod
+    async def update_pool(self, pool_id: str, *, name: str, purpose_type: str) -> Pool: ...
+
+    @abc.abstractmethod
+    async def delete_pool(self, pool_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_all_pools(self) -> list[Pool]: ...
+
+    @abc.abstractmethod
+    async def list_pools(self, *, cursor: str | None = None, limit: int = 100) -> Page[Pool]: ...
+
+    @abc.abstractmethod
+    async def list_pools_by_purpose(
+        self, purpose: str, *, cursor: str | None = None, limit: int = 100
+    ) -> Page[Pool]: ...
+
+    @abc.abstractmethod
+    async def estimate_pool_count(self) -> int: ...
+
+    # ---- assignments -----------------------------------------------------------------------
+    # Assigning twice is a Conflict; removing an absent assignment is NotFound; assigning an
+    # unknown pool, backend or model is NotFound.
+    @abc.abstractmethod
+    async def assign_backend_to_pool(self, pool_id: str, backend_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def remove_backend_from_pool(self, pool_id: str, backend_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_backends_for_pool(self, pool_id: str) -> list[Backend]: ...
+
+    @abc.abstractmethod
+    async def list_pools_for_backend(self, backend_id: str) -> list[Pool]: ...
+
+    @abc.abstractmethod
+    async def assign_model_to_pool(self, pool_id: str, model_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def remove_model_from_pool(self, pool_id: str, model_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_models_for_pool(self, pool_id: str) -> list[Model]: ...
+
+    @abc.abstractmethod
+    async def list_pools_for_model(self, model_id: str) -> list[Pool]: ...
+
+    # ---- job queue -------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def append_job(self, job: Job) -> Job:
+        """Queue ``job``; a job with the same id already queued is a ``Conflict``."""
+
+    @abc.abstractmethod
+    async def append_jobs(self, jobs: Sequence[Job]) -> list[Job]:
+        """Queue several jobs atomically (all or none)."""
+
+    @abc.abstractmethod
+    async def pop_job_for_type(self, task_type: str) -> Job:
+        """Remove and return the oldest job of ``task_type``; ``NotFound`` when there is none."""
+
+    @abc.abstractmethod
+    async def pop_n_jobs_for_type(self, task_type: str, n: int) -> list[Job]: ...
+
+    @abc.abstractmethod
+    async def pop_jobs_for_type(self, task_type: str) -> list[Job]: ...
+
+    @abc.abstractmethod
+    async def pop_all_jobs(self) -> list[Job]: ...
+
+    @abc.abstractmethod
+    async def get_jobs_for_type(self, task_type: str) -> list[Job]:
+        """The queued jobs of ``task_type``, oldest first, without removing them."""
+
+    @abc.abstractmethod
+    async def delete_job(self, job_id: str) -> Job:
+        """Remove one queued job by id and return it; ``NotFound`` if absent."""
+
+    @abc.abstractmethod
+    async def list_jobs(self, *, cursor: str | None = None, limit: int = 100) -> Page[Job]: ...
+
+    @abc.abstractmethod
+    async def estimate_job_count(self) -> int: ...
+
+    # ---- key-value -------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def set_kv(self, key: str, value: JSONValue) -> KVEntry: ...
+
+    @abc.abstractmethod
+    async def update_kv(self, key: str, value: JSONValue) -> KVEntry: ...
+
+    @abc.abstractmethod
+    async def get_kv(self, key: str) -> KVEntry: ...
+
+    @abc.abstractmethod
+    async def delete_kv(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_kv(self, *, cursor: str | None = None, limit: int = 100) -> Page[KVEntry]: ...
+
+    @abc.abstractmethod
+    async def list_kv_prefix(
+        self, prefix: str, *, cursor: str | None = None, limit: int = 100
+    ) -> Page[KVEntry]:
+        """Entries whose key starts with ``prefix`` taken literally (``%`` and ``_`` included)."""
+
+    # ---- leases ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def acquire_lease(self, name: str, *, holder: str, ttl: timedelta) -> Lease | None:
+        """Grant ``name`` to ``holder`` until now+ttl if it is free, expired, or already held by
+        ``holder`` (a renewal). ``None`` when someone else holds it. Atomic across processes."""
+
+    @abc.abstractmethod
+    async def release_lease(self, name: str, *, holder: str) -> None:
+        """Give ``name`` up if ``holder`` holds it; otherwise do nothing."""
+
+    @abc.abstractmethod
+    async def list_leases(self, prefix: str = "") -> list[Lease]:
+        """Unexpired leases whose name starts with ``prefix`` (literally)."""

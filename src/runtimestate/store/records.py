@@ -1,0 +1,114 @@
+"""The declared state as frozen, keyword-only records returned by every store.
+
+Records are plain dataclasses: they never cross a JSON boundary on their own (the API has its
+own pydantic schemas), and being frozen they can be shared between tasks without copying.
+Timestamps are timezone-aware UTC and are set by the store, never by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, TypeVar
+
+from runtimestate.records import BackendInfo
+
+__all__ = [
+    "MAX_PAGE_SIZE",
+    "Backend",
+    "Job",
+    "KVEntry",
+    "Lease",
+    "Model",
+    "Page",
+    "Pool",
+]
+
+MAX_PAGE_SIZE = 1000
+
+JSONValue = object  # any value json.dumps accepts; the store checks it on write
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Backend:
+    id: str
+    name: str
+    base_url: str
+    type: str
+    created_at: datetime
+    updated_at: datetime
+
+    def info(self) -> BackendInfo:
+        """This backend as the seed's JSON shape inside an ``LLMState``."""
+        return BackendInfo(
+            id=self.id,
+            name=self.name,
+            base_url=self.base_url,
+            type=self.type,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Model:
+    id: str
+    model: str
+    context_length: int
+    can_chat: bool
+    can_embed: bool
+    can_prompt: bool
+    can_stream: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Pool:
+    id: str
+    name: str
+    purpose_type: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Job:
+    """A queued unit of work. ``scheduled_for`` and ``valid_until`` are Unix seconds (0 = none),
+    as in the seed."""
+
+    id: str
+    task_type: str
+    payload: bytes
+    scheduled_for: int = 0
+    valid_until: int = 0
+    retry_count: int = 0
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KVEntry:
+    key: str
+    value: JSONValue
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Lease:
+    """A named, expiring claim held by one holder: the download lock of a backend today, the
+    leader election of several replicas tomorrow."""
+
+    name: str
+    holder: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Page(Generic[T]):
+    """One page of a newest-first listing. ``next_cursor`` is opaque; ``None`` on the last page."""
+
+    items: list[T] = field(default_factory=list)
+    next_cursor: str | None = None
