@@ -1,0 +1,188 @@
+"""Every setting of the service, read from the environment in one place.
+
+:class:`Settings` is the single list of what an operator can configure: each field's description
+is its documentation, and each field is read from the environment variable ``RUNTIMESTATE_`` +
+its upper-case name (``RUNTIMESTATE_DATABASE_URL``, ``RUNTIMESTATE_TOKEN``...). The CLI builds a
+``Settings`` from its flags on top of the environment and hands it to
+:func:`runtimestate.service.serve`, which builds the store, bus, ``State``, routines and API from
+it, so nothing below the service reads the environment itself.
+
+The bearer token lives here too (:func:`token_path`, :func:`read_token`,
+:func:`load_or_create_token`) because two programs need it: the service, which generates it on
+first start, and the CLI, which reads it back from the data directory when it talks to a local
+service. It is written with owner-only permissions, created that way (never chmod-ed after the
+fact) so that no other user can read it even for an instant.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from platformdirs import user_data_dir
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "ENV_PREFIX",
+    "TOKEN_FILE",
+    "LogFormat",
+    "Settings",
+    "default_data_dir",
+    "load_or_create_token",
+    "read_token",
+    "token_path",
+]
+
+ENV_PREFIX = "RUNTIMESTATE_"
+TOKEN_FILE = "token"  # noqa: S105 - a file name, not a credential
+DATABASE_FILE = "runtimestate.db"
+_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+
+
+class LogFormat(StrEnum):
+    """How log records are written: one JSON object per line, or a line for humans."""
+
+    JSON = "json"
+    TEXT = "text"
+
+
+def default_data_dir() -> Path:
+    """The per-user data directory (``~/.local/share/runtimestate`` on Linux)."""
+    return Path(user_data_dir("runtimestate"))
+
+
+class Settings(BaseSettings):
+    """The service's configuration. Every field is also the environment variable
+    ``RUNTIMESTATE_<FIELD>`` (for example ``RUNTIMESTATE_CYCLE_INTERVAL=30``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Directory for the SQLite database and the generated token.",
+    )
+    database_url: str = Field(
+        default="",
+        description=(
+            "Store URL: sqlite:///path/to/file.db or postgresql://user:pass@host/db. "
+            "Default: an SQLite file runtimestate.db in the data directory."
+        ),
+    )
+    nats_url: str | None = Field(
+        default=None,
+        description="NATS server URL (nats://host:4222). Default: the in-process bus.",
+    )
+    pools: bool = Field(
+        default=False,
+        description="Pool mode: a backend holds the models of its pools; others are unmanaged.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address the HTTP API binds to.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port of the HTTP API.")
+    token: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Bearer token every route but /health requires. Default: generated on first start, "
+            "saved to <data_dir>/token (mode 0600) and printed once."
+        ),
+    )
+    cycle_interval: float = Field(
+        default=10.0, gt=0, description="Seconds between two backend reconciliation cycles."
+    )
+    download_workers: int = Field(
+        default=1, ge=0, le=64, description="Download workers (0 disables downloads)."
+    )
+    backend_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds allowed for one backend's observation per cycle."
+    )
+    concurrency: int = Field(
+        default=64, ge=1, description="Backends reconciled at the same time, at most."
+    )
+    delete_undeclared: bool = Field(
+        default=True, description="Delete models that a backend holds but nobody declared."
+    )
+    breaker_failures: int = Field(
+        default=5, ge=1, description="Consecutive cycle failures that open a routine's breaker."
+    )
+    breaker_reset: float = Field(
+        default=60.0, gt=0, description="Seconds an open breaker waits before one trial call."
+    )
+    log_format: LogFormat = Field(
+        default=LogFormat.TEXT, description="Log output: json (one object per line) or text."
+    )
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_database(cls, data: Any) -> Any:
+        # The default database lives in the data directory, which may itself come from the
+        # environment, so it can only be derived once both are known.
+        if isinstance(data, dict) and not data.get("database_url"):
+            data_dir = Path(data.get("data_dir") or default_data_dir())
+            data = {**data, "database_url": f"sqlite:///{data_dir / DATABASE_FILE}"}
+        return data
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in _LEVELS:
+            raise ValueError(f"unknown log level {value!r}; use DEBUG, INFO, WARNING or ERROR")
+        return level
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0].split("+", 1)[0]
+        if scheme not in {"sqlite", "postgresql", "postgres"}:
+            raise ValueError("database_url must start with sqlite:// or postgresql://")
+        return value
+
+
+def token_path(data_dir: Path) -> Path:
+    """Where the generated bearer token is kept."""
+    return data_dir / TOKEN_FILE
+
+
+def read_token(data_dir: Path) -> str | None:
+    """The token saved in ``data_dir``, or ``None`` when there is none (yet)."""
+    try:
+        token = token_path(data_dir).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return token or None
+
+
+def load_or_create_token(settings: Settings) -> tuple[str, bool]:
+    """The bearer token and whether it was generated just now.
+
+    Order: ``settings.token`` (the environment), else the saved file, else a new random token
+    written to ``<data_dir>/token`` with mode 0600. The caller prints it only when generated.
+    """
+    if settings.token is not None and settings.token.get_secret_value():
+        return settings.token.get_secret_value(), False
+    saved = read_token(settings.data_dir)
+    if saved is not None:
+        return saved, False
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_urlsafe(32)
+    path = token_path(settings.data_dir)
+    # O_EXCL: two services started at once must not both think they generated the token.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        existing = read_token(settings.data_dir)
+        if existing is None:
+            raise
+        return existing, False
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+    return token, True
