@@ -92,7 +92,12 @@ class NotFound(RuntimeStateError):
 
 
 class Conflict(RuntimeStateError):
-    """A unique constraint (name, base URL, job id, key) would be violated."""
+    """A unique constraint (name, base URL, job id, key) would be violated; ``field`` names the
+    unique field when one is at fault, so that the API can report it like ``InvalidInput``."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class InvalidInput(RuntimeStateError):
