@@ -1,0 +1,275 @@
+"""What a provider is, and the shape every backend client shares.
+
+A :class:`Provider` is one model of one backend type together with **every backend that serves
+it**, so that a resolver policy can choose among backends instead of among copies of the same
+model (the seed made one provider per model per backend). Providers are frozen, hashable values
+built from a snapshot; they hold no connection.
+
+:class:`ModelClient` is the per-(provider, backend) client handed out by the resolver. The
+per-type modules (``ollama``, ``openai``, ``gemini``) only implement four small hooks; this base
+class owns what must be identical across types and therefore lives in one place:
+
+* the capability check, raised as :class:`~runtimestate.errors.Unsupported` before any request;
+* the health bookkeeping (in-flight count, latency, failures) around every call;
+* the translation of SDK exceptions into the project's error tree, chained with ``from``;
+* the stream wrapper: an async generator whose ``aclose()`` (or cancellation) closes the SDK
+  stream and with it the HTTP response, and whose idle timeout turns a stalled stream into
+  :class:`~runtimestate.errors.BackendUnreachable`.
+
+The SDK client behind a ``ModelClient`` is fetched lazily from the shared
+:class:`~runtimestate.providers.pool.ClientPool` on the first call, so resolving a client does
+no I/O and allocates almost nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from runtimestate.errors import (
+    BackendError,
+    BackendUnreachable,
+    InvalidInput,
+    Unsupported,
+    redact,
+)
+
+if TYPE_CHECKING:
+    from runtimestate.providers.pool import ClientPool
+
+__all__ = [
+    "BackendRef",
+    "Capability",
+    "ChatMessage",
+    "ChatResult",
+    "ModelClient",
+    "Provider",
+    "Usage",
+]
+
+
+class Capability(StrEnum):
+    CHAT = "chat"
+    PROMPT = "prompt"
+    EMBED = "embed"
+    STREAM = "stream"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BackendRef:
+    """One backend serving a provider. The key is kept out of repr, equality and hashing."""
+
+    id: str
+    name: str
+    base_url: str
+    type: str
+    api_key: str | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Provider:
+    """One model of one backend type, with its capabilities and every backend serving it."""
+
+    type: str
+    model: str
+    context_length: int
+    capabilities: frozenset[Capability]
+    backends: tuple[BackendRef, ...]
+
+    @property
+    def id(self) -> str:
+        return f"{self.type}:{self.model}"
+
+    @property
+    def can_chat(self) -> bool:
+        return Capability.CHAT in self.capabilities
+
+    @property
+    def can_prompt(self) -> bool:
+        return Capability.PROMPT in self.capabilities
+
+    @property
+    def can_embed(self) -> bool:
+        return Capability.EMBED in self.capabilities
+
+    @property
+    def can_stream(self) -> bool:
+        return Capability.STREAM in self.capabilities
+
+    def describe(self) -> str:
+        """A one-line summary for error messages: never mentions a key."""
+        caps = ",".join(sorted(self.capabilities)) or "none"
+        return f"{self.id} (context {self.context_length}, {caps}, {len(self.backends)} backends)"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+    @classmethod
+    def coerce(cls, value: ChatMessage | Mapping[str, str]) -> ChatMessage:
+        if isinstance(value, ChatMessage):
+            return value
+        try:
+            return cls(role=value["role"], content=value["content"])
+        except KeyError as exc:
+            raise InvalidInput(
+                "a chat message needs 'role' and 'content'", field="messages"
+            ) from exc
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChatResult:
+    message: ChatMessage
+    usage: Usage
+
+
+def _messages(messages: Sequence[ChatMessage | Mapping[str, str]]) -> list[ChatMessage]:
+    result = [ChatMessage.coerce(m) for m in messages]
+    if not result:
+        raise InvalidInput("at least one message is required", field="messages")
+    return result
+
+
+class ModelClient(ABC):
+    """Chat, prompt, embed and stream against one backend for one provider."""
+
+    # The SDK exceptions this client translates; anything else is a bug and propagates.
+    translated: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    def __init__(self, *, provider: Provider, backend: BackendRef, pool: ClientPool) -> None:
+        self.provider = provider
+        self.backend = backend
+        self._pool = pool
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.provider.model!r}, backend={self.backend.id!r})"
+
+    # -- public API -------------------------------------------------------------------------
+
+    async def chat(self, messages: Sequence[ChatMessage | Mapping[str, str]]) -> ChatResult:
+        """Send a conversation; return the assistant's message and the token usage."""
+        self._require(Capability.CHAT)
+        msgs = _messages(messages)
+        async with self._pool.health.track(self.backend.id):
+            try:
+                return await self._chat(msgs)
+            except self.translated as exc:
+                raise self._error(exc) from exc
+
+    async def prompt(self, prompt: str, *, system: str | None = None) -> str:
+        """Complete a single prompt (with optional system text); return the generated text."""
+        self._require(Capability.PROMPT)
+        async with self._pool.health.track(self.backend.id):
+            try:
+                return await self._prompt(prompt, system)
+            except self.translated as exc:
+                raise self._error(exc) from exc
+
+    async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        """Embed one text or a batch; always return one vector per text."""
+        self._require(Capability.EMBED)
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        if not batch:
+            raise InvalidInput("nothing to embed", field="texts")
+        async with self._pool.health.track(self.backend.id):
+            try:
+                return await self._embed(batch)
+            except self.translated as exc:
+                raise self._error(exc) from exc
+
+    async def stream(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, str]] | None = None,
+        *,
+        prompt: str | None = None,
+        system: str | None = None,
+    ) -> AsyncIterator[str]:
+        """Yield text chunks of a chat (``messages``) or a completion (``prompt``).
+
+        Closing the iterator (``aclose()``, leaving ``async with aclosing(...)``, or cancelling
+        the task that reads it) closes the SDK stream and its HTTP response.
+        """
+        self._require(Capability.STREAM)
+        if (messages is None) == (prompt is None):
+            raise InvalidInput("stream takes either messages or a prompt", field="messages")
+        msgs = None if messages is None else _messages(messages)
+        idle = self._pool.stream_idle_timeout
+        async with self._pool.health.track(self.backend.id):
+            try:
+                async with aclosing(self._stream(msgs, prompt, system)) as chunks:
+                    while True:
+                        try:
+                            async with asyncio.timeout(idle):
+                                chunk = await anext(chunks)
+                        except StopAsyncIteration:
+                            return
+                        except TimeoutError as exc:
+                            raise BackendUnreachable(
+                                f"{self._where()}: stream stalled for {idle:g}s",
+                                backend=self.backend.base_url,
+                            ) from exc
+                        if chunk:
+                            yield chunk
+            except self.translated as exc:
+                raise self._error(exc) from exc
+
+    # -- helpers for subclasses -------------------------------------------------------------
+
+    def _require(self, capability: Capability) -> None:
+        if capability not in self.provider.capabilities:
+            raise Unsupported(
+                f"model {self.provider.model!r} on {self.provider.type} cannot {capability}"
+            )
+
+    def _where(self) -> str:
+        return f"{self.backend.type} backend {self.backend.name!r} ({self.backend.base_url})"
+
+    def _error(self, exc: BaseException) -> BackendError:
+        """Translate ``exc`` with the subclass's rules; redact the key from its text."""
+        cls, detail = self._classify(exc)
+        text = redact(f"{self._where()}: {detail}", self.backend.api_key)
+        return cls(text, backend=self.backend.base_url)
+
+    def _sdk(self) -> Any:
+        return self._pool.sdk_client(self.backend)
+
+    @classmethod
+    @abstractmethod
+    def create_sdk(cls, backend: BackendRef, *, timeout: float) -> Any:
+        """Build the SDK client for ``backend``; called once per pool key, no I/O."""
+
+    @staticmethod
+    @abstractmethod
+    async def close_sdk(sdk: Any) -> None:
+        """Close an SDK client built by :meth:`create_sdk`."""
+
+    @abstractmethod
+    def _classify(self, exc: BaseException) -> tuple[type[BackendError], str]:
+        """The project error class for an SDK exception and a short detail text."""
+
+    @abstractmethod
+    async def _chat(self, messages: list[ChatMessage]) -> ChatResult: ...
+
+    @abstractmethod
+    async def _prompt(self, prompt: str, system: str | None) -> str: ...
+
+    @abstractmethod
+    async def _embed(self, texts: list[str]) -> list[list[float]]: ...
+
+    @abstractmethod
+    def _stream(
+        self, messages: list[ChatMessage] | None, prompt: str | None, system: str | None
+    ) -> AsyncGenerator[str, None]: ...

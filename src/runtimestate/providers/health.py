@@ -1,0 +1,143 @@
+"""Per-backend health as the clients see it: in-flight requests, latency, failures, cooldowns.
+
+The clients record every call here (:meth:`Health.track`); the resolver only reads. Keeping the
+bookkeeping in one object shared by both is what lets ``least-in-flight`` and ``lowest-latency``
+see real traffic and lets the resolver skip a backend that keeps failing.
+
+Cooldown follows the LiteLLM router's rule: ``failure_threshold`` consecutive failures cool a
+backend down for ``cooldown_seconds``; the first success resets the count. Only failures that
+say something about the backend count (unreachable, key rejected, rate limited, server error,
+protocol error) - a :class:`~runtimestate.errors.BadRequest` is the caller's fault and a
+cancellation is nobody's. Time comes from an injected :class:`~runtimestate.clock.Clock`, so the
+whole cycle is tested with :class:`~runtimestate.clock.FakeClock`.
+
+Reads are plain dictionary lookups with no locking: the event loop is single-threaded, and the
+resolver calls :meth:`cooling_until` for every candidate, so it must stay a dict ``get``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from runtimestate.clock import SYSTEM_CLOCK, Clock
+from runtimestate.errors import BackendError, BadRequest, InvalidInput
+
+__all__ = ["Health", "HealthConfig"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HealthConfig:
+    failure_threshold: int = 3
+    cooldown_seconds: float = 30.0
+    # Weight of the newest sample in the latency moving average.
+    latency_alpha: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1:
+            raise InvalidInput("failure_threshold must be at least 1", field="failure_threshold")
+        if self.cooldown_seconds < 0:
+            raise InvalidInput("cooldown_seconds must not be negative", field="cooldown_seconds")
+        if not 0 < self.latency_alpha <= 1:
+            raise InvalidInput("latency_alpha must be in (0, 1]", field="latency_alpha")
+
+
+class Health:
+    """Mutable health book of every backend a client pool has talked to."""
+
+    def __init__(self, config: HealthConfig | None = None, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.config = config or HealthConfig()
+        self._clock = clock
+        self._in_flight: dict[str, int] = {}
+        self._latency: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._last_error: dict[str, str] = {}
+        # backend id -> monotonic time when the cooldown ends; only cooling backends are here.
+        self._cooling: dict[str, float] = {}
+
+    # -- recording ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def track(self, backend_id: str) -> AsyncIterator[None]:
+        """Count one request in flight; on exit record its latency or its failure."""
+        self._in_flight[backend_id] = self._in_flight.get(backend_id, 0) + 1
+        started = self._clock.monotonic()
+        try:
+            yield
+        except BadRequest:
+            raise
+        except BackendError as exc:
+            self.record_failure(backend_id, str(exc))
+            raise
+        else:
+            self.record_success(backend_id, self._clock.monotonic() - started)
+        finally:
+            self._in_flight[backend_id] -= 1
+
+    def record_success(self, backend_id: str, latency: float) -> None:
+        previous = self._latency.get(backend_id)
+        alpha = self.config.latency_alpha
+        self._latency[backend_id] = (
+            latency if previous is None else alpha * latency + (1 - alpha) * previous
+        )
+        self._failures.pop(backend_id, None)
+        self._cooling.pop(backend_id, None)
+
+    def record_failure(self, backend_id: str, message: str) -> None:
+        count = self._failures.get(backend_id, 0) + 1
+        self._failures[backend_id] = count
+        self._last_error[backend_id] = message
+        if count >= self.config.failure_threshold:
+            self._cooling[backend_id] = self._clock.monotonic() + self.config.cooldown_seconds
+            # A backend that comes back gets threshold fresh tries before cooling again.
+            self._failures[backend_id] = 0
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def in_flight(self, backend_id: str) -> int:
+        return self._in_flight.get(backend_id, 0)
+
+    def latency(self, backend_id: str) -> float:
+        """Moving average of successful call durations in seconds; 0.0 when never measured,
+        so that a new backend is tried before it is judged."""
+        return self._latency.get(backend_id, 0.0)
+
+    def cooling_until(self, backend_id: str, now: float) -> float | None:
+        """The monotonic time the backend's cooldown ends, or ``None`` if it is usable now."""
+        until = self._cooling.get(backend_id)
+        if until is None:
+            return None
+        if until <= now:
+            del self._cooling[backend_id]
+            return None
+        return until
+
+    @property
+    def any_cooling(self) -> bool:
+        return bool(self._cooling)
+
+    def monotonic(self) -> float:
+        return self._clock.monotonic()
+
+    def wall_time(self, monotonic: float) -> datetime:
+        """Convert a monotonic instant of this book's clock to wall-clock UTC."""
+        return self._clock.now() + timedelta(seconds=monotonic - self._clock.monotonic())
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """JSON-able view per backend id: in flight, latency, failures, cooldown end."""
+        now = self._clock.monotonic()
+        ids = set(self._in_flight) | set(self._latency) | set(self._failures) | set(self._cooling)
+        view: dict[str, dict[str, Any]] = {}
+        for backend_id in sorted(ids):
+            until = self.cooling_until(backend_id, now)
+            view[backend_id] = {
+                "inFlight": self.in_flight(backend_id),
+                "latencySeconds": self._latency.get(backend_id),
+                "consecutiveFailures": self._failures.get(backend_id, 0),
+                "coolingUntil": None if until is None else self.wall_time(until).isoformat(),
+                "lastError": self._last_error.get(backend_id),
+            }
+        return view

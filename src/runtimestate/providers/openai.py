@@ -1,0 +1,141 @@
+"""Chat, prompt, embed and stream against OpenAI and vLLM through ``openai.AsyncOpenAI``.
+
+vLLM speaks the OpenAI protocol, so one client class serves both; they differ only in the key
+(vLLM often runs without one, but the SDK insists on a key, so a placeholder is sent) and in
+error bodies, which the SDK already maps to status-specific exception classes. Retries are off
+(``max_retries=0``): retrying, cooling down and choosing another backend is the resolver's job,
+and SDK retries would hide failures from its health book.
+
+``prompt`` is sent as a chat (system + user message): the legacy ``/v1/completions`` endpoint is
+gone from OpenAI's current models and optional in vLLM, while chat is served by both.
+
+The SDK is lenient with bad bodies: a 200 that is not JSON comes back as a plain string and a
+JSON body of the wrong shape as a half-built model, so results are checked here and a wrong
+shape is a :class:`~runtimestate.errors.ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import openai
+from openai.types import CreateEmbeddingResponse
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+
+from runtimestate.errors import (
+    BackendError,
+    BackendUnreachable,
+    KeyRejected,
+    ProtocolError,
+    RateLimited,
+    ServerError,
+)
+from runtimestate.providers.base import BackendRef, ChatMessage, ChatResult, ModelClient, Usage
+from runtimestate.providers.ollama import classify_status
+
+__all__ = ["OpenAIClient", "openai_api_root"]
+
+# The SDK refuses to start without a key; keyless vLLM servers ignore whatever is sent.
+_PLACEHOLDER_KEY = "no-key"
+
+
+def openai_api_root(base_url: str) -> str:
+    """The API root the SDK wants: the declared URL with ``/v1`` appended unless present."""
+    root = base_url.rstrip("/")
+    return root if root.endswith("/v1") else root + "/v1"
+
+
+def _wire(messages: list[ChatMessage]) -> list[ChatCompletionMessageParam]:
+    wire: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
+    return wire
+
+
+class OpenAIClient(ModelClient):
+    translated = (openai.OpenAIError, json.JSONDecodeError)
+
+    @classmethod
+    def create_sdk(cls, backend: BackendRef, *, timeout: float) -> Any:
+        return openai.AsyncOpenAI(
+            base_url=openai_api_root(backend.base_url),
+            api_key=backend.api_key or _PLACEHOLDER_KEY,
+            timeout=timeout,
+            max_retries=0,
+        )
+
+    @staticmethod
+    async def close_sdk(sdk: Any) -> None:
+        await sdk.close()
+
+    def _classify(self, exc: BaseException) -> tuple[type[BackendError], str]:
+        if isinstance(exc, openai.APIConnectionError):
+            return BackendUnreachable, f"unreachable: {type(exc).__name__}: {exc}"
+        if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+            return KeyRejected, f"key rejected: HTTP {exc.status_code}: {exc.message}"
+        if isinstance(exc, openai.RateLimitError):
+            return RateLimited, f"rate limited: {exc.message}"
+        if isinstance(exc, openai.APIStatusError):
+            return classify_status(exc.status_code), f"HTTP {exc.status_code}: {exc.message}"
+        if isinstance(exc, openai.APIResponseValidationError | json.JSONDecodeError):
+            return ProtocolError, f"malformed response: {type(exc).__name__}"
+        if isinstance(exc, openai.APIError):
+            return ServerError, f"error inside the stream: {exc.message}"
+        return ProtocolError, f"unexpected SDK error: {type(exc).__name__}"
+
+    def _malformed(self, what: str) -> ProtocolError:
+        return ProtocolError(f"{self._where()}: malformed {what}", backend=self.backend.base_url)
+
+    def _client(self) -> openai.AsyncOpenAI:
+        sdk: openai.AsyncOpenAI = self._sdk()
+        return sdk
+
+    async def _completion(self, messages: list[ChatMessage]) -> ChatResult:
+        response: Any = await self._client().chat.completions.create(
+            model=self.provider.model, messages=_wire(messages), stream=False
+        )
+        if not isinstance(response, ChatCompletion) or not response.choices:
+            raise self._malformed("chat completion")
+        message = response.choices[0].message
+        usage = response.usage
+        return ChatResult(
+            message=ChatMessage(role=message.role or "assistant", content=message.content or ""),
+            usage=Usage(
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+            ),
+        )
+
+    async def _chat(self, messages: list[ChatMessage]) -> ChatResult:
+        return await self._completion(messages)
+
+    async def _prompt(self, prompt: str, system: str | None) -> str:
+        messages = [ChatMessage(role="user", content=prompt)]
+        if system is not None:
+            messages.insert(0, ChatMessage(role="system", content=system))
+        return (await self._completion(messages)).message.content
+
+    async def _embed(self, texts: list[str]) -> list[list[float]]:
+        response: Any = await self._client().embeddings.create(
+            model=self.provider.model, input=texts
+        )
+        if not isinstance(response, CreateEmbeddingResponse) or len(response.data) != len(texts):
+            raise self._malformed("embedding response")
+        return [list(item.embedding) for item in sorted(response.data, key=lambda d: d.index)]
+
+    async def _stream(
+        self, messages: list[ChatMessage] | None, prompt: str | None, system: str | None
+    ) -> AsyncGenerator[str, None]:
+        if messages is None:
+            messages = [ChatMessage(role="user", content=prompt or "")]
+            if system is not None:
+                messages.insert(0, ChatMessage(role="system", content=system))
+        stream = await self._client().chat.completions.create(
+            model=self.provider.model, messages=_wire(messages), stream=True
+        )
+        try:
+            async for chunk in stream:
+                if chunk.choices:
+                    yield chunk.choices[0].delta.content or ""
+        finally:
+            await stream.close()
