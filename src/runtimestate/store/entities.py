@@ -1,0 +1,376 @@
+"""Backends, models, pools and their assignments: the declared fleet, as SQL Core queries.
+
+A mixin of :class:`~runtimestate.store.sql.SqlStore`, split from the queue half only to keep
+modules readable; it needs nothing but ``self._db`` and ``self._clock``. Every read the
+reconciler makes each cycle (``list_all_*``, ``list_*_for_pool``) is one query; the pool
+listings ``LEFT JOIN`` from the pool so that one query also tells an empty pool from a missing
+one. Full listings are newest first, like the pages.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy.engine import Row
+
+from runtimestate.clock import Clock
+from runtimestate.errors import NotFound
+from runtimestate.store.engine import Database
+from runtimestate.store.paging import fetch_page, require_bool, require_int, require_text
+from runtimestate.store.records import Backend, Model, Page, Pool
+from runtimestate.store.schema import (
+    backend_from_row,
+    backends,
+    model_from_row,
+    models,
+    pool_backends,
+    pool_from_row,
+    pool_models,
+    pools,
+)
+
+__all__ = ["EntityOps"]
+
+
+class EntityOps:
+    _db: Database
+    _clock: Clock
+
+    def _now(self) -> datetime:
+        return self._clock.now().astimezone(UTC)
+
+    @staticmethod
+    def _new_id(id: str | None) -> str:
+        return str(uuid.uuid4()) if id is None else require_text(id, "id")
+
+    async def _get_one(self, table: Table, column: str, value: str) -> Row[Any]:
+        async with self._db.connect(write=False) as conn:
+            row = (await conn.execute(select(table).where(table.c[column] == value))).first()
+        if row is None:
+            raise NotFound(f"no {table.name[:-1]} with {column} {value!r}")
+        return row
+
+    async def _update_one(self, table: Table, row_id: str, values: dict[str, Any]) -> Row[Any]:
+        stmt = update(table).where(table.c.id == row_id).values(**values).returning(table)
+        async with self._db.connect(write=True) as conn:
+            row: Row[Any] | None = (await conn.execute(stmt)).first()
+        if row is None:
+            raise NotFound(f"no {table.name[:-1]} with id {row_id!r}")
+        return row
+
+    async def _delete_one(self, table: Table, row_id: str) -> None:
+        async with self._db.connect(write=True) as conn:
+            result = await conn.execute(delete(table).where(table.c.id == row_id))
+        if result.rowcount == 0:
+            raise NotFound(f"no {table.name[:-1]} with id {row_id!r}")
+
+    async def _list_all(self, table: Table) -> list[Row[Any]]:
+        query = select(table).order_by(table.c.created_at.desc(), table.c.id.desc())
+        async with self._db.connect(write=False) as conn:
+            return list((await conn.execute(query)).all())
+
+    async def _count(self, table: Table) -> int:
+        async with self._db.connect(write=False) as conn:
+            return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())
+
+    # ---- backends --------------------------------------------------------------------------
+    async def create_backend(
+        self, *, name: str, base_url: str, type: str, id: str | None = None
+    ) -> Backend:
+        now = self._now()
+        record = Backend(
+            id=self._new_id(id),
+            name=require_text(name, "name"),
+            base_url=require_text(base_url, "base_url"),
+            type=require_text(type, "type"),
+            created_at=now,
+            updated_at=now,
+        )
+        async with self._db.connect(write=True) as conn:
+            await conn.execute(insert(backends).values(**_fields(record)))
+        return record
+
+    async def get_backend(self, backend_id: str) -> Backend:
+        require_text(backend_id, "backend_id")
+        return backend_from_row(await self._get_one(backends, "id", backend_id))
+
+    async def get_backend_by_name(self, name: str) -> Backend:
+        require_text(name, "name")
+        return backend_from_row(await self._get_one(backends, "name", name))
+
+    async def update_backend(
+        self, backend_id: str, *, name: str, base_url: str, type: str
+    ) -> Backend:
+        values = {
+            "name": require_text(name, "name"),
+            "base_url": require_text(base_url, "base_url"),
+            "type": require_text(type, "type"),
+            "updated_at": self._now(),
+        }
+        row_id = require_text(backend_id, "backend_id")
+        return backend_from_row(await self._update_one(backends, row_id, values))
+
+    async def delete_backend(self, backend_id: str) -> None:
+        await self._delete_one(backends, require_text(backend_id, "backend_id"))
+
+    async def list_all_backends(self) -> list[Backend]:
+        return [backend_from_row(row) for row in await self._list_all(backends)]
+
+    async def list_backends(self, *, cursor: str | None = None, limit: int = 100) -> Page[Backend]:
+        async with self._db.connect(write=False) as conn:
+            return await fetch_page(
+                conn,
+                select(backends),
+                created_at=backends.c.created_at,
+                key=backends.c.id,
+                cursor=cursor,
+                limit=limit,
+                to_record=backend_from_row,
+            )
+
+    async def estimate_backend_count(self) -> int:
+        return await self._count(backends)
+
+    # ---- models ----------------------------------------------------------------------------
+    async def append_model(
+        self,
+        *,
+        model: str,
+        context_length: int = 0,
+        can_chat: bool = False,
+        can_embed: bool = False,
+        can_prompt: bool = False,
+        can_stream: bool = False,
+        id: str | None = None,
+    ) -> Model:
+        now = self._now()
+        record = Model(
+            id=self._new_id(id),
+            model=require_text(model, "model"),
+            context_length=require_int(context_length, "context_length"),
+            can_chat=require_bool(can_chat, "can_chat"),
+            can_embed=require_bool(can_embed, "can_embed"),
+            can_prompt=require_bool(can_prompt, "can_prompt"),
+            can_stream=require_bool(can_stream, "can_stream"),
+            created_at=now,
+            updated_at=now,
+        )
+        async with self._db.connect(write=True) as conn:
+            await conn.execute(insert(models).values(**_fields(record)))
+        return record
+
+    async def get_model(self, model_id: str) -> Model:
+        require_text(model_id, "model_id")
+        return model_from_row(await self._get_one(models, "id", model_id))
+
+    async def get_model_by_name(self, model: str) -> Model:
+        require_text(model, "model")
+        return model_from_row(await self._get_one(models, "model", model))
+
+    async def update_model(
+        self,
+        model_id: str,
+        *,
+        model: str,
+        context_length: int,
+        can_chat: bool,
+        can_embed: bool,
+        can_prompt: bool,
+        can_stream: bool,
+    ) -> Model:
+        values = {
+            "model": require_text(model, "model"),
+            "context_length": require_int(context_length, "context_length"),
+            "can_chat": require_bool(can_chat, "can_chat"),
+            "can_embed": require_bool(can_embed, "can_embed"),
+            "can_prompt": require_bool(can_prompt, "can_prompt"),
+            "can_stream": require_bool(can_stream, "can_stream"),
+            "updated_at": self._now(),
+        }
+        row_id = require_text(model_id, "model_id")
+        return model_from_row(await self._update_one(models, row_id, values))
+
+    async def delete_model(self, model_id: str) -> None:
+        await self._delete_one(models, require_text(model_id, "model_id"))
+
+    async def list_all_models(self) -> list[Model]:
+        return [model_from_row(row) for row in await self._list_all(models)]
+
+    async def list_models(self, *, cursor: str | None = None, limit: int = 100) -> Page[Model]:
+        async with self._db.connect(write=False) as conn:
+            return await fetch_page(
+                conn,
+                select(models),
+                created_at=models.c.created_at,
+                key=models.c.id,
+                cursor=cursor,
+                limit=limit,
+                to_record=model_from_row,
+            )
+
+    async def estimate_model_count(self) -> int:
+        return await self._count(models)
+
+    # ---- pools -----------------------------------------------------------------------------
+    async def create_pool(self, *, name: str, purpose_type: str, id: str | None = None) -> Pool:
+        now = self._now()
+        record = Pool(
+            id=self._new_id(id),
+            name=require_text(name, "name"),
+            purpose_type=require_text(purpose_type, "purpose_type"),
+            created_at=now,
+            updated_at=now,
+        )
+        async with self._db.connect(write=True) as conn:
+            await conn.execute(insert(pools).values(**_fields(record)))
+        return record
+
+    async def get_pool(self, pool_id: str) -> Pool:
+        require_text(pool_id, "pool_id")
+        return pool_from_row(await self._get_one(pools, "id", pool_id))
+
+    async def get_pool_by_name(self, name: str) -> Pool:
+        require_text(name, "name")
+        return pool_from_row(await self._get_one(pools, "name", name))
+
+    async def update_pool(self, pool_id: str, *, name: str, purpose_type: str) -> Pool:
+        values = {
+            "name": require_text(name, "name"),
+            "purpose_type": require_text(purpose_type, "purpose_type"),
+            "updated_at": self._now(),
+        }
+        row_id = require_text(pool_id, "pool_id")
+        return pool_from_row(await self._update_one(pools, row_id, values))
+
+    async def delete_pool(self, pool_id: str) -> None:
+        await self._delete_one(pools, require_text(pool_id, "pool_id"))
+
+    async def list_all_pools(self) -> list[Pool]:
+        return [pool_from_row(row) for row in await self._list_all(pools)]
+
+    async def list_pools(self, *, cursor: str | None = None, limit: int = 100) -> Page[Pool]:
+        return await self._page_pools(select(pools), cursor=cursor, limit=limit)
+
+    async def list_pools_by_purpose(
+        self, purpose: str, *, cursor: str | None = None, limit: int = 100
+    ) -> Page[Pool]:
+        query = select(pools).where(pools.c.purpose_type == require_text(purpose, "purpose"))
+        return await self._page_pools(query, cursor=cursor, limit=limit)
+
+    async def _page_pools(self, query: Any, *, cursor: str | None, limit: int) -> Page[Pool]:
+        async with self._db.connect(write=False) as conn:
+            return await fetch_page(
+                conn,
+                query,
+                created_at=pools.c.created_at,
+                key=pools.c.id,
+                cursor=cursor,
+                limit=limit,
+                to_record=pool_from_row,
+            )
+
+    async def estimate_pool_count(self) -> int:
+        return await self._count(pools)
+
+    # ---- assignments -----------------------------------------------------------------------
+    async def assign_backend_to_pool(self, pool_id: str, backend_id: str) -> None:
+        await self._assign(pool_backends, backends, "backend", pool_id, backend_id)
+
+    async def remove_backend_from_pool(self, pool_id: str, backend_id: str) -> None:
+        await self._unassign(pool_backends, "backend", pool_id, backend_id)
+
+    async def list_backends_for_pool(self, pool_id: str) -> list[Backend]:
+        rows = await self._members_of_pool(pool_backends, backends, "backend", pool_id)
+        return [backend_from_row(row) for row in rows]
+
+    async def list_pools_for_backend(self, backend_id: str) -> list[Pool]:
+        rows = await self._pools_of_member(pool_backends, backends, "backend", backend_id)
+        return [pool_from_row(row) for row in rows]
+
+    async def assign_model_to_pool(self, pool_id: str, model_id: str) -> None:
+        await self._assign(pool_models, models, "model", pool_id, model_id)
+
+    async def remove_model_from_pool(self, pool_id: str, model_id: str) -> None:
+        await self._unassign(pool_models, "model", pool_id, model_id)
+
+    async def list_models_for_pool(self, pool_id: str) -> list[Model]:
+        rows = await self._members_of_pool(pool_models, models, "model", pool_id)
+        return [model_from_row(row) for row in rows]
+
+    async def list_pools_for_model(self, model_id: str) -> list[Pool]:
+        rows = await self._pools_of_member(pool_models, models, "model", model_id)
+        return [pool_from_row(row) for row in rows]
+
+    async def _assign(
+        self, link: Table, members: Table, kind: str, pool_id: str, member_id: str
+    ) -> None:
+        require_text(pool_id, "pool_id")
+        require_text(member_id, f"{kind}_id")
+        # The foreign keys guard the insert; the existence check before it only says which
+        # side is missing, which neither engine's error does.
+        exists = select(
+            select(pools.c.id).where(pools.c.id == pool_id).exists().label("pool"),
+            select(members.c.id).where(members.c.id == member_id).exists().label("member"),
+        )
+        async with self._db.connect(write=True) as conn:
+            found = (await conn.execute(exists)).one()
+            if not found.pool:
+                raise NotFound(f"no pool with id {pool_id!r}")
+            if not found.member:
+                raise NotFound(f"no {kind} with id {member_id!r}")
+            values = {"pool_id": pool_id, f"{kind}_id": member_id, "created_at": self._now()}
+            await conn.execute(insert(link).values(**values))
+
+    async def _unassign(self, link: Table, kind: str, pool_id: str, member_id: str) -> None:
+        require_text(pool_id, "pool_id")
+        require_text(member_id, f"{kind}_id")
+        stmt = delete(link).where(link.c.pool_id == pool_id, link.c[f"{kind}_id"] == member_id)
+        async with self._db.connect(write=True) as conn:
+            result = await conn.execute(stmt)
+        if result.rowcount == 0:
+            raise NotFound(f"{kind} {member_id!r} is not in pool {pool_id!r}")
+
+    async def _members_of_pool(
+        self, link: Table, members: Table, kind: str, pool_id: str
+    ) -> list[Row[Any]]:
+        require_text(pool_id, "pool_id")
+        joined = pools.outerjoin(link, link.c.pool_id == pools.c.id).outerjoin(
+            members, members.c.id == link.c[f"{kind}_id"]
+        )
+        query = (
+            select(*members.c)
+            .select_from(joined)
+            .where(pools.c.id == pool_id)
+            .order_by(members.c.created_at.desc(), members.c.id.desc())
+        )
+        async with self._db.connect(write=False) as conn:
+            rows = (await conn.execute(query)).all()
+        if not rows:
+            raise NotFound(f"no pool with id {pool_id!r}")
+        return [row for row in rows if row.id is not None]
+
+    async def _pools_of_member(
+        self, link: Table, members: Table, kind: str, member_id: str
+    ) -> list[Row[Any]]:
+        require_text(member_id, f"{kind}_id")
+        joined = members.outerjoin(link, link.c[f"{kind}_id"] == members.c.id).outerjoin(
+            pools, pools.c.id == link.c.pool_id
+        )
+        query = (
+            select(members.c.id.label("member_id"), *pools.c)
+            .select_from(joined)
+            .where(members.c.id == member_id)
+            .order_by(pools.c.created_at.desc(), pools.c.id.desc())
+        )
+        async with self._db.connect(write=False) as conn:
+            rows = (await conn.execute(query)).all()
+        if not rows:
+            raise NotFound(f"no {kind} with id {member_id!r}")
+        return [row for row in rows if row.id is not None]
+
+
+def _fields(record: Backend | Model | Pool) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in record.__slots__}

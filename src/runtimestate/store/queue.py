@@ -1,0 +1,288 @@
+"""The job queue, the key-value table and leases: the coordination half of the SQL store.
+
+A mixin of :class:`~runtimestate.store.sql.SqlStore`, like :mod:`.entities`.
+
+Popping is one statement on both engines: ``DELETE ... WHERE id IN (SELECT ... ORDER BY
+created_at, seq LIMIT n FOR UPDATE SKIP LOCKED) RETURNING ...``. On PostgreSQL, ``SKIP LOCKED``
+lets concurrent workers take disjoint jobs without waiting on each other; SQLite ignores the
+locking clause, and the ``BEGIN IMMEDIATE`` of the write transaction serializes poppers instead.
+``RETURNING`` gives no order guarantee, so the popped jobs are sorted afterwards.
+
+Upserts (``set_kv``, ``acquire_lease``) are ``INSERT ... ON CONFLICT DO UPDATE``, which both
+engines spell alike; only the construct that builds it is dialect-specific. A lease is taken in
+that one statement - inserted, or updated only when expired or already held by the same
+holder - so two processes can never both receive it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Insert, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from runtimestate.clock import Clock
+from runtimestate.errors import Conflict, InvalidInput, NotFound
+from runtimestate.store.engine import Database
+from runtimestate.store.paging import fetch_page, require_int, require_text
+from runtimestate.store.records import Job, JSONValue, KVEntry, Lease, Page
+from runtimestate.store.schema import job_from_row, jobs, kv, kv_from_row, lease_from_row, leases
+
+__all__ = ["QueueOps"]
+
+_JOB_ORDER = (jobs.c.created_at, jobs.c.seq)
+
+
+class QueueOps:
+    _db: Database
+    _clock: Clock
+
+    def _now(self) -> datetime:
+        return self._clock.now().astimezone(UTC)
+
+    # ---- job queue -------------------------------------------------------------------------
+    def _job_values(self, job: Job, now: datetime) -> dict[str, Any]:
+        if not isinstance(job, Job):
+            raise InvalidInput(f"job must be a Job, not {type(job).__name__}", field="job")
+        if not isinstance(job.payload, bytes):
+            raise InvalidInput("payload must be bytes", field="payload")
+        return {
+            "id": require_text(job.id, "id"),
+            "task_type": require_text(job.task_type, "task_type"),
+            "payload": job.payload,
+            "scheduled_for": require_int(job.scheduled_for, "scheduled_for"),
+            "valid_until": require_int(job.valid_until, "valid_until"),
+            "retry_count": require_int(job.retry_count, "retry_count"),
+            "created_at": now,
+        }
+
+    async def append_job(self, job: Job) -> Job:
+        return (await self.append_jobs([job]))[0]
+
+    async def append_jobs(self, jobs_: Sequence[Job]) -> list[Job]:
+        now = self._now()
+        values = [self._job_values(job, now) for job in jobs_]
+        if not values:
+            return []
+        ids = [value["id"] for value in values]
+        if len(set(ids)) != len(ids):
+            raise Conflict("the same job id appears twice in one batch", field="id")
+        async with self._db.connect(write=True) as conn:
+            await conn.execute(insert(jobs), values)
+        return [replace(job, created_at=now) for job in jobs_]
+
+    async def _pop(self, task_type: str | None, n: int | None) -> list[Job]:
+        candidates = select(jobs.c.id).order_by(*_JOB_ORDER)
+        if task_type is not None:
+            candidates = candidates.where(jobs.c.task_type == require_text(task_type, "task_type"))
+        if n is not None:
+            candidates = candidates.limit(require_int(n, "n", minimum=1))
+        candidates = candidates.with_for_update(skip_locked=True)
+        stmt = delete(jobs).where(jobs.c.id.in_(candidates.scalar_subquery())).returning(jobs)
+        async with self._db.connect(write=True) as conn:
+            rows = (await conn.execute(stmt)).all()
+        ordered = sorted(rows, key=lambda row: (row.created_at, row.seq))
+        return [job_from_row(row) for row in ordered]
+
+    async def pop_job_for_type(self, task_type: str) -> Job:
+        popped = await self._pop(task_type, 1)
+        if not popped:
+            raise NotFound(f"no queued job of type {task_type!r}")
+        return popped[0]
+
+    async def pop_n_jobs_for_type(self, task_type: str, n: int) -> list[Job]:
+        return await self._pop(task_type, n)
+
+    async def pop_jobs_for_type(self, task_type: str) -> list[Job]:
+        return await self._pop(task_type, None)
+
+    async def pop_all_jobs(self) -> list[Job]:
+        return await self._pop(None, None)
+
+    async def get_jobs_for_type(self, task_type: str) -> list[Job]:
+        query = (
+            select(jobs)
+            .where(jobs.c.task_type == require_text(task_type, "task_type"))
+            .order_by(*_JOB_ORDER)
+        )
+        async with self._db.connect(write=False) as conn:
+            return [job_from_row(row) for row in (await conn.execute(query)).all()]
+
+    async def delete_job(self, job_id: str) -> Job:
+        stmt = delete(jobs).where(jobs.c.id == require_text(job_id, "job_id")).returning(jobs)
+        async with self._db.connect(write=True) as conn:
+            row = (await conn.execute(stmt)).first()
+        if row is None:
+            raise NotFound(f"no queued job with id {job_id!r}")
+        return job_from_row(row)
+
+    async def list_jobs(self, *, cursor: str | None = None, limit: int = 100) -> Page[Job]:
+        async with self._db.connect(write=False) as conn:
+            return await fetch_page(
+                conn,
+                select(jobs),
+                created_at=jobs.c.created_at,
+                key=jobs.c.id,
+                cursor=cursor,
+                limit=limit,
+                to_record=job_from_row,
+            )
+
+    async def estimate_job_count(self) -> int:
+        async with self._db.connect(write=False) as conn:
+            return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
+
+    # ---- key-value -------------------------------------------------------------------------
+    async def set_kv(self, key: str, value: JSONValue) -> KVEntry:
+        now = self._now()
+        values = {
+            "key": require_text(key, "key"),
+            "value": _dump(value),
+            "created_at": now,
+            "updated_at": now,
+        }
+        async with self._db.connect(write=True) as conn:
+            stmt = _upsert(conn, kv, values, update=("value", "updated_at"))
+            row = (await conn.execute(stmt.returning(kv))).one()
+        return kv_from_row(row)
+
+    async def update_kv(self, key: str, value: JSONValue) -> KVEntry:
+        stmt = (
+            update(kv)
+            .where(kv.c.key == require_text(key, "key"))
+            .values(value=_dump(value), updated_at=self._now())
+            .returning(kv)
+        )
+        async with self._db.connect(write=True) as conn:
+            row = (await conn.execute(stmt)).first()
+        if row is None:
+            raise NotFound(f"no key-value entry {key!r}")
+        return kv_from_row(row)
+
+    async def get_kv(self, key: str) -> KVEntry:
+        query = select(kv).where(kv.c.key == require_text(key, "key"))
+        async with self._db.connect(write=False) as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            raise NotFound(f"no key-value entry {key!r}")
+        return kv_from_row(row)
+
+    async def delete_kv(self, key: str) -> None:
+        stmt = delete(kv).where(kv.c.key == require_text(key, "key"))
+        async with self._db.connect(write=True) as conn:
+            result = await conn.execute(stmt)
+        if result.rowcount == 0:
+            raise NotFound(f"no key-value entry {key!r}")
+
+    async def list_kv(self, *, cursor: str | None = None, limit: int = 100) -> Page[KVEntry]:
+        return await self._page_kv(None, cursor=cursor, limit=limit)
+
+    async def list_kv_prefix(
+        self, prefix: str, *, cursor: str | None = None, limit: int = 100
+    ) -> Page[KVEntry]:
+        if not isinstance(prefix, str):
+            raise InvalidInput("prefix must be a string", field="prefix")
+        return await self._page_kv(prefix, cursor=cursor, limit=limit)
+
+    async def _page_kv(
+        self, prefix: str | None, *, cursor: str | None, limit: int
+    ) -> Page[KVEntry]:
+        query = select(kv)
+        if prefix:
+            query = query.where(*_starts_with(kv.c.key, prefix))
+        async with self._db.connect(write=False) as conn:
+            return await fetch_page(
+                conn,
+                query,
+                created_at=kv.c.created_at,
+                key=kv.c.key,
+                cursor=cursor,
+                limit=limit,
+                to_record=kv_from_row,
+            )
+
+    # ---- leases ----------------------------------------------------------------------------
+    async def acquire_lease(self, name: str, *, holder: str, ttl: timedelta) -> Lease | None:
+        if not isinstance(ttl, timedelta) or ttl <= timedelta(0):
+            raise InvalidInput("ttl must be a positive timedelta", field="ttl")
+        now = self._now()
+        values = {
+            "name": require_text(name, "name"),
+            "holder": require_text(holder, "holder"),
+            "expires_at": now + ttl,
+        }
+        async with self._db.connect(write=True) as conn:
+            stmt = _upsert(
+                conn,
+                leases,
+                values,
+                update=("holder", "expires_at"),
+                where=lambda excluded: or_(
+                    leases.c.expires_at <= now, leases.c.holder == excluded.holder
+                ),
+            )
+            row = (await conn.execute(stmt.returning(leases))).first()
+        return None if row is None else lease_from_row(row)
+
+    async def release_lease(self, name: str, *, holder: str) -> None:
+        stmt = delete(leases).where(
+            leases.c.name == require_text(name, "name"),
+            leases.c.holder == require_text(holder, "holder"),
+        )
+        async with self._db.connect(write=True) as conn:
+            await conn.execute(stmt)
+
+    async def list_leases(self, prefix: str = "") -> list[Lease]:
+        if not isinstance(prefix, str):
+            raise InvalidInput("prefix must be a string", field="prefix")
+        query = select(leases).where(leases.c.expires_at > self._now()).order_by(leases.c.name)
+        if prefix:
+            query = query.where(*_starts_with(leases.c.name, prefix))
+        async with self._db.connect(write=False) as conn:
+            return [lease_from_row(row) for row in (await conn.execute(query)).all()]
+
+
+def _dump(value: JSONValue) -> str:
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"value is not JSON: {exc}", field="value") from exc
+
+
+def _starts_with(column: Any, prefix: str) -> tuple[ColumnElement[bool], ...]:
+    # LIKE with every wildcard escaped narrows the scan (and can use an index); SQLite's LIKE
+    # ignores ASCII case, so the substring comparison makes the match exact on both engines.
+    return (
+        column.startswith(prefix, autoescape=True),
+        func.substr(column, 1, len(prefix)) == prefix,
+    )
+
+
+def _upsert(
+    conn: AsyncConnection,
+    table: Any,
+    values: dict[str, Any],
+    *,
+    update: tuple[str, ...],
+    where: Callable[[Any], ColumnElement[bool]] | None = None,
+) -> Insert:
+    """``INSERT ... ON CONFLICT (primary key) DO UPDATE SET <update> [WHERE <where>]``."""
+    key = [column.name for column in table.primary_key.columns]
+    if conn.dialect.name == "postgresql":
+        pg_stmt = postgresql.insert(table).values(**values)
+        return pg_stmt.on_conflict_do_update(
+            index_elements=key,
+            set_={name: pg_stmt.excluded[name] for name in update},
+            where=None if where is None else where(pg_stmt.excluded),
+        )
+    lite_stmt = sqlite.insert(table).values(**values)
+    return lite_stmt.on_conflict_do_update(
+        index_elements=key,
+        set_={name: lite_stmt.excluded[name] for name in update},
+        where=None if where is None else where(lite_stmt.excluded),
+    )

@@ -1,0 +1,97 @@
+"""The SQL store: one SQLAlchemy Core implementation of :class:`Store` for SQLite and PostgreSQL.
+
+The queries live in two mixins (:mod:`.entities` for the declared fleet, :mod:`.queue` for
+jobs, key-value and leases); this module adds the lifecycle - opening (engine, migrations),
+transactions, ping and close - and :func:`open_store`, the one entry point.
+
+A store from :meth:`SqlStore.transaction` is the same class bound to one connection: every
+operation through it joins that transaction. Nesting ``transaction()`` on it opens a savepoint,
+so an inner block can fail and roll back alone. While a transaction is open on a
+``sqlite:///:memory:`` store, the outer store waits for it (they share one connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from sqlalchemy import text
+
+from runtimestate.clock import SYSTEM_CLOCK, Clock
+from runtimestate.store.base import Store
+from runtimestate.store.engine import Database, create_engine_for_url, safe_url, translate_errors
+from runtimestate.store.entities import EntityOps
+from runtimestate.store.migrations import current_version, migrate
+from runtimestate.store.queue import QueueOps
+
+__all__ = ["SqlStore", "open_store"]
+
+
+class SqlStore(EntityOps, QueueOps, Store):
+    """The declared state in SQLite or PostgreSQL. Build it with :func:`open_store`."""
+
+    def __init__(self, db: Database, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._db = db
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"SqlStore({safe_url(self._db.engine.url)})"
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._db.dialect
+
+    async def close(self) -> None:
+        """Close every pooled connection. Idempotent; a transaction-bound store closes nothing
+        (its transaction ends with its ``async with`` block)."""
+        if self._db.bound is not None or self._db.closed:
+            return
+        self._db.closed = True
+        await self._db.engine.dispose()
+
+    def transaction(self) -> AbstractAsyncContextManager[Store]:
+        return self._transaction()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Store]:
+        if self._db.bound is not None:
+            async with translate_errors(), self._db.bound.begin_nested():
+                yield self
+            return
+        async with self._db.connect(write=True) as conn:
+            yield SqlStore(self._db.bind(conn), clock=self._clock)
+
+    async def ping(self) -> None:
+        async with self._db.connect(write=False) as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def schema_version(self) -> int:
+        """The highest migration applied to this database."""
+        async with self._db.connect(write=False) as conn:
+            return await current_version(conn)
+
+    async def _migrate(self) -> list[int]:
+        async with self._db.connect(write=True) as conn:
+            return await migrate(conn, clock=self._clock)
+
+
+async def open_store(url: str, *, clock: Clock = SYSTEM_CLOCK) -> SqlStore:
+    """Open the store at ``url`` and bring its schema up to date.
+
+    ``sqlite:///<path>`` (the file and its directories are created on first use),
+    ``sqlite:///:memory:`` (private to this store, lost on close), or
+    ``postgresql://user:password@host:port/db`` (``postgres://`` and ``postgresql+asyncpg://``
+    too). Any other URL is ``InvalidInput(field="url")``; an unreachable database is
+    ``StoreError``.
+    """
+    engine = create_engine_for_url(url)
+    memory = engine.dialect.name == "sqlite" and engine.url.database == ":memory:"
+    store = SqlStore(Database(engine, gate=asyncio.Lock() if memory else None), clock=clock)
+    try:
+        await store._migrate()
+    except BaseException:
+        await engine.dispose()
+        raise
+    return store
