@@ -1,0 +1,272 @@
+"""The CLI against a real service: commands, ``--json``, error lines and exit codes, secrets.
+
+One service subprocess (``serve --demo``) serves the whole module, which also checks that the
+demo fleet is declared through the startup hook. Commands run in-process through Typer's
+``CliRunner`` so the tests see stdout, stderr and the exit code separately; the few checks that
+are about the process itself (argv, ``python -m``) run a real subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from runtimestate.cli import app
+from runtimestate.cli.client import ExitCode, resolve_endpoint
+from runtimestate.demo import DEMO_MODELS, DEMO_NODES
+from tests.cli_service import ServiceProcess, cli_env, free_port, start_service
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    root = tmp_path_factory.mktemp("cli-service")
+    data_dir = root / "data"
+    env = cli_env(url="http://unused", data_dir=data_dir)
+    proc = start_service(
+        data_dir=data_dir,
+        log_path=root / "service.log",
+        extra=("--demo", "--interval", "0.5"),
+        env=env,
+    )
+    yield proc
+    assert proc.stop() == 0, proc.log_tail()
+
+
+def run(service: ServiceProcess, *args: str, stdin: str | None = None) -> Result:
+    runner = CliRunner()
+    env = cli_env(url=service.url, data_dir=service.data_dir)
+    return runner.invoke(app, list(args), env=env, input=stdin, catch_exceptions=False)
+
+
+def run_json(service: ServiceProcess, *args: str) -> Any:
+    result = run(service, *args, "--json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def assert_one_line_error(result: Result, code: ExitCode, *fragments: str) -> None:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# ---- endpoint resolution (no service needed) ------------------------------------------------
+def test_token_comes_from_flag_then_env_then_local_token_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "token").write_text("from-file\n")
+    monkeypatch.setenv("RUNTIMESTATE_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("RUNTIMESTATE_TOKEN", raising=False)
+    monkeypatch.delenv("RUNTIMESTATE_URL", raising=False)
+    assert resolve_endpoint(url=None, token=None).token == "from-file"
+    monkeypatch.setenv("RUNTIMESTATE_TOKEN", "from-env")
+    assert resolve_endpoint(url=None, token=None).token == "from-env"
+    assert resolve_endpoint(url=None, token="from-flag").token == "from-flag"
+    monkeypatch.delenv("RUNTIMESTATE_TOKEN")
+    # A remote service never gets the local token file's secret.
+    assert resolve_endpoint(url="https://fleet.example.com", token=None).token is None
+
+
+def test_unreachable_service_is_one_line_and_exit_code_3() -> None:
+    port = free_port()
+    result = CliRunner().invoke(
+        app, ["--url", f"http://127.0.0.1:{port}", "backend", "list"], catch_exceptions=False
+    )
+    assert_one_line_error(result, ExitCode.UNREACHABLE, f"127.0.0.1:{port}", "runtimestate serve")
+
+
+def test_invalid_service_url_is_a_usage_error() -> None:
+    result = CliRunner().invoke(app, ["--url", "ftp://x", "state"], catch_exceptions=False)
+    assert_one_line_error(result, ExitCode.USAGE, "ftp://x")
+
+
+# ---- against the running demo service ------------------------------------------------------
+def test_demo_fleet_is_declared_through_the_startup_hook(service: ServiceProcess) -> None:
+    backends = run_json(service, "backend", "list")
+    assert {b["name"] for b in backends} >= set(DEMO_NODES)
+    assert all(b["type"] == "ollama" for b in backends if b["name"] in DEMO_NODES)
+    models = {m["model"] for m in run_json(service, "model", "list")}
+    assert models >= {spec.model for spec in DEMO_MODELS}
+
+
+def test_watch_json_prints_demo_progress_events(service: ServiceProcess) -> None:
+    result = run(service, "watch", "--json", "--timeout", "8")
+    assert result.exit_code == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert events, f"no progress within 8 s\n{service.log_tail()}"
+    assert all({"status", "model", "baseUrl"} <= event.keys() for event in events)
+
+
+def test_watch_renders_progress_bars(service: ServiceProcess) -> None:
+    result = run(service, "watch", "--timeout", "4")
+    assert result.exit_code == 0, result.stderr
+    assert "@ demo-ollama-" in result.stdout
+
+
+def test_backend_add_list_show_rm_by_name(service: ServiceProcess) -> None:
+    name = unique("node")
+    added = run(service, "backend", "add", name, f"http://10.9.9.9:11434/{name}", "--json")
+    assert added.exit_code == 0, added.stderr
+    created = json.loads(added.stdout)
+    assert created["name"] == name
+    assert {"id", "baseUrl", "type", "createdAt", "updatedAt"} <= created.keys()
+
+    listed = run(service, "backend", "list")
+    assert listed.exit_code == 0
+    assert name in listed.stdout
+
+    shown = run_json(service, "backend", "show", name)
+    assert shown["id"] == created["id"]
+    assert shown["pools"] == []
+
+    removed = run(service, "backend", "rm", name)
+    assert removed.exit_code == 0, removed.stderr
+    assert name not in {b["name"] for b in run_json(service, "backend", "list")}
+
+
+def test_duplicate_backend_is_a_conflict(service: ServiceProcess) -> None:
+    name = unique("dup")
+    assert run(service, "backend", "add", name, f"http://10.9.9.8/{name}").exit_code == 0
+    again = run(service, "backend", "add", name, f"http://10.9.9.8/{name}-other")
+    assert_one_line_error(again, ExitCode.CONFLICT)
+
+
+def test_invalid_input_names_the_field(service: ServiceProcess) -> None:
+    bad_type = run(service, "backend", "add", unique("bad"), "http://10.1.1.1", "--type", "tpu")
+    assert_one_line_error(bad_type, ExitCode.INVALID_INPUT, "type")
+    bad_url = run(service, "backend", "add", unique("bad"), "not a url")
+    assert_one_line_error(bad_url, ExitCode.INVALID_INPUT, "field:")
+
+
+def test_missing_things_are_not_found(service: ServiceProcess) -> None:
+    assert_one_line_error(run(service, "backend", "rm", "no-such-node"), ExitCode.NOT_FOUND)
+    assert_one_line_error(run(service, "model", "rm", "no-such:model"), ExitCode.NOT_FOUND)
+    assert_one_line_error(run(service, "pool", "rm", "no-such-pool"), ExitCode.NOT_FOUND)
+
+
+def test_wrong_token_is_unauthorized(service: ServiceProcess) -> None:
+    result = run(service, "--token", "wrong-token-123456", "backend", "list")
+    assert_one_line_error(result, ExitCode.UNAUTHORIZED, "token")
+    assert "wrong-token-123456" not in result.stderr + result.stdout
+
+
+def test_model_add_with_capabilities_and_rm(service: ServiceProcess) -> None:
+    name = f"{unique('m')}:7b"
+    created = run_json(service, "model", "add", name, "-c", "4096", "--chat", "--stream")
+    assert created["model"] == name
+    assert created["contextLength"] == 4096
+    assert (created["canChat"], created["canStream"]) == (True, True)
+    assert (created["canEmbed"], created["canPrompt"]) == (False, False)
+    assert run(service, "model", "rm", name).exit_code == 0
+    assert name not in {m["model"] for m in run_json(service, "model", "list")}
+
+
+def test_pool_assign_and_unassign_backend_and_model(service: ServiceProcess) -> None:
+    pool, node, model = unique("pool"), unique("pnode"), f"{unique('pm')}:1b"
+    assert run(service, "pool", "add", pool, "--purpose", "chat").exit_code == 0
+    assert run(service, "backend", "add", node, f"http://10.2.2.2/{node}").exit_code == 0
+    assert run(service, "model", "add", model).exit_code == 0
+
+    assigned = run(service, "pool", "assign", pool, "--backend", node, "--model", model)
+    assert assigned.exit_code == 0, assigned.stderr
+    assert [p["name"] for p in run_json(service, "backend", "show", node)["pools"]] == [pool]
+    assert pool in {p["name"] for p in run_json(service, "pool", "list")}
+
+    twice = run(service, "pool", "assign", pool, "--backend", node)
+    assert_one_line_error(twice, ExitCode.CONFLICT)
+
+    assert run(service, "pool", "unassign", pool, "--backend", node).exit_code == 0
+    assert run_json(service, "backend", "show", node)["pools"] == []
+    assert run(service, "pool", "unassign", pool, "--model", model).exit_code == 0
+    assert run(service, "pool", "rm", pool).exit_code == 0
+    nothing = run(service, "pool", "assign", pool, "--backend", node)
+    assert_one_line_error(nothing, ExitCode.NOT_FOUND)
+
+
+def test_pool_assign_needs_a_target(service: ServiceProcess) -> None:
+    assert_one_line_error(run(service, "pool", "assign", "any"), ExitCode.USAGE)
+
+
+def test_provider_key_is_read_from_stdin_and_never_echoed(service: ServiceProcess) -> None:
+    key = "sk-test-cli0123456789abcdef"
+    result = run(service, "provider", "configure", "openai", stdin=key + "\n")
+    assert result.exit_code == 0, result.stderr
+    assert key not in result.stdout + result.stderr
+    assert key[-4:] in result.stdout  # the masked form, so the operator can tell keys apart
+    status = run_json(service, "provider", "status", "openai")
+    assert status[0]["provider"] == "openai"
+    assert key not in json.dumps(status)
+
+
+def test_provider_key_is_refused_on_the_command_line(service: ServiceProcess) -> None:
+    result = run(service, "provider", "configure", "openai", "sk-test-argv0123456789")
+    assert result.exit_code == ExitCode.USAGE
+    assert "sk-test-argv0123456789" not in result.stdout
+
+
+def test_empty_provider_key_is_refused(service: ServiceProcess) -> None:
+    result = run(service, "provider", "configure", "gemini", stdin="\n")
+    assert_one_line_error(result, ExitCode.USAGE, "no API key")
+
+
+def test_state_plan_sync_and_queue_render_and_parse(service: ServiceProcess) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        entries = run_json(service, "state")
+        values = entries.values() if isinstance(entries, dict) else entries
+        if {e["name"] for e in values} >= set(DEMO_NODES):
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail(f"demo nodes never observed: {entries}\n{service.log_tail()}")
+    table = run(service, "state")
+    assert table.exit_code == 0, table.stderr
+    for node in DEMO_NODES:
+        assert node in table.stdout
+    assert "ollama" in table.stdout
+
+    assert run(service, "plan").exit_code == 0
+    run_json(service, "plan")
+    synced = run(service, "sync")
+    assert synced.exit_code == 0, synced.stderr
+    assert DEMO_NODES[0] in synced.stdout
+    assert isinstance(run_json(service, "queue", "list"), list)
+    assert run(service, "queue", "list").exit_code == 0
+
+
+def test_queue_cancel_needs_exactly_one_target(service: ServiceProcess) -> None:
+    assert_one_line_error(run(service, "queue", "cancel"), ExitCode.USAGE)
+    both = run(service, "queue", "cancel", "m", "--backend", DEMO_NODES[0])
+    assert_one_line_error(both, ExitCode.USAGE)
+
+
+def test_python_dash_m_runs_the_cli_without_traceback(service: ServiceProcess) -> None:
+    env = cli_env(url=service.url, data_dir=service.data_dir)
+    done = subprocess.run(
+        [sys.executable, "-m", "runtimestate", "backend", "show", "absent-node"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == ExitCode.NOT_FOUND
+    assert done.stderr.strip().count("\n") == 0
+    assert "Traceback" not in done.stderr
