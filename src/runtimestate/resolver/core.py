@@ -1,0 +1,247 @@
+"""The resolver: from a request (types, preferred models, minimum context, policy) to a client.
+
+A :class:`Resolver` is built once per provider list (that is, once per snapshot) and indexes it
+so that a resolution is a few dictionary lookups and a short walk, never a scan of the fleet and
+never network I/O:
+
+* per capability and backend type, the providers sorted by context length (largest first), with
+  the negated lengths beside them so a minimum context is one ``bisect``;
+* per match tier, a map from name key to providers: exact name, normalized name, model family,
+  and a sorted list of normalized keys for prefix matches (see :mod:`.names`).
+
+For each preferred name in priority order, the tiers are tried from the most precise; the first
+tier with a usable candidate is handed to the policy. A tier whose candidates are all cooling
+down falls through to the next tier and name - preferring a model must not mean waiting for it.
+With no preferred name, every provider with the capability and context qualifies.
+
+Failures are errors that say what to do: :class:`~runtimestate.errors.AllCoolingDown` when
+candidates exist but all cool (with the earliest return), :class:`~runtimestate.errors.NoProvider`
+listing the request and every available model otherwise.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from runtimestate.errors import AllCoolingDown, InvalidInput, NoProvider
+from runtimestate.providers import BackendRef, Capability, ClientPool, ModelClient, Provider
+from runtimestate.records import BackendType
+from runtimestate.resolver.names import model_family, normalize_model_name
+from runtimestate.resolver.policies import POLICIES, Choice
+
+__all__ = ["Resolution", "ResolveRequest", "Resolver"]
+
+_TYPES = frozenset(t.value for t in BackendType)
+# How many available models a NoProvider message lists before summarising the rest.
+_LISTED = 200
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResolveRequest:
+    """What a caller wants. ``models`` are preferred names, most preferred first."""
+
+    types: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    min_context: int = 0
+    policy: str = "random"
+    exact: bool = False
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise InvalidInput(
+                f"unknown policy {self.policy!r}; known: {sorted(POLICIES)}", field="policy"
+            )
+        unknown = sorted(set(self.types) - _TYPES)
+        if unknown:
+            raise InvalidInput(f"unknown backend type(s) {unknown}", field="types")
+        if self.min_context < 0:
+            raise InvalidInput("min_context must not be negative", field="min_context")
+
+    def describe(self, capability: Capability) -> str:
+        types = ",".join(self.types) or "any type"
+        models = ", ".join(self.models) or "any model"
+        return (
+            f"{capability} with {types}, models [{models}], context >= {self.min_context}, "
+            f"policy {self.policy}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Resolution:
+    """The chosen client, its provider and backend; unpacks as ``(client, provider, id)``."""
+
+    client: ModelClient
+    provider: Provider
+    backend_id: str
+
+    def __iter__(self) -> Iterator[object]:
+        return iter((self.client, self.provider, self.backend_id))
+
+
+class _Sorted:
+    """Providers sorted by context length, largest first, with a bisectable key list."""
+
+    __slots__ = ("keys", "providers")
+
+    def __init__(self, providers: Iterable[Provider]) -> None:
+        self.providers = sorted(providers, key=lambda p: -p.context_length)
+        self.keys = [-p.context_length for p in self.providers]
+
+    def count_at_least(self, min_context: int) -> int:
+        return bisect.bisect_right(self.keys, -min_context)
+
+
+class Resolver:
+    """Picks a provider and backend per request, with no I/O; see the module docstring."""
+
+    def __init__(
+        self,
+        providers: Sequence[Provider],
+        *,
+        pool: ClientPool,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.providers = tuple(providers)
+        self._pool = pool
+        self._health = pool.health
+        self._rng = rng or random.Random()
+        self._turns: dict[tuple[Capability, ResolveRequest], int] = {}
+        wide: dict[tuple[Capability, str | None], list[Provider]] = defaultdict(list)
+        exact: dict[str, list[Provider]] = defaultdict(list)
+        normal: dict[str, list[Provider]] = defaultdict(list)
+        family: dict[str, list[Provider]] = defaultdict(list)
+        for provider in self.providers:
+            for cap in provider.capabilities:
+                wide[cap, provider.type].append(provider)
+                wide[cap, None].append(provider)
+            exact[provider.model].append(provider)
+            normal[normalize_model_name(provider.model)].append(provider)
+            family[model_family(provider.model)].append(provider)
+        self._wide = {key: _Sorted(group) for key, group in wide.items()}
+        self._tiers = tuple(
+            {key: _Sorted(group) for key, group in index.items()}
+            for index in (exact, normal, family)
+        )
+        self._prefix_keys = sorted(normal)
+        self._prefix_cache: dict[str, _Sorted] = {}
+
+    def __repr__(self) -> str:
+        return f"Resolver(providers={len(self.providers)})"
+
+    # -- public API --------------------------------------------------------------------------
+
+    def resolve_chat(self, request: ResolveRequest) -> Resolution:
+        return self.resolve(request, Capability.CHAT)
+
+    def resolve_prompt(self, request: ResolveRequest) -> Resolution:
+        return self.resolve(request, Capability.PROMPT)
+
+    def resolve_embed(self, request: ResolveRequest) -> Resolution:
+        return self.resolve(request, Capability.EMBED)
+
+    def resolve_stream(self, request: ResolveRequest) -> Resolution:
+        return self.resolve(request, Capability.STREAM)
+
+    def resolve(self, request: ResolveRequest, capability: Capability) -> Resolution:
+        """Pick a provider and backend for ``capability``; raise if none is usable."""
+        key = (capability, request)
+        turn = self._turns.get(key, 0)
+        self._turns[key] = turn + 1
+        choice = Choice(health=self._health, now=self._health.monotonic(), rng=self._rng, turn=turn)
+        policy = POLICIES[request.policy]
+        matched = False
+        for providers, n in self._candidates(request, capability):
+            matched = True
+            picked = policy(providers, n, choice)
+            if picked is not None:
+                provider, backend = picked
+                return Resolution(
+                    client=self._pool.client(provider, backend),
+                    provider=provider,
+                    backend_id=backend.id,
+                )
+        if matched:
+            raise self._all_cooling(request, capability, choice.now)
+        raise self._no_provider(request, capability)
+
+    # -- candidates --------------------------------------------------------------------------
+
+    def _candidates(
+        self, request: ResolveRequest, capability: Capability
+    ) -> Iterator[tuple[Sequence[Provider], int]]:
+        """Non-empty candidate groups in preference order, as ``(sorted providers, n)``."""
+        if not request.models:
+            for kind in request.types or (None,):
+                group = self._wide.get((capability, kind))
+                if group is not None:
+                    n = group.count_at_least(request.min_context)
+                    if n:
+                        yield group.providers, n
+            return
+        for name in request.models:
+            for tier in self._tier_groups(name, request.exact):
+                found = [
+                    p
+                    for p in tier.providers
+                    if capability in p.capabilities
+                    and p.context_length >= request.min_context
+                    and (not request.types or p.type in request.types)
+                ]
+                if found:
+                    yield found, len(found)
+
+    def _tier_groups(self, name: str, exact: bool) -> Iterator[_Sorted]:
+        group = self._tiers[0].get(name)
+        if group is not None:
+            yield group
+        if exact:
+            return
+        for index, key in zip(
+            self._tiers[1:], (normalize_model_name(name), model_family(name)), strict=True
+        ):
+            group = index.get(key)
+            if group is not None:
+                yield group
+        yield self._prefix(normalize_model_name(name))
+
+    def _prefix(self, key: str) -> _Sorted:
+        """Providers whose normalized name starts with ``key`` (cached per key)."""
+        group = self._prefix_cache.get(key)
+        if group is None:
+            low = bisect.bisect_left(self._prefix_keys, key)
+            high = bisect.bisect_left(self._prefix_keys, key + "\uffff")
+            normal = self._tiers[1]
+            group = _Sorted(p for k in self._prefix_keys[low:high] for p in normal[k].providers)
+            self._prefix_cache[key] = group
+        return group
+
+    # -- errors ------------------------------------------------------------------------------
+
+    def _all_cooling(
+        self, request: ResolveRequest, capability: Capability, now: float
+    ) -> AllCoolingDown:
+        backends: list[BackendRef] = [
+            b
+            for providers, n in self._candidates(request, capability)
+            for p in providers[:n]
+            for b in p.backends
+        ]
+        until = min(self._health.cooling_until(b.id, now) or now for b in backends)
+        retry_at = self._health.wall_time(until)
+        names = sorted({b.name for b in backends})
+        return AllCoolingDown(
+            f"no provider for {request.describe(capability)}: every matching backend is "
+            f"cooling down ({', '.join(names)}); the first returns at {retry_at.isoformat()}",
+            retry_at=retry_at,
+        )
+
+    def _no_provider(self, request: ResolveRequest, capability: Capability) -> NoProvider:
+        available = [p for p in self.providers if not request.types or p.type in request.types]
+        listed = "; ".join(p.describe() for p in available[:_LISTED]) or "none"
+        if len(available) > _LISTED:
+            listed += f"; ... and {len(available) - _LISTED} more"
+        return NoProvider(f"no provider for {request.describe(capability)}. Available: {listed}")
