@@ -1,0 +1,241 @@
+"""The driver contract, the registry of drivers by backend type, and the plan records.
+
+A driver turns "one declared backend + the models it should hold" into the observed
+:class:`~runtimestate.records.LLMState` and the actions that close the gap, in three steps:
+
+``observe``  all the I/O needed to know what is there (list, show, read a key);
+``plan``     a **pure** function of declared and observed state: the actions and the state;
+``act``      performs the actions and returns the final state.
+
+Splitting them gives :meth:`runtimestate.state.State.plan_backend_cycle` a dry run for free (it
+stops after ``plan``), and makes the decisions testable without a backend. Drivers register by
+type name with :func:`register`; ``backends/__init__.py`` imports every driver module, so adding a
+backend type is adding one module - the state layer has no switch over types.
+
+Errors: ``observe`` and ``act`` raise :class:`~runtimestate.errors.RuntimeStateError` subclasses;
+the caller turns an escaped error into the backend's ``error``. A failure that should not hide
+what was observed (a delete that failed, a queue insert that failed) is put into the returned
+state's ``error`` by the driver itself, and logged.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar, Generic, TypeVar
+
+from runtimestate.backends.http import HttpClient
+from runtimestate.clock import Clock
+from runtimestate.errors import NotFound
+from runtimestate.records import ListModelResponse, LLMState
+from runtimestate.store.base import Store
+from runtimestate.store.records import Backend, KVEntry, Model
+
+__all__ = [
+    "Action",
+    "ActionKind",
+    "BackendPlan",
+    "Capabilities",
+    "CycleContext",
+    "Declared",
+    "Driver",
+    "DriverOptions",
+    "QueueDownload",
+    "driver_types",
+    "register",
+]
+
+ObservedT = TypeVar("ObservedT")
+
+# Queue one download of ``model`` on the backend at ``url``; False when one is already pending.
+QueueDownload = Callable[[str, str], Awaitable[bool]]
+
+
+class ActionKind(StrEnum):
+    PULL = "pull"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Action:
+    """One change a cycle makes to a backend: queue a pull of ``model``, or delete it."""
+
+    kind: ActionKind
+    model: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind.value, "model": self.model}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Declared:
+    """What should exist on one backend: the backend row and the models it should hold."""
+
+    backend: Backend
+    models: tuple[Model, ...]
+
+    def base_state(self) -> LLMState:
+        """The state with identity and declared models filled in, nothing observed yet."""
+        return LLMState(
+            id=self.backend.id,
+            name=self.backend.name,
+            models=tuple(m.model for m in self.models),
+            backend=self.backend.info(),
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BackendPlan:
+    """What a cycle would do to one backend and the state it would then report."""
+
+    backend_id: str
+    backend_name: str
+    actions: tuple[Action, ...]
+    state: LLMState
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backendId": self.backend_id,
+            "backendName": self.backend_name,
+            "actions": [a.to_json() for a in self.actions],
+            "state": self.state.model_dump(mode="json"),
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Capabilities:
+    """Context length and capability flags of a model, declared or discovered."""
+
+    context_length: int = 0
+    can_chat: bool = False
+    can_embed: bool = False
+    can_prompt: bool = False
+    can_stream: bool = False
+
+    @classmethod
+    def of(cls, model: Model) -> Capabilities:
+        return cls(
+            context_length=model.context_length,
+            can_chat=model.can_chat,
+            can_embed=model.can_embed,
+            can_prompt=model.can_prompt,
+            can_stream=model.can_stream,
+        )
+
+    @property
+    def has_flags(self) -> bool:
+        return self.can_chat or self.can_embed or self.can_prompt or self.can_stream
+
+    @property
+    def complete(self) -> bool:
+        """Whether nothing needs discovering: a context length and at least one flag."""
+        return self.context_length > 0 and self.has_flags
+
+    def merged(self, discovered: Capabilities | None) -> Capabilities:
+        """Declared values win; what is not declared (0, no flag) comes from ``discovered``."""
+        if discovered is None:
+            return self
+        flags = self if self.has_flags else discovered
+        return Capabilities(
+            context_length=self.context_length or discovered.context_length,
+            can_chat=flags.can_chat,
+            can_embed=flags.can_embed,
+            can_prompt=flags.can_prompt,
+            can_stream=flags.can_stream,
+        )
+
+    def apply(self, response: ListModelResponse) -> ListModelResponse:
+        return response.model_copy(
+            update={
+                "context_length": self.context_length,
+                "can_chat": self.can_chat,
+                "can_embed": self.can_embed,
+                "can_prompt": self.can_prompt,
+                "can_stream": self.can_stream,
+            }
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DriverOptions:
+    """Settings every driver instance is built with (one instance per type per State)."""
+
+    clock: Clock
+    delete_undeclared: bool = True
+    list_cache_ttl: float = 24 * 3600.0
+
+
+@dataclass(kw_only=True)
+class CycleContext:
+    """What one cycle shares between its backends: the I/O handles, the download leases read
+    once per cycle, and key-value reads memoized per cycle (one read of ``OPENAI_KEY`` for a
+    hundred OpenAI backends)."""
+
+    http: HttpClient
+    store: Store
+    clock: Clock
+    downloading: frozenset[str]
+    queue_download: QueueDownload
+    _kv_values: dict[str, KVEntry | None] = field(default_factory=dict)
+    _kv_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    async def kv(self, key: str) -> KVEntry | None:
+        """The key-value entry ``key``, ``None`` if absent; read at most once per cycle (a
+        failed read is not remembered, so the next backend of the cycle tries again)."""
+        if key in self._kv_values:
+            return self._kv_values[key]
+        async with self._kv_locks.setdefault(key, asyncio.Lock()):
+            if key not in self._kv_values:
+                try:
+                    self._kv_values[key] = await self.store.get_kv(key)
+                except NotFound:
+                    self._kv_values[key] = None
+            return self._kv_values[key]
+
+
+class Driver(abc.ABC, Generic[ObservedT]):
+    """One backend type. Instances hold the type's caches and live as long as their State."""
+
+    type_name: ClassVar[str]
+
+    def __init__(self, options: DriverOptions) -> None:
+        self.options = options
+
+    @abc.abstractmethod
+    async def observe(self, ctx: CycleContext, declared: Declared) -> ObservedT:
+        """All the I/O needed to plan. Raises a ``RuntimeStateError`` when the backend fails."""
+
+    @abc.abstractmethod
+    def plan(self, declared: Declared, observed: ObservedT) -> BackendPlan:
+        """Decide, without I/O, what to do and what state to report."""
+
+    async def act(self, ctx: CycleContext, declared: Declared, plan: BackendPlan) -> LLMState:
+        """Carry out ``plan``; the default is for drivers that never change their backend."""
+        return plan.state
+
+    def forget(self, backend_id: str) -> None:
+        """Drop what is cached about a backend that left the declaration."""
+
+    async def reconcile(self, ctx: CycleContext, declared: Declared) -> LLMState:
+        observed = await self.observe(ctx, declared)
+        return await self.act(ctx, declared, self.plan(declared, observed))
+
+
+_REGISTRY: dict[str, type[Driver[Any]]] = {}
+
+
+def register(cls: type[Driver[ObservedT]]) -> type[Driver[ObservedT]]:
+    """Class decorator: make ``cls`` the driver of backends whose type is ``cls.type_name``."""
+    existing = _REGISTRY.get(cls.type_name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"backend type {cls.type_name!r} already has driver {existing.__name__}")
+    _REGISTRY[cls.type_name] = cls
+    return cls
+
+
+def driver_types() -> Mapping[str, type[Driver[Any]]]:
+    """The registered drivers by type name (a read-only view)."""
+    return dict(_REGISTRY)

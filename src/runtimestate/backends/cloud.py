@@ -1,0 +1,144 @@
+"""What the OpenAI and Gemini drivers share: the API key, the 24 h listing cache, drift.
+
+The key lives in the key-value table (``OPENAI_KEY`` / ``GEMINI_KEY``, the seed's
+``{"APIKey","Type"}``) and is read once per cycle (memoized by the cycle context). Without it
+the backend's error is ``API key not configured``.
+
+An account's model list changes rarely and listing it costs a request against a rate-limited
+API, so it is cached per backend for ``list_cache_ttl`` (24 h) on the injected clock. The cache
+remembers a SHA-256 of the key it was fetched with - never the key - and is dropped as soon as
+the stored key changes, so a rotated key is tried at once.
+
+Models the account has but nobody declared are *drift*: reported in ``undeclared_models``, never
+in ``error``, so that a real account with dozens of models stays usable (the seed disabled it).
+A rejected key is an error that says so and never repeats the key.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pydantic import ValidationError
+
+from runtimestate.backends.base import (
+    BackendPlan,
+    Capabilities,
+    CycleContext,
+    Declared,
+    Driver,
+    DriverOptions,
+)
+from runtimestate.backends.names import cloud_key
+from runtimestate.records import ListModelResponse, ProviderConfig
+
+__all__ = ["KEY_MALFORMED", "KEY_MISSING", "CloudDriver", "CloudListing", "CloudModel"]
+
+KEY_MISSING = "API key not configured"
+KEY_MALFORMED = "API key entry is malformed"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CloudModel:
+    """One model of an account; ``capabilities`` only when the listing says."""
+
+    id: str
+    capabilities: Capabilities | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CloudListing:
+    """What ``observe`` found: the key (``None`` when not configured) and the account's models."""
+
+    api_key: str | None
+    models: tuple[CloudModel, ...] = ()
+    key_problem: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _CacheEntry:
+    key_hash: str
+    base_url: str
+    fetched_at: float
+    models: tuple[CloudModel, ...]
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class CloudDriver(Driver[CloudListing]):
+    """A hosted account: read the key, list (cached), report declared models and drift."""
+
+    kv_key: ClassVar[str]
+
+    def __init__(self, options: DriverOptions) -> None:
+        super().__init__(options)
+        self._cache: dict[str, _CacheEntry] = {}
+
+    @abc.abstractmethod
+    async def list_models(
+        self, ctx: CycleContext, base_url: str, api_key: str
+    ) -> tuple[CloudModel, ...]:
+        """The account's models, in one or more requests; raises on any failure."""
+
+    async def observe(self, ctx: CycleContext, declared: Declared) -> CloudListing:
+        backend = declared.backend
+        entry = await ctx.kv(self.kv_key)
+        if entry is None:
+            self._cache.pop(backend.id, None)
+            return CloudListing(api_key=None, key_problem=KEY_MISSING)
+        try:
+            api_key = ProviderConfig.from_storage(entry.value).api_key.get_secret_value()
+        except ValidationError:
+            # The validation error quotes its input, which would be the key: not chained.
+            return CloudListing(api_key=None, key_problem=KEY_MALFORMED)
+        if not api_key:
+            return CloudListing(api_key=None, key_problem=KEY_MISSING)
+        key_hash = _hash(api_key)
+        now = self.options.clock.monotonic()
+        cached = self._cache.get(backend.id)
+        if (
+            cached is not None
+            and cached.key_hash == key_hash
+            and cached.base_url == backend.base_url
+            and now - cached.fetched_at < self.options.list_cache_ttl
+        ):
+            return CloudListing(api_key=api_key, models=cached.models)
+        self._cache.pop(backend.id, None)
+        models = await self.list_models(ctx, backend.base_url, api_key)
+        self._cache[backend.id] = _CacheEntry(
+            key_hash=key_hash, base_url=backend.base_url, fetched_at=now, models=models
+        )
+        return CloudListing(api_key=api_key, models=models)
+
+    def plan(self, declared: Declared, observed: CloudListing) -> BackendPlan:
+        state = declared.base_state()
+        if observed.api_key is None:
+            state = state.model_copy(update={"error": observed.key_problem})
+        else:
+            wanted = {cloud_key(m.model): m for m in declared.models}
+            pulled: list[ListModelResponse] = []
+            drift: list[str] = []
+            for listed in observed.models:
+                model = wanted.get(cloud_key(listed.id))
+                if model is None:
+                    drift.append(listed.id)
+                    continue
+                caps = Capabilities.of(model).merged(listed.capabilities)
+                pulled.append(caps.apply(ListModelResponse(name=model.model, model=listed.id)))
+            state = state.model_copy(
+                update={"pulled_models": tuple(pulled), "undeclared_models": tuple(drift)}
+            ).with_api_key(observed.api_key)
+        return BackendPlan(
+            backend_id=declared.backend.id,
+            backend_name=declared.backend.name,
+            actions=(),
+            state=state,
+        )
+
+    def forget(self, backend_id: str) -> None:
+        """Drop the cached listing of a backend that left the declaration."""
+        self._cache.pop(backend_id, None)

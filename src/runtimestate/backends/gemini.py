@@ -1,0 +1,96 @@
+"""The Gemini driver: page through an account's models with its key from ``GEMINI_KEY``.
+
+``GET <base>/v1beta/models?pageSize=1000`` with ``x-goog-api-key``, following
+``nextPageToken`` until a page has none. The listing already carries what the reconciler needs -
+``inputTokenLimit`` (the context length) and ``supportedGenerationMethods`` - so, unlike the
+seed, there is no second request per model. ``generateContent`` means chat, prompt and stream;
+``embedContent`` means embed.
+
+Gemini answers a bad key with **400** ``API_KEY_INVALID`` (not 401); that, a 401 and a 403 are
+:class:`~runtimestate.errors.KeyRejected` with a message that never repeats the key (the key
+also travels in a header, never in the URL, so it cannot leak through a logged URL).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runtimestate.backends.base import Capabilities, CycleContext, register
+from runtimestate.backends.cloud import CloudDriver, CloudModel
+from runtimestate.backends.http import decode_json, join_url, status_error
+from runtimestate.errors import KeyRejected, ProtocolError
+from runtimestate.records import GEMINI_KEY
+
+__all__ = ["GeminiDriver", "gemini_models_url"]
+
+_PAGE_SIZE = "1000"
+# A server that keeps answering with new tokens must not keep a cycle busy forever.
+_MAX_PAGES = 100
+
+
+def gemini_models_url(base_url: str) -> str:
+    """``/v1beta/models`` under ``base_url``, without doubling a ``/v1beta`` already there."""
+    root = base_url.rstrip("/")
+    if not root.endswith("/v1beta"):
+        root += "/v1beta"
+    return join_url(root, "/models")
+
+
+def parse_model(item: Any, url: str) -> CloudModel:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise ProtocolError(f"model entry from {url} has no name", backend=url)
+    methods = item.get("supportedGenerationMethods") or []
+    limit = item.get("inputTokenLimit")
+    if not isinstance(methods, list):
+        raise ProtocolError(f"model entry from {url} has malformed methods", backend=url)
+    generates = "generateContent" in methods
+    return CloudModel(
+        id=item["name"],
+        capabilities=Capabilities(
+            context_length=limit if isinstance(limit, int) else 0,
+            can_chat=generates,
+            can_prompt=generates,
+            can_stream=generates,
+            can_embed="embedContent" in methods or "batchEmbedContents" in methods,
+        ),
+    )
+
+
+def _key_rejected(status: int, body: bytes) -> bool:
+    return status in (401, 403) or (status == 400 and b"API_KEY_INVALID" in body)
+
+
+@register
+class GeminiDriver(CloudDriver):
+    type_name = "gemini"
+    kv_key = GEMINI_KEY
+
+    async def list_models(
+        self, ctx: CycleContext, base_url: str, api_key: str
+    ) -> tuple[CloudModel, ...]:
+        url = gemini_models_url(base_url)
+        models: list[CloudModel] = []
+        token = ""
+        seen: set[str] = set()
+        for _ in range(_MAX_PAGES):
+            params = {"pageSize": _PAGE_SIZE}
+            if token:
+                params["pageToken"] = token
+            status, body = await ctx.http.send(
+                "GET", url, headers={"x-goog-api-key": api_key}, params=params, secrets=(api_key,)
+            )
+            if _key_rejected(status, body):
+                raise KeyRejected(f"API key rejected by Gemini (HTTP {status})", backend=base_url)
+            if status >= 400:
+                raise status_error(status, body, url=url, secrets=(api_key,))
+            page = decode_json(body, url=url, secrets=(api_key,))
+            if not isinstance(page, dict) or not isinstance(page.get("models", []), list):
+                raise ProtocolError(f"model page from {url} has no models array", backend=url)
+            models.extend(parse_model(item, url) for item in page.get("models") or [])
+            token = page.get("nextPageToken") or ""
+            if not token:
+                return tuple(models)
+            if not isinstance(token, str) or token in seen:
+                raise ProtocolError(f"model paging from {url} repeats a page token", backend=url)
+            seen.add(token)
+        raise ProtocolError(f"model paging from {url} exceeded {_MAX_PAGES} pages", backend=url)

@@ -1,0 +1,300 @@
+"""The one HTTP boundary of the drivers: a shared aiohttp session with bounded reads.
+
+Every driver talks to its backend through :class:`HttpClient`, never through a client of its
+own, for three reasons:
+
+* **Cost at scale.** A cycle over 1,000 backends makes 1,000+ requests at once. One
+  ``aiohttp.ClientSession`` with one connection pool reuses keep-alive connections across
+  cycles and needs no thread per request; IP-literal hosts skip the resolver entirely and names
+  are cached (``ttl_dns_cache``). aiohttp was chosen over httpx by measurement: see
+  ``benchmarks/reconcile.py`` and BENCHMARKS.md.
+* **Bounded reads.** A backend that answers with a gigabyte (or never stops) must not exhaust
+  memory: bodies are read up to ``max_body_bytes`` and NDJSON lines up to ``max_line_bytes``;
+  more is a :class:`~runtimestate.errors.ProtocolError` "response too large".
+* **One error translation.** aiohttp, socket and JSON errors become the project's
+  :class:`~runtimestate.errors.BackendError` tree here, chained with ``from exc``, so a driver
+  only decides what an error *means* for its backend. URLs are redacted before they reach a
+  message, since some carry keys in their query.
+
+The session is created lazily inside the running loop (aiohttp binds it to one) and closed by
+:meth:`HttpClient.aclose`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from runtimestate.errors import (
+    BackendError,
+    BackendUnreachable,
+    BadRequest,
+    KeyRejected,
+    ProtocolError,
+    RateLimited,
+    ServerError,
+    redact,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_LINE_BYTES",
+    "HttpClient",
+    "decode_json",
+    "join_url",
+    "status_error",
+]
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_LINE_BYTES = 1024 * 1024
+# How much of an error body goes into a message: enough to read the backend's reason.
+_BODY_EXCERPT = 200
+
+
+def join_url(base_url: str, path: str) -> str:
+    """``base_url`` + ``path`` with exactly one slash between them."""
+    return base_url.rstrip("/") + "/" + path.lstrip("/")
+
+
+def status_error(
+    status: int, body: bytes, *, url: str, secrets: tuple[str, ...] = ()
+) -> BackendError:
+    """The error for an HTTP error ``status``: its class says what to do, its message carries
+    the start of the body (redacted)."""
+    excerpt = redact(body[:_BODY_EXCERPT].decode("utf-8", "replace").strip(), *secrets)
+    message = (
+        f"HTTP {status} from {redact(url, *secrets)}: {excerpt}"
+        if excerpt
+        else (f"HTTP {status} from {redact(url, *secrets)}")
+    )
+    if status == 401:
+        return KeyRejected(message, backend=url)
+    if status == 429:
+        return RateLimited(message, backend=url)
+    if 400 <= status < 500:
+        return BadRequest(message, backend=url)
+    return ServerError(message, backend=url)
+
+
+def decode_json(body: bytes, *, url: str, secrets: tuple[str, ...] = ()) -> Any:
+    """The JSON value of ``body``; an empty or malformed body is a ``ProtocolError``."""
+    if not body.strip():
+        raise ProtocolError(f"empty response from {redact(url, *secrets)}", backend=url)
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ProtocolError(
+            f"malformed JSON from {redact(url, *secrets)}: {exc}", backend=url
+        ) from exc
+
+
+class HttpClient:
+    """A shared session for all drivers and the download cycle.
+
+    ``timeout`` bounds one request end to end, ``connect_timeout`` the connection. Streams use
+    their own per-line deadline (the caller's stall timeout), so ``stream_lines`` sets no total.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        max_connections: int = 1024,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    ) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout)
+        self._max_connections = max_connections
+        self.max_body_bytes = max_body_bytes
+        self.max_line_bytes = max_line_bytes
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, ttl_dns_cache=300, enable_cleanup_closed=False
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                raise_for_status=False,
+                # Backends are not browsers: no cookies, and no proxy settings from the
+                # environment silently rerouting a fleet's traffic.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,
+                read_bufsize=2**16,
+                max_line_size=self.max_line_bytes,
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        """Close the session and its connections; the client can be used again afterwards."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request_json(
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        secrets: tuple[str, ...] = (),
+        allow_empty: bool = False,
+        ok_statuses: frozenset[int] = frozenset(),
+    ) -> Any:
+        """Send one request and return its decoded JSON body (``None`` for an empty body when
+        ``allow_empty``). Any failure raises a :class:`BackendError` subclass."""
+        body = await self.request_bytes(
+            method,
+            url,
+            json_body=json_body,
+            headers=headers,
+            params=params,
+            secrets=secrets,
+            ok_statuses=ok_statuses,
+        )
+        if allow_empty and not body.strip():
+            return None
+        return decode_json(body, url=url, secrets=secrets)
+
+    async def request_bytes(
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        secrets: tuple[str, ...] = (),
+        ok_statuses: frozenset[int] = frozenset(),
+    ) -> bytes:
+        """Send one request and return its body, at most ``max_body_bytes`` of it. An error
+        status raises, unless it is in ``ok_statuses`` (then its body is returned)."""
+        status, body = await self.send(
+            method, url, json_body=json_body, headers=headers, params=params, secrets=secrets
+        )
+        if status >= 400 and status not in ok_statuses:
+            raise status_error(status, body, url=url, secrets=secrets)
+        return body
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        secrets: tuple[str, ...] = (),
+    ) -> tuple[int, bytes]:
+        """Send one request; return its status and body (bounded) whatever the status. For
+        callers that give some error statuses a meaning of their own."""
+        shown = redact(url, *secrets)
+        try:
+            async with self._get_session().request(
+                method, url, json=json_body, headers=headers, params=params
+            ) as response:
+                return response.status, await self._read_bounded(response, shown)
+        except aiohttp.InvalidURL as exc:
+            raise BackendError(f"invalid URL {shown!r}", backend=url) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise BackendUnreachable(
+                f"cannot connect to {shown}: {exc.os_error.strerror or exc}", backend=url
+            ) from exc
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+            raise BackendUnreachable(f"connection to {shown} dropped: {exc}", backend=url) from exc
+        except TimeoutError as exc:
+            raise BackendUnreachable(f"request to {shown} timed out", backend=url) from exc
+        except aiohttp.ClientError as exc:
+            raise BackendUnreachable(f"request to {shown} failed: {exc}", backend=url) from exc
+
+    async def _read_bounded(self, response: aiohttp.ClientResponse, shown: str) -> bytes:
+        limit = self.max_body_bytes
+        if response.content_length is not None and response.content_length > limit:
+            raise ProtocolError(
+                f"response too large from {shown}: {response.content_length} bytes (limit {limit})",
+                backend=shown,
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(2**16):
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(
+                    f"response too large from {shown}: over {limit} bytes", backend=shown
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @asynccontextmanager
+    async def stream_lines(
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """Open an NDJSON stream; yield an iterator of its decoded objects.
+
+        Leaving the context closes the response, which is how a pull is cancelled: the backend
+        sees the connection close. A dropped connection, an oversized or malformed line raise
+        :class:`BackendError` subclasses while iterating.
+        """
+        shown = redact(url)
+        session = self._get_session()
+        try:
+            response = await session.request(
+                method, url, json=json_body, headers=headers, timeout=self._stream_timeout
+            )
+        except aiohttp.InvalidURL as exc:
+            raise BackendError(f"invalid URL {shown!r}", backend=url) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise BackendUnreachable(
+                f"cannot connect to {shown}: {exc.os_error.strerror or exc}", backend=url
+            ) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BackendUnreachable(f"request to {shown} failed: {exc!r}", backend=url) from exc
+        try:
+            if response.status >= 400:
+                body = await self._read_bounded(response, shown)
+                raise status_error(response.status, body, url=url)
+            yield self._iter_lines(response, url, shown)
+        finally:
+            response.close()
+
+    async def _iter_lines(
+        self, response: aiohttp.ClientResponse, url: str, shown: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        while True:
+            try:
+                line = await response.content.readline()
+            except ValueError as exc:
+                # aiohttp raises ValueError ("Line is too long") past max_line_size.
+                raise ProtocolError(f"stream line too large from {shown}", backend=url) from exc
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                raise BackendUnreachable(
+                    f"stream from {shown} broke: {exc!r}", backend=url
+                ) from exc
+            if not line:
+                return
+            if len(line) > self.max_line_bytes:
+                raise ProtocolError(f"stream line too large from {shown}", backend=url)
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError as exc:
+                raise ProtocolError(f"malformed stream line from {shown}", backend=url) from exc
+            if not isinstance(item, dict):
+                raise ProtocolError(f"stream line from {shown} is not an object", backend=url)
+            yield item

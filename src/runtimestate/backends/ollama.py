@@ -1,0 +1,241 @@
+"""The Ollama driver: keep a node's inventory equal to its declared models.
+
+``observe`` lists ``/api/tags`` and, for declared models whose context length or capabilities
+are not declared, asks ``/api/show`` - once per digest, since a digest names immutable content, so
+a steady cycle costs one request per node. ``plan`` compares **normalized** names
+(:func:`~runtimestate.backends.names.ollama_key`) and decides:
+
+* the first declared model that is missing is queued for download - one job per node, its id the
+  node's base URL, so the next missing model is queued after this one lands - unless a download
+  lease on the node says a pull is running (popping a job frees its id, so without that check a
+  model being pulled would be queued again);
+* models present but not declared are deleted (unless ``delete_undeclared`` is off, in which case
+  they are reported as drift in ``undeclared_models``).
+
+``act`` queues, deletes, and lists again only if something was deleted. A failed queue insert or
+delete is logged, counted and shown in the state's ``error``; it never hides the inventory.
+
+:func:`open_pull` is the NDJSON ``/api/pull`` stream the download cycle consumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from runtimestate.backends.base import (
+    Action,
+    ActionKind,
+    BackendPlan,
+    Capabilities,
+    CycleContext,
+    Declared,
+    Driver,
+    DriverOptions,
+    register,
+)
+from runtimestate.backends.http import HttpClient, join_url
+from runtimestate.backends.names import ollama_key
+from runtimestate.errors import BackendError, ProtocolError, RuntimeStateError
+from runtimestate.metrics import BACKEND_FAILURES, MODELS_DELETED
+from runtimestate.records import ListModelResponse, LLMState
+
+__all__ = ["OllamaDriver", "OllamaInventory", "open_pull", "parse_show"]
+
+logger = logging.getLogger(__name__)
+
+# Digests are content hashes, so cached /api/show answers never go stale; the bound only keeps a
+# fleet that churns through many models from growing the cache forever.
+_SHOW_CACHE_MAX = 10_000
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OllamaInventory:
+    """What ``observe`` found on one node."""
+
+    models: tuple[ListModelResponse, ...]
+    discovered: Mapping[str, Capabilities]
+    downloading: bool
+    problems: tuple[str, ...] = ()
+
+
+def parse_show(body: Any) -> Capabilities:
+    """Capabilities from an ``/api/show`` answer: ``completion`` means chat, prompt and stream;
+    ``embedding`` means embed; the context length is ``<general.architecture>.context_length``."""
+    if not isinstance(body, dict):
+        raise ProtocolError("/api/show answer is not an object")
+    capabilities = body.get("capabilities") or []
+    model_info = body.get("model_info") or {}
+    if not isinstance(capabilities, list) or not isinstance(model_info, dict):
+        raise ProtocolError("/api/show answer has malformed capabilities or model_info")
+    arch = model_info.get("general.architecture")
+    context = model_info.get(f"{arch}.context_length", 0) if isinstance(arch, str) else 0
+    completion = "completion" in capabilities
+    return Capabilities(
+        context_length=context if isinstance(context, int) else 0,
+        can_chat=completion,
+        can_prompt=completion,
+        can_stream=completion,
+        can_embed="embedding" in capabilities,
+    )
+
+
+def _parse_tags(body: Any, url: str) -> tuple[ListModelResponse, ...]:
+    if not isinstance(body, dict) or not isinstance(body.get("models", []), list):
+        raise ProtocolError(f"/api/tags answer from {url} is not a model list", backend=url)
+    models = []
+    for raw in body.get("models") or []:
+        if not isinstance(raw, dict):
+            raise ProtocolError(f"/api/tags entry from {url} is not an object", backend=url)
+        raw = {**raw}
+        raw.setdefault("name", raw.get("model", ""))
+        raw.setdefault("model", raw["name"])
+        try:
+            models.append(ListModelResponse.model_validate(raw))
+        except ValidationError as exc:
+            raise ProtocolError(f"/api/tags entry from {url} is malformed", backend=url) from exc
+    return tuple(models)
+
+
+def open_pull(
+    http: HttpClient, base_url: str, model: str
+) -> AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]:
+    """The ``/api/pull`` progress stream of ``model`` on the node at ``base_url``."""
+    return http.stream_lines(
+        "POST",
+        join_url(base_url, "/api/pull"),
+        json_body={"model": model, "insecure": False, "stream": True},
+    )
+
+
+@register
+class OllamaDriver(Driver[OllamaInventory]):
+    type_name = "ollama"
+
+    def __init__(self, options: DriverOptions) -> None:
+        super().__init__(options)
+        self._show_cache: dict[str, Capabilities] = {}
+
+    async def observe(self, ctx: CycleContext, declared: Declared) -> OllamaInventory:
+        url = declared.backend.base_url
+        listed = _parse_tags(await ctx.http.request_json("GET", join_url(url, "/api/tags")), url)
+        wanted = {ollama_key(m.model): Capabilities.of(m) for m in declared.models}
+        to_show = {
+            m.digest or m.name: m.name
+            for m in listed
+            if (caps := wanted.get(ollama_key(m.name))) is not None
+            and not caps.complete
+            and (m.digest or m.name) not in self._show_cache
+        }
+        problems: list[str] = []
+        if to_show:
+            results = await asyncio.gather(
+                *(self._show(ctx, url, name) for name in to_show.values()),
+                return_exceptions=True,
+            )
+            for cache_key, name, result in zip(to_show, to_show.values(), results, strict=True):
+                if isinstance(result, Capabilities):
+                    if len(self._show_cache) >= _SHOW_CACHE_MAX:
+                        self._show_cache.clear()
+                    self._show_cache[cache_key] = result
+                elif isinstance(result, RuntimeStateError):
+                    problems.append(f"show {name}: {result}")
+                    logger.warning(
+                        "model details unavailable",
+                        extra={"backend_id": declared.backend.id, "model": name},
+                    )
+                else:
+                    raise result
+        discovered = {
+            m.digest or m.name: self._show_cache[m.digest or m.name]
+            for m in listed
+            if (m.digest or m.name) in self._show_cache
+        }
+        return OllamaInventory(
+            models=listed,
+            discovered=discovered,
+            downloading=url in ctx.downloading,
+            problems=tuple(problems),
+        )
+
+    async def _show(self, ctx: CycleContext, url: str, name: str) -> Capabilities:
+        body = await ctx.http.request_json(
+            "POST", join_url(url, "/api/show"), json_body={"model": name}
+        )
+        return parse_show(body)
+
+    def plan(self, declared: Declared, observed: OllamaInventory) -> BackendPlan:
+        wanted = {ollama_key(m.model): m for m in declared.models}
+        present = {ollama_key(m.name) for m in observed.models}
+        actions: list[Action] = []
+        missing = [m.model for m in declared.models if ollama_key(m.model) not in present]
+        if missing and not observed.downloading:
+            actions.append(Action(kind=ActionKind.PULL, model=missing[0]))
+        pulled: list[ListModelResponse] = []
+        drift: list[str] = []
+        for listed in observed.models:
+            model = wanted.get(ollama_key(listed.name))
+            if model is not None:
+                discovered = observed.discovered.get(listed.digest or listed.name)
+                pulled.append(Capabilities.of(model).merged(discovered).apply(listed))
+            elif self.options.delete_undeclared:
+                actions.append(Action(kind=ActionKind.DELETE, model=listed.name))
+            else:
+                pulled.append(listed)
+                drift.append(listed.name)
+        state = declared.base_state().model_copy(
+            update={
+                "pulled_models": tuple(pulled),
+                "undeclared_models": tuple(drift),
+                "error": "; ".join(observed.problems),
+            }
+        )
+        return BackendPlan(
+            backend_id=declared.backend.id,
+            backend_name=declared.backend.name,
+            actions=tuple(actions),
+            state=state,
+        )
+
+    async def act(self, ctx: CycleContext, declared: Declared, plan: BackendPlan) -> LLMState:
+        backend = declared.backend
+        failures: list[str] = []
+        deleted = 0
+        for action in plan.actions:
+            log_extra = {"backend_id": backend.id, "model": action.model}
+            try:
+                if action.kind is ActionKind.PULL:
+                    queued = await ctx.queue_download(backend.base_url, action.model)
+                    if queued:
+                        logger.info("download queued", extra=log_extra)
+                else:
+                    await ctx.http.request_bytes(
+                        "DELETE",
+                        join_url(backend.base_url, "/api/delete"),
+                        json_body={"model": action.model},
+                        ok_statuses=frozenset({404}),
+                    )
+                    deleted += 1
+                    MODELS_DELETED.inc()
+                    logger.info("model deleted", extra=log_extra)
+            except RuntimeStateError as exc:
+                verb = "queue download of" if action.kind is ActionKind.PULL else "delete"
+                failures.append(f"{verb} {action.model} failed: {exc}")
+                BACKEND_FAILURES.labels(type=self.type_name).inc()
+                logger.warning("%s %s failed: %s", verb, action.model, exc, extra=log_extra)
+        state = plan.state
+        if deleted:
+            try:
+                state = self.plan(declared, await self.observe(ctx, declared)).state
+            except BackendError as exc:
+                failures.append(f"listing after delete failed: {exc}")
+        if failures:
+            error = "; ".join(filter(None, (state.error, *failures)))
+            state = state.model_copy(update={"error": error})
+        return state

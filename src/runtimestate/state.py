@@ -1,0 +1,262 @@
+"""``State``: the reconciler's public face - one backend cycle, one download cycle, a snapshot.
+
+Each cycle is one unit of work that returns; scheduling, retries and circuit breaking belong to
+the caller (see :mod:`runtimestate.runner`), so the library works under any scheduler.
+
+A backend cycle reads the declaration once (all backends and models, or the pools with their
+backends and models), reads the download leases once, then reconciles **every backend
+concurrently**: at most ``concurrency`` at a time, each under its own ``backend_timeout``, so a
+dead backend costs the cycle at most that timeout and never delays the others (the seed went
+one backend after another). Each backend goes through its type's driver (observe, plan, act;
+see :mod:`runtimestate.backends.base`); an unknown type, a timeout or any error becomes that
+backend's ``error``, a log line on ``runtimestate.state`` and a metric - never an exception out
+of the cycle. Only a failure to read the declaration itself raises.
+
+The snapshot is a dict of frozen :class:`~runtimestate.records.LLMState`, replaced whole at the
+end of a cycle; :meth:`State.get` copies the dict (not the states), which is why it costs a few
+milliseconds for 10,000 backends and why a snapshot never changes after it was taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from runtimestate.backends import (
+    BackendPlan,
+    CycleContext,
+    Declared,
+    Driver,
+    DriverOptions,
+    HttpClient,
+    driver_types,
+    open_pull,
+)
+from runtimestate.bus.base import Messenger
+from runtimestate.clock import SYSTEM_CLOCK, Clock
+from runtimestate.downloads import LEASE_PREFIX, Downloader, queue_download
+from runtimestate.errors import InvalidInput, RuntimeStateError
+from runtimestate.metrics import BACKEND_FAILURES, BACKENDS, CYCLE_DURATION
+from runtimestate.records import LLMState
+from runtimestate.store.base import Store
+from runtimestate.store.records import Backend, Model
+
+__all__ = ["State"]
+
+logger = logging.getLogger(__name__)
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+class State:
+    """Reconciles the declared fleet with the real one. See the module docstring.
+
+    ``http`` lets several States (or tests) share one HTTP client; a State closes only the
+    client it created. ``worker_id`` names this worker in download leases.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        messenger: Messenger,
+        *,
+        with_pools: bool = False,
+        concurrency: int = 64,
+        backend_timeout: float = 10.0,
+        delete_undeclared: bool = True,
+        clock: Clock = SYSTEM_CLOCK,
+        worker_id: str | None = None,
+        http: HttpClient | None = None,
+        list_cache_ttl: float = 24 * 3600.0,
+        progress_interval: float = 0.25,
+        stall_timeout: float = 60.0,
+        lease_ttl: float = 60.0,
+    ) -> None:
+        if store is None:
+            raise InvalidInput("State needs a store", field="store")
+        if messenger is None:
+            raise InvalidInput("State needs a messenger", field="messenger")
+        if concurrency < 1:
+            raise InvalidInput("concurrency must be at least 1", field="concurrency")
+        if backend_timeout <= 0:
+            raise InvalidInput("backend_timeout must be positive", field="backend_timeout")
+        self._store = store
+        self._messenger = messenger
+        self._with_pools = with_pools
+        self._concurrency = concurrency
+        self._backend_timeout = backend_timeout
+        self._clock = clock
+        self._owns_http = http is None
+        # Room for every backend in flight plus a few long-running pulls.
+        self._http = http or HttpClient(max_connections=concurrency + 64)
+        options = DriverOptions(
+            clock=clock, delete_undeclared=delete_undeclared, list_cache_ttl=list_cache_ttl
+        )
+        self._drivers: dict[str, Driver[Any]] = {
+            name: cls(options) for name, cls in driver_types().items()
+        }
+        self._downloader = Downloader(
+            store,
+            messenger,
+            functools.partial(open_pull, self._http),
+            worker_id=worker_id or _default_worker_id(),
+            clock=clock,
+            progress_interval=progress_interval,
+            stall_timeout=stall_timeout,
+            lease_ttl=lease_ttl,
+        )
+        self._states: dict[str, LLMState] = {}
+
+    @property
+    def worker_id(self) -> str:
+        return self._downloader.worker_id
+
+    async def __aenter__(self) -> State:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this State created it."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    def get(self) -> dict[str, LLMState]:
+        """A snapshot of the observed state, keyed by backend id. The dict is new and the
+        states are frozen: later cycles never change a snapshot already taken."""
+        return dict(self._states)
+
+    async def run_backend_cycle(self) -> None:
+        """Reconcile every declared backend once, then replace the snapshot."""
+        started = time.perf_counter()
+        declared = await self._declared()
+        ctx = await self._context()
+        semaphore = asyncio.Semaphore(self._concurrency)
+        results = await asyncio.gather(
+            *(self._run_one(ctx, semaphore, item, act=True) for item in declared)
+        )
+        states = {item.backend.id: plan.state for item, plan in zip(declared, results, strict=True)}
+        for gone in self._states.keys() - states.keys():
+            for driver in self._drivers.values():
+                driver.forget(gone)
+        self._states = states
+        errors = sum(1 for s in states.values() if s.error)
+        BACKENDS.labels(status="error").set(errors)
+        BACKENDS.labels(status="ok").set(len(states) - errors)
+        CYCLE_DURATION.labels(cycle="backend").observe(time.perf_counter() - started)
+
+    async def plan_backend_cycle(self) -> dict[str, BackendPlan]:
+        """What a backend cycle would do, per backend id, without doing any of it (a dry run:
+        observe and plan only; the snapshot is not changed)."""
+        declared = await self._declared()
+        ctx = await self._context()
+        semaphore = asyncio.Semaphore(self._concurrency)
+        plans = await asyncio.gather(
+            *(self._run_one(ctx, semaphore, item, act=False) for item in declared)
+        )
+        return {plan.backend_id: plan for plan in plans}
+
+    async def run_download_cycle(self) -> bool:
+        """Pull one queued model; True if a job was processed, False if there was none (or its
+        backend is busy with another worker's pull). See :mod:`runtimestate.downloads`."""
+        started = time.perf_counter()
+        try:
+            return await self._downloader.run_cycle()
+        finally:
+            CYCLE_DURATION.labels(cycle="download").observe(time.perf_counter() - started)
+
+    async def _declared(self) -> list[Declared]:
+        """What each managed backend should hold: every model, or the union of its pools'."""
+        if not self._with_pools:
+            backends = await self._store.list_all_backends()
+            models = _by_age(await self._store.list_all_models())
+            return [Declared(backend=b, models=models) for b in backends]
+        managed: dict[str, tuple[Backend, dict[str, Model]]] = {}
+        for pool in await self._store.list_all_pools():
+            pool_backends = await self._store.list_backends_for_pool(pool.id)
+            pool_models = await self._store.list_models_for_pool(pool.id)
+            for backend in pool_backends:
+                _, wanted = managed.setdefault(backend.id, (backend, {}))
+                for model in pool_models:
+                    wanted.setdefault(model.id, model)
+        return [
+            Declared(backend=backend, models=_by_age(wanted.values()))
+            for backend, wanted in managed.values()
+        ]
+
+    async def _context(self) -> CycleContext:
+        leases = await self._store.list_leases(LEASE_PREFIX)
+        return CycleContext(
+            http=self._http,
+            store=self._store,
+            clock=self._clock,
+            downloading=frozenset(lease.name[len(LEASE_PREFIX) :] for lease in leases),
+            queue_download=functools.partial(queue_download, self._store),
+        )
+
+    async def _run_one(
+        self, ctx: CycleContext, semaphore: asyncio.Semaphore, declared: Declared, *, act: bool
+    ) -> BackendPlan:
+        backend = declared.backend
+        driver = self._drivers.get(backend.type)
+        if driver is None:
+            return self._failed(declared, f"Unsupported backend type: {backend.type}")
+        async with semaphore:
+            deadline = asyncio.timeout(self._backend_timeout)
+            try:
+                async with deadline:
+                    if act:
+                        state = await driver.reconcile(ctx, declared)
+                        plan = BackendPlan(
+                            backend_id=backend.id,
+                            backend_name=backend.name,
+                            actions=(),
+                            state=state,
+                        )
+                    else:
+                        plan = driver.plan(declared, await driver.observe(ctx, declared))
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                return self._failed(declared, f"timed out after {self._backend_timeout:g} s")
+            except RuntimeStateError as exc:
+                return self._failed(declared, str(exc))
+        if plan.state.error:
+            BACKEND_FAILURES.labels(type=backend.type).inc()
+        return plan
+
+    def _failed(self, declared: Declared, error: str) -> BackendPlan:
+        backend = declared.backend
+        BACKEND_FAILURES.labels(type=backend.type).inc()
+        logger.warning(
+            "backend failed: %s",
+            error,
+            extra={"backend_id": backend.id, "backend_type": backend.type},
+        )
+        return BackendPlan(
+            backend_id=backend.id,
+            backend_name=backend.name,
+            actions=(),
+            state=declared.base_state().model_copy(update={"error": error}),
+        )
+
+
+def _by_age(models: Iterable[Model]) -> tuple[Model, ...]:
+    """Pool models in a stable order (oldest declared first), so queuing order is stable."""
+    return tuple(sorted(models, key=lambda m: (m.created_at, m.id)))
