@@ -427,12 +427,14 @@ def queue_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         render.print_json(_out(), pending)
         return
     records = pending if isinstance(pending, list) else []
-    render.print_records(
-        _out(),
-        records,
-        (("model", "model"), ("url", "backend URL"), ("createdAt", "queued at")),
-        empty="no downloads pending",
+    columns = (
+        ("model", "model"),
+        ("url", "backend URL"),
+        ("running", "running"),
+        ("worker", "worker"),
+        ("createdAt", "queued at"),
     )
+    render.print_records(_out(), records, columns, empty="no downloads queued")
 
 
 @queue_app.command("cancel")
@@ -478,7 +480,13 @@ def watch(
     try:
         with _api(ctx) as api:
             names = {str(b.get("baseUrl")): str(b.get("name")) for b in api.list_all("/backends")}
-            events = api.events("/queue/inProgress", read_timeout=timeout)
+            events = api.events(
+                "/queue/inProgress",
+                read_timeout=timeout,
+                on_open=lambda: typer.echo(
+                    f"watching downloads at {api.url} (Ctrl-C to stop)", err=True
+                ),
+            )
             if as_json:
                 for event in events:
                     typer.echo(json.dumps(event, separators=(",", ":")))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -232,7 +232,13 @@ class ApiClient:
                 return items
             params = {"limit": _MAX_PAGE, "cursor": cursor}
 
-    def events(self, path: str, *, read_timeout: float | None) -> Iterator[Any]:
+    def events(
+        self,
+        path: str,
+        *,
+        read_timeout: float | None,
+        on_open: Callable[[], None] | None = None,
+    ) -> Iterator[Any]:
         """Parse a Server-Sent Events stream into the JSON value of each ``data`` event.
 
         Comment lines (``:``-prefixed heartbeats) are skipped; an event's ``data`` lines are
@@ -246,6 +252,8 @@ class ApiClient:
                 if response.is_error:
                     response.read()
                     raise _error_from_response(response, self._endpoint.token)
+                if on_open is not None:
+                    on_open()
                 data: list[str] = []
                 for line in response.iter_lines():
                     if line.startswith(":"):

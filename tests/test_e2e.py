@@ -1,0 +1,273 @@
+"""End to end, as an operator lives it: a real ``runtimestate serve`` process, the real CLI, and
+emulated Ollama nodes over real sockets.
+
+The story, run once on SQLite with the in-process bus and once on PostgreSQL with NATS:
+
+1. start the service as a subprocess (free port, private data directory, generated token that
+   the CLI finds in the data directory, a 0.5 s cycle);
+2. declare two nodes and two models with the CLI;
+3. follow the downloads with ``runtimestate watch --json`` (the SSE stream) until the fast node
+   holds both models;
+4. cancel the slow node's running download with ``queue cancel`` and see it stop (the cycle
+   then queues it again, which proves the cancelled pull released its backend);
+5. stop the service with SIGTERM: it exits 0 and the running download lands nothing;
+6. start it again on the same data: every declaration is still there under the same ids, and
+   the cancelled model is queued again and lands.
+
+The emulator runs in the test's event loop, so every blocking step (starting the service, CLI
+calls) runs in a thread or as an asyncio subprocess to keep the emulator answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from runtimestate.testing import Emulator
+from runtimestate.testing.ollama import OllamaNode
+from tests.cli_service import ServiceProcess, cli_env, start_service
+
+MODELS = ("llama3.2:1b", "nomic-embed-text:latest")
+CLI_TIMEOUT = 30.0
+
+
+class Cli:
+    """``python -m runtimestate ...`` against one service, run off the event loop."""
+
+    def __init__(self, service: ServiceProcess) -> None:
+        self.env = cli_env(url=service.url, data_dir=service.data_dir)
+        self.service = service
+
+    async def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "runtimestate", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+            check=False,
+        )
+
+    async def ok(self, *args: str) -> str:
+        done = await self.run(*args)
+        assert done.returncode == 0, (
+            f"runtimestate {' '.join(args)} exited {done.returncode}: {done.stderr}\n"
+            f"{self.service.log_tail()}"
+        )
+        return done.stdout
+
+    async def json(self, *args: str) -> Any:
+        return json.loads(await self.ok(*args, "--json"))
+
+
+class Watcher:
+    """``runtimestate watch --json`` as a subprocess; its events are collected as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.events: list[dict[str, Any]] = []
+        self.connected = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(self._read_events(), name="watch-stdout"),
+            asyncio.create_task(self._read_banner(), name="watch-stderr"),
+        ]
+
+    @classmethod
+    async def start(cls, cli: Cli) -> Watcher:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "runtimestate",
+            "watch",
+            "--json",
+            env=cli.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        watcher = cls(proc)
+        await wait_for(watcher.connected.is_set, 20, "watch never connected to the SSE stream")
+        return watcher
+
+    async def _read_events(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            if line.strip():
+                self.events.append(json.loads(line))
+
+    async def _read_banner(self) -> None:
+        assert self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            if line.startswith(b"watching downloads"):
+                self.connected.set()
+
+    def of(self, base_url: str) -> list[dict[str, Any]]:
+        return [event for event in self.events if event.get("baseUrl") == base_url]
+
+    async def close(self) -> None:
+        """Kill a watcher a failed test left running, and reap its readers."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def interrupt(self) -> int:
+        """Ctrl-C, as an operator stops ``watch``."""
+        self.proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(10):
+            code = await self.proc.wait()
+            await asyncio.gather(*self._tasks)
+        return code
+
+
+async def wait_for(predicate: Callable[[], bool], seconds: float, failure: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"after {seconds}s: {failure}")
+        await asyncio.sleep(0.1)
+
+
+def norm(model: str) -> str:
+    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
+
+
+def pulls(node: OllamaNode) -> int:
+    return sum(1 for request in node.requests if request.path == "/api/pull")
+
+
+async def fresh_postgres_database(server_url: str) -> str:
+    """A new, empty database on the session's PostgreSQL server."""
+    import asyncpg
+
+    name = f"e2e_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    parts = urlsplit(server_url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgres+nats", marks=[pytest.mark.postgres, pytest.mark.nats])]
+)
+async def infra_flags(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, ...]]:
+    """Extra ``serve`` flags choosing the store and the bus."""
+    if request.param == "sqlite":
+        yield ()
+        return
+    database_url = await fresh_postgres_database(request.getfixturevalue("postgres_url"))
+    yield ("--database-url", database_url, "--nats-url", request.getfixturevalue("nats_url"))
+
+
+async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[str, ...]) -> None:
+    data_dir = tmp_path / "data"
+    flags = ("--interval", "0.5", "--workers", "2", "--log-format", "json", *infra_flags)
+    service_env = cli_env(url="http://unused", data_dir=data_dir)
+
+    async def start() -> ServiceProcess:
+        return await asyncio.to_thread(
+            start_service,
+            data_dir=data_dir,
+            log_path=tmp_path / "service.log",
+            extra=flags,
+            env=service_env,
+        )
+
+    async with Emulator(latency=0.0) as emu:
+        fast = emu.add_ollama("fast", pull_seconds=1.5)
+        slow = emu.add_ollama("slow", pull_seconds=120.0)
+        service = await start()
+        watcher: Watcher | None = None
+        try:
+            cli = Cli(service)
+            assert (data_dir / "token").exists(), "the service should have generated a token"
+            await cli.ok("backend", "add", "fast", fast.base_url)
+            await cli.ok("backend", "add", "slow", slow.base_url, "--type", "ollama")
+            watcher = await Watcher.start(cli)
+            await cli.ok("model", "add", MODELS[0], "--chat", "--prompt", "--stream", "-c", "8192")
+            await cli.ok("model", "add", "nomic-embed-text", "--embed", "-c", "2048")
+            declared_backends = await cli.json("backend", "list")
+            declared_models = await cli.json("model", "list")
+
+            await wait_for(
+                lambda: (
+                    {
+                        norm(e["model"])
+                        for e in watcher.of(fast.base_url)
+                        if e["status"] == "success"
+                    }
+                    >= set(MODELS)
+                ),
+                30,
+                f"fast node never finished both pulls; events: {watcher.of(fast.base_url)[-5:]}\n"
+                f"{service.log_tail()}",
+            )
+            assert set(fast.models) >= set(MODELS)
+            assert any(e.get("completed") for e in watcher.of(fast.base_url)), "no byte progress"
+
+            await wait_for(
+                lambda: any(e.get("completed") for e in watcher.of(slow.base_url)),
+                15,
+                f"slow node never started pulling\n{service.log_tail()}",
+            )
+            started = pulls(slow)
+            await cli.ok("queue", "cancel", "--backend", "slow")
+            await wait_for(
+                lambda: any(e["status"] == "cancelled" for e in watcher.of(slow.base_url)),
+                10,
+                f"no 'cancelled' status for the slow node: {watcher.of(slow.base_url)[-3:]}",
+            )
+            await wait_for(
+                lambda: pulls(slow) > started,
+                10,
+                "the cancelled model was not queued again by the next cycle",
+            )
+            assert not slow.models, "a cancelled pull must not land"
+            assert await watcher.interrupt() == 0
+        finally:
+            if watcher is not None:
+                await watcher.close()
+            code = await asyncio.to_thread(service.stop)
+        assert code == 0, f"unclean exit {code} on SIGTERM\n{service.log_tail()}"
+        assert not slow.models, "the download running at shutdown must be cancelled, not landed"
+
+        slow.pull_seconds = 0.5
+        service = await start()
+        try:
+            cli = Cli(service)
+            assert await cli.json("backend", "list") == declared_backends
+            assert await cli.json("model", "list") == declared_models
+            await wait_for(
+                lambda: set(slow.models) >= set(MODELS),
+                30,
+                f"after restart the slow node never got {MODELS}: {sorted(slow.models)}\n"
+                f"{service.log_tail()}",
+            )
+            await cli.ok("sync")
+            states = await cli.json("state")
+            entries = states.values() if isinstance(states, dict) else states
+            assert {entry["name"] for entry in entries} == {"fast", "slow"}
+            for entry in entries:
+                assert not entry.get("error"), entry
+                present = {norm(pulled["model"]) for pulled in entry["pulledModels"]}
+                assert present >= set(MODELS), entry
+            table = await cli.ok("state")
+            assert "fast" in table
+            assert "slow" in table
+        finally:
+            code = await asyncio.to_thread(service.stop)
+        assert code == 0, f"unclean exit {code} on SIGTERM\n{service.log_tail()}"
