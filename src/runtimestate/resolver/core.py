@@ -26,6 +26,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from runtimestate.errors import AllCoolingDown, InvalidInput, NoProvider
 from runtimestate.providers import BackendRef, Capability, ClientPool, ModelClient, Provider
@@ -70,16 +71,12 @@ class ResolveRequest:
         )
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Resolution:
-    """The chosen client, its provider and backend; unpacks as ``(client, provider, id)``."""
+class Resolution(NamedTuple):
+    """The chosen client, its provider and backend; a tuple so that it unpacks, typed."""
 
     client: ModelClient
     provider: Provider
     backend_id: str
-
-    def __iter__(self) -> Iterator[object]:
-        return iter((self.client, self.provider, self.backend_id))
 
 
 class _Sorted:
