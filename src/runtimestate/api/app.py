@@ -1,0 +1,43 @@
+"""The ASGI application: every route group behind the bearer token, one error shape, one schema.
+
+:func:`create_app` is the only constructor. It takes an :class:`ApiContext` of already-open
+objects, so the app owns no lifecycle: the service opens the store and bus before serving and
+closes them after uvicorn has stopped, and a test does the same around an ``ASGITransport``.
+"""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+
+from runtimestate.api import (
+    associations,
+    backends,
+    models,
+    pools,
+    providers,
+    queue,
+    state,
+    system,
+)
+from runtimestate.api.deps import ApiContext, require_token
+from runtimestate.api.errors import install_error_handlers
+
+__all__ = ["create_app"]
+
+DESCRIPTION = (
+    "Declare LLM backends, models and pools; read the observed state of the fleet; follow and "
+    "cancel model downloads; configure cloud provider keys. Every route but /health requires "
+    "`Authorization: Bearer <token>`. Lists are paged: pass `cursor` (from the `X-Next-Cursor` "
+    "response header) and `limit` (1..1000)."
+)
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    app = FastAPI(title="runtimestate", version=ctx.version, description=DESCRIPTION)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    protected = [Depends(require_token)]
+    for group in (backends, models, pools, associations, state, queue, providers):
+        app.include_router(group.router, dependencies=protected)
+    app.include_router(system.router)
+    return app

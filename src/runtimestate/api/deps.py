@@ -1,0 +1,115 @@
+"""What every route depends on: the objects it works with, the bearer check, and paging.
+
+The app holds one :class:`ApiContext`, built by whoever creates the app (the service, or a test
+with a real store and bus), so routes never construct a store or read settings. The reconciler
+is reached through the small :class:`StateView` protocol rather than the concrete ``State``
+class: the CRUD routes need only the store, and an app without a reconciler (``state=None``)
+answers the state routes with 503 instead of failing to start.
+
+``sync`` is how ``POST /state/sync`` runs a cycle: the service passes a function that shares a
+lock with the backend-cycle routine, so an on-demand cycle never overlaps a scheduled one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, Query, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from runtimestate.api.errors import ApiError
+from runtimestate.bus.base import Messenger
+from runtimestate.records import LLMState
+from runtimestate.store.base import Store
+from runtimestate.store.records import MAX_PAGE_SIZE, Page
+
+__all__ = [
+    "ApiContext",
+    "Context",
+    "PageQuery",
+    "StateView",
+    "context",
+    "require_token",
+    "set_next_cursor",
+]
+
+NEXT_CURSOR_HEADER = "X-Next-Cursor"
+
+
+class Plan(Protocol):
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class StateView(Protocol):
+    """The part of :class:`runtimestate.state.State` the API uses."""
+
+    def get(self) -> Mapping[str, LLMState]: ...
+
+    async def run_backend_cycle(self) -> None: ...
+
+    async def plan_backend_cycle(self) -> Mapping[str, Plan]: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiContext:
+    store: Store
+    messenger: Messenger
+    token: str
+    state: StateView | None = None
+    sync: Callable[[], Awaitable[object]] | None = None
+    version: str = "0"
+    # Set when the service shuts down: long-lived answers (the SSE stream) end on it.
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
+    heartbeat: float = 15.0
+
+
+def context(request: Request) -> ApiContext:
+    ctx = request.app.state.ctx
+    assert isinstance(ctx, ApiContext)
+    return ctx
+
+
+Context = Annotated[ApiContext, Depends(context)]
+
+_bearer = HTTPBearer(auto_error=False, description="The service's token (RUNTIMESTATE_TOKEN).")
+
+
+def require_token(
+    ctx: Context,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Refuse the request with 401 unless it carries ``Authorization: Bearer <token>``."""
+    if credentials is None:
+        raise ApiError(401, "unauthorized", "missing bearer token")
+    # Constant-time comparison: the token must not leak one character at a time.
+    if not secrets.compare_digest(credentials.credentials.encode(), ctx.token.encode()):
+        raise ApiError(401, "unauthorized", "invalid bearer token")
+
+
+@dataclass(frozen=True, slots=True)
+class PageParams:
+    cursor: str | None
+    limit: int
+
+
+def page_params(
+    cursor: Annotated[
+        str | None,
+        Query(max_length=512, description="Opaque cursor from a previous X-Next-Cursor header."),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Page size.")] = 100,
+) -> PageParams:
+    return PageParams(cursor=cursor or None, limit=limit)
+
+
+PageQuery = Annotated[PageParams, Depends(page_params)]
+
+
+def set_next_cursor(response: Response, page: Page[Any]) -> None:
+    """Advertise the next page, if any, in the ``X-Next-Cursor`` header."""
+    if page.next_cursor:
+        response.headers[NEXT_CURSOR_HEADER] = page.next_cursor

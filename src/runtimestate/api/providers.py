@@ -1,0 +1,94 @@
+"""``/providers``: the API keys of the cloud providers, written once and never shown again.
+
+A key is stored under ``cloud-provider:<type>`` in the seed's shape ``{"APIKey", "Type"}``
+(:class:`runtimestate.records.ProviderConfig`); every answer masks it (``****abcd``). A key is
+registered with the log filter as soon as it arrives, so that even a driver's error message that
+quotes it is masked. Nothing here drops the reconciler's provider cache: the reconciler compares
+the stored key's hash on every cycle and drops its cached model list when the key changed, which
+also covers a change made through another replica.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from fastapi import APIRouter, status
+
+from runtimestate.api.deps import ApiContext, Context
+from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
+from runtimestate.api.schemas import (
+    ProviderConfigOut,
+    ProviderKeyIn,
+    ProviderStatusOut,
+)
+from runtimestate.errors import NotFound, StoreError
+from runtimestate.logging import register_secret
+from runtimestate.records import PROVIDER_KEY_PREFIX, ProviderConfig
+
+__all__ = ["ProviderType", "router"]
+
+router = APIRouter(tags=["providers"], responses=ERROR_RESPONSES)
+
+_NOT_FOUND = errors_doc((404, "No key configured"))
+
+
+class ProviderType(StrEnum):
+    OPENAI = "openai"
+    GEMINI = "gemini"
+
+
+def _key(provider: ProviderType) -> str:
+    return PROVIDER_KEY_PREFIX + provider.value
+
+
+async def _load(ctx: ApiContext, provider: ProviderType) -> ProviderConfig:
+    entry = await ctx.store.get_kv(_key(provider))
+    try:
+        return ProviderConfig.from_storage(entry.value)
+    except ValueError as exc:
+        # A row another tool wrote in some other shape: report it without echoing the value.
+        raise StoreError(f"the stored {provider.value} configuration is unreadable") from exc
+
+
+def _masked(config: ProviderConfig) -> ProviderConfigOut:
+    return ProviderConfigOut.model_validate(config.display())
+
+
+@router.post("/providers/{provider}/configure", response_model=ProviderConfigOut)
+async def configure(provider: ProviderType, body: ProviderKeyIn, ctx: Context) -> ProviderConfigOut:
+    register_secret(body.api_key)
+    config = ProviderConfig.from_storage({"APIKey": body.api_key, "Type": provider.value})
+    await ctx.store.set_kv(_key(provider), config.to_storage())
+    return _masked(config)
+
+
+@router.get("/providers/{provider}/status", response_model=ProviderStatusOut)
+async def provider_status(provider: ProviderType, ctx: Context) -> ProviderStatusOut:
+    try:
+        await _load(ctx, provider)
+    except NotFound:
+        return ProviderStatusOut(type=provider.value, configured=False)
+    return ProviderStatusOut(type=provider.value, configured=True)
+
+
+@router.get("/providers/{provider}/config", response_model=ProviderConfigOut, responses=_NOT_FOUND)
+async def get_config(provider: ProviderType, ctx: Context) -> ProviderConfigOut:
+    return _masked(await _load(ctx, provider))
+
+
+@router.delete(
+    "/providers/{provider}/config", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND
+)
+async def delete_config(provider: ProviderType, ctx: Context) -> None:
+    await ctx.store.delete_kv(_key(provider))
+
+
+@router.get("/providers/configs", response_model=list[ProviderConfigOut])
+async def list_configs(ctx: Context) -> list[ProviderConfigOut]:
+    configs: list[ProviderConfigOut] = []
+    for provider in ProviderType:
+        try:
+            configs.append(_masked(await _load(ctx, provider)))
+        except NotFound:
+            continue
+    return configs

@@ -1,0 +1,210 @@
+"""The JSON that crosses the HTTP API: request bodies, responses, and the one error shape.
+
+Field names are the seed's camelCase (``baseUrl``, ``contextLength``, ``purposeType``) because
+the seed's clients read and write them; request bodies also accept the snake_case names so that
+Python callers can post ``model_dump()`` output unchanged. Validation lives in these models, not
+in the routes: a bad field becomes a 422 that names it (see :mod:`.errors`), and the OpenAPI
+schema FastAPI derives from them is the one the tests check responses against.
+
+Store records are frozen dataclasses with snake_case attributes; ``from_attributes`` turns them
+into these response models without a hand-written copy per route.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.alias_generators import to_camel
+
+from runtimestate.records import BackendType
+
+__all__ = [
+    "Association",
+    "BackendIn",
+    "BackendOut",
+    "ErrorBody",
+    "ErrorCode",
+    "ErrorResponse",
+    "HealthOut",
+    "ModelIn",
+    "ModelOut",
+    "PoolIn",
+    "PoolOut",
+    "ProviderConfigOut",
+    "ProviderKeyIn",
+    "ProviderStatusOut",
+    "QueueItemOut",
+    "VersionOut",
+]
+
+ErrorCode = Literal[
+    "not_found", "conflict", "invalid_input", "unauthorized", "unsupported", "unavailable"
+]
+
+# Names are trimmed and must keep at least one character; the upper bound keeps a typo'd
+# megabyte of text out of the database.
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=512)]
+
+
+def _http_url(value: str) -> str:
+    split = urlsplit(value)
+    if split.scheme not in {"http", "https"} or not split.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value.rstrip("/")
+
+
+HttpUrl = Annotated[
+    str, StringConstraints(strip_whitespace=True, max_length=2048), AfterValidator(_http_url)
+]
+
+
+class _Camel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        from_attributes=True,
+        frozen=True,
+    )
+
+
+class _Input(_Camel):
+    # Unknown fields are refused so that a misspelt "baseURL" is a 422, not a silent default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(BaseModel):
+    code: ErrorCode
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every non-2xx answer: ``{"error": {"code", "message", "field"}}``."""
+
+    error: ErrorBody
+
+
+class BackendIn(_Input):
+    name: Name
+    base_url: HttpUrl
+    type: BackendType = Field(description="One of: " + ", ".join(t.value for t in BackendType))
+    id: Name | None = Field(default=None, description="Optional id; generated when absent.")
+
+
+class BackendUpdate(_Input):
+    name: Name
+    base_url: HttpUrl
+    type: BackendType = Field(description="One of: " + ", ".join(t.value for t in BackendType))
+
+
+class BackendOut(_Camel):
+    id: str
+    name: str
+    base_url: str
+    type: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class ModelIn(_Input):
+    model: Name
+    context_length: int = Field(default=0, ge=0, le=2**31 - 1)
+    can_chat: bool = False
+    can_embed: bool = False
+    can_prompt: bool = False
+    can_stream: bool = False
+    id: Name | None = Field(default=None, description="Optional id; generated when absent.")
+
+
+class ModelUpdate(_Input):
+    model: Name
+    context_length: int = Field(default=0, ge=0, le=2**31 - 1)
+    can_chat: bool = False
+    can_embed: bool = False
+    can_prompt: bool = False
+    can_stream: bool = False
+
+
+class ModelOut(_Camel):
+    id: str
+    model: str
+    context_length: int
+    can_chat: bool
+    can_embed: bool
+    can_prompt: bool
+    can_stream: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class PoolIn(_Input):
+    name: Name
+    purpose_type: Name
+    id: Name | None = Field(default=None, description="Optional id; generated when absent.")
+
+
+class PoolUpdate(_Input):
+    name: Name
+    purpose_type: Name
+
+
+class PoolOut(_Camel):
+    id: str
+    name: str
+    purpose_type: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class Association(_Camel):
+    pool_id: str
+    member_id: str
+
+
+class QueueItemOut(_Camel):
+    """A download waiting in the queue (``running`` false) or in progress on a worker."""
+
+    url: str
+    model: str
+    running: bool = False
+    created_at: datetime | None = None
+    worker: str | None = None
+
+
+class ProviderKeyIn(_Input):
+    api_key: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4096)]
+
+
+class ProviderStatusOut(_Camel):
+    type: str
+    configured: bool
+
+
+class ProviderConfigOut(BaseModel):
+    """The stored shape ``{"APIKey", "Type"}`` of the seed, with the key masked."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    api_key: str = Field(alias="APIKey")
+    type: str = Field(alias="Type")
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "unavailable"]
+    store: str
+    bus: str
+
+
+class VersionOut(BaseModel):
+    version: str
+    api: str = "1"
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """A response body in its wire shape (aliases, JSON-compatible values)."""
+    return model.model_dump(mode="json", by_alias=True)

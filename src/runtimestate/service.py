@@ -1,0 +1,298 @@
+"""``runtimestate serve``: build everything from :class:`Settings`, run it, stop it cleanly.
+
+This is the one place where the concrete objects are built and wired (STYLE: "built in one
+place from settings and handed down"): the store from ``database_url``, the bus from
+``nats_url``, the reconciler ``State`` on both, one backend-cycle :class:`Runner`, ``K``
+download-worker runners, and the FastAPI app on uvicorn. Nothing below reads settings.
+
+Supervision. Every routine is a named task; the service waits for the first of: a stop request
+(SIGINT/SIGTERM, or :meth:`Service.stop`), or any routine ending. A runner never ends on its own
+(it survives failing cycles under its breaker), so a routine that ends has crashed: the crash is
+logged with its traceback, everything is stopped, and :class:`RoutineCrashed` is raised, which
+the CLI turns into a non-zero exit. Nothing fails silently.
+
+Shutdown, in order: the HTTP server stops accepting and the SSE streams end (``closing``); the
+runners are cancelled, which cancels a running pull - its job was popped, and the next start
+queues it again because the backend cycle re-detects every missing model; then the reconciler,
+the bus and the store are closed, last, after everything that could write to them has stopped.
+
+uvicorn's own signal handling is switched off (:class:`_Server`): it would re-raise the signal
+after its shutdown and kill the process before our routines and store were closed. The socket
+is bound here, before uvicorn starts, so that a busy port is a clear error rather than uvicorn's
+``sys.exit`` inside a task, and so that port 0 (tests) reveals the real port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Generator
+from contextlib import AsyncExitStack
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+
+import uvicorn
+from fastapi import FastAPI
+
+from runtimestate.api import ApiContext, create_app
+from runtimestate.bus import open_bus
+from runtimestate.clock import SYSTEM_CLOCK, Clock
+from runtimestate.errors import RuntimeStateError
+from runtimestate.logging import configure_logging, register_secret
+from runtimestate.runner import CircuitBreaker, Runner, while_true
+from runtimestate.settings import Settings, load_or_create_token, token_path
+from runtimestate.state import State
+from runtimestate.store import Store, open_store
+
+__all__ = ["OnStartup", "RoutineCrashed", "Service", "serve"]
+
+logger = logging.getLogger(__name__)
+
+OnStartup = Callable[[Store], Awaitable[None]]
+SHUTDOWN_GRACE = 5
+
+
+class RoutineCrashed(RuntimeStateError):
+    """A routine of the service stopped unexpectedly; the service has been shut down."""
+
+
+def _version() -> str:
+    try:
+        return package_version("runtimestate")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers (:func:`serve` owns SIGINT/SIGTERM), and with an
+    event for "accepting connections" instead of a flag to poll."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            self.ready.set()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise RuntimeStateError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+class Service:
+    """The whole service for one ``Settings``; :meth:`run` until :meth:`stop` or a crash."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_startup: OnStartup | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.settings = settings
+        self._on_startup = on_startup
+        self._clock = clock
+        self._stop = asyncio.Event()
+        self._started = asyncio.Event()
+        self.url: str | None = None
+        self.runners: list[Runner] = []
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to shut down (safe to call from a signal handler, twice)."""
+        self._stop.set()
+
+    async def wait_started(self) -> str:
+        """Wait until the API accepts connections; its base URL."""
+        await self._started.wait()
+        assert self.url is not None
+        return self.url
+
+    async def run(self) -> None:
+        settings = self.settings
+        token, generated = load_or_create_token(settings)
+        register_secret(token)
+        if generated:
+            # Printed, not logged: the log filter would mask it, and it is shown exactly once.
+            print(
+                f"runtimestate: generated an API token (saved to {token_path(settings.data_dir)}):"
+                f"\n  {token}",
+                flush=True,
+            )
+        async with AsyncExitStack() as stack:
+            if settings.database_url.startswith("sqlite"):
+                settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            store = await open_store(settings.database_url, clock=self._clock)
+            stack.push_async_callback(store.close)
+            messenger = await open_bus(settings.nats_url, name="runtimestate")
+            stack.push_async_callback(messenger.close)
+            if self._on_startup is not None:
+                await self._on_startup(store)
+            state = State(
+                store,
+                messenger,
+                with_pools=settings.pools,
+                concurrency=settings.concurrency,
+                backend_timeout=settings.backend_timeout,
+                delete_undeclared=settings.delete_undeclared,
+                clock=self._clock,
+                worker_id=f"{socket.gethostname()}:{os.getpid()}",
+            )
+            stack.push_async_callback(state.aclose)
+            sync = self._build_runners(state)
+            closing = asyncio.Event()
+            app = create_app(
+                ApiContext(
+                    store=store,
+                    messenger=messenger,
+                    token=token,
+                    state=state,
+                    sync=sync,
+                    version=_version(),
+                    closing=closing,
+                )
+            )
+            await self._supervise(app, closing)
+
+    async def _wait_stop(self) -> None:
+        await self._stop.wait()
+
+    def _breaker(self) -> CircuitBreaker:
+        return CircuitBreaker(
+            failure_threshold=self.settings.breaker_failures,
+            reset_timeout=self.settings.breaker_reset,
+        )
+
+    def _build_runners(self, state: State) -> Callable[[], Awaitable[None]]:
+        """Create the runners; return the serialized backend cycle ``POST /state/sync`` uses."""
+        lock = asyncio.Lock()
+        workers = [
+            Runner(
+                f"download-{index + 1}",
+                state.run_download_cycle,
+                interval=self.settings.cycle_interval,
+                breaker=self._breaker(),
+                rerun_when=while_true,
+                clock=self._clock,
+            )
+            for index in range(self.settings.download_workers)
+        ]
+
+        async def backend_cycle() -> None:
+            # One cycle at a time, scheduled or on demand; afterwards the workers look at the
+            # queue at once instead of at their next interval, since the cycle may have queued.
+            async with lock:
+                await state.run_backend_cycle()
+            for worker in workers:
+                worker.trigger()
+
+        backend = Runner(
+            "backend-cycle",
+            backend_cycle,
+            interval=self.settings.cycle_interval,
+            breaker=self._breaker(),
+            clock=self._clock,
+        )
+        self.runners = [backend, *workers]
+        return backend_cycle
+
+    async def _supervise(self, app: FastAPI, closing: asyncio.Event) -> None:
+        settings = self.settings
+        sock = _bind(settings.host, settings.port)
+        host, port = sock.getsockname()[:2]
+        display = f"[{host}]" if ":" in host else host
+        self.url = f"http://{display}:{port}"
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            lifespan="off",
+            timeout_graceful_shutdown=SHUTDOWN_GRACE,
+            server_header=False,
+        )
+        server = _Server(config)
+        tasks = {
+            asyncio.create_task(runner.run(), name=runner.name): runner.name
+            for runner in self.runners
+        }
+        http = asyncio.create_task(server.serve(sockets=[sock]), name="http")
+        tasks[http] = "http"
+        stop = asyncio.create_task(self._wait_stop(), name="stop")
+        crashed: tuple[str, BaseException | None] | None = None
+        try:
+            with sock:
+                ready = asyncio.create_task(server.ready.wait(), name="http-ready")
+                await asyncio.wait((ready, http), return_when=asyncio.FIRST_COMPLETED)
+                ready.cancel()
+                if server.ready.is_set():
+                    self._started.set()
+                    logger.info("runtimestate %s serving on %s", _version(), self.url)
+                done, _ = await asyncio.wait((*tasks, stop), return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is not stop:
+                        crashed = (tasks[task], _outcome(task))
+                        break
+                logger.info("runtimestate shutting down")
+                closing.set()
+                server.should_exit = True
+                await asyncio.wait((http,), timeout=SHUTDOWN_GRACE * 2)
+                if not http.done():
+                    server.force_exit = True
+        finally:
+            stop.cancel()
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, stop, return_exceptions=True)
+            for task, result in zip(tasks, results, strict=False):
+                if isinstance(result, Exception) and crashed is None:
+                    crashed = (tasks[task], result)
+        if crashed is not None:
+            name, error = crashed
+            if error is not None:
+                logger.error("routine %s crashed", name, exc_info=error)
+            raise RoutineCrashed(f"routine {name} stopped unexpectedly: {error!r}") from error
+        logger.info("runtimestate stopped")
+
+
+def _outcome(task: asyncio.Task[None]) -> BaseException | None:
+    """The exception a finished task ended with (None: it returned, which is also a crash)."""
+    if task.cancelled():
+        return asyncio.CancelledError()
+    return task.exception()
+
+
+async def serve(settings: Settings, *, on_startup: OnStartup | None = None) -> None:
+    """Run the service until SIGINT/SIGTERM; raise :class:`RoutineCrashed` if a routine dies.
+
+    ``on_startup(store)`` runs once the store is open and before any routine starts (the demo
+    declares its fleet there).
+    """
+    configure_logging(format=settings.log_format, level=settings.log_level)
+    service = Service(settings, on_startup=on_startup)
+    loop = asyncio.get_running_loop()
+    handled = (signal.SIGINT, signal.SIGTERM)
+    for sig in handled:
+        loop.add_signal_handler(sig, service.stop)
+    try:
+        await service.run()
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
