@@ -10,8 +10,10 @@ hoping.
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -449,3 +451,33 @@ async def test_close_delivers_what_was_published_before(
         await sender.publish(subject("last"), b"goodbye")
         await sender.close()
         assert await take(sub, 1) == [b"goodbye"]
+
+
+def _raw_publish(url: str, subject: str, data: bytes) -> None:
+    """Publish over a plain socket, without yielding to the event loop.
+
+    A messenger that returned from ``stream`` with its SUB still queued in the client would not
+    have sent it yet when this runs, so the server would route the message to nobody.
+    """
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=WAIT) as raw:
+        reader = raw.makefile("rb")
+        assert reader.readline().startswith(b"INFO")
+        raw.sendall(
+            b'CONNECT {"verbose":false,"pedantic":false}\r\n'
+            + f"PUB {subject} {len(data)}\r\n".encode()
+            + data
+            + b"\r\nPING\r\n"
+        )
+        # The server handles a connection's commands in order: PONG means the PUB was routed.
+        assert reader.readline() == b"PONG\r\n"
+
+
+@pytest.mark.nats
+async def test_stream_returns_only_once_the_server_knows_the_subscription(
+    nats_url: str, subject: Callable[[str], str]
+) -> None:
+    async with await open_bus(nats_url) as bus:
+        sub = await bus.stream(subject("registered"))
+        _raw_publish(nats_url, subject("registered"), b"first")
+        assert await take(sub, 1) == [b"first"]
