@@ -20,10 +20,12 @@ from runtimestate.testing.ollama_models import (
 )
 from runtimestate.testing.openai import OpenAIAccount, VLLMServer
 from runtimestate.testing.server import Emulator
+from runtimestate.testing.threaded import EmulatorThread
 
 __all__ = [
     "EmulatedBackend",
     "Emulator",
+    "EmulatorThread",
     "FaultKind",
     "Faults",
     "GeminiAccount",

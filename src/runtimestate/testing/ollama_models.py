@@ -166,7 +166,7 @@ def make_model(
     weights = max(total - sum(s for _, s in small), 1)
     layers = (
         OllamaLayer(
-            digest=_hex(full, "weights"),
+            digest=_hex(full, "weights", str(weights)),
             size=weights,
             media_type="application/vnd.ollama.image.model",
         ),
@@ -174,7 +174,7 @@ def make_model(
     )
     return OllamaModel(
         name=full,
-        digest=_hex(full, "manifest"),
+        digest=_hex(full, "manifest", *(layer.digest for layer in layers)),
         size=sum(layer.size for layer in layers),
         modified_at=modified_at,
         family=family or ("bert" if embedding else _family(base)),

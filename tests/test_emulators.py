@@ -1,0 +1,358 @@
+"""The Ollama emulator and the shared server: shapes, status codes, the pull stream, faults.
+
+Everything goes over real loopback sockets with plain httpx, so these tests pin the wire format
+itself; ``test_emulators_clients.py`` checks the same server against the official clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from runtimestate.clock import FakeClock
+from runtimestate.testing import Emulator, EmulatorThread, OllamaNode, normalize_model_name
+from runtimestate.testing.ollama_models import InvalidModelName
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    async with Emulator(latency=0.0) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        yield client
+
+
+async def pull_lines(http: httpx.AsyncClient, node: OllamaNode, model: str) -> list[dict[str, Any]]:
+    async with http.stream("POST", f"{node.base_url}/api/pull", json={"model": model}) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"] == "application/x-ndjson"
+        return [json.loads(line) async for line in reply.aiter_lines() if line]
+
+
+def test_normalize_model_name() -> None:
+    assert normalize_model_name("llama3") == "llama3:latest"
+    assert normalize_model_name("llama3.2:1b") == "llama3.2:1b"
+    assert normalize_model_name("library/llama3") == "llama3:latest"
+    assert normalize_model_name("registry.ollama.ai/library/llama3:8b") == "llama3:8b"
+    assert normalize_model_name("hf.co/bartowski/Qwen:Q4_K_M") == "hf.co/bartowski/Qwen:Q4_K_M"
+    for bad in ("", " llama3", "llama3:", "a/b/c/d", "-x", "x:!"):
+        with pytest.raises(InvalidModelName):
+            normalize_model_name(bad)
+
+
+async def test_root_version_and_server_listing(emu: Emulator, http: httpx.AsyncClient) -> None:
+    node = emu.add_ollama("node-1")
+    assert node.base_url == f"{emu.url}/ollama/node-1"
+    root = await http.get(node.base_url + "/")
+    assert (root.status_code, root.text) == (200, "Ollama is running")
+    head = await http.head(node.base_url + "/")
+    assert (head.status_code, head.content) == (200, b"")
+    assert (await http.get(node.base_url + "/api/version")).json() == {"version": "0.5.1"}
+    emu.add_vllm("v-1", model="m")
+    listing = (await http.get(f"{emu.url}/_emulator/backends")).json()
+    assert {(b["kind"], b["name"], b["base_url"]) for b in listing} == {
+        ("ollama", "node-1", node.base_url),
+        ("vllm", "v-1", f"{emu.url}/vllm/v-1"),
+    }
+    only = (await http.get(f"{emu.url}/_emulator/backends", params={"kind": "vllm"})).json()
+    assert [b["name"] for b in only] == ["v-1"]
+    assert (await http.get(f"{emu.url}/ollama/nobody/api/tags")).status_code == 404
+    emu.remove("node-1")
+    assert (await http.get(node.base_url + "/api/tags")).status_code == 404
+    with pytest.raises(KeyError):
+        emu.remove("node-1")
+
+
+async def test_tags_shape_and_latest_normalization(emu: Emulator, http: httpx.AsyncClient) -> None:
+    node = emu.add_ollama("n", models=["llama3", "llama3.2:1b"])
+    assert set(node.models) == {"llama3:latest", "llama3.2:1b"}
+    body = (await http.get(node.base_url + "/api/tags")).json()
+    entry = body["models"][0]
+    assert set(entry) == {"name", "model", "modified_at", "size", "digest", "details"}
+    assert entry["name"] == entry["model"] == "llama3:latest"
+    assert HEX64.match(entry["digest"])
+    assert set(entry["details"]) == {
+        "parent_model",
+        "format",
+        "family",
+        "families",
+        "parameter_size",
+        "quantization_level",
+    }
+    assert body["models"][1]["details"]["parameter_size"] == "1B"
+    other = emu.add_ollama("m", models=["llama3:latest"])
+    assert other.models["llama3:latest"].digest == node.models["llama3:latest"].digest
+
+
+async def test_pull_stream_sequence_adds_the_model(emu: Emulator, http: httpx.AsyncClient) -> None:
+    node = emu.add_ollama("n")
+    node.pull_seconds = 0.01
+    lines = await pull_lines(http, node, "qwen2:0.5b")
+    statuses = [line["status"] for line in lines]
+    assert statuses[0] == "pulling manifest"
+    assert statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
+    layers = node.models["qwen2:0.5b"].layers
+    for layer in layers:
+        series = [line for line in lines if line["status"] == f"pulling {layer.digest[:12]}"]
+        assert series, layer
+        assert all(line["digest"] == f"sha256:{layer.digest}" for line in series)
+        assert all(line["total"] == layer.size for line in series)
+        assert "completed" not in series[0]
+        assert series[-1]["completed"] == layer.size
+        completed = [line.get("completed", 0) for line in series]
+        assert completed == sorted(completed)
+    assert "removing unused layers" not in statuses
+    assert (await http.get(node.base_url + "/api/tags")).json()["models"][0]["name"] == "qwen2:0.5b"
+    again = await pull_lines(http, node, "qwen2:0.5b")
+    per_layer = [
+        line for line in again if line["status"].startswith("pulling ") and "digest" in line
+    ]
+    assert len(per_layer) == len(layers)
+    assert all(line["completed"] == line["total"] for line in per_layer)
+
+
+async def test_pull_replacing_a_model_prunes_its_layers(
+    emu: Emulator, http: httpx.AsyncClient
+) -> None:
+    node = emu.add_ollama("n")
+    node.add_model("llama3", size=123_456)
+    node.offer("llama3", size=999_999)
+    statuses = [line["status"] for line in await pull_lines(http, node, "llama3")]
+    assert statuses[-2:] == ["removing unused layers", "success"]
+    assert node.models["llama3:latest"].size == 999_999
+
+
+async def test_pull_errors(emu: Emulator, http: httpx.AsyncClient) -> None:
+    node = emu.add_ollama("n", pullable=["llama3"])
+    url = node.base_url + "/api/pull"
+    missing = await http.post(url, content=b"")
+    assert (missing.status_code, missing.json()) == (400, {"error": "missing request body"})
+    bad = await http.post(url, json={"model": "bad name!"})
+    assert (bad.status_code, bad.json()) == (400, {"error": "invalid model name"})
+    lines = await pull_lines(http, node, "mistral")
+    assert lines == [
+        {"status": "pulling manifest"},
+        {"error": "pull model manifest: file does not exist"},
+    ]
+    assert "mistral:latest" not in node.models
+    quiet = await http.post(url, json={"model": "mistral", "stream": False})
+    assert quiet.status_code == 500
+    assert quiet.json() == {"error": "pull model manifest: file does not exist"}
+    done = await http.post(url, json={"name": "llama3", "stream": False})
+    assert (done.status_code, done.json()) == (200, {"status": "success"})
+    assert "llama3:latest" in node.models
+
+
+async def test_pull_spreads_over_pull_seconds_on_the_clock() -> None:
+    clock = FakeClock()
+    async with Emulator(clock=clock) as emu, httpx.AsyncClient(timeout=10) as http:
+        node = emu.add_ollama("n", pull_seconds=100.0)
+        task = asyncio.create_task(pull_lines(http, node, "llama3"))
+        while not clock.sleepers:
+            await asyncio.sleep(0.01)
+        assert "llama3:latest" not in node.models
+        while not task.done():
+            clock.advance(10.0)
+            await asyncio.sleep(0.01)
+        assert (await task)[-1] == {"status": "success"}
+        assert clock.monotonic() >= 100.0
+
+
+async def test_disconnected_pull_adds_nothing(emu: Emulator) -> None:
+    node = emu.add_ollama("n", pull_seconds=30.0)
+    async with httpx.AsyncClient(timeout=10) as http:
+        async with http.stream("POST", node.base_url + "/api/pull", json={"model": "x"}) as reply:
+            async for _ in reply.aiter_lines():
+                break
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+    assert node.models == {}
+
+
+async def test_delete(emu: Emulator, http: httpx.AsyncClient) -> None:
+    node = emu.add_ollama("n", models=["llama3"])
+    url = node.base_url + "/api/delete"
+    gone = await http.request("DELETE", url, json={"model": "llama3:13b"})
+    assert (gone.status_code, gone.json()) == (404, {"error": "model 'llama3:13b' not found"})
+    assert (await http.request("DELETE", url, json={"model": "x y"})).status_code == 400
+    assert (await http.request("DELETE", url, content=b"{")).status_code == 400
+    ok = await http.request("DELETE", url, json={"model": "llama3"})
+    assert (ok.status_code, ok.content) == (200, b"")
+    assert node.models == {}
+
+
+async def test_show(emu: Emulator, http: httpx.AsyncClient) -> None:
+    node = emu.add_ollama("n", models=["llama3.2:1b"])
+    node.add_model("nomic-embed-text", capabilities=("embedding",), context_length=8192)
+    url = node.base_url + "/api/show"
+    required = await http.post(url, json={"model": ""})
+    assert (required.status_code, required.json()) == (400, {"error": "model is required"})
+    assert (await http.post(url, json={"model": "nope"})).status_code == 404
+    body = (await http.post(url, json={"model": "nomic-embed-text"})).json()
+    assert body["capabilities"] == ["embedding"]
+    arch = body["model_info"]["general.architecture"]
+    assert body["model_info"][f"{arch}.context_length"] == 8192
+    assert {"details", "parameters", "template", "modified_at"} <= set(body)
+    chat = (await http.post(url, json={"name": "llama3.2:1b"})).json()
+    assert chat["capabilities"] == ["completion"]
+
+
+async def test_ps_and_openai_listing(emu: Emulator, http: httpx.AsyncClient) -> None:
+    node = emu.add_ollama("n", models=["llama3", "me/custom:v1"])
+    assert (await http.get(node.base_url + "/api/ps")).json() == {"models": []}
+    await http.post(node.base_url + "/api/generate", json={"model": "llama3", "prompt": ""})
+    running = (await http.get(node.base_url + "/api/ps")).json()["models"]
+    assert [m["name"] for m in running] == ["llama3:latest"]
+    assert {"expires_at", "size_vram", "context_length", "digest", "details"} <= set(running[0])
+    listing = (await http.get(node.base_url + "/v1/models")).json()
+    assert listing["object"] == "list"
+    owners = {m["id"]: m["owned_by"] for m in listing["data"]}
+    assert owners == {"llama3:latest": "library", "me/custom:v1": "me"}
+
+
+async def test_chat_and_generate(emu: Emulator, http: httpx.AsyncClient) -> None:
+    node = emu.add_ollama("n", models=["llama3", "nomic-embed-text"])
+    chat_body = {"model": "llama3", "messages": [{"role": "user", "content": "hello there"}]}
+    async with http.stream("POST", node.base_url + "/api/chat", json=chat_body) as reply:
+        chunks = [json.loads(line) async for line in reply.aiter_lines() if line]
+    assert all(not c["done"] for c in chunks[:-1])
+    final = chunks[-1]
+    assert final["done"] is True and final["done_reason"] == "stop"
+    assert final["eval_count"] == len(chunks) - 1
+    for key in ("total_duration", "load_duration", "prompt_eval_count", "eval_duration"):
+        assert isinstance(final[key], int)
+    text = "".join(c["message"]["content"] for c in chunks)
+    whole = await http.post(node.base_url + "/api/chat", json={**chat_body, "stream": False})
+    assert whole.json()["message"] == {"role": "assistant", "content": text}
+    assert "hello there" in text
+    gen = {"model": "llama3", "prompt": "hello there", "stream": False}
+    cut = {**gen, "options": {"num_predict": 2}}
+    short = (await http.post(node.base_url + "/api/generate", json=cut)).json()
+    assert (short["done_reason"], short["eval_count"]) == ("length", 2)
+    missing = await http.post(node.base_url + "/api/chat", json={**chat_body, "model": "zz"})
+    assert missing.status_code == 404
+    assert missing.json() == {"error": 'model "zz" not found, try pulling it first'}
+    embed_only = await http.post(
+        node.base_url + "/api/generate", json={**gen, "model": "nomic-embed-text"}
+    )
+    assert embed_only.status_code == 400
+
+
+async def test_embed(emu: Emulator, http: httpx.AsyncClient) -> None:
+    node = emu.add_ollama("n", models=["nomic-embed-text"])
+    url = node.base_url + "/api/embed"
+    one = (await http.post(url, json={"model": "nomic-embed-text", "input": "a"})).json()
+    two = (await http.post(url, json={"model": "nomic-embed-text", "input": ["a", "b"]})).json()
+    assert len(one["embeddings"]) == 1 and len(two["embeddings"]) == 2
+    assert one["embeddings"][0] == two["embeddings"][0] != two["embeddings"][1]
+    vector = one["embeddings"][0]
+    assert len(vector) == 768
+    assert abs(sum(v * v for v in vector) - 1.0) < 1e-6
+
+
+async def test_request_faults(emu: Emulator, http: httpx.AsyncClient) -> None:
+    node = emu.add_ollama("n", models=["llama3"])
+    tags = node.base_url + "/api/tags"
+    node.faults.fail(status=503, times=2)
+    assert (await http.get(tags)).json() == {"error": "boom"}
+    assert (await http.get(tags)).status_code == 503
+    assert (await http.get(tags)).status_code == 200
+    node.faults.fail(status=500, body=b"plain", path="/api/version")
+    assert (await http.get(tags)).status_code == 200
+    assert (await http.get(node.base_url + "/api/version")).content == b"plain"
+    node.faults.clear()
+    node.faults.malformed()
+    malformed = await http.get(tags)
+    assert malformed.status_code == 200
+    with pytest.raises(json.JSONDecodeError):
+        malformed.json()
+    node.faults.clear()
+    node.faults.oversized(size=1_000_000)
+    big = await http.get(tags)
+    assert big.status_code == 200 and len(big.content) == 1_000_000
+    assert big.content.startswith(b'{"models":[')
+    node.faults.clear()
+    assert [r.path for r in node.requests][-2:] == ["/api/tags", "/api/tags"]
+    assert node.requests[0].method == "GET"
+
+
+async def test_hang_blocks_only_its_backend(emu: Emulator, http: httpx.AsyncClient) -> None:
+    stuck = emu.add_ollama("stuck")
+    free = emu.add_ollama("free")
+    stuck.faults.hang()
+    with pytest.raises(httpx.ReadTimeout):
+        await http.get(stuck.base_url + "/api/tags", timeout=0.2)
+    assert (await http.get(free.base_url + "/api/tags")).status_code == 200
+    pending = asyncio.create_task(http.get(stuck.base_url + "/api/tags"))
+    await asyncio.sleep(0.05)
+    assert not pending.done()
+    stuck.faults.clear()
+    assert (await pending).status_code == 200
+
+
+async def test_latency(http: httpx.AsyncClient) -> None:
+    async with Emulator(latency=0.05) as emu:
+        nodes = [emu.add_ollama(f"n{i}") for i in range(50)]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        replies = await asyncio.gather(*(http.get(n.base_url + "/api/tags") for n in nodes))
+        elapsed = loop.time() - start
+        assert all(r.status_code == 200 for r in replies)
+        assert 0.05 <= elapsed < 1.0
+        nodes[0].faults.latency = 0.3
+        start = loop.time()
+        await http.get(nodes[0].base_url + "/api/tags")
+        assert loop.time() - start >= 0.3
+
+
+async def test_stream_faults(emu: Emulator, http: httpx.AsyncClient) -> None:
+    node = emu.add_ollama("n", pull_seconds=0.0)
+    node.faults.break_stream(after_lines=2)
+    seen: list[str] = []
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with http.stream("POST", node.base_url + "/api/pull", json={"model": "a"}) as reply:
+            seen.extend([line async for line in reply.aiter_lines() if line])
+    assert len(seen) <= 2
+    node.faults.clear()
+    node.faults.stream_error(after_lines=1, message="boom mid-stream")
+    lines = await pull_lines(http, node, "a")
+    assert lines == [{"status": "pulling manifest"}, {"error": "boom mid-stream"}]
+    node.faults.clear()
+    node.faults.stall_stream(after_lines=1)
+    with pytest.raises(httpx.ReadTimeout):
+        async with http.stream(
+            "POST", node.base_url + "/api/pull", json={"model": "a"}, timeout=0.3
+        ) as reply:
+            async for _ in reply.aiter_lines():
+                pass
+    assert node.models == {}
+    node.faults.clear()
+    assert (await pull_lines(http, node, "a"))[-1] == {"status": "success"}
+
+
+async def test_many_backends_are_a_dict_lookup(emu: Emulator, http: httpx.AsyncClient) -> None:
+    nodes = [emu.add_ollama(f"node-{i}", models=["llama3"]) for i in range(1000)]
+    replies = await asyncio.gather(*(http.get(n.base_url + "/api/tags") for n in nodes[::50]))
+    assert all(r.json()["models"][0]["name"] == "llama3:latest" for r in replies)
+    assert len(emu.backends) == 1000
+
+
+def test_emulator_thread() -> None:
+    with EmulatorThread(latency=0.0) as runner:
+        node = runner.call(lambda emu: emu.add_ollama("n", models=["llama3"]))
+        reply = httpx.get(node.base_url + "/api/tags", timeout=10)
+        assert reply.json()["models"][0]["name"] == "llama3:latest"
+        runner.call(lambda emu: node.faults.fail(status=502))
+        assert httpx.get(node.base_url + "/api/tags", timeout=10).status_code == 502
