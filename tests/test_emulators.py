@@ -41,6 +41,13 @@ async def pull_lines(http: httpx.AsyncClient, node: OllamaNode, model: str) -> l
         return [json.loads(line) async for line in reply.aiter_lines() if line]
 
 
+async def drain(
+    http: httpx.AsyncClient, url: str, body: dict[str, Any], *, timeout: float
+) -> list[str]:
+    async with http.stream("POST", url, json=body, timeout=timeout) as reply:
+        return [line async for line in reply.aiter_lines()]
+
+
 def test_normalize_model_name() -> None:
     assert normalize_model_name("llama3") == "llama3:latest"
     assert normalize_model_name("llama3.2:1b") == "llama3.2:1b"
@@ -160,7 +167,9 @@ async def test_pull_spreads_over_pull_seconds_on_the_clock() -> None:
     async with Emulator(clock=clock) as emu, httpx.AsyncClient(timeout=10) as http:
         node = emu.add_ollama("n", pull_seconds=100.0)
         task = asyncio.create_task(pull_lines(http, node, "llama3"))
-        while not clock.sleepers:
+        for _ in range(500):
+            if clock.sleepers:
+                break
             await asyncio.sleep(0.01)
         assert "llama3:latest" not in node.models
         while not task.done():
@@ -172,10 +181,12 @@ async def test_pull_spreads_over_pull_seconds_on_the_clock() -> None:
 
 async def test_disconnected_pull_adds_nothing(emu: Emulator) -> None:
     node = emu.add_ollama("n", pull_seconds=30.0)
-    async with httpx.AsyncClient(timeout=10) as http:
-        async with http.stream("POST", node.base_url + "/api/pull", json={"model": "x"}) as reply:
-            async for _ in reply.aiter_lines():
-                break
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream("POST", node.base_url + "/api/pull", json={"model": "x"}) as reply,
+    ):
+        async for _ in reply.aiter_lines():
+            break
     for _ in range(50):
         await asyncio.sleep(0.01)
     assert node.models == {}
@@ -229,7 +240,8 @@ async def test_chat_and_generate(emu: Emulator, http: httpx.AsyncClient) -> None
         chunks = [json.loads(line) async for line in reply.aiter_lines() if line]
     assert all(not c["done"] for c in chunks[:-1])
     final = chunks[-1]
-    assert final["done"] is True and final["done_reason"] == "stop"
+    assert final["done"] is True
+    assert final["done_reason"] == "stop"
     assert final["eval_count"] == len(chunks) - 1
     for key in ("total_duration", "load_duration", "prompt_eval_count", "eval_duration"):
         assert isinstance(final[key], int)
@@ -255,7 +267,8 @@ async def test_embed(emu: Emulator, http: httpx.AsyncClient) -> None:
     url = node.base_url + "/api/embed"
     one = (await http.post(url, json={"model": "nomic-embed-text", "input": "a"})).json()
     two = (await http.post(url, json={"model": "nomic-embed-text", "input": ["a", "b"]})).json()
-    assert len(one["embeddings"]) == 1 and len(two["embeddings"]) == 2
+    assert len(one["embeddings"]) == 1
+    assert len(two["embeddings"]) == 2
     assert one["embeddings"][0] == two["embeddings"][0] != two["embeddings"][1]
     vector = one["embeddings"][0]
     assert len(vector) == 768
@@ -281,7 +294,8 @@ async def test_request_faults(emu: Emulator, http: httpx.AsyncClient) -> None:
     node.faults.clear()
     node.faults.oversized(size=1_000_000)
     big = await http.get(tags)
-    assert big.status_code == 200 and len(big.content) == 1_000_000
+    assert big.status_code == 200
+    assert len(big.content) == 1_000_000
     assert big.content.startswith(b'{"models":[')
     node.faults.clear()
     assert [r.path for r in node.requests][-2:] == ["/api/tags", "/api/tags"]
@@ -332,11 +346,7 @@ async def test_stream_faults(emu: Emulator, http: httpx.AsyncClient) -> None:
     node.faults.clear()
     node.faults.stall_stream(after_lines=1)
     with pytest.raises(httpx.ReadTimeout):
-        async with http.stream(
-            "POST", node.base_url + "/api/pull", json={"model": "a"}, timeout=0.3
-        ) as reply:
-            async for _ in reply.aiter_lines():
-                pass
+        await drain(http, node.base_url + "/api/pull", {"model": "a"}, timeout=0.3)
     assert node.models == {}
     node.faults.clear()
     assert (await pull_lines(http, node, "a"))[-1] == {"status": "success"}
