@@ -84,10 +84,10 @@ def require_token(
 ) -> None:
     """Refuse the request with 401 unless it carries ``Authorization: Bearer <token>``."""
     if credentials is None:
-        raise ApiError(401, "unauthorized", "missing bearer token")
+        raise ApiError(401, "unauthorized", "no API token in the Authorization header")
     # Constant-time comparison: the token must not leak one character at a time.
     if not secrets.compare_digest(credentials.credentials.encode(), ctx.token.encode()):
-        raise ApiError(401, "unauthorized", "invalid bearer token")
+        raise ApiError(401, "unauthorized", "the API token is not valid")
 
 
 @dataclass(frozen=True, slots=True)
