@@ -1,0 +1,427 @@
+"""The backend cycle end to end: real drivers over sockets against the emulators, on both stores.
+
+Covers issue 4 §1-§2 and the seed weaknesses of DESIGN.md §4 that live in the backend cycle
+(sequential I/O, tag normalization, silent failures). Cloud drivers have their own file,
+``test_state_cloud.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+
+from runtimestate.backends import HttpClient
+from runtimestate.bus import Messenger, open_bus
+from runtimestate.downloads import MODEL_DOWNLOAD, lease_name
+from runtimestate.errors import InvalidInput, StoreError
+from runtimestate.records import LLMState
+from runtimestate.state import State
+from runtimestate.store import Job, Store
+from runtimestate.testing import Emulator, OllamaNode
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    async with Emulator(latency=0.0) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def bus() -> AsyncIterator[Messenger]:
+    messenger = await open_bus(None)
+    yield messenger
+    await messenger.close()
+
+
+async def declare_chat(store: Store, *names: str) -> None:
+    for name in names:
+        await store.append_model(
+            model=name, context_length=4096, can_chat=True, can_prompt=True, can_stream=True
+        )
+
+
+def paths(node: OllamaNode, method: str, path: str) -> list[object]:
+    return [r.json for r in node.requests if r.method == method and r.path == path]
+
+
+async def jobs(store: Store) -> list[Job]:
+    return await store.get_jobs_for_type(MODEL_DOWNLOAD)
+
+
+async def test_construction_refuses_missing_store_or_messenger(
+    store: Store, bus: Messenger
+) -> None:
+    with pytest.raises(InvalidInput) as missing_store:
+        State(None, bus)  # type: ignore[arg-type]
+    assert missing_store.value.field == "store"
+    with pytest.raises(InvalidInput) as missing_bus:
+        State(store, None)  # type: ignore[arg-type]
+    assert missing_bus.value.field == "messenger"
+
+
+async def test_steady_state_compares_normalized_names(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    node = emu.add_ollama("n1", models=["llama3", "qwen2:0.5b"])
+    backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await declare_chat(store, "llama3:latest", "registry.ollama.ai/library/Qwen2:0.5b")
+    async with State(store, bus) as state:
+        for _ in range(2):
+            await state.run_backend_cycle()
+        snapshot = state.get()
+    assert await jobs(store) == []
+    assert paths(node, "DELETE", "/api/delete") == []
+    observed = snapshot[backend.id]
+    assert observed.error == ""
+    assert sorted(m.name for m in observed.pulled_models) == ["llama3:latest", "qwen2:0.5b"]
+    assert all(m.context_length == 4096 and m.can_chat for m in observed.pulled_models)
+
+
+async def test_missing_models_queue_one_job_per_backend(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    node = emu.add_ollama("n1", models=["llama3"])
+    await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await declare_chat(store, "llama3", "phi3:mini", "gemma2:2b")
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        await state.run_backend_cycle()
+        (observed,) = state.get().values()
+    queued = await jobs(store)
+    assert [j.id for j in queued] == [node.base_url]
+    assert json.loads(queued[0].payload) == {"url": node.base_url, "model": "phi3:mini"}
+    # A second cycle finds the job pending (Conflict): not an error.
+    assert observed.error == ""
+    assert paths(node, "POST", "/api/pull") == []
+
+
+async def test_no_queueing_while_a_pull_holds_the_lease(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    node = emu.add_ollama("n1")
+    await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await declare_chat(store, "phi3:mini")
+    lease = await store.acquire_lease(
+        lease_name(node.base_url), holder="other|phi3:mini", ttl=timedelta(minutes=5)
+    )
+    assert lease is not None
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        plans = await state.plan_backend_cycle()
+    assert await jobs(store) == []
+    assert [p.actions for p in plans.values()] == [()]
+
+
+async def test_undeclared_models_are_deleted_then_listed_again(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    node = emu.add_ollama("n1", models=["llama3", "junk:1b"])
+    await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await declare_chat(store, "llama3")
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        (observed,) = state.get().values()
+        assert paths(node, "DELETE", "/api/delete") == [{"model": "junk:1b"}]
+        assert len(paths(node, "GET", "/api/tags")) == 2
+        assert [m.name for m in observed.pulled_models] == ["llama3:latest"]
+        await state.run_backend_cycle()
+    # Nothing deleted the second time, so one listing only.
+    assert len(paths(node, "GET", "/api/tags")) == 3
+    assert "junk:1b" not in node.models
+
+
+async def test_deletion_can_be_turned_off_and_drift_is_reported(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    node = emu.add_ollama("n1", models=["llama3", "junk:1b"])
+    await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await declare_chat(store, "llama3")
+    async with State(store, bus, delete_undeclared=False) as state:
+        await state.run_backend_cycle()
+        (observed,) = state.get().values()
+    assert paths(node, "DELETE", "/api/delete") == []
+    assert observed.undeclared_models == ("junk:1b",)
+    assert observed.error == ""
+    assert "undeclaredModels" in observed.model_dump(mode="json")
+
+
+async def test_failed_delete_is_logged_and_shown(
+    store: Store, bus: Messenger, emu: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = emu.add_ollama("n1", models=["llama3", "junk:1b"])
+    node.faults.fail(status=500, body=b'{"error":"disk on fire"}', path="/api/delete")
+    backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await declare_chat(store, "llama3")
+    with caplog.at_level(logging.INFO, logger="runtimestate"):
+        async with State(store, bus) as state:
+            await state.run_backend_cycle()
+            observed = state.get()[backend.id]
+    assert "delete junk:1b failed" in observed.error
+    assert "HTTP 500" in observed.error
+    assert "disk on fire" in observed.error
+    assert [m.name for m in observed.pulled_models] == ["llama3:latest"]
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert any(getattr(r, "backend_id", None) == backend.id for r in failures)
+
+
+async def test_failed_queue_insert_is_logged_and_shown(
+    store: Store,
+    bus: Messenger,
+    emu: Emulator,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    node = emu.add_ollama("n1")
+    backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await declare_chat(store, "phi3:mini")
+
+    async def broken_append(job: Job) -> Job:
+        raise StoreError("database is locked")
+
+    monkeypatch.setattr(store, "append_job", broken_append)
+    with caplog.at_level(logging.INFO, logger="runtimestate"):
+        async with State(store, bus) as state:
+            await state.run_backend_cycle()
+            observed = state.get()[backend.id]
+    assert observed.error == "queue download of phi3:mini failed: database is locked"
+    assert any(
+        getattr(r, "backend_id", None) == backend.id and r.levelno >= logging.WARNING
+        for r in caplog.records
+    )
+
+
+async def test_undeclared_capabilities_come_from_show_once_per_digest(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    node = emu.add_ollama("n1")
+    node.add_model("nomic-embed-text", capabilities=("embedding",), context_length=8192)
+    node.add_model("llama3", capabilities=("completion", "tools"), context_length=131072)
+    await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await store.append_model(model="nomic-embed-text")
+    await store.append_model(model="llama3", context_length=4096)
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        await state.run_backend_cycle()
+        (observed,) = state.get().values()
+    by_name = {m.name: m for m in observed.pulled_models}
+    embed = by_name["nomic-embed-text:latest"]
+    assert (embed.context_length, embed.can_embed, embed.can_chat) == (8192, True, False)
+    chat = by_name["llama3:latest"]
+    # The declared context wins; the undeclared flags come from "completion".
+    assert (chat.context_length, chat.can_chat, chat.can_prompt, chat.can_stream) == (
+        4096,
+        True,
+        True,
+        True,
+    )
+    assert len(paths(node, "POST", "/api/show")) == 2
+
+
+async def test_backends_are_reconciled_concurrently(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    emu.latency = 0.3
+    for i in range(20):
+        node = emu.add_ollama(f"n{i}", models=["llama3"])
+        await store.create_backend(name=f"n{i}", base_url=node.base_url, type="ollama")
+    await declare_chat(store, "llama3")
+    async with State(store, bus) as state:
+        started = time.perf_counter()
+        await state.run_backend_cycle()
+        elapsed = time.perf_counter() - started
+        assert not any(s.error for s in state.get().values())
+    # One after another this would take 20 x 0.3 s = 6 s.
+    assert elapsed < 2.0
+
+
+async def test_a_hanging_backend_costs_the_cycle_its_timeout_only(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    ids = []
+    for i in range(5):
+        node = emu.add_ollama(f"n{i}", models=["llama3"])
+        if i == 0:
+            node.faults.hang()
+        ids.append(
+            (await store.create_backend(name=f"n{i}", base_url=node.base_url, type="ollama")).id
+        )
+    await declare_chat(store, "llama3")
+    async with State(store, bus, backend_timeout=0.5) as state:
+        started = time.perf_counter()
+        await state.run_backend_cycle()
+        elapsed = time.perf_counter() - started
+        snapshot = state.get()
+    assert snapshot[ids[0]].error == "timed out after 0.5 s"
+    assert all(snapshot[i].error == "" for i in ids[1:])
+    assert elapsed < 2.0
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_every_failure_lands_in_error_with_its_cause(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    failing = emu.add_ollama("failing")
+    failing.faults.fail(status=500, body=b'{"error":"out of memory while loading"}')
+    malformed = emu.add_ollama("malformed")
+    malformed.faults.malformed()
+    oversized = emu.add_ollama("oversized")
+    oversized.faults.oversized(size=1024 * 1024)
+    urls = {
+        "refused": f"http://127.0.0.1:{closed_port()}",
+        "invalid": "http://exa mple:99999",
+        "failing": failing.base_url,
+        "malformed": malformed.base_url,
+        "oversized": oversized.base_url,
+    }
+    for name, url in urls.items():
+        await store.create_backend(name=name, base_url=url, type="ollama")
+    await store.create_backend(name="odd", base_url="http://127.0.0.1:1", type="llamafile")
+    http = HttpClient(max_body_bytes=64 * 1024)
+    try:
+        async with State(store, bus, http=http) as state:
+            await state.run_backend_cycle()
+            errors = {s.name: s.error for s in state.get().values()}
+    finally:
+        await http.aclose()
+    assert "cannot connect" in errors["refused"]
+    assert "invalid URL" in errors["invalid"]
+    assert errors["failing"].startswith("HTTP 500 from ")
+    assert "out of memory while loading" in errors["failing"]
+    assert "malformed JSON" in errors["malformed"]
+    assert "response too large" in errors["oversized"]
+    assert errors["odd"] == "Unsupported backend type: llamafile"
+
+
+async def test_vllm_reports_served_model_and_rejects_undeclared(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    good = emu.add_vllm("good", model="meta-llama/Llama-3.1-8B-Instruct", max_model_len=8192)
+    wrong = emu.add_vllm("wrong", model="mistralai/Mistral-7B-v0.3")
+    ok = await store.create_backend(name="good", base_url=good.base_url + "/v1", type="vllm")
+    bad = await store.create_backend(name="wrong", base_url=wrong.base_url, type="vllm")
+    await store.append_model(model="meta-llama/Llama-3.1-8B-Instruct")
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        snapshot = state.get()
+    served = snapshot[ok.id]
+    assert served.error == ""
+    (model,) = served.pulled_models
+    assert (model.context_length, model.can_chat, model.can_stream) == (8192, True, True)
+    assert [r.path for r in good.requests] == ["/v1/models"]
+    assert snapshot[bad.id].error == "served model not declared: mistralai/Mistral-7B-v0.3"
+
+
+async def test_pools_aggregate_models_and_leave_unpooled_backends_alone(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    both = emu.add_ollama("both")
+    lone = emu.add_ollama("lone", models=["stray:1b"])
+    b_both = await store.create_backend(name="both", base_url=both.base_url, type="ollama")
+    b_lone = await store.create_backend(name="lone", base_url=lone.base_url, type="ollama")
+    chat = await store.create_pool(name="chat", purpose_type="chat")
+    embed = await store.create_pool(name="embed", purpose_type="embed")
+    await declare_chat(store, "llama3", "nomic-embed-text", "unused:7b")
+    llama3 = await store.get_model_by_name("llama3")
+    nomic = await store.get_model_by_name("nomic-embed-text")
+    await store.assign_model_to_pool(chat.id, llama3.id)
+    await store.assign_model_to_pool(embed.id, nomic.id)
+    await store.assign_model_to_pool(embed.id, llama3.id)
+    await store.assign_backend_to_pool(chat.id, b_both.id)
+    await store.assign_backend_to_pool(embed.id, b_both.id)
+    async with State(store, bus, with_pools=True) as state:
+        await state.run_backend_cycle()
+        snapshot = state.get()
+    assert set(snapshot) == {b_both.id}
+    assert sorted(snapshot[b_both.id].models) == ["llama3", "nomic-embed-text"]
+    # Processed once although in two pools.
+    assert len(paths(both, "GET", "/api/tags")) == 1
+    assert lone.requests == []
+    assert b_lone.id not in snapshot
+
+
+async def test_stale_backends_leave_and_snapshots_never_change(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    first = emu.add_ollama("first", models=["llama3"])
+    second = emu.add_ollama("second", models=["llama3"])
+    b1 = await store.create_backend(name="first", base_url=first.base_url, type="ollama")
+    b2 = await store.create_backend(name="second", base_url=second.base_url, type="ollama")
+    await declare_chat(store, "llama3")
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        before = state.get()
+        before_json = {k: v.model_dump_json() for k, v in before.items()}
+        await store.delete_backend(b2.id)
+        second.faults.fail(status=500)
+        first.add_model("phi3:mini")
+        await state.run_backend_cycle()
+        after = state.get()
+    assert set(before) == {b1.id, b2.id}
+    assert set(after) == {b1.id}
+    assert {k: v.model_dump_json() for k, v in before.items()} == before_json
+    assert isinstance(before[b1.id], LLMState)
+    with pytest.raises(ValueError, match="frozen"):
+        before[b1.id].error = "changed"  # type: ignore[misc]
+
+
+async def test_plan_is_a_dry_run(store: Store, bus: Messenger, emu: Emulator) -> None:
+    node = emu.add_ollama("n1", models=["llama3", "junk:1b"])
+    backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await declare_chat(store, "llama3", "phi3:mini")
+    async with State(store, bus) as state:
+        plans = await state.plan_backend_cycle()
+        assert state.get() == {}
+    plan = plans[backend.id]
+    assert plan.to_json()["actions"] == [
+        {"kind": "pull", "model": "phi3:mini"},
+        {"kind": "delete", "model": "junk:1b"},
+    ]
+    assert plan.to_json()["backendName"] == "n1"
+    json.dumps(plan.to_json())
+    assert await jobs(store) == []
+    assert paths(node, "DELETE", "/api/delete") == []
+    assert "junk:1b" in node.models
+
+
+async def test_every_declared_model_is_considered_beyond_one_page(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    node = emu.add_ollama("n1")
+    await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    names = [f"model{i:03d}:1b" for i in range(120)]
+    await declare_chat(store, *names)
+    async with State(store, bus) as state:
+        plans = await state.plan_backend_cycle()
+    (plan,) = plans.values()
+    assert sorted(plan.state.models) == names
+    # The oldest declared model is queued first.
+    assert [a.model for a in plan.actions] == ["model000:1b"]
+
+
+async def test_cycles_do_not_leave_tasks_behind(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    node = emu.add_ollama("n1", models=["llama3", "junk:1b"])
+    await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        await state.plan_backend_cycle()
+    ours = [
+        task
+        for task in asyncio.all_tasks()
+        if "/runtimestate/state" in task.get_coro().cr_code.co_filename  # type: ignore[union-attr]
+        or "/runtimestate/backends" in task.get_coro().cr_code.co_filename  # type: ignore[union-attr]
+    ]
+    assert ours == []
