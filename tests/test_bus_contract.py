@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -27,7 +28,12 @@ from runtimestate.errors import (
     RemoteError,
     RequestTimeout,
 )
-from tests.fixtures.nats import free_port
+from tests.fixtures.nats import (
+    find_nats_server,
+    free_port,
+    start_nats_server,
+    stop_nats_server,
+)
 
 WAIT = 5.0
 
@@ -57,11 +63,16 @@ async def drain(subscription: Subscription) -> list[bytes]:
         return [message.data async for message in subscription]
 
 
-async def eventually(condition: Callable[[], bool]) -> None:
-    """Wait for a state reached by the NATS client's own delivery tasks, which signal nothing."""
-    async with asyncio.timeout(WAIT):
-        while not condition():  # noqa: ASYNC110 - no event exists to wait on
-            await asyncio.sleep(0.005)
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], *, within: float = WAIT
+) -> None:
+    """Poll for a state that nothing signals (the NATS client's delivery tasks, a reconnect)."""
+    async with asyncio.timeout(within):
+        while True:
+            outcome = condition()
+            if outcome if isinstance(outcome, bool) else await outcome:
+                return
+            await asyncio.sleep(0.01)
 
 
 async def test_every_subscriber_gets_every_message(
@@ -481,3 +492,41 @@ async def test_stream_returns_only_once_the_server_knows_the_subscription(
         sub = await bus.stream(subject("registered"))
         _raw_publish(nats_url, subject("registered"), b"first")
         assert await take(sub, 1) == [b"first"]
+
+
+async def ping_works(bus: Messenger) -> bool:
+    try:
+        await bus.ping()
+    except BusError:
+        return False
+    return True
+
+
+async def ping_fails(bus: Messenger) -> bool:
+    return not await ping_works(bus)
+
+
+@pytest.mark.nats
+async def test_nats_messenger_survives_a_server_restart(
+    tmp_path: Path, subject: Callable[[str], str]
+) -> None:
+    binary = find_nats_server()
+    if binary is None:
+        pytest.skip("restarting a server needs the nats-server binary")
+    log_path = tmp_path / "nats-server.log"
+    process, port = start_nats_server(binary, log_path)
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        async with await open_bus(url) as bus:
+            sub = await bus.stream(subject("after-restart"))
+            stop_nats_server(process)
+            await eventually(lambda: ping_fails(bus))
+
+            process, _ = start_nats_server(binary, log_path, port=port)
+            # The client retries once a second; a successful ping means the SUBs were replayed.
+            await eventually(lambda: ping_works(bus), within=3 * WAIT)
+            async with await open_bus(url) as other:
+                await other.publish(subject("after-restart"), b"back")
+            assert await take(sub, 1) == [b"back"]
+    finally:
+        stop_nats_server(process)

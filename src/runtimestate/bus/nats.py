@@ -49,9 +49,11 @@ logger = logging.getLogger(__name__)
 
 ERROR_HEADER = "Runtimestate-Error"
 QUEUE_GROUP = "runtimestate"
-# How long a flush (subscribe confirmation, ping) and the final drain may take.
+# How long a flush (subscribe confirmation) and the final drain may take.
 _FLUSH_TIMEOUT = 5
 _DRAIN_TIMEOUT = 5
+# A health check answers fast: a PONG that takes longer means the broker is effectively gone.
+_PING_TIMEOUT = 2.0
 _RECONNECT_WAIT = 1
 
 
@@ -153,8 +155,10 @@ class NatsMessenger(Messenger):
 
         async def on_error(exc: Exception) -> None:
             last_error[:] = [exc]
-            if connected:
-                logger.warning("NATS (%s): %s: %s", shown, type(exc).__name__, exc)
+            # While (re)connecting every failed attempt lands here once a second; the disconnect
+            # itself is logged once as a warning, the attempts only at debug level.
+            level = logging.WARNING if connected and client.is_connected else logging.DEBUG
+            logger.log(level, "NATS (%s): %s: %s", shown, type(exc).__name__, exc)
 
         async def on_disconnect() -> None:
             if connected and not client.is_closed:
@@ -258,7 +262,12 @@ class NatsMessenger(Messenger):
         if not self.client.is_connected:
             raise BusError(f"not connected to NATS at {self._servers}")
         try:
-            await self.client.flush(timeout=_FLUSH_TIMEOUT)
+            async with asyncio.timeout(_PING_TIMEOUT):
+                await self.client.flush(timeout=_FLUSH_TIMEOUT)
+        except TimeoutError as exc:
+            raise BusError(
+                f"NATS at {self._servers} did not answer a ping within {_PING_TIMEOUT:g}s"
+            ) from exc
         except (nats.errors.Error, OSError) as exc:
             raise _translate(exc, f"reach NATS at {self._servers}") from exc
 
