@@ -26,17 +26,16 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from runtimestate.testing import Emulator
 from runtimestate.testing.ollama import OllamaNode
 from tests.cli_service import ServiceProcess, cli_env, start_service
+from tests.fixtures.postgres import fresh_database
 
 MODELS = ("llama3.2:1b", "nomic-embed-text:latest")
 CLI_TIMEOUT = 30.0
@@ -147,20 +146,6 @@ def pulls(node: OllamaNode) -> int:
     return sum(1 for request in node.requests if request.path == "/api/pull")
 
 
-async def fresh_postgres_database(server_url: str) -> str:
-    """A new, empty database on the session's PostgreSQL server."""
-    import asyncpg
-
-    name = f"e2e_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    parts = urlsplit(server_url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
-
-
 @pytest.fixture(
     params=["sqlite", pytest.param("postgres+nats", marks=[pytest.mark.postgres, pytest.mark.nats])]
 )
@@ -169,8 +154,9 @@ async def infra_flags(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str
     if request.param == "sqlite":
         yield ()
         return
-    database_url = await fresh_postgres_database(request.getfixturevalue("postgres_url"))
-    yield ("--database-url", database_url, "--nats-url", request.getfixturevalue("nats_url"))
+    nats_url: str = request.getfixturevalue("nats_url")
+    async with fresh_database(request.getfixturevalue("postgres_url")) as database_url:
+        yield ("--database-url", database_url, "--nats-url", nats_url)
 
 
 async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[str, ...]) -> None:
