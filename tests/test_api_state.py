@@ -1,0 +1,211 @@
+"""The state and queue routes over the real reconciler, an emulated Ollama node and both store
+engines; the SSE progress stream over a real uvicorn socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from runtimestate import downloads
+from runtimestate.api import ApiContext, create_app
+from runtimestate.bus import Messenger, open_bus
+from runtimestate.metrics import QUEUE_DEPTH, REGISTRY
+from runtimestate.state import State
+from runtimestate.store import Store
+from runtimestate.testing import Emulator, OllamaNode
+
+TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MODEL = "llama3.2:1b"
+
+
+@dataclass
+class Fleet:
+    client: httpx.AsyncClient
+    state: State
+    node: OllamaNode
+    bus: Messenger
+    ctx: ApiContext
+
+
+@pytest.fixture
+async def fleet(store: Store) -> AsyncIterator[Fleet]:
+    bus = await open_bus(None)
+    async with Emulator(latency=0.0) as emu:
+        node = emu.add_ollama("node-1", models=["tinyllama"])
+        node.pull_seconds = 0.2
+        state = State(store, bus, backend_timeout=5.0)
+        ctx = ApiContext(store=store, messenger=bus, token=TOKEN, state=state, heartbeat=0.05)
+        transport = httpx.ASGITransport(app=create_app(ctx))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api", headers=AUTH
+        ) as client:
+            backend = {"name": "node-1", "baseUrl": node.base_url, "type": "ollama"}
+            assert (await client.post("/backends", json=backend)).status_code == 201
+            model = {"model": MODEL, "contextLength": 8192, "canChat": True}
+            assert (await client.post("/models", json=model)).status_code == 201
+            yield Fleet(client=client, state=state, node=node, bus=bus, ctx=ctx)
+        await state.aclose()
+    await bus.close()
+
+
+async def test_sync_returns_the_new_state_and_plan_lists_actions(fleet: Fleet) -> None:
+    assert (await fleet.client.get("/state")).json() == []
+    plan = (await fleet.client.get("/state/plan")).json()
+    assert len(plan) == 1
+    actions = {(a["kind"], a["model"]) for a in plan[0]["actions"]}
+    assert actions == {("pull", MODEL), ("delete", "tinyllama:latest")}
+    # Planning changed nothing: the undeclared model is still there, nothing is queued.
+    assert "tinyllama:latest" in fleet.node.models
+    assert (await fleet.client.get("/queue")).json() == []
+
+    response = await fleet.client.post("/state/sync")
+    assert response.status_code == 200
+    (entry,) = response.json()
+    assert entry["name"] == "node-1"
+    assert entry["models"] == [MODEL]
+    assert entry["backend"]["baseUrl"] == fleet.node.base_url
+    assert "error" not in entry
+    assert "tinyllama:latest" not in fleet.node.models
+    assert (await fleet.client.get("/state")).json() == response.json()
+    queue = (await fleet.client.get("/queue")).json()
+    assert [(q["url"], q["model"], q["running"]) for q in queue] == [
+        (fleet.node.base_url, MODEL, False)
+    ]
+
+
+async def test_removing_a_queued_model(fleet: Fleet) -> None:
+    await fleet.client.post("/state/sync")
+    cancels = await fleet.bus.stream(downloads.QUEUE_CANCEL)
+    assert (await fleet.client.delete(f"/queue/{MODEL}")).status_code == 204
+    assert (await fleet.client.get("/queue")).json() == []
+    async with asyncio.timeout(5):
+        message = await anext(aiter(cancels))
+    assert json.loads(message.data) == {"id": MODEL}
+    await cancels.unsubscribe()
+    missing = await fleet.client.delete(f"/queue/{MODEL}")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+
+
+async def test_cancel_on_a_backend(fleet: Fleet) -> None:
+    await fleet.client.post("/state/sync")
+    cancels = await fleet.bus.stream(downloads.QUEUE_CANCEL)
+    response = await fleet.client.delete("/queue/cancel", params={"url": fleet.node.base_url})
+    assert response.status_code == 204
+    async with asyncio.timeout(5):
+        message = await anext(aiter(cancels))
+    assert json.loads(message.data) == {"id": fleet.node.base_url}
+    await cancels.unsubscribe()
+    assert (await fleet.client.get("/queue")).json() == []
+    for params in ({}, {"url": "not a url"}, {"url": "file:///etc"}):
+        bad = await fleet.client.delete("/queue/cancel", params=params)
+        assert bad.status_code == 422
+        assert bad.json()["error"]["field"] == "url"
+
+
+async def test_metrics_expose_the_queue_depth(fleet: Fleet) -> None:
+    await fleet.client.post("/state/sync")
+    response = await fleet.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "runtimestate_queue_depth 1.0" in response.text
+    assert REGISTRY.get_sample_value("runtimestate_queue_depth") == 1.0
+    assert "runtimestate_cycle_duration_seconds" in response.text
+    QUEUE_DEPTH.set(0)
+
+
+async def _serve(ctx: ApiContext) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(ctx), log_config=None, lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    for _ in range(500):
+        if server.started:
+            break
+        await asyncio.sleep(0.01)
+    assert server.started
+    return server, task, f"http://127.0.0.1:{port}"
+
+
+async def _events(lines: AsyncIterator[str], want: int) -> AsyncIterator[dict[str, Any] | str]:
+    """Yield ``want`` SSE items: parsed ``data:`` events, or the text of comment lines."""
+    seen = 0
+    async for line in lines:
+        if line.startswith("data: "):
+            yield json.loads(line[len("data: ") :])
+        elif line.startswith(":"):
+            yield line
+        else:
+            continue
+        seen += 1
+        if seen == want:
+            return
+
+
+async def test_in_progress_streams_download_statuses(fleet: Fleet) -> None:
+    await fleet.client.post("/state/sync")
+    server, task, url = await _serve(fleet.ctx)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=url, headers=AUTH, timeout=10) as client,
+            client.stream("GET", "/queue/inProgress") as response,
+        ):
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            # The reconciler's download cycle publishes real progress while we listen.
+            download = asyncio.create_task(fleet.state.run_download_cycle())
+            statuses: list[dict[str, Any]] = []
+            async with asyncio.timeout(20):
+                async for item in _events(response.aiter_lines(), want=1000):
+                    if isinstance(item, dict):
+                        statuses.append(item)
+                        if item["status"] == "success":
+                            break
+            assert await download is True
+        assert statuses[0]["model"] == MODEL
+        assert statuses[0]["baseUrl"] == fleet.node.base_url
+        assert set(statuses[0]) >= {"status", "model", "baseUrl"}
+        assert statuses[-1]["status"] == "success"
+        synced = (await fleet.client.post("/state/sync")).json()
+        assert [m["model"] for m in synced[0]["pulledModels"]] == [MODEL]
+    finally:
+        fleet.ctx.closing.set()
+        server.should_exit = True
+        await task
+
+
+async def test_in_progress_heartbeats_and_ends_on_shutdown(fleet: Fleet) -> None:
+    server, task, url = await _serve(fleet.ctx)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=url, headers=AUTH, timeout=10) as client,
+            client.stream("GET", "/queue/inProgress") as response,
+        ):
+            lines = response.aiter_lines()
+            async with asyncio.timeout(10):
+                items = [item async for item in _events(lines, want=2)]
+            assert items == [": heartbeat", ": heartbeat"]
+            fleet.ctx.closing.set()
+            # The stream ends by itself once the service is closing.
+            async with asyncio.timeout(10):
+                rest = [line async for line in lines if line.startswith("data")]
+            assert rest == []
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_in_progress_requires_the_token(fleet: Fleet) -> None:
+    response = await fleet.client.get("/queue/inProgress", headers={"Authorization": ""})
+    assert response.status_code == 401
