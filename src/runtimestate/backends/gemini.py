@@ -13,7 +13,7 @@ also travels in a header, never in the URL, so it cannot leak through a logged U
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from runtimestate.backends.base import Capabilities, CycleContext, register
 from runtimestate.backends.cloud import CloudDriver, CloudModel
@@ -23,7 +23,6 @@ from runtimestate.records import GEMINI_KEY
 
 __all__ = ["GeminiDriver", "gemini_models_url"]
 
-_PAGE_SIZE = "1000"
 # A server that keeps answering with new tokens must not keep a cycle busy forever.
 _MAX_PAGES = 100
 
@@ -64,6 +63,8 @@ def _key_rejected(status: int, body: bytes) -> bool:
 class GeminiDriver(CloudDriver):
     type_name = "gemini"
     kv_key = GEMINI_KEY
+    # The API's maximum: the fewest requests. A class attribute so tests can force paging.
+    page_size: ClassVar[int] = 1000
 
     async def list_models(
         self, ctx: CycleContext, base_url: str, api_key: str
@@ -73,7 +74,7 @@ class GeminiDriver(CloudDriver):
         token = ""
         seen: set[str] = set()
         for _ in range(_MAX_PAGES):
-            params = {"pageSize": _PAGE_SIZE}
+            params = {"pageSize": str(self.page_size)}
             if token:
                 params["pageToken"] = token
             status, body = await ctx.http.send(

@@ -1,0 +1,195 @@
+"""The OpenAI and Gemini drivers in a backend cycle, against the emulators, on both stores.
+
+Covers the key from the key-value table, the 24 h listing cache on a fake clock and its
+invalidation on a key change, drift reported apart from errors (the seed disabled real
+accounts), Gemini paging without a request per model, rejected keys, and that no key ever
+reaches a log record, a state's JSON or a plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+
+from runtimestate.backends.gemini import GeminiDriver
+from runtimestate.bus import Messenger, open_bus
+from runtimestate.clock import FakeClock
+from runtimestate.records import GEMINI_KEY, OPENAI_KEY, ProviderConfig
+from runtimestate.state import State
+from runtimestate.store import Store
+from runtimestate.testing import Emulator, GeminiModel
+
+OPENAI_SECRET = "sk-test-0123456789abcdef"
+GEMINI_SECRET = "AIzaTest0123456789abcdef"
+DAY = 24 * 3600.0
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    async with Emulator(latency=0.0) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def bus() -> AsyncIterator[Messenger]:
+    messenger = await open_bus(None)
+    yield messenger
+    await messenger.close()
+
+
+async def set_key(store: Store, key: str, secret: str, kind: str) -> None:
+    value = ProviderConfig.model_validate({"APIKey": secret, "Type": kind}).to_storage()
+    await store.set_kv(key, value)
+
+
+async def test_missing_key_is_reported(store: Store, bus: Messenger, emu: Emulator) -> None:
+    account = emu.add_openai("acct", api_key=OPENAI_SECRET, models=["gpt-4o"])
+    gemini = emu.add_gemini("acct", api_key=GEMINI_SECRET, models=["gemini-2.0-flash"])
+    await store.create_backend(name="oa", base_url=account.base_url, type="openai")
+    await store.create_backend(name="gm", base_url=gemini.base_url, type="gemini")
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        errors = {s.name: s.error for s in state.get().values()}
+    assert errors == {"oa": "API key not configured", "gm": "API key not configured"}
+    assert account.requests == []
+
+
+async def test_openai_drift_is_not_an_error_and_listing_is_cached_a_day(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    account = emu.add_openai(
+        "acct", api_key=OPENAI_SECRET, models=["gpt-4o", "text-embedding-3-small", "dall-e-3"]
+    )
+    backend = await store.create_backend(
+        name="oa", base_url=account.base_url.removesuffix("/v1"), type="openai"
+    )
+    await store.append_model(model="gpt-4o", context_length=128000)
+    await store.append_model(model="text-embedding-3-small")
+    await set_key(store, OPENAI_KEY, OPENAI_SECRET, "openai")
+    clock = FakeClock()
+    async with State(store, bus, clock=clock) as state:
+        await state.run_backend_cycle()
+        observed = state.get()[backend.id]
+        assert observed.error == ""
+        assert observed.undeclared_models == ("dall-e-3",)
+        assert observed.api_key == OPENAI_SECRET
+        by_name = {m.name: m for m in observed.pulled_models}
+        assert by_name["gpt-4o"].can_chat
+        assert by_name["gpt-4o"].context_length == 128000
+        assert by_name["text-embedding-3-small"].can_embed
+        listings = [r for r in account.requests if r.path == "/models"]
+        assert len(listings) == 1
+
+        clock.advance(DAY - 1)
+        await state.run_backend_cycle()
+        assert len([r for r in account.requests if r.path == "/models"]) == 1
+        clock.advance(2)
+        await state.run_backend_cycle()
+        assert len([r for r in account.requests if r.path == "/models"]) == 2
+
+
+async def test_key_change_drops_the_cache_and_rejection_names_no_key(
+    store: Store, bus: Messenger, emu: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    account = emu.add_openai("acct", api_key=OPENAI_SECRET, models=["gpt-4o"])
+    backend = await store.create_backend(name="oa", base_url=account.base_url, type="openai")
+    await store.append_model(model="gpt-4o")
+    await set_key(store, OPENAI_KEY, OPENAI_SECRET, "openai")
+    wrong = "sk-wrong-9876543210fedcba"
+    # Our own loggers, at every level. (aiosqlite's DEBUG log quotes the SQL parameters of the
+    # store's own write of the key: that is the store's business, not a log line of ours.)
+    with caplog.at_level(logging.DEBUG, logger="runtimestate"):
+        async with State(store, bus, clock=FakeClock()) as state:
+            await state.run_backend_cycle()
+            assert state.get()[backend.id].error == ""
+            await set_key(store, OPENAI_KEY, wrong, "openai")
+            await state.run_backend_cycle()
+            rejected = state.get()[backend.id]
+            plans = await state.plan_backend_cycle()
+    assert rejected.error == "API key rejected by OpenAI (HTTP 401)"
+    assert rejected.pulled_models == ()
+    assert len([r for r in account.requests if r.path == "/models"]) == 3
+    assert any(r.name.startswith("runtimestate") for r in caplog.records)
+    for secret in (OPENAI_SECRET, wrong):
+        assert secret not in rejected.model_dump_json()
+        assert secret not in repr(rejected)
+        assert secret not in json.dumps(plans[backend.id].to_json())
+        for record in caplog.records:
+            assert secret not in record.getMessage()
+            assert secret not in repr(record.__dict__)
+
+
+async def test_gemini_pages_and_takes_limits_from_the_listing(
+    store: Store, bus: Messenger, emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(GeminiDriver, "page_size", 2)
+    account = emu.add_gemini(
+        "acct",
+        api_key=GEMINI_SECRET,
+        models=[
+            GeminiModel(name="models/gemini-2.0-flash", input_token_limit=1048576),
+            GeminiModel(
+                name="models/text-embedding-004",
+                input_token_limit=2048,
+                methods=("embedContent", "batchEmbedContents"),
+            ),
+            GeminiModel(name="models/gemini-1.5-pro", input_token_limit=2097152),
+            GeminiModel(name="models/gemma-3-27b-it", input_token_limit=131072),
+            GeminiModel(name="models/aqa", input_token_limit=7168),
+        ],
+    )
+    backend = await store.create_backend(name="gm", base_url=account.base_url, type="gemini")
+    await store.append_model(model="gemini-2.0-flash")
+    await store.append_model(model="models/text-embedding-004")
+    await store.append_model(model="aqa")
+    await set_key(store, GEMINI_KEY, GEMINI_SECRET, "gemini")
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        observed = state.get()[backend.id]
+    assert observed.error == ""
+    by_name = {m.name: m for m in observed.pulled_models}
+    assert set(by_name) == {"gemini-2.0-flash", "models/text-embedding-004", "aqa"}
+    flash = by_name["gemini-2.0-flash"]
+    assert (flash.context_length, flash.can_chat, flash.can_stream, flash.can_embed) == (
+        1048576,
+        True,
+        True,
+        False,
+    )
+    embed = by_name["models/text-embedding-004"]
+    assert (embed.context_length, embed.can_embed, embed.can_chat) == (2048, True, False)
+    assert set(observed.undeclared_models) == {"models/gemini-1.5-pro", "models/gemma-3-27b-it"}
+    # Three pages of two, and no request per model.
+    assert [r.path for r in account.requests] == ["/v1beta/models"] * 3
+    assert all(r.query.get("key") is None for r in account.requests)
+
+
+async def test_gemini_bad_key_is_rejected_without_the_key(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    account = emu.add_gemini("acct", api_key=GEMINI_SECRET, models=["gemini-2.0-flash"])
+    backend = await store.create_backend(name="gm", base_url=account.base_url, type="gemini")
+    wrong = "AIzaWrong0123456789abcdef"
+    await set_key(store, GEMINI_KEY, wrong, "gemini")
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        observed = state.get()[backend.id]
+    assert observed.error == "API key rejected by Gemini (HTTP 400)"
+    assert wrong not in observed.model_dump_json()
+
+
+async def test_cloud_server_errors_keep_their_cause(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    account = emu.add_openai("acct", api_key=OPENAI_SECRET, models=["gpt-4o"])
+    account.faults.fail(status=503, body=b'{"error":{"message":"overloaded"}}')
+    backend = await store.create_backend(name="oa", base_url=account.base_url, type="openai")
+    await set_key(store, OPENAI_KEY, OPENAI_SECRET, "openai")
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        observed = state.get()[backend.id]
+    assert observed.error.startswith("HTTP 503 from ")
+    assert "overloaded" in observed.error
