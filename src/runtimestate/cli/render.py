@@ -199,17 +199,21 @@ def print_plan(console: Console, plan: Any) -> None:
         console.print("[dim]no backends to plan for[/dim]")
         return
     table = Table(title="Plan for the next cycle", header_style="bold")
-    for header in ("backend", "pull", "delete", "error"):
+    for header in ("backend", "pull", "delete", "missing", "error"):
         table.add_column(header, overflow="fold")
     for item in sorted(items, key=lambda entry: str(entry.get("backendName", ""))):
         actions = item.get("actions", item)
         pulls = _action_names(actions, "pulls")
         deletes = _action_names(actions, "deletes")
         state = _mapping(item.get("state"))
+        # Missing but not planned means a download is already queued or running.
+        present = {_normalized(name) for name in _present_names(state)}
+        missing = [str(m) for m in state.get("models") or () if _normalized(str(m)) not in present]
         table.add_row(
             str(item.get("backendName") or state.get("name") or item.get("backendId", "")),
             Text(", ".join(pulls) or "-", style="green" if pulls else "dim"),
             Text(", ".join(deletes) or "-", style="red" if deletes else "dim"),
+            Text(", ".join(missing) or "-", style="yellow" if missing else "dim"),
             Text(str(state.get("error", "")), style="red"),
         )
     console.print(table)

@@ -1,0 +1,156 @@
+"""The demo fleet and the CLI's renderers, without a service.
+
+The demo must be idempotent across restarts (the emulator comes back on a new port, the
+declarations must be reused and moved, never duplicated), on both store engines. The download
+board must turn the progress events of the bus into finished and failed bars exactly as the
+download cycle publishes them.
+"""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+from rich.console import Console
+
+from runtimestate.cli.render import DownloadBoard, is_failure_status, print_plan, print_state
+from runtimestate.demo import DEMO_MODELS, DEMO_NODES, DemoFleet
+from runtimestate.store.base import Store
+
+
+async def test_demo_declares_its_fleet_and_reuses_it_after_a_restart(store: Store) -> None:
+    async with DemoFleet(pull_seconds=0.01) as first:
+        await first.declare(store)
+        first_urls = first.base_urls
+        async with httpx.AsyncClient() as http:
+            tags = await http.get(f"{first_urls['demo-ollama-3']}/api/tags")
+        assert [m["name"] for m in tags.json()["models"]] == ["tinyllama:latest"]
+    backends = {b.name: b for b in await store.list_all_backends()}
+    assert set(backends) == set(DEMO_NODES)
+    assert {name: b.base_url for name, b in backends.items()} == first_urls
+
+    async with DemoFleet(pull_seconds=0.01) as second:
+        await second.declare(store)
+        second_urls = second.base_urls
+    assert second_urls != first_urls, "a restarted emulator listens on a new port"
+    after = {b.name: b for b in await store.list_all_backends()}
+    assert {name: b.id for name, b in after.items()} == {n: b.id for n, b in backends.items()}
+    assert {name: b.base_url for name, b in after.items()} == second_urls
+    models = await store.list_all_models()
+    assert sorted(m.model for m in models) == sorted(spec.model for spec in DEMO_MODELS)
+    embed = next(m for m in models if m.model.startswith("nomic-embed-text"))
+    assert embed.can_embed
+    assert not embed.can_chat
+
+
+def _console() -> tuple[Console, io.StringIO]:
+    buffer = io.StringIO()
+    return Console(file=buffer, width=200, color_system=None), buffer
+
+
+def test_download_board_finishes_on_success_and_marks_failures() -> None:
+    console, buffer = _console()
+    url_a, url_b = "http://h/ollama/a", "http://h/ollama/b"
+    board = DownloadBoard(console, backend_names={url_a: "node-a", url_b: "node-b"})
+    with board.progress:
+        for event in (
+            {"status": "pulling manifest", "model": "m1", "baseUrl": url_a},
+            {
+                "status": "pulling 6a07",
+                "total": 1000,
+                "completed": 400,
+                "model": "m1",
+                "baseUrl": url_a,
+            },
+            {
+                "status": "pulling 6a07",
+                "total": 1000,
+                "completed": 1000,
+                "model": "m1",
+                "baseUrl": url_a,
+            },
+            {"status": "success", "model": "m1", "baseUrl": url_a},
+            {"status": "pulling manifest", "model": "m2", "baseUrl": url_b},
+            {
+                "status": "error: pull model manifest: file does not exist",
+                "model": "m2",
+                "baseUrl": url_b,
+            },
+            {"status": "pulling manifest", "model": "m3", "baseUrl": url_a},
+            {"status": "cancelled", "model": "m3", "baseUrl": url_a},
+        ):
+            board.update(event)
+    assert board.finished == [(url_a, "m1")]
+    assert [(url, model) for url, model, _ in board.failed] == [(url_b, "m2"), (url_a, "m3")]
+    finished = next(task for task in board.progress.tasks if task.description.startswith("m1"))
+    assert finished.completed == finished.total == 1000
+    text = buffer.getvalue()
+    assert "m1 @ node-a" in text
+    assert "m2 @ node-b" in text
+    assert "file does not exist" in text
+
+
+def test_failure_statuses() -> None:
+    assert is_failure_status("error: boom")
+    assert is_failure_status("cancelled")
+    assert not is_failure_status("pulling manifest")
+    assert not is_failure_status("success")
+
+
+def test_state_table_colours_health_and_normalizes_tags() -> None:
+    console, buffer = _console()
+    backend = {"type": "ollama", "baseUrl": "http://h"}
+    print_state(
+        console,
+        [
+            {
+                "id": "1",
+                "name": "ok-node",
+                "models": ["llama3"],
+                "backend": backend,
+                "pulledModels": [{"name": "llama3:latest", "model": "llama3:latest"}],
+            },
+            {
+                "id": "2",
+                "name": "busy-node",
+                "models": ["llama3"],
+                "backend": backend,
+                "pulledModels": [],
+            },
+            {
+                "id": "3",
+                "name": "bad-node",
+                "models": [],
+                "backend": backend,
+                "pulledModels": [],
+                "error": "connection refused",
+            },
+        ],
+    )
+    lines = {line.split()[1]: line for line in buffer.getvalue().splitlines() if "-node" in line}
+    assert " ok " in lines["ok-node"]
+    assert "syncing" in lines["busy-node"]
+    assert "error" in lines["bad-node"]
+    assert "connection refused" in lines["bad-node"]
+
+
+def test_plan_table_lists_pulls_and_deletes() -> None:
+    console, buffer = _console()
+    print_plan(
+        console,
+        [
+            {
+                "backendId": "1",
+                "backendName": "node-1",
+                "actions": [
+                    {"kind": "pull", "model": "qwen2.5:0.5b"},
+                    {"kind": "delete", "model": "tinyllama:latest"},
+                ],
+                "state": {"name": "node-1", "models": ["qwen2.5:0.5b"], "pulledModels": []},
+            },
+        ],
+    )
+    row = next(line for line in buffer.getvalue().splitlines() if "node-1" in line)
+    assert "qwen2.5:0.5b" in row
+    assert "tinyllama:latest" in row
+    assert row.count("qwen2.5:0.5b") == 2, "a model still missing is shown as missing too"
