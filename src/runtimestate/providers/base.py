@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -196,7 +196,7 @@ class ModelClient(ABC):
         *,
         prompt: str | None = None,
         system: str | None = None,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Yield text chunks of a chat (``messages``) or a completion (``prompt``).
 
         Closing the iterator (``aclose()``, leaving ``async with aclosing(...)``, or cancelling

@@ -1,27 +1,34 @@
 """Chat, prompt, embed and stream against the Gemini API through ``google-genai``'s async side.
 
 ``genai.Client`` is built with an explicit base URL, ``api_version="v1beta"`` and a timeout in
-milliseconds; calls go through ``client.aio``. Two SDK defaults are overridden on purpose:
+milliseconds; calls go through ``client.aio``. Three SDK defaults are overridden on purpose:
 
-* ``retry_options`` is set to a single attempt. Without it the SDK, when aiohttp is installed,
-  sleeps 1-10 s and retries once on a refused connection - invisible latency that would also
-  hide the failure from the resolver's health book.
+* the async transport is an ``httpx2.AsyncClient`` we own and close. Left to itself the SDK
+  prefers aiohttp when it is installed (it is: the emulators use it), and that path subclasses
+  ``aiohttp.ClientSession`` (a deprecation warning on every session) and, on a refused
+  connection, sleeps 1-10 s and retries - invisible latency that would also hide the failure
+  from the resolver's health book. With httpx2 a closed stream closes its response, like the
+  other clients - almost: the SDK nests async generators without closing them, so closing its
+  stream early leaves the HTTP response open until garbage collection. Each stream is therefore
+  tagged with a request header, an httpx2 response hook remembers the tagged response, and our
+  stream closes that response itself when it ends.
+* ``retry_options`` is a single attempt: retrying elsewhere is the resolver's decision.
 * chat history is mapped to Gemini's roles (``assistant`` -> ``model``) and system messages go
   to ``system_instruction``, which is how the API expects them.
 
 Error mapping follows the API's quirks (see PROTOCOLS.md): a bad key is **400**
 ``INVALID_ARGUMENT`` / ``API_KEY_INVALID``, not 401, so it is recognised by its text and reason
-before the status-based mapping. Transport failures are aiohttp's (the SDK's preferred async
-transport) or httpx2's when aiohttp is absent.
+before the status-based mapping. Transport failures are httpx2's.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import httpx2
 import pydantic
 from google import genai
@@ -62,11 +69,22 @@ def _config(system: str | None) -> types.GenerateContentConfig | None:
     return None if system is None else types.GenerateContentConfig(system_instruction=system)
 
 
+# Request header that tags a streaming request so its response can be closed deterministically.
+_STREAM_TAG = "x-runtimestate-stream"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Sdk:
+    client: genai.Client
+    http: httpx2.AsyncClient
+    # Open streaming responses by tag, filled by the response hook, emptied by the stream.
+    streams: dict[str, httpx2.Response]
+
+
 class GeminiClient(ModelClient):
     translated = (
         genai_errors.APIError,
         genai_errors.UnknownApiResponseError,
-        aiohttp.ClientError,
         httpx2.HTTPError,
         TimeoutError,
         json.JSONDecodeError,
@@ -75,19 +93,30 @@ class GeminiClient(ModelClient):
 
     @classmethod
     def create_sdk(cls, backend: BackendRef, *, timeout: float) -> Any:
-        return genai.Client(
+        streams: dict[str, httpx2.Response] = {}
+
+        async def remember(response: httpx2.Response) -> None:
+            tag = response.request.headers.get(_STREAM_TAG)
+            if tag:
+                streams[tag] = response
+
+        http = httpx2.AsyncClient(event_hooks={"response": [remember]})
+        client = genai.Client(
             api_key=backend.api_key or "",
             http_options=types.HttpOptions(
                 base_url=gemini_root(backend.base_url),
                 api_version="v1beta",
                 timeout=int(timeout * 1000),
                 retry_options=types.HttpRetryOptions(attempts=1),
+                httpx_async_client=http,
             ),
         )
+        return _Sdk(client=client, http=http, streams=streams)
 
     @staticmethod
     async def close_sdk(sdk: Any) -> None:
-        await sdk.aio.aclose()
+        await sdk.client.aio.aclose()
+        await sdk.http.aclose()
 
     def _classify(self, exc: BaseException) -> tuple[type[BackendError], str]:
         if isinstance(exc, genai_errors.APIError):
@@ -95,9 +124,9 @@ class GeminiClient(ModelClient):
             if exc.code in (401, 403) or "API_KEY_INVALID" in text or "API key not valid" in text:
                 return KeyRejected, f"key rejected: HTTP {exc.code}: {exc.message}"
             return classify_status(exc.code), f"HTTP {exc.code} {exc.status}: {exc.message}"
-        if isinstance(exc, aiohttp.ClientPayloadError | httpx2.RemoteProtocolError):
+        if isinstance(exc, httpx2.RemoteProtocolError):
             return BackendUnreachable, f"stream broken: {type(exc).__name__}"
-        if isinstance(exc, aiohttp.ClientError | httpx2.TransportError | TimeoutError):
+        if isinstance(exc, httpx2.TransportError | TimeoutError):
             return BackendUnreachable, f"unreachable: {type(exc).__name__}: {exc}"
         return ProtocolError, f"malformed response: {type(exc).__name__}"
 
@@ -105,8 +134,11 @@ class GeminiClient(ModelClient):
         return ProtocolError(f"{self._where()}: malformed {what}", backend=self.backend.base_url)
 
     def _models(self) -> Any:
-        sdk: genai.Client = self._sdk()
-        return sdk.aio.models
+        return self._handle().client.aio.models
+
+    def _handle(self) -> _Sdk:
+        sdk: _Sdk = self._sdk()
+        return sdk
 
     async def _generate(self, system: str | None, contents: list[types.Content]) -> ChatResult:
         response = await self._models().generate_content(
@@ -145,11 +177,21 @@ class GeminiClient(ModelClient):
             system, contents = _split(messages)
         else:
             contents = [types.Content(role="user", parts=[types.Part(text=prompt or "")])]
-        chunks = await self._models().generate_content_stream(
-            model=self.provider.model, contents=contents, config=_config(system)
+        sdk = self._handle()
+        tag = uuid.uuid4().hex
+        config = types.GenerateContentConfig(
+            system_instruction=system, http_options=types.HttpOptions(headers={_STREAM_TAG: tag})
         )
         try:
-            async for chunk in chunks:
-                yield chunk.text or ""
+            chunks = await sdk.client.aio.models.generate_content_stream(
+                model=self.provider.model, contents=contents, config=config
+            )
+            try:
+                async for chunk in chunks:
+                    yield chunk.text or ""
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
         finally:
-            await chunks.aclose()
+            response = sdk.streams.pop(tag, None)
+            if response is not None:
+                await response.aclose()

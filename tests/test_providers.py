@@ -1,0 +1,407 @@
+"""Every client of every backend type against the emulators, over real sockets.
+
+One emulator serves an Ollama node, two vLLM servers (chat and embedding), an OpenAI account and
+a Gemini account. Snapshots are built by hand from ``LLMState`` records, providers come from the
+real adapter and clients from a real :class:`ClientPool`. The stream-cancellation tests put a
+small TCP relay between the client and the emulator, so "the connection was closed" is observed
+on the wire, not inferred from the SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import pytest
+
+from runtimestate.clock import FakeClock
+from runtimestate.errors import (
+    AllCoolingDown,
+    BackendError,
+    BackendUnreachable,
+    BadRequest,
+    KeyRejected,
+    ProtocolError,
+    RateLimited,
+    ServerError,
+    Unsupported,
+)
+from runtimestate.providers import (
+    ChatMessage,
+    ClientPool,
+    HealthConfig,
+    ModelClient,
+    Provider,
+    local_provider_adapter,
+)
+from runtimestate.records import BackendInfo, ListModelResponse, LLMState
+from runtimestate.resolver import Resolver, ResolveRequest
+from runtimestate.testing import EmulatedBackend, Emulator, GeminiModel
+
+OPENAI_KEY = "sk-test-0123456789abcdef"
+GEMINI_KEY = "AIzaTest0123456789abcdef"
+KINDS = ("ollama", "vllm", "openai", "gemini")
+CHAT = {"can_chat": True, "can_prompt": True, "can_stream": True}
+EMBED = {"can_embed": True}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fleet:
+    emu: Emulator
+    backends: dict[str, EmulatedBackend]
+    snapshot: dict[str, LLMState]
+    chat_models: dict[str, str]
+    embed_models: dict[str, str]
+
+
+def llm_state(
+    backend_id: str, kind: str, base_url: str, models: dict[str, dict[str, bool]], key: str | None
+) -> LLMState:
+    info = BackendInfo(id=backend_id, name=backend_id, base_url=base_url, type=kind)
+    pulled = tuple(
+        ListModelResponse(name=name, model=name, context_length=8192, **caps)
+        for name, caps in models.items()
+    )
+    return LLMState(
+        id=backend_id, name=backend_id, backend=info, pulled_models=pulled
+    ).with_api_key(key)
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    async with Emulator(latency=0.0) as emu:
+        node = emu.add_ollama("node-1", models=["llama3.2:1b", "nomic-embed-text"])
+        vllm = emu.add_vllm("v-chat", model="meta-llama/Llama-3.1-8B-Instruct")
+        vllm_embed = emu.add_vllm("v-embed", model="BAAI/bge-small-en-v1.5")
+        oa = emu.add_openai("acct", api_key=OPENAI_KEY, models=["gpt-4o", "text-embedding-3-small"])
+        gm = emu.add_gemini(
+            "acct",
+            api_key=GEMINI_KEY,
+            models=[
+                GeminiModel(name="gemini-2.0-flash"),
+                GeminiModel(name="text-embedding-004", methods=("embedContent",)),
+            ],
+        )
+        chat_models = {
+            "ollama": "llama3.2:1b",
+            "vllm": "meta-llama/Llama-3.1-8B-Instruct",
+            "openai": "gpt-4o",
+            "gemini": "models/gemini-2.0-flash",
+        }
+        embed_models = {
+            "ollama": "nomic-embed-text:latest",
+            "vllm": "BAAI/bge-small-en-v1.5",
+            "openai": "text-embedding-3-small",
+            "gemini": "models/text-embedding-004",
+        }
+        snapshot = {
+            "ollama": llm_state(
+                "ollama",
+                "ollama",
+                node.base_url,
+                {"llama3.2:1b": CHAT, "nomic-embed-text:latest": EMBED},
+                None,
+            ),
+            "vllm": llm_state("vllm", "vllm", vllm.base_url, {chat_models["vllm"]: CHAT}, None),
+            "vllm-embed": llm_state(
+                "vllm-embed", "vllm", vllm_embed.base_url, {embed_models["vllm"]: EMBED}, None
+            ),
+            "openai": llm_state(
+                "openai",
+                "openai",
+                oa.base_url,
+                {"gpt-4o": CHAT, "text-embedding-3-small": EMBED},
+                OPENAI_KEY,
+            ),
+            "gemini": llm_state(
+                "gemini",
+                "gemini",
+                gm.base_url,
+                {chat_models["gemini"]: CHAT, embed_models["gemini"]: EMBED},
+                GEMINI_KEY,
+            ),
+        }
+        backends = {"ollama": node, "vllm": vllm, "openai": oa, "gemini": gm}
+        yield Fleet(
+            emu=emu,
+            backends=backends,
+            snapshot=snapshot,
+            chat_models=chat_models,
+            embed_models=embed_models,
+        )
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[ClientPool]:
+    async with ClientPool(timeout=5.0, stream_idle_timeout=5.0) as clients:
+        yield clients
+
+
+async def client_for(
+    fleet: Fleet, pool: ClientPool, kind: str, *, embed: bool = False
+) -> ModelClient:
+    providers = await local_provider_adapter(fleet.snapshot)(kind)
+    wanted = (fleet.embed_models if embed else fleet.chat_models)[kind]
+    (provider,) = [p for p in providers if p.model == wanted]
+    return pool.client(provider, provider.backends[0])
+
+
+USER = [ChatMessage(role="user", content="hello there")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_chat_prompt_and_stream(fleet: Fleet, pool: ClientPool, kind: str) -> None:
+    client = await client_for(fleet, pool, kind)
+    result = await client.chat([{"role": "system", "content": "be brief"}, *map(vars_of, USER)])
+    assert result.message.role == "assistant"
+    assert "you wrote hello there" in result.message.content
+    assert result.usage.prompt_tokens > 0
+    assert result.usage.completion_tokens > 0
+    text = await client.prompt("write a haiku", system="you are a poet")
+    assert "you wrote write a haiku" in text
+    chunks = [chunk async for chunk in client.stream(USER)]
+    assert len(chunks) > 1
+    assert "".join(chunks).strip() == result.message.content.strip()
+    prompted = [chunk async for chunk in client.stream(prompt="stream me", system="sys")]
+    assert "you wrote stream me" in "".join(prompted)
+    assert pool.size == 1  # one SDK client, reused by every call
+
+
+def vars_of(message: ChatMessage) -> dict[str, str]:
+    return {"role": message.role, "content": message.content}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_embed_one_text_or_a_batch(fleet: Fleet, pool: ClientPool, kind: str) -> None:
+    client = await client_for(fleet, pool, kind, embed=True)
+    (single,) = await client.embed("alpha")
+    batch = await client.embed(["alpha", "beta"])
+    assert len(batch) == 2
+    assert batch[0] == pytest.approx(single)
+    assert batch[1] != batch[0]
+    assert len(single) == len(batch[1]) > 8
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_missing_capability_fails_before_any_request(
+    fleet: Fleet, pool: ClientPool, kind: str
+) -> None:
+    backend = fleet.backends[kind]
+    chat = await client_for(fleet, pool, kind)
+    embed = await client_for(fleet, pool, kind, embed=True)
+    before = len(backend.requests)
+    with pytest.raises(Unsupported, match="cannot embed"):
+        await chat.embed("x")
+    with pytest.raises(Unsupported, match="cannot chat"):
+        await embed.chat(USER)
+    with pytest.raises(Unsupported, match="cannot stream"):
+        async for _ in embed.stream(USER):
+            pass
+    assert len(backend.requests) == before
+    assert pool.size == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_backend_errors_become_project_errors(
+    fleet: Fleet, pool: ClientPool, kind: str
+) -> None:
+    backend = fleet.backends[kind]
+    client = await client_for(fleet, pool, kind)
+    cases: list[tuple[int, type[BackendError]]] = [
+        (500, ServerError),
+        (503, ServerError),
+        (429, RateLimited),
+        (404, BadRequest),
+    ]
+    for status, error in cases:
+        backend.faults.fail(status=status, times=1)
+        with pytest.raises(error) as info:
+            await client.chat(USER)
+        message = str(info.value)
+        assert f"{kind} backend {kind!r}" in message
+        assert info.value.backend == client.backend.base_url
+        assert info.value.__cause__ is not None
+    backend.faults.malformed(times=1)
+    with pytest.raises(ProtocolError, match="malformed"):
+        await client.chat(USER)
+    backend.faults.stream_error(after_lines=2, message="model crashed")
+    with pytest.raises(ServerError, match="model crashed"):
+        _ = [chunk async for chunk in client.stream(USER)]
+    backend.faults.clear()
+    backend.faults.break_stream(after_lines=2)
+    with pytest.raises(BackendUnreachable):
+        _ = [chunk async for chunk in client.stream(USER)]
+    backend.faults.clear()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_unreachable_and_timeouts(fleet: Fleet, kind: str) -> None:
+    backend = fleet.backends[kind]
+    async with ClientPool(timeout=0.3, stream_idle_timeout=0.3) as pool:
+        client = await client_for(fleet, pool, kind)
+        backend.faults.hang()
+        with pytest.raises(BackendUnreachable):
+            await client.chat(USER)
+        backend.faults.clear()
+        backend.faults.stall_stream(after_lines=2)
+        with pytest.raises(BackendUnreachable, match="stalled"):
+            _ = [chunk async for chunk in client.stream(USER)]
+        backend.faults.clear()
+        dead = fleet.snapshot[kind].backend.base_url.replace(
+            fleet.emu.url, f"http://127.0.0.1:{free_port()}"
+        )
+        info = fleet.snapshot[kind].backend.model_copy(update={"base_url": dead})
+        moved = fleet.snapshot[kind].model_copy(update={"backend": info})
+        (provider, *_) = await local_provider_adapter(
+            {kind: moved.with_api_key(fleet.snapshot[kind].api_key)}
+        )()
+        with pytest.raises(BackendUnreachable, match="unreachable") as caught:
+            await pool.client(provider, provider.backends[0]).chat(USER)
+        assert dead in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["openai", "gemini"])
+async def test_a_rejected_key_is_reported_without_the_key(
+    fleet: Fleet, pool: ClientPool, kind: str
+) -> None:
+    wrong = "sk-wrong-key-9876543210" if kind == "openai" else "AIzaWrongKey9876543210"
+    state = fleet.snapshot[kind].with_api_key(wrong)
+    providers = await local_provider_adapter({kind: state})()
+    provider = next(p for p in providers if p.can_chat)
+    client = pool.client(provider, provider.backends[0])
+    with pytest.raises(KeyRejected) as info:
+        await client.chat(USER)
+    for text in (str(info.value), repr(info.value), repr(client), repr(provider)):
+        assert wrong not in text
+        assert wrong[:-4] not in text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_failures_cool_the_backend_down(fleet: Fleet, kind: str) -> None:
+    clock = FakeClock()
+    config = HealthConfig(failure_threshold=2, cooldown_seconds=60)
+    async with ClientPool(clock=clock, health_config=config) as pool:
+        providers = await local_provider_adapter(fleet.snapshot)(kind)
+        resolver = Resolver(providers, pool=pool)
+        request = ResolveRequest(models=(fleet.chat_models[kind],))
+        backend = fleet.backends[kind]
+        backend.faults.fail(status=500, times=2)
+        for _ in range(2):
+            with pytest.raises(ServerError):
+                await resolver.resolve_chat(request).client.chat(USER)
+        with pytest.raises(AllCoolingDown) as info:
+            resolver.resolve_chat(request)
+        assert (info.value.retry_at - clock.now()).total_seconds() == 60
+        backend.faults.fail(status=400, times=3)
+        clock.advance(60)
+        for _ in range(3):  # the caller's mistakes do not cool a backend down
+            with pytest.raises(BadRequest):
+                await resolver.resolve_chat(request).client.chat(USER)
+        result = await resolver.resolve_chat(request).client.chat(USER)
+        assert "you wrote" in result.message.content
+        view = pool.health.snapshot()[kind]
+        assert view["coolingUntil"] is None
+        assert view["inFlight"] == 0
+
+
+class Relay:
+    """A TCP relay to the emulator that notices when the client closes its connection."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self.client_closed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> int:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        down = asyncio.create_task(self._pipe(up_reader, writer), name="relay-down")
+        self._tasks.add(down)
+        await self._pipe(reader, up_writer)
+        self.client_closed.set()
+        await down
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("how", ["aclose", "cancel"])
+@pytest.mark.parametrize("kind", KINDS)
+async def test_closing_a_stream_closes_its_connection(fleet: Fleet, kind: str, how: str) -> None:
+    emu_port = int(fleet.emu.url.rsplit(":", 1)[1])
+    relay = Relay(emu_port)
+    async with relay as port, ClientPool() as pool:
+        state = fleet.snapshot[kind]
+        url = state.backend.base_url.replace(fleet.emu.url, f"http://127.0.0.1:{port}")
+        moved = state.model_copy(
+            update={"backend": state.backend.model_copy(update={"base_url": url})}
+        ).with_api_key(state.api_key)
+        providers = await local_provider_adapter({kind: moved})()
+        provider: Provider = next(p for p in providers if p.can_stream)
+        client = pool.client(provider, provider.backends[0])
+        fleet.backends[kind].faults.stall_stream(after_lines=3)
+        first = asyncio.Event()
+
+        async def read() -> None:
+            async with aclosing(client.stream(USER)) as chunks:
+                async for _ in chunks:
+                    first.set()
+                    if how == "aclose":
+                        return
+
+        reader = asyncio.create_task(read(), name="stream-reader")
+        await asyncio.wait_for(first.wait(), 5)
+        if how == "cancel":
+            assert pool.health.in_flight(provider.backends[0].id) == 1
+            reader.cancel()
+        if how == "cancel":
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+        else:
+            await reader
+        await asyncio.wait_for(relay.client_closed.wait(), 5)
+        assert pool.health.in_flight(provider.backends[0].id) == 0
+        fleet.backends[kind].faults.clear()
+
+
+async def test_snapshot_to_streamed_chat_answer(fleet: Fleet) -> None:
+    # The README example: from a snapshot to a streamed chat answer.
+    providers = await local_provider_adapter(fleet.snapshot)("ollama", "vllm")
+    async with ClientPool() as pool:
+        resolver = Resolver(providers, pool=pool)
+        chosen = resolver.resolve_stream(ResolveRequest(models=("llama3.1", "llama3.2")))
+        answer = "".join(
+            [chunk async for chunk in chosen.client.stream([{"role": "user", "content": "hi"}])]
+        )
+    assert chosen.backend_id == "vllm"
+    assert "you wrote hi" in answer
