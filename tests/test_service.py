@@ -1,0 +1,234 @@
+"""The service in-process: routines, API and token wiring, graceful stop, restart with nothing
+lost, crash supervision and signals. Backends are an emulated Ollama node on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from runtimestate.errors import RuntimeStateError
+from runtimestate.service import RoutineCrashed, Service, serve
+from runtimestate.settings import Settings
+from runtimestate.state import State
+from runtimestate.store import Store
+from runtimestate.testing import Emulator, OllamaNode
+
+TOKEN = "service-token-0123456789"
+MODEL = "llama3.2:1b"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("RUNTIMESTATE_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def root_handlers() -> Iterator[None]:
+    """Undo the handler ``serve()`` installs on the root logger."""
+    before = list(logging.getLogger().handlers)
+    level = logging.getLogger().level
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[OllamaNode]:
+    async with Emulator(latency=0.0) as emu:
+        yield emu.add_ollama("node-1", models=[])
+
+
+def settings_for(data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "port": 0,
+        "token": TOKEN,
+        "cycle_interval": 0.2,
+        "backend_timeout": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def declare(node: OllamaNode) -> Callable[[Store], Awaitable[None]]:
+    async def on_startup(store: Store) -> None:
+        await store.create_backend(name="node-1", base_url=node.base_url, type="ollama")
+        await store.append_model(model=MODEL, context_length=8192, can_chat=True)
+
+    return on_startup
+
+
+class Running:
+    """A service run as a task, with an authenticated client on its URL."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.task = asyncio.create_task(service.run())
+        self.client: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> httpx.AsyncClient:
+        started = asyncio.create_task(self.service.wait_started())
+        await asyncio.wait((started, self.task), return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            started.cancel()
+            await self.task
+        url = started.result()
+        self.client = httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
+        )
+        return self.client
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.client is not None
+        await self.client.aclose()
+        self.service.stop()
+        async with asyncio.timeout(20):
+            await self.task
+
+
+async def until(check: Callable[[], Awaitable[bool]], *, seconds: float = 20) -> None:
+    async with asyncio.timeout(seconds):
+        while not await check():
+            await asyncio.sleep(0.05)
+
+
+async def pulled(client: httpx.AsyncClient) -> list[str]:
+    state = (await client.get("/state")).json()
+    return [m["model"] for entry in state for m in entry["pulledModels"]]
+
+
+async def test_reconciles_stops_and_restarts_with_nothing_lost(
+    node: OllamaNode, tmp_path: Path, store_url: str
+) -> None:
+    settings = settings_for(tmp_path, database_url=store_url)
+    async with Running(Service(settings, on_startup=declare(node))) as client:
+        assert (await client.get("/health")).json()["status"] == "ok"
+
+        async def settled() -> bool:
+            return await pulled(client) == [MODEL]
+
+        await until(settled)
+        assert MODEL in node.models
+        backends = (await client.get("/backends")).json()
+        models = (await client.get("/models")).json()
+        pool = await client.post("/pools", json={"name": "p", "purposeType": "chat"})
+        assert pool.status_code == 201
+        key = await client.post("/providers/openai/configure", json={"apiKey": "sk-abcdefgh12345"})
+        assert key.status_code == 200
+    async with Running(Service(settings)) as client:
+        assert (await client.get("/backends")).json() == backends
+        assert (await client.get("/models")).json() == models
+        assert [p["name"] for p in (await client.get("/pools")).json()] == ["p"]
+        status = (await client.get("/providers/openai/status")).json()
+        assert status["configured"] is True
+        synced = (await client.post("/state/sync")).json()
+        assert [m["model"] for m in synced[0]["pulledModels"]] == [MODEL]
+
+
+async def test_stop_cancels_a_running_download_and_the_next_start_queues_it(
+    node: OllamaNode, tmp_path: Path
+) -> None:
+    node.pull_seconds = 60.0
+    settings = settings_for(tmp_path)
+
+    async def downloading(client: httpx.AsyncClient) -> bool:
+        return any(item["running"] for item in (await client.get("/queue")).json())
+
+    async with Running(Service(settings, on_startup=declare(node))) as client:
+        await until(lambda: downloading(client))
+    assert MODEL not in node.models
+    async with Running(Service(settings)) as client:
+        await until(lambda: downloading(client))
+        queue = (await client.get("/queue")).json()
+        assert [(q["model"], q["url"]) for q in queue] == [(MODEL, node.base_url)]
+
+
+async def test_token_is_generated_once_with_owner_only_permissions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(tmp_path, token=None)
+    service = Service(settings)
+    task = asyncio.create_task(service.run())
+    url = await service.wait_started()
+    token_file = tmp_path / "token"
+    token = token_file.read_text().strip()
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert token in capsys.readouterr().out
+    async with httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/version")).status_code == 401
+        headers = {"Authorization": f"Bearer {token}"}
+        assert (await client.get("/version", headers=headers)).status_code == 200
+    service.stop()
+    await task
+    again = Service(settings)
+    task = asyncio.create_task(again.run())
+    await again.wait_started()
+    again.stop()
+    await task
+    assert token_file.read_text().strip() == token
+    assert token not in capsys.readouterr().out
+
+
+class Boom(BaseException):
+    """Escapes the runner's failure handling the way a bug in the runner itself would."""
+
+
+async def test_a_crashed_routine_stops_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def crash(self: State) -> bool:
+        raise Boom("worker died")
+
+    monkeypatch.setattr(State, "run_download_cycle", crash)
+    service = Service(settings_for(tmp_path))
+    with pytest.raises(RoutineCrashed, match="download-1"):
+        async with asyncio.timeout(20):
+            await service.run()
+    assert "routine download-1 crashed" in caplog.text
+
+
+async def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        service = Service(settings_for(tmp_path, port=port))
+        with pytest.raises(RuntimeStateError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await service.run()
+
+
+@pytest.mark.usefixtures("root_handlers")
+async def test_serve_stops_on_sigterm(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    before = signal.getsignal(signal.SIGTERM)
+    task = asyncio.create_task(serve(settings_for(tmp_path, port=port)))
+
+    async def healthy() -> bool:
+        try:
+            async with httpx.AsyncClient() as client:
+                response = await client.get(f"http://127.0.0.1:{port}/health")
+        except httpx.TransportError:
+            return False
+        return response.status_code == 200
+
+    await until(healthy)
+    os.kill(os.getpid(), signal.SIGTERM)
+    async with asyncio.timeout(20):
+        await task
+    assert signal.getsignal(signal.SIGTERM) == before
