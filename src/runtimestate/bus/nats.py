@@ -234,7 +234,10 @@ class NatsMessenger(Messenger):
             return
         try:
             await sub.unsubscribe()
-            await self.client.flush(timeout=_FLUSH_TIMEOUT)
+            # While reconnecting there is no server to confirm with; the subscription is gone
+            # from the client, so it is not replayed when the connection returns.
+            if self.client.is_connected:
+                await self.client.flush(timeout=_FLUSH_TIMEOUT)
         except nats.errors.BadSubscriptionError:
             # Already unsubscribed on the server side (auto-unsubscribe or a reconnect race).
             return
