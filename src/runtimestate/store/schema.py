@@ -22,6 +22,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Identity,
     Integer,
     LargeBinary,
     MetaData,
@@ -147,7 +148,7 @@ pool_models = Table(
 jobs = Table(
     "jobs",
     metadata,
-    Column("seq", BigInteger, primary_key=True, autoincrement=True),
+    Column("seq", BigInteger, Identity(always=True), primary_key=True),
     Column("id", Text, nullable=False, unique=True),
     Column("task_type", Text, nullable=False),
     Column("payload", LargeBinary, nullable=False),
@@ -155,7 +156,6 @@ jobs = Table(
     Column("valid_until", BigInteger, nullable=False),
     Column("retry_count", Integer, nullable=False),
     Column("created_at", UTCTimestamp, nullable=False),
-    implicit_returning=False,
 )
 
 kv = Table(
