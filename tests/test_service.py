@@ -101,9 +101,12 @@ class Running:
 
 
 async def until(check: Callable[[], Awaitable[bool]], *, seconds: float = 20) -> None:
-    async with asyncio.timeout(seconds):
-        while not await check():
-            await asyncio.sleep(0.05)
+    """Poll the service's API (it has no event to wait on) until ``check`` holds."""
+    for _ in range(int(seconds / 0.05)):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"condition not reached in {seconds} s")
 
 
 async def pulled(client: httpx.AsyncClient) -> list[str]:
