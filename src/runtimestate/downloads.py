@@ -293,7 +293,10 @@ class Downloader:
         try:
             await self._consume(url, model, holder)
         except BackendError as exc:
-            failure = exc
+            # Same class (so callers can tell a broken stream from a refused pull), but a
+            # message that always names the model and the backend.
+            failure = type(exc)(f"pull of {model} on {url} failed: {exc}", backend=url)
+            failure.__cause__ = exc
         else:
             return
         DOWNLOAD_FAILURES.inc()
@@ -316,18 +319,14 @@ class Downloader:
                         line = await anext(iterator)
                 except StopAsyncIteration:
                     raise BackendUnreachable(
-                        f"pull of {model} on {url} ended before success", backend=url
+                        "the stream ended before success", backend=url
                     ) from None
                 except TimeoutError as exc:
                     raise BackendUnreachable(
-                        f"pull of {model} on {url} stalled: no progress for "
-                        f"{self._stall_timeout:g} s",
-                        backend=url,
+                        f"stalled: no progress for {self._stall_timeout:g} s", backend=url
                     ) from exc
                 if "error" in line:
-                    raise BackendError(
-                        f"pull of {model} on {url} failed: {line['error']}", backend=url
-                    )
+                    raise BackendError(str(line["error"]), backend=url)
                 status = _status(line, model, url)
                 now = self._clock.monotonic()
                 if now - last_renew >= self._lease_ttl.total_seconds() / 3:
