@@ -35,6 +35,9 @@ class SqlStore(EntityOps, QueueOps, Store):
         self._db = db
         self._clock = clock
 
+    async def __aenter__(self) -> SqlStore:
+        return self
+
     def __repr__(self) -> str:
         return f"SqlStore({safe_url(self._db.engine.url)})"
 

@@ -1,0 +1,223 @@
+"""The store contract, part 3: opening, migrations, transactions and closing, on both engines.
+
+Migration tests start from ``store_url`` - a database nobody has opened - and look at the
+result through a raw engine, so they check what is really in the database, not what the store
+believes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from runtimestate.errors import Conflict, InvalidInput, StoreError
+from runtimestate.store import SqlStore, Store, open_store
+from runtimestate.store.engine import create_engine_for_url, safe_url
+from runtimestate.store.migrations import MIGRATIONS, SCHEMA_VERSION
+from tests.fixtures.nats import free_port
+from tests.fixtures.postgres import fresh_database
+
+TABLES = {
+    "backends",
+    "models",
+    "pools",
+    "pool_backends",
+    "pool_models",
+    "jobs",
+    "kv",
+    "leases",
+    "schema_migrations",
+}
+
+
+async def _scalar(url: str, sql: str) -> object:
+    engine = create_engine_for_url(url)
+    try:
+        async with engine.connect() as conn:
+            return (await conn.execute(text(sql))).scalar()
+    finally:
+        await engine.dispose()
+
+
+async def _tables(url: str) -> set[str]:
+    engine = create_engine_for_url(url)
+    query = (
+        "SELECT name FROM sqlite_master WHERE type = 'table'"
+        if engine.dialect.name == "sqlite"
+        else "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+    )
+    try:
+        async with engine.connect() as conn:
+            return set((await conn.execute(text(query))).scalars())
+    finally:
+        await engine.dispose()
+
+
+# ---- opening -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "mysql://user@localhost/db",
+        "http://example.com/db",
+        "not a url at all",
+        "sqlite://",
+        "sqlite://somehost/file.db",
+    ],
+)
+async def test_unsupported_or_malformed_urls_are_invalid_input(url: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        await open_store(url)
+    assert caught.value.field == "url"
+
+
+async def test_unreachable_postgres_is_a_store_error_without_the_password() -> None:
+    url = f"postgresql://runtimestate:hunter2-secret@127.0.0.1:{free_port()}/fleet"
+    with pytest.raises(StoreError) as caught:
+        await open_store(url)
+    assert "hunter2" not in str(caught.value)
+    assert "hunter2" not in safe_url(url)
+    assert "***" in safe_url(url)
+
+
+async def test_sqlite_file_and_directories_are_created_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "state.db"
+    async with await open_store(f"sqlite:///{path}") as store:
+        await store.create_pool(name="p", purpose_type="x")
+        assert store.dialect == "sqlite"
+    assert path.exists()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("SELECT count(*) FROM pools").fetchone()[0] == 1
+
+
+async def test_memory_stores_are_private_and_serialize_their_one_connection() -> None:
+    async with await open_store("sqlite:///:memory:") as first:
+        async with await open_store("sqlite:///:memory:") as second:
+            await first.create_pool(name="only-here", purpose_type="x")
+            assert await second.list_all_pools() == []
+
+        async def failing_transaction() -> None:
+            async with first.transaction() as tx:
+                await tx.create_pool(name="rolled-back", purpose_type="x")
+                await asyncio.sleep(0)
+                raise RuntimeError("abort")
+
+        results = await asyncio.gather(
+            failing_transaction(),
+            first.create_pool(name="kept", purpose_type="x"),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], RuntimeError)
+        names = {pool.name for pool in await first.list_all_pools()}
+        assert names == {"only-here", "kept"}
+
+
+@pytest.mark.postgres
+async def test_postgres_scheme_aliases_open_the_same_database(postgres_url: str) -> None:
+    async with fresh_database(postgres_url) as url:
+        async with await open_store(url) as store:
+            await store.create_pool(name="p", purpose_type="x")
+        rest = url[url.index("://") :]
+        for scheme in ("postgres", "postgresql+asyncpg"):
+            async with await open_store(scheme + rest) as other:
+                assert other.dialect == "postgresql"
+                assert [p.name for p in await other.list_all_pools()] == ["p"]
+
+
+# ---- migrations ----------------------------------------------------------------------------
+async def test_migrations_build_an_empty_database_and_reopen_idempotently(store_url: str) -> None:
+    async with await open_store(store_url) as store:
+        assert await store.schema_version() == SCHEMA_VERSION
+        await store.create_backend(name="b", base_url="http://b", type="ollama")
+    assert await _tables(store_url) >= TABLES
+    assert await _scalar(store_url, "SELECT count(*) FROM schema_migrations") == len(MIGRATIONS)
+
+    async with await open_store(store_url) as again:
+        assert await again.schema_version() == SCHEMA_VERSION
+        assert [b.name for b in await again.list_all_backends()] == ["b"]
+    assert await _scalar(store_url, "SELECT count(*) FROM schema_migrations") == len(MIGRATIONS)
+
+
+async def test_concurrent_opens_migrate_once(store_url: str) -> None:
+    stores = await asyncio.gather(*(open_store(store_url) for _ in range(4)))
+    try:
+        versions = await asyncio.gather(*(s.schema_version() for s in stores))
+        assert versions == [SCHEMA_VERSION] * 4
+    finally:
+        for store in stores:
+            await store.close()
+    assert await _scalar(store_url, "SELECT count(*) FROM schema_migrations") == len(MIGRATIONS)
+
+
+async def test_a_database_from_a_newer_release_is_refused(store_url: str) -> None:
+    async with await open_store(store_url):
+        pass
+    engine = create_engine_for_url(store_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO schema_migrations (version, name, applied_at) "
+                    "SELECT 999, 'from the future', applied_at FROM schema_migrations"
+                )
+            )
+    finally:
+        await engine.dispose()
+    with pytest.raises(StoreError, match="999"):
+        await open_store(store_url)
+
+
+# ---- transactions --------------------------------------------------------------------------
+async def test_transaction_commits_on_clean_exit(store: SqlStore) -> None:
+    async with store.transaction() as tx:
+        pool = await tx.create_pool(name="p", purpose_type="x")
+        backend = await tx.create_backend(name="b", base_url="http://b", type="ollama")
+        await tx.assign_backend_to_pool(pool.id, backend.id)
+        assert await tx.list_backends_for_pool(pool.id) == [backend]
+    assert await store.list_backends_for_pool(pool.id) == [backend]
+
+
+async def test_transaction_rolls_back_everything_on_error(store: SqlStore) -> None:
+    await store.create_pool(name="taken", purpose_type="x")
+
+    async def doomed() -> None:
+        async with store.transaction() as tx:
+            await tx.create_backend(name="b", base_url="http://b", type="ollama")
+            await tx.set_kv("k", 1)
+            await tx.create_pool(name="taken", purpose_type="x")
+
+    with pytest.raises(Conflict):
+        await doomed()
+    assert await store.list_all_backends() == []
+    assert (await store.list_kv()).items == []
+
+
+async def test_nested_transaction_is_a_savepoint(store: SqlStore) -> None:
+    async def doomed(tx: Store) -> None:
+        async with tx.transaction() as inner:
+            await inner.create_pool(name="inner", purpose_type="x")
+            await inner.create_pool(name="outer", purpose_type="x")
+
+    async with store.transaction() as tx:
+        await tx.create_pool(name="outer", purpose_type="x")
+        with pytest.raises(Conflict):
+            await doomed(tx)
+        await tx.create_pool(name="after", purpose_type="x")
+        await tx.close()
+    assert {p.name for p in await store.list_all_pools()} == {"outer", "after"}
+
+
+# ---- closing -------------------------------------------------------------------------------
+async def test_ping_then_close_is_idempotent_and_final(store: SqlStore) -> None:
+    await store.ping()
+    await store.close()
+    await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.ping()
+    with pytest.raises(StoreError):
+        await store.list_all_backends()
