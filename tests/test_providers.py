@@ -10,6 +10,7 @@ on the wire, not inferred from the SDK.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -272,16 +273,19 @@ async def test_unreachable_and_timeouts(fleet: Fleet, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["openai", "gemini"])
 async def test_a_rejected_key_is_reported_without_the_key(
-    fleet: Fleet, pool: ClientPool, kind: str
+    fleet: Fleet, pool: ClientPool, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     wrong = "sk-wrong-key-9876543210" if kind == "openai" else "AIzaWrongKey9876543210"
     state = fleet.snapshot[kind].with_api_key(wrong)
     providers = await local_provider_adapter({kind: state})()
     provider = next(p for p in providers if p.can_chat)
     client = pool.client(provider, provider.backends[0])
-    with pytest.raises(KeyRejected) as info:
-        await client.chat(USER)
-    for text in (str(info.value), repr(info.value), repr(client), repr(provider)):
+    caplog.set_level(logging.DEBUG, logger="runtimestate")
+    for _ in range(pool.health.config.failure_threshold):
+        with pytest.raises(KeyRejected) as info:
+            await client.chat(USER)
+    assert "cooling down" in caplog.text  # a rejected key cools the backend down, and says so
+    for text in (str(info.value), repr(info.value), repr(client), repr(provider), caplog.text):
         assert wrong not in text
         assert wrong[:-4] not in text
 

@@ -17,6 +17,7 @@ resolver calls :meth:`cooling_until` for every candidate, so it must stay a dict
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from runtimestate.clock import SYSTEM_CLOCK, Clock
 from runtimestate.errors import BackendError, BadRequest, InvalidInput
 
 __all__ = ["Health", "HealthConfig"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -92,6 +95,14 @@ class Health:
         self._last_error[backend_id] = message
         if count >= self.config.failure_threshold:
             self._cooling[backend_id] = self._clock.monotonic() + self.config.cooldown_seconds
+            # ``message`` is one of our BackendError texts, already redacted.
+            log.warning(
+                "backend %s cooling down for %gs after %d failures; last: %s",
+                backend_id,
+                self.config.cooldown_seconds,
+                count,
+                message,
+            )
             # A backend that comes back gets threshold fresh tries before cooling again.
             self._failures[backend_id] = 0
 

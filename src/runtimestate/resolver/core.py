@@ -39,6 +39,9 @@ __all__ = ["Resolution", "ResolveRequest", "Resolver"]
 _TYPES = frozenset(t.value for t in BackendType)
 # How many available models a NoProvider message lists before summarising the rest.
 _LISTED = 200
+# Bounds of the per-request caches (round-robin turns, prefix groups): a long-running service
+# sees unboundedly many distinct requests; losing a turn count only restarts a rotation.
+_CACHE_LIMIT = 10_000
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -147,6 +150,8 @@ class Resolver:
         """Pick a provider and backend for ``capability``; raise if none is usable."""
         key = (capability, request)
         turn = self._turns.get(key, 0)
+        if turn == 0 and len(self._turns) >= _CACHE_LIMIT:
+            self._turns.clear()
         self._turns[key] = turn + 1
         choice = Choice(health=self._health, now=self._health.monotonic(), rng=self._rng, turn=turn)
         policy = POLICIES[request.policy]
@@ -213,6 +218,8 @@ class Resolver:
             high = bisect.bisect_left(self._prefix_keys, key + "\uffff")
             normal = self._tiers[1]
             group = _Sorted(p for k in self._prefix_keys[low:high] for p in normal[k].providers)
+            if len(self._prefix_cache) >= _CACHE_LIMIT:
+                self._prefix_cache.clear()
             self._prefix_cache[key] = group
         return group
 
