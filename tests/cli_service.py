@@ -86,10 +86,15 @@ class ServiceProcess:
 
 
 def start_service(
-    *, data_dir: Path, log_path: Path, extra: tuple[str, ...] = (), env: dict[str, str]
+    *,
+    data_dir: Path,
+    log_path: Path,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str],
+    port: int | None = None,
 ) -> ServiceProcess:
-    """Start the service and return once ``/health`` answers 200."""
-    port = free_port()
+    """Start the service (on ``port``, else a free one) and return once ``/health`` is 200."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     with log_path.open("ab") as log:
         proc = subprocess.Popen(

@@ -9,6 +9,7 @@ are about the process itself (argv, ``python -m``) run a real subprocess.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +98,35 @@ def test_invalid_service_url_is_a_usage_error() -> None:
     assert_one_line_error(result, ExitCode.USAGE, "ftp://x")
 
 
+def test_serve_rejects_a_bad_setting_in_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["serve", "--data-dir", str(tmp_path), "--log-format", "xml"],
+        catch_exceptions=False,
+    )
+    assert_one_line_error(result, ExitCode.USAGE, "log_format")
+
+
+def test_serve_on_a_busy_port_fails_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "runtimestate", "serve", "--port", str(port)],
+            env=cli_env(url="http://unused", data_dir=tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == ExitCode.FAILURE
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert str(port) in errors[0]
+    assert "Traceback" not in done.stderr
+
+
 # ---- against the running demo service ------------------------------------------------------
 def test_demo_fleet_is_declared_through_the_startup_hook(service: ServiceProcess) -> None:
     backends = run_json(service, "backend", "list")
@@ -107,10 +137,10 @@ def test_demo_fleet_is_declared_through_the_startup_hook(service: ServiceProcess
 
 
 def test_watch_json_prints_demo_progress_events(service: ServiceProcess) -> None:
-    result = run(service, "watch", "--json", "--timeout", "8")
+    result = run(service, "watch", "--json", "--timeout", "4")
     assert result.exit_code == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-    assert events, f"no progress within 8 s\n{service.log_tail()}"
+    assert events, f"no progress within 4 s\n{service.log_tail()}"
     assert all({"status", "model", "baseUrl"} <= event.keys() for event in events)
 
 

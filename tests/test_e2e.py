@@ -11,8 +11,9 @@ The story, run once on SQLite with the in-process bus and once on PostgreSQL wit
 4. cancel the slow node's running download with ``queue cancel`` and see it stop (the cycle
    then queues it again, which proves the cancelled pull released its backend);
 5. stop the service with SIGTERM: it exits 0 and the running download lands nothing;
-6. start it again on the same data: every declaration is still there under the same ids, and
-   the cancelled model is queued again and lands.
+6. start it again on the same data and port: every declaration is still there under the same
+   ids, the cancelled model is queued again and lands, and the ``watch`` left running across
+   the restart reconnects and reports it.
 
 The emulator runs in the test's event loop, so every blocking step (starting the service, CLI
 calls) runs in a thread or as an asyncio subprocess to keep the emulator answering.
@@ -34,7 +35,7 @@ import pytest
 
 from runtimestate.testing import Emulator
 from runtimestate.testing.ollama import OllamaNode
-from tests.cli_service import ServiceProcess, cli_env, start_service
+from tests.cli_service import ServiceProcess, cli_env, free_port, start_service
 from tests.fixtures.postgres import fresh_database
 
 MODELS = ("llama3.2:1b", "nomic-embed-text:latest")
@@ -78,6 +79,7 @@ class Watcher:
         self.proc = proc
         self.events: list[dict[str, Any]] = []
         self.connected = asyncio.Event()
+        self.connections = 0
         self._tasks = [
             asyncio.create_task(self._read_events(), name="watch-stdout"),
             asyncio.create_task(self._read_banner(), name="watch-stderr"),
@@ -109,6 +111,7 @@ class Watcher:
         assert self.proc.stderr is not None
         async for line in self.proc.stderr:
             if line.startswith(b"watching downloads"):
+                self.connections += 1
                 self.connected.set()
 
     def of(self, base_url: str) -> list[dict[str, Any]]:
@@ -164,17 +167,22 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
     flags = ("--interval", "0.5", "--workers", "2", "--log-format", "json", *infra_flags)
     service_env = cli_env(url="http://unused", data_dir=data_dir)
 
+    port = free_port()
+
     async def start() -> ServiceProcess:
+        # The same port both times, as an operator restarts a service behind a fixed address,
+        # so that the ``watch`` left running reconnects to the restarted service.
         return await asyncio.to_thread(
             start_service,
             data_dir=data_dir,
             log_path=tmp_path / "service.log",
             extra=flags,
             env=service_env,
+            port=port,
         )
 
     async with Emulator(latency=0.0) as emu:
-        fast = emu.add_ollama("fast", pull_seconds=1.5)
+        fast = emu.add_ollama("fast", pull_seconds=1.0)
         slow = emu.add_ollama("slow", pull_seconds=120.0)
         service = await start()
         watcher: Watcher | None = None
@@ -223,18 +231,25 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
                 "the cancelled model was not queued again by the next cycle",
             )
             assert not slow.models, "a cancelled pull must not land"
-            assert await watcher.interrupt() == 0
-        finally:
+        except BaseException:
             if watcher is not None:
                 await watcher.close()
+            raise
+        finally:
             code = await asyncio.to_thread(service.stop)
         assert code == 0, f"unclean exit {code} on SIGTERM\n{service.log_tail()}"
         assert not slow.models, "the download running at shutdown must be cancelled, not landed"
 
-        slow.pull_seconds = 0.5
+        # Slow enough that the watch, which retries every second, is back before the last pull.
+        slow.pull_seconds = 2.5
         service = await start()
         try:
             cli = Cli(service)
+            await wait_for(
+                lambda: watcher.connections >= 2,
+                10,
+                "the watch left running did not reconnect to the restarted service",
+            )
             assert await cli.json("backend", "list") == declared_backends
             assert await cli.json("model", "list") == declared_models
             await wait_for(
@@ -243,6 +258,19 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
                 f"after restart the slow node never got {MODELS}: {sorted(slow.models)}\n"
                 f"{service.log_tail()}",
             )
+            await wait_for(
+                lambda: (
+                    {
+                        norm(e["model"])
+                        for e in watcher.of(slow.base_url)
+                        if e["status"] == "success"
+                    }
+                    >= set(MODELS)
+                ),
+                10,
+                "the watch left running did not follow the restarted service's downloads",
+            )
+            assert await watcher.interrupt() == 0
             await cli.ok("sync")
             states = await cli.json("state")
             entries = states.values() if isinstance(states, dict) else states
@@ -255,5 +283,6 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
             assert "fast" in table
             assert "slow" in table
         finally:
+            await watcher.close()
             code = await asyncio.to_thread(service.stop)
         assert code == 0, f"unclean exit {code} on SIGTERM\n{service.log_tail()}"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -464,6 +464,40 @@ def queue_cancel(
 
 
 # ---- watch ---------------------------------------------------------------------------------
+RECONNECT_DELAY = 1.0
+
+
+def _follow(api: ApiClient, *, deadline: float | None, on_event: Callable[[Any], None]) -> None:
+    """Feed every progress event to ``on_event`` until the deadline (or forever).
+
+    A service restart must not end a ``watch`` an operator left running, so a lost stream is
+    reopened; but a service that was never reachable is an error, reported at once.
+    """
+    connected = False
+
+    def opened() -> None:
+        nonlocal connected
+        connected = True
+        typer.echo(f"watching downloads at {api.url} (Ctrl-C to stop)", err=True)
+
+    while True:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return
+        try:
+            for event in api.events("/queue/inProgress", read_timeout=remaining, on_open=opened):
+                on_event(event)
+                if deadline is not None and time.monotonic() > deadline:
+                    return
+        except ApiError as exc:
+            if exc.code != ExitCode.UNREACHABLE or not connected:
+                raise
+        if deadline is not None and time.monotonic() >= deadline:
+            return
+        typer.echo("connection to the service lost; reconnecting", err=True)
+        time.sleep(RECONNECT_DELAY)
+
+
 @app.command("watch")
 def watch(
     ctx: typer.Context,
@@ -476,30 +510,23 @@ def watch(
 ) -> None:
     """Live progress bars, one per running download, until Ctrl-C."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    console = _out()
     try:
         with _api(ctx) as api:
-            names = {str(b.get("baseUrl")): str(b.get("name")) for b in api.list_all("/backends")}
-            events = api.events(
-                "/queue/inProgress",
-                read_timeout=timeout,
-                on_open=lambda: typer.echo(
-                    f"watching downloads at {api.url} (Ctrl-C to stop)", err=True
-                ),
-            )
             if as_json:
-                for event in events:
-                    typer.echo(json.dumps(event, separators=(",", ":")))
-                    if deadline is not None and time.monotonic() > deadline:
-                        break
+                _follow(
+                    api,
+                    deadline=deadline,
+                    on_event=lambda event: typer.echo(json.dumps(event, separators=(",", ":"))),
+                )
                 return
-            board = render.DownloadBoard(console, backend_names=names)
+            names = {str(b.get("baseUrl")): str(b.get("name")) for b in api.list_all("/backends")}
+            board = render.DownloadBoard(_out(), backend_names=names)
             with board.progress:
-                for event in events:
-                    if isinstance(event, dict):
-                        board.update(event)
-                    if deadline is not None and time.monotonic() > deadline:
-                        break
+                _follow(
+                    api,
+                    deadline=deadline,
+                    on_event=lambda event: board.update(event) if isinstance(event, dict) else None,
+                )
     except KeyboardInterrupt:
         return
 
