@@ -271,12 +271,23 @@ async def test_unreachable_and_timeouts(fleet: Fleet, kind: str) -> None:
         assert dead in str(caught.value)
 
 
-@pytest.mark.parametrize("kind", ["openai", "gemini"])
+WRONG_KEYS = {
+    "openai": "sk-wrong-key-9876543210",
+    "gemini": "AIzaWrongKey9876543210",
+    "vllm": "vllm-wrong-key-9876543210",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WRONG_KEYS))
 async def test_a_rejected_key_is_reported_without_the_key(
     fleet: Fleet, pool: ClientPool, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    wrong = "sk-wrong-key-9876543210" if kind == "openai" else "AIzaWrongKey9876543210"
-    state = fleet.snapshot[kind].with_api_key(wrong)
+    wrong = WRONG_KEYS[kind]
+    if kind == "vllm":  # a vLLM server started with --api-key
+        guarded = fleet.emu.add_vllm("v-key", model="m", api_key="vllm-right-key-0123456789")
+        state = llm_state("v-key", "vllm", guarded.base_url, {"m": CHAT}, wrong)
+    else:
+        state = fleet.snapshot[kind].with_api_key(wrong)
     providers = await local_provider_adapter({kind: state})()
     provider = next(p for p in providers if p.can_chat)
     client = pool.client(provider, provider.backends[0])
@@ -409,3 +420,24 @@ async def test_snapshot_to_streamed_chat_answer(fleet: Fleet) -> None:
         )
     assert chosen.backend_id == "vllm"
     assert "you wrote hi" in answer
+
+
+async def test_clients_feed_the_latency_average_that_lowest_latency_reads(fleet: Fleet) -> None:
+    slow = fleet.emu.add_ollama("slow", models=["llama3.2:1b"])
+    fast = fleet.emu.add_ollama("fast", models=["llama3.2:1b"])
+    slow.faults.latency = 0.05
+    snapshot = {
+        name: llm_state(name, "ollama", node.base_url, {"llama3.2:1b": CHAT}, None)
+        for name, node in (("slow", slow), ("fast", fast))
+    }
+    async with ClientPool() as pool:
+        resolver = Resolver(await local_provider_adapter(snapshot)(), pool=pool)
+        request = ResolveRequest(models=("llama3.2:1b",), policy="lowest-latency")
+        picks = []
+        for _ in range(6):
+            chosen = resolver.resolve_chat(request)
+            picks.append(chosen.backend_id)
+            await chosen.client.chat(USER)
+    assert set(picks[:2]) == {"slow", "fast"}  # unmeasured backends are tried first
+    assert picks[2:] == ["fast"] * 4
+    assert pool.health.latency("slow") >= 0.05 > pool.health.latency("fast")
