@@ -62,22 +62,17 @@ async def test_backend_with_given_id_and_unknown_type_is_stored(store: SqlStore)
     assert (await store.get_backend("b-1")).type == "llamacpp-someday"
 
 
-@pytest.mark.parametrize(
-    ("changes", "field"),
-    [
+async def test_backend_unique_fields_conflict_naming_the_field(store: SqlStore) -> None:
+    await store.create_backend(id="b-taken", name="taken", base_url="http://taken", type="ollama")
+    for changes, field in [
         ({"name": "taken"}, "name"),
         ({"base_url": "http://taken"}, "base_url"),
         ({"id": "b-taken"}, "id"),
-    ],
-)
-async def test_backend_unique_fields_conflict_naming_the_field(
-    store: SqlStore, changes: dict[str, str], field: str
-) -> None:
-    await store.create_backend(id="b-taken", name="taken", base_url="http://taken", type="ollama")
-    arguments = {"name": "fresh", "base_url": "http://fresh", "type": "ollama", **changes}
-    with pytest.raises(Conflict) as caught:
-        await store.create_backend(**arguments)
-    assert caught.value.field == field
+    ]:
+        arguments = {"name": "fresh", "base_url": "http://fresh", "type": "ollama", **changes}
+        with pytest.raises(Conflict) as caught:
+            await store.create_backend(**arguments)
+        assert caught.value.field == field
     assert await store.estimate_backend_count() == 1
 
 
@@ -101,9 +96,8 @@ async def test_missing_backend_is_not_found_everywhere(store: SqlStore) -> None:
         await store.delete_backend("nope")
 
 
-@pytest.mark.parametrize(
-    ("arguments", "field"),
-    [
+async def test_backend_bad_input_names_the_field(store: SqlStore) -> None:
+    cases: list[tuple[dict[str, object], str]] = [
         ({"name": ""}, "name"),
         ({"name": "   "}, "name"),
         ({"base_url": ""}, "base_url"),
@@ -111,17 +105,15 @@ async def test_missing_backend_is_not_found_everywhere(store: SqlStore) -> None:
         ({"id": ""}, "id"),
         ({"name": 7}, "name"),
         ({"base_url": None}, "base_url"),
-    ],
-)
-async def test_backend_bad_input_names_the_field(
-    store: SqlStore, arguments: dict[str, object], field: str
-) -> None:
-    values: dict[str, object] = {"name": "n", "base_url": "http://n", "type": "ollama"}
-    values.update(arguments)
-    with pytest.raises(InvalidInput) as caught:
-        await store.create_backend(**values)  # type: ignore[arg-type]
-    assert caught.value.field == field
-    assert field in str(caught.value)
+    ]
+    for arguments, field in cases:
+        values: dict[str, object] = {"name": "n", "base_url": "http://n", "type": "ollama"}
+        values.update(arguments)
+        with pytest.raises(InvalidInput) as caught:
+            await store.create_backend(**values)  # type: ignore[arg-type]
+        assert caught.value.field == field
+        assert field in str(caught.value)
+    assert await store.estimate_backend_count() == 0
 
 
 async def test_empty_lookup_ids_are_invalid_input(store: SqlStore) -> None:
@@ -191,9 +183,8 @@ async def test_model_name_is_unique(store: SqlStore) -> None:
     assert caught.value.field == "model"
 
 
-@pytest.mark.parametrize(
-    ("arguments", "field"),
-    [
+async def test_model_bad_input_names_the_field(store: SqlStore) -> None:
+    cases: list[tuple[dict[str, object], str]] = [
         ({"model": ""}, "model"),
         ({"context_length": -1}, "context_length"),
         ({"context_length": True}, "context_length"),
@@ -202,16 +193,14 @@ async def test_model_name_is_unique(store: SqlStore) -> None:
         ({"can_embed": "yes"}, "can_embed"),
         ({"can_prompt": None}, "can_prompt"),
         ({"can_stream": 0}, "can_stream"),
-    ],
-)
-async def test_model_bad_input_names_the_field(
-    store: SqlStore, arguments: dict[str, object], field: str
-) -> None:
-    values: dict[str, object] = {"model": "m"}
-    values.update(arguments)
-    with pytest.raises(InvalidInput) as caught:
-        await store.append_model(**values)  # type: ignore[arg-type]
-    assert caught.value.field == field
+    ]
+    for arguments, field in cases:
+        values: dict[str, object] = {"model": "m"}
+        values.update(arguments)
+        with pytest.raises(InvalidInput) as caught:
+            await store.append_model(**values)  # type: ignore[arg-type]
+        assert caught.value.field == field
+    assert await store.estimate_model_count() == 0
 
 
 # ---- pools ---------------------------------------------------------------------------------
@@ -358,16 +347,18 @@ async def test_every_listing_pages_newest_first(
     assert by_purpose.next_cursor is not None
 
 
-@pytest.mark.parametrize("limit", [0, -1, MAX_PAGE_SIZE + 1, True, 2.5])
-async def test_page_limit_out_of_range_is_invalid(store: SqlStore, limit: object) -> None:
-    for listing in (store.list_backends, store.list_models, store.list_pools, store.list_jobs):
+async def test_page_limit_out_of_range_is_invalid(store: SqlStore) -> None:
+    listings = (store.list_backends, store.list_models, store.list_pools, store.list_jobs)
+    for limit in (0, -1, MAX_PAGE_SIZE + 1, True, 2.5):
+        for listing in listings:
+            with pytest.raises(InvalidInput) as caught:
+                await listing(limit=limit)  # type: ignore[arg-type]
+            assert caught.value.field == "limit"
+
+
+async def test_foreign_cursor_is_invalid(store: SqlStore) -> None:
+    # Not base64, not JSON, and JSON of the wrong shape.
+    for cursor in ("", "not-base64!", "bm9wZQ", "WzEsMl0", "WyJ4IiwieSJd"):
         with pytest.raises(InvalidInput) as caught:
-            await listing(limit=limit)  # type: ignore[arg-type]
-        assert caught.value.field == "limit"
-
-
-@pytest.mark.parametrize("cursor", ["", "not-base64!", "bm9wZQ", "WzEsMl0", "WyJ4IiwieSJd"])
-async def test_foreign_cursor_is_invalid(store: SqlStore, cursor: str) -> None:
-    with pytest.raises(InvalidInput) as caught:
-        await store.list_backends(cursor=cursor)
-    assert caught.value.field == "cursor"
+            await store.list_backends(cursor=cursor)
+        assert caught.value.field == "cursor"

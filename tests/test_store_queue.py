@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -95,20 +96,20 @@ async def test_delete_job_and_list_jobs(clock_store: tuple[SqlStore, FakeClock])
     assert await store.estimate_job_count() == 4
 
 
-@pytest.mark.parametrize(
-    ("bad", "field"),
-    [
+async def test_bad_jobs_are_invalid_input(store: SqlStore) -> None:
+    for bad, field in [
         (Job(id="", task_type="t", payload=b""), "id"),
         (Job(id="j", task_type="", payload=b""), "task_type"),
         (Job(id="j", task_type="t", payload="text"), "payload"),  # type: ignore[arg-type]
         (Job(id="j", task_type="t", payload=b"", retry_count=-1), "retry_count"),
         (Job(id="j", task_type="t", payload=b"", scheduled_for=True), "scheduled_for"),
-    ],
-)
-async def test_bad_jobs_are_invalid_input(store: SqlStore, bad: Job, field: str) -> None:
+    ]:
+        with pytest.raises(InvalidInput) as caught:
+            await store.append_job(bad)
+        assert caught.value.field == field
     with pytest.raises(InvalidInput) as caught:
-        await store.append_job(bad)
-    assert caught.value.field == field
+        await store.append_jobs([job("fine"), replace(job("j"), valid_until=-5)])
+    assert caught.value.field == "valid_until"
     assert await store.estimate_job_count() == 0
 
 
