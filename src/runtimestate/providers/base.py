@@ -11,6 +11,7 @@ class owns what must be identical across types and therefore lives in one place:
 
 * the capability check, raised as :class:`~runtimestate.errors.Unsupported` before any request;
 * the health bookkeeping (in-flight count, latency, failures) around every call;
+* an overall ``asyncio.timeout`` per call, since the SDKs only time out per I/O phase;
 * the translation of SDK exceptions into the project's error tree, chained with ``from``;
 * the stream wrapper: an async generator whose ``aclose()`` (or cancellation) closes the SDK
   stream and with it the HTTP response, and whose idle timeout turns a stalled stream into
@@ -25,8 +26,8 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -163,20 +164,14 @@ class ModelClient(ABC):
         """Send a conversation; return the assistant's message and the token usage."""
         self._require(Capability.CHAT)
         msgs = _messages(messages)
-        async with self._pool.health.track(self.backend.id):
-            try:
-                return await self._chat(msgs)
-            except self.translated as exc:
-                raise self._error(exc) from exc
+        async with self._call():
+            return await self._chat(msgs)
 
     async def prompt(self, prompt: str, *, system: str | None = None) -> str:
         """Complete a single prompt (with optional system text); return the generated text."""
         self._require(Capability.PROMPT)
-        async with self._pool.health.track(self.backend.id):
-            try:
-                return await self._prompt(prompt, system)
-            except self.translated as exc:
-                raise self._error(exc) from exc
+        async with self._call():
+            return await self._prompt(prompt, system)
 
     async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
         """Embed one text or a batch; always return one vector per text."""
@@ -184,11 +179,8 @@ class ModelClient(ABC):
         batch = [texts] if isinstance(texts, str) else list(texts)
         if not batch:
             raise InvalidInput("nothing to embed", field="texts")
-        async with self._pool.health.track(self.backend.id):
-            try:
-                return await self._embed(batch)
-            except self.translated as exc:
-                raise self._error(exc) from exc
+        async with self._call():
+            return await self._embed(batch)
 
     async def stream(
         self,
@@ -226,7 +218,27 @@ class ModelClient(ABC):
             except self.translated as exc:
                 raise self._error(exc) from exc
 
-    # -- helpers for subclasses -------------------------------------------------------------
+    # -- helpers -----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _call(self) -> AsyncIterator[None]:
+        """Track one request, bound it by the pool's timeout, translate what the SDK raises.
+
+        The SDKs' own timeouts are per phase (connect, each read), so a server that drips bytes
+        never trips them; ``asyncio.timeout`` bounds the whole call.
+        """
+        timeout = self._pool.timeout
+        async with self._pool.health.track(self.backend.id):
+            try:
+                async with asyncio.timeout(timeout):
+                    yield
+            except TimeoutError as exc:
+                raise BackendUnreachable(
+                    f"{self._where()}: no answer within {timeout:g}s",
+                    backend=self.backend.base_url,
+                ) from exc
+            except self.translated as exc:
+                raise self._error(exc) from exc
 
     def _require(self, capability: Capability) -> None:
         if capability not in self.provider.capabilities:
