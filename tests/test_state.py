@@ -12,7 +12,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 
 import pytest
@@ -182,10 +182,10 @@ async def test_failed_queue_insert_is_logged_and_shown(
     backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
     await declare_chat(store, "phi3:mini")
 
-    async def broken_append(job: Job) -> Job:
+    async def broken_append(jobs: Sequence[Job]) -> list[Job]:
         raise StoreError("database is locked")
 
-    monkeypatch.setattr(store, "append_job", broken_append)
+    monkeypatch.setattr(store, "append_jobs", broken_append)
     with caplog.at_level(logging.INFO, logger="runtimestate"):
         async with State(store, bus) as state:
             await state.run_backend_cycle()

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -64,6 +64,7 @@ __all__ = [
     "list_pending",
     "list_running",
     "queue_download",
+    "queue_downloads",
     "remove_pending",
     "request_cancel",
 ]
@@ -144,6 +145,20 @@ async def queue_download(store: Store, url: str, model: str) -> bool:
     except Conflict:
         return False
     return True
+
+
+async def queue_downloads(store: Store, requests: Sequence[tuple[str, str]]) -> list[bool]:
+    """Queue several ``(url, model)`` pulls; for each, whether it was queued (False: one was
+    already pending for that URL). One transaction when no job is pending for any of them -
+    the common case, and the difference between one commit and a thousand in a cycle over a
+    large fleet; one by one otherwise. Store failures propagate."""
+    if not requests:
+        return []
+    try:
+        await store.append_jobs([_job(url, model) for url, model in requests])
+    except Conflict:
+        return [await queue_download(store, url, model) for url, model in requests]
+    return [True] * len(requests)
 
 
 async def request_cancel(messenger: Messenger, id: str) -> None:

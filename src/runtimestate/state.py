@@ -27,10 +27,12 @@ import secrets
 import socket
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
 from runtimestate.backends import (
+    ActionKind,
     BackendPlan,
     CycleContext,
     Declared,
@@ -42,7 +44,7 @@ from runtimestate.backends import (
 )
 from runtimestate.bus.base import Messenger
 from runtimestate.clock import SYSTEM_CLOCK, Clock
-from runtimestate.downloads import LEASE_PREFIX, Downloader, queue_download
+from runtimestate.downloads import LEASE_PREFIX, Downloader, list_pending, queue_downloads
 from runtimestate.errors import InvalidInput, RuntimeStateError
 from runtimestate.metrics import BACKEND_FAILURES, BACKENDS, CYCLE_DURATION
 from runtimestate.records import LLMState
@@ -151,6 +153,7 @@ class State:
         results = await asyncio.gather(
             *(self._run_one(ctx, semaphore, item, act=True) for item in declared)
         )
+        results = await self._queue_pulls(declared, results)
         states = {item.backend.id: plan.state for item, plan in zip(declared, results, strict=True)}
         for gone in self._states.keys() - states.keys():
             for driver in self._drivers.values():
@@ -202,13 +205,51 @@ class State:
 
     async def _context(self) -> CycleContext:
         leases = await self._store.list_leases(LEASE_PREFIX)
+        pending = await list_pending(self._store)
         return CycleContext(
             http=self._http,
             store=self._store,
             clock=self._clock,
             downloading=frozenset(lease.name[len(LEASE_PREFIX) :] for lease in leases),
-            queue_download=functools.partial(queue_download, self._store),
+            queued=frozenset(p.url for p in pending),
         )
+
+    async def _queue_pulls(
+        self, declared: list[Declared], results: list[BackendPlan]
+    ) -> list[BackendPlan]:
+        """Queue the pulls the drivers planned, for all backends in one batch; a failed insert
+        lands in the error of every backend it concerned, a log line and a metric."""
+        pulls = [
+            (index, action.model)
+            for index, plan in enumerate(results)
+            for action in plan.actions
+            if action.kind is ActionKind.PULL
+        ]
+        if not pulls:
+            return results
+        requests = [(declared[index].backend.base_url, model) for index, model in pulls]
+        try:
+            queued = await queue_downloads(self._store, requests)
+        except RuntimeStateError as exc:
+            failed = list(results)
+            for index, model in pulls:
+                backend = declared[index].backend
+                message = f"queue download of {model} failed: {exc}"
+                BACKEND_FAILURES.labels(type=backend.type).inc()
+                logger.warning(message, extra={"backend_id": backend.id, "model": model})
+                state = failed[index].state
+                error = "; ".join(filter(None, (state.error, message)))
+                failed[index] = replace(
+                    failed[index], state=state.model_copy(update={"error": error})
+                )
+            return failed
+        for (index, model), was_queued in zip(pulls, queued, strict=True):
+            if was_queued:
+                logger.info(
+                    "download queued",
+                    extra={"backend_id": declared[index].backend.id, "model": model},
+                )
+        return results
 
     async def _run_one(
         self, ctx: CycleContext, semaphore: asyncio.Semaphore, declared: Declared, *, act: bool
@@ -222,13 +263,7 @@ class State:
             try:
                 async with deadline:
                     if act:
-                        state = await driver.reconcile(ctx, declared)
-                        plan = BackendPlan(
-                            backend_id=backend.id,
-                            backend_name=backend.name,
-                            actions=(),
-                            state=state,
-                        )
+                        plan = await driver.reconcile(ctx, declared)
                     else:
                         plan = driver.plan(declared, await driver.observe(ctx, declared))
             except TimeoutError:

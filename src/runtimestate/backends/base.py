@@ -5,7 +5,7 @@ A driver turns "one declared backend + the models it should hold" into the obser
 
 ``observe``  all the I/O needed to know what is there (list, show, read a key);
 ``plan``     a **pure** function of declared and observed state: the actions and the state;
-``act``      performs the actions and returns the final state.
+``act``      performs the actions on the backend and returns the final state.
 
 Splitting them gives :meth:`runtimestate.state.State.plan_backend_cycle` a dry run for free (it
 stops after ``plan``), and makes the decisions testable without a backend. Drivers register by
@@ -14,7 +14,7 @@ backend type is adding one module - the state layer has no switch over types.
 
 Errors: ``observe`` and ``act`` raise :class:`~runtimestate.errors.RuntimeStateError` subclasses;
 the caller turns an escaped error into the backend's ``error``. A failure that should not hide
-what was observed (a delete that failed, a queue insert that failed) is put into the returned
+what was observed (a delete that failed) is put into the returned
 state's ``error`` by the driver itself, and logged.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Generic, TypeVar
@@ -43,15 +43,11 @@ __all__ = [
     "Declared",
     "Driver",
     "DriverOptions",
-    "QueueDownload",
     "driver_types",
     "register",
 ]
 
 ObservedT = TypeVar("ObservedT")
-
-# Queue one download of ``model`` on the backend at ``url``; False when one is already pending.
-QueueDownload = Callable[[str, str], Awaitable[bool]]
 
 
 class ActionKind(StrEnum):
@@ -170,15 +166,16 @@ class DriverOptions:
 
 @dataclass(kw_only=True)
 class CycleContext:
-    """What one cycle shares between its backends: the I/O handles, the download leases read
-    once per cycle, and key-value reads memoized per cycle (one read of ``OPENAI_KEY`` for a
-    hundred OpenAI backends)."""
+    """What one cycle shares between its backends: the I/O handles; the base URLs with a pull
+    in progress (``downloading``, from the leases) and with a download job pending (``queued``),
+    both read once per cycle; and key-value reads memoized per cycle (one read of
+    ``OPENAI_KEY`` for a hundred OpenAI backends)."""
 
     http: HttpClient
     store: Store
     clock: Clock
     downloading: frozenset[str]
-    queue_download: QueueDownload
+    queued: frozenset[str]
     _kv_values: dict[str, KVEntry | None] = field(default_factory=dict)
     _kv_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
@@ -213,15 +210,25 @@ class Driver(abc.ABC, Generic[ObservedT]):
         """Decide, without I/O, what to do and what state to report."""
 
     async def act(self, ctx: CycleContext, declared: Declared, plan: BackendPlan) -> LLMState:
-        """Carry out ``plan``; the default is for drivers that never change their backend."""
+        """Carry out the backend's side of ``plan`` and return the final state. ``PULL``
+        actions are not the driver's: the cycle queues them for all backends in one batch.
+        The default is for drivers that never change their backend."""
         return plan.state
 
     def forget(self, backend_id: str) -> None:
         """Drop what is cached about a backend that left the declaration."""
 
-    async def reconcile(self, ctx: CycleContext, declared: Declared) -> LLMState:
+    async def reconcile(self, ctx: CycleContext, declared: Declared) -> BackendPlan:
+        """Observe, plan and act: the plan's actions with the state after acting."""
         observed = await self.observe(ctx, declared)
-        return await self.act(ctx, declared, self.plan(declared, observed))
+        plan = self.plan(declared, observed)
+        state = await self.act(ctx, declared, plan)
+        return BackendPlan(
+            backend_id=plan.backend_id,
+            backend_name=plan.backend_name,
+            actions=plan.actions,
+            state=state,
+        )
 
 
 _REGISTRY: dict[str, type[Driver[Any]]] = {}

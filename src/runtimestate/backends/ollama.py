@@ -6,14 +6,15 @@ a steady cycle costs one request per node. ``plan`` compares **normalized** name
 (:func:`~runtimestate.backends.names.ollama_key`) and decides:
 
 * the first declared model that is missing is queued for download - one job per node, its id the
-  node's base URL, so the next missing model is queued after this one lands - unless a download
-  lease on the node says a pull is running (popping a job frees its id, so without that check a
-  model being pulled would be queued again);
+  node's base URL, so the next missing model is queued after this one lands - unless a job is
+  already pending for the node, or a download lease on the node says a pull is running (popping
+  a job frees its id, so without that check a model being pulled would be queued again);
 * models present but not declared are deleted (unless ``delete_undeclared`` is off, in which case
   they are reported as drift in ``undeclared_models``).
 
-``act`` queues, deletes, and lists again only if something was deleted. A failed queue insert or
-delete is logged, counted and shown in the state's ``error``; it never hides the inventory.
+``act`` deletes, and lists again only if something was deleted; the cycle queues the pulls of
+all nodes in one batch (see :mod:`runtimestate.state`). A failed delete is logged, counted and
+shown in the state's ``error``; it never hides the inventory.
 
 :func:`open_pull` is the NDJSON ``/api/pull`` stream the download cycle consumes.
 """
@@ -62,6 +63,7 @@ class OllamaInventory:
     models: tuple[ListModelResponse, ...]
     discovered: Mapping[str, Capabilities]
     downloading: bool
+    queued: bool
     problems: tuple[str, ...] = ()
 
 
@@ -161,6 +163,7 @@ class OllamaDriver(Driver[OllamaInventory]):
             models=listed,
             discovered=discovered,
             downloading=url in ctx.downloading,
+            queued=url in ctx.queued,
             problems=tuple(problems),
         )
 
@@ -175,7 +178,7 @@ class OllamaDriver(Driver[OllamaInventory]):
         present = {ollama_key(m.name) for m in observed.models}
         actions: list[Action] = []
         missing = [m.model for m in declared.models if ollama_key(m.model) not in present]
-        if missing and not observed.downloading:
+        if missing and not observed.downloading and not observed.queued:
             actions.append(Action(kind=ActionKind.PULL, model=missing[0]))
         pulled: list[ListModelResponse] = []
         drift: list[str] = []
@@ -208,27 +211,24 @@ class OllamaDriver(Driver[OllamaInventory]):
         failures: list[str] = []
         deleted = 0
         for action in plan.actions:
+            if action.kind is not ActionKind.DELETE:
+                continue
             log_extra = {"backend_id": backend.id, "model": action.model}
             try:
-                if action.kind is ActionKind.PULL:
-                    queued = await ctx.queue_download(backend.base_url, action.model)
-                    if queued:
-                        logger.info("download queued", extra=log_extra)
-                else:
-                    await ctx.http.request_bytes(
-                        "DELETE",
-                        join_url(backend.base_url, "/api/delete"),
-                        json_body={"model": action.model},
-                        ok_statuses=frozenset({404}),
-                    )
-                    deleted += 1
-                    MODELS_DELETED.inc()
-                    logger.info("model deleted", extra=log_extra)
+                await ctx.http.request_bytes(
+                    "DELETE",
+                    join_url(backend.base_url, "/api/delete"),
+                    json_body={"model": action.model},
+                    ok_statuses=frozenset({404}),
+                )
             except RuntimeStateError as exc:
-                verb = "queue download of" if action.kind is ActionKind.PULL else "delete"
-                failures.append(f"{verb} {action.model} failed: {exc}")
+                failures.append(f"delete {action.model} failed: {exc}")
                 BACKEND_FAILURES.labels(type=self.type_name).inc()
-                logger.warning("%s %s failed: %s", verb, action.model, exc, extra=log_extra)
+                logger.warning("delete %s failed: %s", action.model, exc, extra=log_extra)
+                continue
+            deleted += 1
+            MODELS_DELETED.inc()
+            logger.info("model deleted", extra=log_extra)
         state = plan.state
         if deleted:
             try:
