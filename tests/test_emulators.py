@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -366,3 +368,33 @@ def test_emulator_thread() -> None:
         assert reply.json()["models"][0]["name"] == "llama3:latest"
         runner.call(lambda emu: node.faults.fail(status=502))
         assert httpx.get(node.base_url + "/api/tags", timeout=10).status_code == 502
+
+
+async def test_request_log_is_bounded_and_redacted(http: httpx.AsyncClient) -> None:
+    async with Emulator(max_recorded=10) as emu:
+        acct = emu.add_gemini("g", api_key="AIzaSecretSecret0000")
+        for size in range(30):
+            await http.get(
+                acct.base_url + "/v1beta/models",
+                params={"pageSize": size + 1, "key": "AIzaSecretSecret0000"},
+            )
+        assert 5 <= len(acct.requests) <= 10
+        assert acct.requests[-1].query["pageSize"] == "30"
+        assert "AIzaSecretSecret0000" not in repr(acct.requests)
+        assert "pageSize=30" in repr(acct.requests[-1])
+
+
+def test_standalone_process_prints_its_url() -> None:
+    command = [sys.executable, "-m", "runtimestate.testing", "--ollama", "3", "--models", "llama3"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            url = process.stdout.readline().strip()
+            listing = httpx.get(f"{url}/_emulator/backends", timeout=10).json()
+            assert [b["name"] for b in listing] == ["ollama-0", "ollama-1", "ollama-2"]
+            tags = httpx.get(listing[2]["base_url"] + "/api/tags", timeout=10).json()
+            assert tags["models"][0]["name"] == "llama3:latest"
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+    assert process.returncode == 0

@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from runtimestate.errors import redact
 
 __all__ = ["FaultKind", "FaultRule", "Faults", "RecordedRequest"]
 
@@ -56,19 +58,24 @@ class FaultRule:
         return self.path is None or self.path == path
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
 class RecordedRequest:
     """One request as the backend received it; ``path`` is relative to the backend's base URL.
 
-    ``headers`` is left out of the repr because it carries API keys, and reprs end up in
-    assertion messages and logs.
+    The repr leaves out ``headers`` and redacts the rest, because headers and query strings
+    carry API keys and reprs end up in assertion messages and logs.
     """
 
     method: str
     path: str
     query: Mapping[str, str]
     json: Any
-    headers: Mapping[str, str] = field(repr=False)
+    headers: Mapping[str, str]
+
+    def __repr__(self) -> str:
+        query = "&".join(f"{k}={v}" for k, v in self.query.items())
+        shown = f"{self.path}?{query}" if query else self.path
+        return redact(f"RecordedRequest({self.method} {shown} json={self.json!r})")
 
 
 def _normalize_path(path: str | None) -> str | None:

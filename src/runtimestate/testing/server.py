@@ -46,6 +46,9 @@ class Emulator:
 
     Use as ``async with Emulator(latency=0.0) as emu:``; ``emu.url`` is the server root and each
     ``add_*`` returns the backend, whose ``base_url`` is what a driver should be given.
+    ``latency`` (seconds, changeable at any time) delays every answer of every backend whose
+    ``faults.latency`` is unset. Each backend keeps about its last ``max_recorded`` requests, so
+    a long demo does not grow without bound.
     """
 
     def __init__(
@@ -55,8 +58,10 @@ class Emulator:
         host: str = "127.0.0.1",
         port: int = 0,
         clock: Clock = SYSTEM_CLOCK,
+        max_recorded: int = 10_000,
     ) -> None:
         self.latency = latency
+        self.max_recorded = max_recorded
         self._host = host
         self._port = port
         self._clock = clock
@@ -84,7 +89,9 @@ class Emulator:
             app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1
         )
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
+        # A thousand drivers connect at once in the benchmarks; the default backlog of 128 would
+        # drop SYNs and add a one-second retransmit to some of them.
+        site = web.TCPSite(runner, self._host, self._port, reuse_address=True, backlog=4096)
         await site.start()
         self._runner = runner
         sockets = [s for s in (runner.addresses or [])]
@@ -201,12 +208,17 @@ class Emulator:
             headers=CIMultiDictProxy(CIMultiDict(request.headers)),
             body=await request.read(),
         )
-        backend.requests.append(emu_request.recorded())
+        recorded = backend.requests
+        recorded.append(emu_request.recorded())
+        if len(recorded) > self.max_recorded:
+            # Halving at once keeps the trimming amortized O(1) per request.
+            del recorded[: len(recorded) - self.max_recorded // 2]
         latency = backend.faults.latency if backend.faults.latency is not None else self.latency
         if latency > 0:
             await self._clock.sleep(latency)
         rule = backend.faults.take_request_fault(path)
         if rule is not None:
+            log.debug("fault %s on %s %s", rule.kind.value, request.method, request.path)
             if rule.kind is FaultKind.HANG:
                 await backend.faults.wait_released()
             else:
@@ -247,6 +259,8 @@ class Emulator:
         )
         await response.prepare(request)
         rule = backend.faults.take_stream_fault(path)
+        if rule is not None:
+            log.debug("stream fault %s on %s", rule.kind.value, request.path)
         chunks = reply.chunks
         sent = 0
         try:
