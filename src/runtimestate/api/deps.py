@@ -21,13 +21,14 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from runtimestate.api.errors import ApiError
+from runtimestate.api.errors import ApiError, errors_doc
 from runtimestate.bus.base import Messenger
 from runtimestate.records import LLMState
 from runtimestate.store.base import Store
 from runtimestate.store.records import MAX_PAGE_SIZE, Page
 
 __all__ = [
+    "BAD_CURSOR",
     "ApiContext",
     "Context",
     "PageQuery",
@@ -107,6 +108,9 @@ def page_params(
 
 
 PageQuery = Annotated[PageParams, Depends(page_params)]
+
+# The store refuses a cursor it did not issue with InvalidInput, a 400 naming ``cursor``.
+BAD_CURSOR = errors_doc((400, "Malformed or foreign cursor"))
 
 
 def set_next_cursor(response: Response, page: Page[Any]) -> None:

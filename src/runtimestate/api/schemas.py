@@ -16,7 +16,14 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+)
 from pydantic.alias_generators import to_camel
 
 from runtimestate.records import BackendType
@@ -49,15 +56,28 @@ ErrorCode = Literal[
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=512)]
 
 
+# Published in the OpenAPI schema so that clients (and schemathesis) know what is accepted. The
+# validator below accepts every string this matches, and also bracketed IPv6 literals, which a
+# readable pattern cannot describe exactly.
+URL_PATTERN = r"^https?://[A-Za-z0-9][A-Za-z0-9.\-]*(?::[0-9]{1,5})?(?:[/?#][!-~]*)?$"
+
+
 def _http_url(value: str) -> str:
-    split = urlsplit(value)
-    if split.scheme not in {"http", "https"} or not split.hostname:
+    try:
+        split = urlsplit(value)
+        valid = split.scheme in {"http", "https"} and bool(split.hostname)
+    except ValueError:
+        valid = False
+    if not valid or any(c.isspace() for c in value):
         raise ValueError("must be an http:// or https:// URL with a host")
     return value.rstrip("/")
 
 
 HttpUrl = Annotated[
-    str, StringConstraints(strip_whitespace=True, max_length=2048), AfterValidator(_http_url)
+    str,
+    StringConstraints(strip_whitespace=True, max_length=2048),
+    AfterValidator(_http_url),
+    WithJsonSchema({"type": "string", "maxLength": 2048, "pattern": URL_PATTERN}),
 ]
 
 
