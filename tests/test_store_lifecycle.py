@@ -67,6 +67,7 @@ async def _tables(url: str) -> set[str]:
         "not a url at all",
         "sqlite://",
         "sqlite://somehost/file.db",
+        "sqlite:////",
     ],
 )
 async def test_unsupported_or_malformed_urls_are_invalid_input(url: str) -> None:

@@ -97,6 +97,8 @@ def _sqlite_engine(url: URL) -> AsyncEngine:
     if not database:
         raise InvalidInput("a sqlite URL needs a path: sqlite:///<path>", field="url")
     if database != ":memory:":
+        if Path(database).is_dir():
+            raise InvalidInput(f"the sqlite path {database} is a directory", field="url")
         try:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
