@@ -299,7 +299,8 @@ class ApiClient:
         try:
             found: dict[str, Any] = self.get(f"/pools/{quote(name_or_id, safe='')}")
         except ApiError as exc:
-            if exc.code != ExitCode.NOT_FOUND:
+            # A name that is not shaped like an id may be refused as invalid: still "no pool".
+            if exc.code not in (ExitCode.NOT_FOUND, ExitCode.INVALID_INPUT):
                 raise
             raise ApiError(f"no pool named {name_or_id!r}", code=ExitCode.NOT_FOUND) from exc
         return found

@@ -1,0 +1,52 @@
+"""What every API-backed command shares: the global options, the client, the error funnel.
+
+:func:`api` is the single place where a failure of the service (or of reaching it) becomes the
+one ``error: ...`` line on stderr and an :class:`ExitCode`; commands therefore never catch API
+errors themselves and can never leak a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from runtimestate.cli.client import ApiClient, ApiError, ExitCode, resolve_endpoint
+
+__all__ = ["GlobalOptions", "JsonFlag", "api", "fail", "out"]
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the service's JSON.")]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GlobalOptions:
+    """``--url`` and ``--token`` as given before the command (``None``: use the defaults)."""
+
+    url: str | None
+    token: str | None
+
+
+def out() -> Console:
+    # Built per call so that it writes to whatever sys.stdout is now (CliRunner swaps it).
+    return Console()
+
+
+def fail(message: str, code: ExitCode) -> typer.Exit:
+    """Print the one-line error and build the exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(int(code))
+
+
+@contextmanager
+def api(ctx: typer.Context) -> Iterator[ApiClient]:
+    """A client for this invocation; any API failure becomes one line and an exit code."""
+    options = ctx.find_object(GlobalOptions) or GlobalOptions(url=None, token=None)
+    try:
+        with ApiClient(resolve_endpoint(url=options.url, token=options.token)) as client:
+            yield client
+    except ApiError as exc:
+        raise fail(str(exc), exc.code) from None
