@@ -198,6 +198,16 @@ async def test_transaction_rolls_back_everything_on_error(store: SqlStore) -> No
     assert (await store.list_kv()).items == []
 
 
+async def test_a_failed_operation_leaves_its_transaction_usable(store: SqlStore) -> None:
+    await store.create_pool(name="taken", purpose_type="x")
+    async with store.transaction() as tx:
+        await tx.create_pool(name="before", purpose_type="x")
+        with pytest.raises(Conflict):
+            await tx.create_pool(name="taken", purpose_type="x")
+        await tx.create_pool(name="after", purpose_type="x")
+    assert {p.name for p in await store.list_all_pools()} == {"taken", "before", "after"}
+
+
 async def test_nested_transaction_is_a_savepoint(store: SqlStore) -> None:
     async def doomed(tx: Store) -> None:
         async with tx.transaction() as inner:

@@ -140,8 +140,9 @@ class Database:
 
     A ``Database`` is either *pooled* (each :meth:`connect` checks a connection out and runs one
     transaction on it) or *bound* to the connection of an open transaction (each
-    :meth:`connect` reuses it and leaves commit to the owner). A ``gate`` lock, used for the one
-    shared connection of ``sqlite:///:memory:``, keeps two transactions from interleaving.
+    :meth:`connect` reuses it inside a savepoint and leaves commit to the owner). A ``gate``
+    lock, used for the one shared connection of ``sqlite:///:memory:``, keeps two transactions
+    from interleaving.
     """
 
     def __init__(
@@ -165,7 +166,10 @@ class Database:
         """A connection inside a transaction: committed on a clean exit, rolled back on error."""
         async with translate_errors():
             if self.bound is not None:
-                yield self.bound
+                # A savepoint per operation: a failed statement then undoes only itself, and
+                # PostgreSQL's transaction stays usable after it, as SQLite's does.
+                async with self.bound.begin_nested():
+                    yield self.bound
                 return
             if self.closed:
                 raise StoreError("the store is closed")
