@@ -13,7 +13,13 @@ import io
 import httpx
 from rich.console import Console
 
-from runtimestate.cli.render import DownloadBoard, is_failure_status, print_plan, print_state
+from runtimestate.cli.render import (
+    DownloadBoard,
+    is_failure_status,
+    print_plan,
+    print_records,
+    print_state,
+)
 from runtimestate.demo import DEMO_MODELS, DEMO_NODES, DemoFleet
 from runtimestate.store.base import Store
 
@@ -154,3 +160,9 @@ def test_plan_table_lists_pulls_and_deletes() -> None:
     assert "qwen2.5:0.5b" in row
     assert "tinyllama:latest" in row
     assert row.count("qwen2.5:0.5b") == 2, "a model still missing is shown as missing too"
+
+
+def test_names_from_the_service_are_printed_literally_not_as_markup() -> None:
+    console, buffer = _console()
+    print_records(console, [{"name": "[bold]odd[/bold]"}], [("name", "name")])
+    assert "[bold]odd[/bold]" in buffer.getvalue()

@@ -264,9 +264,12 @@ class ApiClient:
                         payload = "\n".join(data)
                         data = []
                         try:
-                            yield json.loads(payload)
+                            value = json.loads(payload)
                         except ValueError:
+                            # One garbled event must not end a watch an operator relies on;
+                            # the next status supersedes it anyway.
                             continue
+                        yield value
         except httpx.ReadTimeout:
             return
         except httpx.TransportError as exc:

@@ -14,10 +14,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from runtimestate.cli.client import ApiClient, ApiError, ExitCode, resolve_endpoint
 
-__all__ = ["GlobalOptions", "JsonFlag", "api", "fail", "out"]
+__all__ = ["GlobalOptions", "JsonFlag", "api", "fail", "out", "say"]
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the service's JSON.")]
 
@@ -33,6 +34,12 @@ class GlobalOptions:
 def out() -> Console:
     # Built per call so that it writes to whatever sys.stdout is now (CliRunner swaps it).
     return Console()
+
+
+def say(template: str, **values: object) -> None:
+    """Print a confirmation; ``values`` come from the service or the operator, so they are
+    escaped and a name like ``[bold]`` prints as itself instead of as rich markup."""
+    out().print(template.format(**{key: escape(str(value)) for key, value in values.items()}))
 
 
 def fail(message: str, code: ExitCode) -> typer.Exit:

@@ -18,7 +18,7 @@ import typer
 
 from runtimestate.cli import render
 from runtimestate.cli.client import ExitCode
-from runtimestate.cli.common import JsonFlag, api, fail, out
+from runtimestate.cli.common import JsonFlag, api, fail, out, say
 from runtimestate.errors import mask_secret
 
 __all__ = ["CLOUD_PROVIDERS", "backend_app", "model_app", "pool_app", "provider_app"]
@@ -62,7 +62,9 @@ def backend_add(
     if as_json:
         render.print_json(out(), created)
     else:
-        out().print(f"backend [bold]{created['name']}[/bold] declared (id {created['id']})")
+        say(
+            "backend [bold]{name}[/bold] declared (id {id})", name=created["name"], id=created["id"]
+        )
 
 
 @backend_app.command("list")
@@ -111,7 +113,7 @@ def backend_rm(
     with api(ctx) as client:
         found = client.find_backend(backend)
         client.request("DELETE", f"/backends/{quote(found['id'], safe='')}")
-    out().print(f"backend [bold]{found['name']}[/bold] removed")
+    say("backend [bold]{name}[/bold] removed", name=found["name"])
 
 
 # ---- models --------------------------------------------------------------------------------
@@ -142,7 +144,7 @@ def model_add(
     if as_json:
         render.print_json(out(), created)
     else:
-        out().print(f"model [bold]{created['model']}[/bold] declared (id {created['id']})")
+        say("model [bold]{name}[/bold] declared (id {id})", name=created["model"], id=created["id"])
 
 
 @model_app.command("list")
@@ -164,7 +166,7 @@ def model_rm(
     with api(ctx) as client:
         found = client.find_model(model)
         client.request("DELETE", f"/models/{quote(str(found['model']), safe='')}")
-    out().print(f"model [bold]{found['model']}[/bold] removed")
+    say("model [bold]{name}[/bold] removed", name=found["model"])
 
 
 # ---- pools ---------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ def pool_add(
     if as_json:
         render.print_json(out(), created)
     else:
-        out().print(f"pool [bold]{created['name']}[/bold] created (id {created['id']})")
+        say("pool [bold]{name}[/bold] created (id {id})", name=created["name"], id=created["id"])
 
 
 @pool_app.command("list")
@@ -201,7 +203,7 @@ def pool_rm(ctx: typer.Context, pool: Annotated[str, typer.Argument(help="Name o
     with api(ctx) as client:
         found = client.find_pool(pool)
         client.request("DELETE", f"/pools/{quote(found['id'], safe='')}")
-    out().print(f"pool [bold]{found['name']}[/bold] removed")
+    say("pool [bold]{name}[/bold] removed", name=found["name"])
 
 
 BackendOpt = Annotated[str | None, typer.Option("--backend", "-b", help="Backend name or id.")]
@@ -242,7 +244,7 @@ def pool_assign(
 ) -> None:
     """Put a backend and/or a model into a pool."""
     for what in _associations(ctx, pool, backend, model, "POST"):
-        out().print(f"{what} assigned to pool [bold]{pool}[/bold]")
+        say("{what} assigned to pool [bold]{pool}[/bold]", what=what, pool=pool)
 
 
 @pool_app.command("unassign")
@@ -254,7 +256,7 @@ def pool_unassign(
 ) -> None:
     """Take a backend and/or a model out of a pool."""
     for what in _associations(ctx, pool, backend, model, "DELETE"):
-        out().print(f"{what} removed from pool [bold]{pool}[/bold]")
+        say("{what} removed from pool [bold]{pool}[/bold]", what=what, pool=pool)
 
 
 # ---- providers -----------------------------------------------------------------------------
@@ -281,7 +283,7 @@ def provider_configure(
         raise fail("no API key given (type it at the prompt or pipe it on stdin)", ExitCode.USAGE)
     with api(ctx) as client:
         client.request("POST", f"/providers/{provider}/configure", json_body={"apiKey": key})
-    out().print(f"{provider} key {mask_secret(key)} stored")
+    say("{provider} key {key} stored", provider=provider, key=mask_secret(key))
 
 
 @provider_app.command("status")

@@ -19,7 +19,7 @@ import typer
 
 from runtimestate.cli import render
 from runtimestate.cli.client import ApiClient, ApiError, ExitCode
-from runtimestate.cli.common import JsonFlag, api, fail, out
+from runtimestate.cli.common import JsonFlag, api, fail, out, say
 
 __all__ = ["RECONNECT_DELAY", "plan", "queue_app", "state", "sync", "watch"]
 
@@ -100,7 +100,7 @@ def queue_cancel(
                 url = str(client.find_backend(backend)["baseUrl"])
             client.request("DELETE", "/queue/cancel", params={"url": url})
             what = f"the download on {backend}"
-    out().print(f"cancelled {what}")
+    say("cancelled {what}", what=what)
 
 
 # ---- watch ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -77,7 +78,7 @@ def print_records(
     for _, header in columns:
         table.add_column(header, overflow="fold")
     for record in records:
-        table.add_row(*(_cell(record.get(key)) for key, _ in columns))
+        table.add_row(*(Text(_cell(record.get(key))) for key, _ in columns))
     console.print(table)
 
 
@@ -148,10 +149,10 @@ def print_state(console: Console, snapshot: Any) -> None:
             declared.append(name, style=style)
         table.add_row(
             Text(str(entry.get("name", "")), style="bold"),
-            str(backend.get("type", "")),
+            Text(str(backend.get("type", ""))),
             Text(word, style=colour),
             declared,
-            ", ".join(present),
+            Text(", ".join(present)),
             Text(str(entry.get("error", "")), style="red"),
         )
     console.print(table)
@@ -249,7 +250,7 @@ class DownloadBoard:
         task = self._tasks.get(key)
         if task is None:
             label = f"{model} @ {self._names.get(url.rstrip('/'), url)}"
-            task = self.progress.add_task(label, total=None, status="starting")
+            task = self.progress.add_task(escape(label), total=None, status="starting")
             self._tasks[key] = task
         return task
 
@@ -269,15 +270,15 @@ class DownloadBoard:
             self._tasks.pop((url, model), None)
             self.finished.append((url, model))
         elif is_failure_status(status):
-            self.progress.update(task, status=f"[red]{status}[/red]")
+            self.progress.update(task, status=f"[red]{escape(status)}[/red]")
             self.progress.stop_task(task)
             self._tasks.pop((url, model), None)
             self.failed.append((url, model, status))
         elif isinstance(total, int) and total > 0:
             done = completed if isinstance(completed, int) else 0
-            self.progress.update(task, total=total, completed=done, status=status)
+            self.progress.update(task, total=total, completed=done, status=escape(status))
         else:
-            self.progress.update(task, status=status)
+            self.progress.update(task, status=escape(status))
 
     def _index(self, task: TaskID) -> int:
         for index, candidate in enumerate(self.progress.tasks):
