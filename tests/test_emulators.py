@@ -44,8 +44,9 @@ async def pull_lines(http: httpx.AsyncClient, node: OllamaNode, model: str) -> l
 
 
 async def drain(
-    http: httpx.AsyncClient, url: str, body: dict[str, Any], *, timeout: float
+    http: httpx.AsyncClient, url: str, body: dict[str, Any], *, read_timeout: float
 ) -> list[str]:
+    timeout = httpx.Timeout(10, read=read_timeout)
     async with http.stream("POST", url, json=body, timeout=timeout) as reply:
         return [line async for line in reply.aiter_lines()]
 
@@ -78,6 +79,8 @@ async def test_root_version_and_server_listing(emu: Emulator, http: httpx.AsyncC
     only = (await http.get(f"{emu.url}/_emulator/backends", params={"kind": "vllm"})).json()
     assert [b["name"] for b in only] == ["v-1"]
     assert (await http.get(f"{emu.url}/ollama/nobody/api/tags")).status_code == 404
+    unknown = await http.get(node.base_url + "/api/nothing")
+    assert (unknown.status_code, unknown.text) == (404, "404 page not found")
     emu.remove("node-1")
     assert (await http.get(node.base_url + "/api/tags")).status_code == 404
     with pytest.raises(KeyError):
@@ -309,7 +312,7 @@ async def test_hang_blocks_only_its_backend(emu: Emulator, http: httpx.AsyncClie
     free = emu.add_ollama("free")
     stuck.faults.hang()
     with pytest.raises(httpx.ReadTimeout):
-        await http.get(stuck.base_url + "/api/tags", timeout=0.2)
+        await http.get(stuck.base_url + "/api/tags", timeout=httpx.Timeout(10, read=0.3))
     assert (await http.get(free.base_url + "/api/tags")).status_code == 200
     pending = asyncio.create_task(http.get(stuck.base_url + "/api/tags"))
     await asyncio.sleep(0.05)
@@ -320,13 +323,14 @@ async def test_hang_blocks_only_its_backend(emu: Emulator, http: httpx.AsyncClie
 
 async def test_latency(http: httpx.AsyncClient) -> None:
     async with Emulator(latency=0.05) as emu:
-        nodes = [emu.add_ollama(f"n{i}") for i in range(50)]
+        # 100 requests of 50 ms each: 5 s one after another, well under 2.5 s concurrently.
+        nodes = [emu.add_ollama(f"n{i}") for i in range(100)]
         loop = asyncio.get_running_loop()
         start = loop.time()
         replies = await asyncio.gather(*(http.get(n.base_url + "/api/tags") for n in nodes))
         elapsed = loop.time() - start
         assert all(r.status_code == 200 for r in replies)
-        assert 0.05 <= elapsed < 1.0
+        assert 0.05 <= elapsed < 2.5
         nodes[0].faults.latency = 0.3
         start = loop.time()
         await http.get(nodes[0].base_url + "/api/tags")
@@ -348,7 +352,7 @@ async def test_stream_faults(emu: Emulator, http: httpx.AsyncClient) -> None:
     node.faults.clear()
     node.faults.stall_stream(after_lines=1)
     with pytest.raises(httpx.ReadTimeout):
-        await drain(http, node.base_url + "/api/pull", {"model": "a"}, timeout=0.3)
+        await drain(http, node.base_url + "/api/pull", {"model": "a"}, read_timeout=0.3)
     assert node.models == {}
     node.faults.clear()
     assert (await pull_lines(http, node, "a"))[-1] == {"status": "success"}

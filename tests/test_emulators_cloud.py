@@ -54,6 +54,12 @@ async def test_vllm_listing_health_and_key(emu: Emulator, http: httpx.AsyncClien
     allowed = await http.get(locked.base_url + "/v1/models", headers=auth)
     assert allowed.json()["data"][0]["max_model_len"] is None
     assert "secret-key" not in repr(locked)
+    locked.add_adapter("sql-lora")
+    served = (await http.get(locked.base_url + "/v1/models", headers=auth)).json()["data"]
+    adapter = served[1]
+    assert (adapter["id"], adapter["parent"], adapter["max_model_len"]) == ("sql-lora", "m", None)
+    locked.healthy = False
+    assert (await http.get(locked.base_url + "/health")).status_code == 503
 
 
 async def test_vllm_inference_and_unknown_model(emu: Emulator, http: httpx.AsyncClient) -> None:
@@ -91,7 +97,11 @@ async def test_openai_listing_and_keys(emu: Emulator, http: httpx.AsyncClient) -
     )
     assert "sk-wrong-999999" not in bad.text
     assert (await http.get(acct.base_url + "/models")).status_code == 401
-    assert [r.path for r in acct.requests] == ["/models"] * 3
+    auth = {"Authorization": f"Bearer {OA_KEY}"}
+    one = await http.get(acct.base_url + "/models/gpt-4o", headers=auth)
+    assert one.json()["id"] == "gpt-4o"
+    assert (await http.get(acct.base_url + "/models/gpt-9", headers=auth)).status_code == 404
+    assert [r.path for r in acct.requests][:3] == ["/models"] * 3
     assert OA_KEY not in repr(acct) + repr(acct.requests)
 
 

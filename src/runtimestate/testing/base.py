@@ -169,8 +169,11 @@ class EmulatedBackend(ABC):
         if handler is None:
             handler = self.match(request)
         if handler is None:
-            return self.error(404, f"no route for {request.method} {request.path}")
+            return self.route_not_found(request)
         return await handler(request)
+
+    def route_not_found(self, request: EmuRequest) -> Reply:
+        return self.error(404, f"no route for {request.method} {request.path}")
 
     def match(self, request: EmuRequest) -> Handler | None:
         """Routes with parameters in the path (a model id); the fixed table is tried first."""

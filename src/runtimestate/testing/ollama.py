@@ -115,6 +115,10 @@ class OllamaNode(EmulatedBackend):
     def stream_error_chunk(self, message: str) -> bytes:
         return _line({"error": message})
 
+    def route_not_found(self, request: EmuRequest) -> Reply:
+        # Ollama's router (gin) answers unknown paths in plain text, not in its JSON error shape.
+        return Reply(status=404, body=b"404 page not found", content_type="text/plain")
+
     def oversized_prefix(self) -> bytes:
         return b'{"models":['
 
@@ -233,7 +237,7 @@ class OllamaNode(EmulatedBackend):
         except BodyError as exc:
             return self.error(400, str(exc))
         except InvalidModelName:
-            return self.error(400, f"name {given!r} is invalid")
+            return self.error(400, f'name "{given}" is invalid')
         if self.models.pop(name, None) is None:
             return self.error(404, f"model '{given}' not found")
         self.loaded.pop(name, None)

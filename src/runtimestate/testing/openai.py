@@ -334,7 +334,8 @@ class OpenAIAccount(_OpenAICompatible):
 
 
 class VLLMServer(_OpenAICompatible):
-    """A vLLM server serving ``model`` (its ``max_model_len`` None, as for a LoRA adapter)."""
+    """A vLLM server serving ``model``, plus any LoRA ``adapters`` (listed with ``parent`` set to
+    the base model and ``max_model_len`` null). ``healthy`` False makes ``/health`` answer 503."""
 
     kind = "vllm"
 
@@ -352,6 +353,7 @@ class VLLMServer(_OpenAICompatible):
         self.model = model
         self.max_model_len = max_model_len
         self.api_key = api_key
+        self.adapters: list[str] = []
         self.healthy = True
         self.route("GET", "/health", self._health)
         self.route("GET", "/version", self._version)
@@ -360,35 +362,46 @@ class VLLMServer(_OpenAICompatible):
         masked = mask_secret(self.api_key) if self.api_key else None
         return f"VLLMServer(name={self.name!r}, model={self.model!r}, api_key={masked!r})"
 
+    def add_adapter(self, name: str) -> None:
+        """Serve a LoRA adapter ``name`` on top of the base model (as ``--lora-modules`` does)."""
+        self.adapters.append(name)
+
     def model_entries(self) -> list[dict[str, Any]]:
-        created = self._created(self.model)
-        return [
-            {
-                "id": self.model,
-                "object": "model",
-                "created": created,
-                "owned_by": "vllm",
-                "root": self.model,
-                "parent": None,
-                "max_model_len": self.max_model_len,
-                "permission": [
-                    {
-                        "id": f"modelperm-{stable_int(self.name, self.model):016x}",
-                        "object": "model_permission",
-                        "created": created,
-                        "allow_create_engine": False,
-                        "allow_sampling": True,
-                        "allow_logprobs": True,
-                        "allow_search_indices": False,
-                        "allow_view": True,
-                        "allow_fine_tuning": False,
-                        "organization": "*",
-                        "group": None,
-                        "is_blocking": False,
-                    }
-                ],
-            }
+        base = self._entry(self.model, root=self.model, parent=None, length=self.max_model_len)
+        adapters = [
+            self._entry(name, root=f"/adapters/{name}", parent=self.model, length=None)
+            for name in self.adapters
         ]
+        return [base, *adapters]
+
+    def _entry(
+        self, model: str, *, root: str, parent: str | None, length: int | None
+    ) -> dict[str, Any]:
+        created = self._created(model)
+        permission = {
+            "id": f"modelperm-{stable_int(self.name, model):016x}",
+            "object": "model_permission",
+            "created": created,
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
+        }
+        return {
+            "id": model,
+            "object": "model",
+            "created": created,
+            "owned_by": "vllm",
+            "root": root,
+            "parent": parent,
+            "max_model_len": length,
+            "permission": [permission],
+        }
 
     def unauthorized(self, request: EmuRequest) -> Reply | None:
         if self.api_key is None or not request.path.startswith("/v1"):
