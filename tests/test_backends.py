@@ -1,0 +1,267 @@
+"""Driver pieces without a store: name normalization, the pure plan step, the registry, and the
+shared HTTP client's bounded reads and error translation against the emulator's faults."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+
+from runtimestate.backends import (
+    ActionKind,
+    BackendPlan,
+    Capabilities,
+    CycleContext,
+    Declared,
+    Driver,
+    DriverOptions,
+    HttpClient,
+    cloud_key,
+    driver_types,
+    ollama_key,
+    register,
+)
+from runtimestate.backends import base as backends_base
+from runtimestate.backends.gemini import gemini_models_url
+from runtimestate.backends.ollama import OllamaDriver, OllamaInventory, parse_show
+from runtimestate.backends.vllm import openai_models_url
+from runtimestate.bus import open_bus
+from runtimestate.clock import FakeClock
+from runtimestate.errors import (
+    BackendError,
+    BackendUnreachable,
+    BadRequest,
+    KeyRejected,
+    ProtocolError,
+    RateLimited,
+    ServerError,
+)
+from runtimestate.records import ListModelResponse
+from runtimestate.state import State
+from runtimestate.store import Backend, Model, open_store
+from runtimestate.testing import Emulator
+
+EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def model(name: str, **caps: object) -> Model:
+    values: dict[str, object] = {
+        "context_length": 0,
+        "can_chat": False,
+        "can_embed": False,
+        "can_prompt": False,
+        "can_stream": False,
+        **caps,
+    }
+    return Model(id=name, model=name, created_at=EPOCH, updated_at=EPOCH, **values)  # type: ignore[arg-type]
+
+
+def backend(url: str = "http://node:11434", type: str = "ollama") -> Backend:
+    return Backend(
+        id="b1", name="node", base_url=url, type=type, created_at=EPOCH, updated_at=EPOCH
+    )
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("llama3", "llama3:latest"),
+        ("Llama3:Latest", "llama3"),
+        ("registry.ollama.ai/library/llama3:8b", "llama3:8b"),
+        ("library/qwen2:0.5b", "QWEN2:0.5b"),
+        ("localhost:5000/team/model", "localhost:5000/team/model:latest"),
+    ],
+)
+def test_ollama_names_compare_as_ollama_does(a: str, b: str) -> None:
+    assert ollama_key(a) == ollama_key(b)
+
+
+def test_different_ollama_names_stay_different() -> None:
+    assert ollama_key("llama3:8b") != ollama_key("llama3")
+    assert ollama_key("team/llama3") != ollama_key("llama3")
+    assert ollama_key("localhost:5000/llama3") != ollama_key("llama3")
+    assert cloud_key("models/gemini-2.0-flash") == cloud_key("Gemini-2.0-Flash")
+
+
+def test_base_urls_are_not_doubled() -> None:
+    assert openai_models_url("http://h/vllm/x") == "http://h/vllm/x/v1/models"
+    assert openai_models_url("http://h/vllm/x/v1/") == "http://h/vllm/x/v1/models"
+    assert gemini_models_url("http://h/g") == "http://h/g/v1beta/models"
+    assert gemini_models_url("http://h/g/v1beta") == "http://h/g/v1beta/models"
+
+
+def test_show_capabilities_and_context() -> None:
+    caps = parse_show(
+        {
+            "capabilities": ["completion", "vision"],
+            "model_info": {"general.architecture": "gemma3", "gemma3.context_length": 131072},
+        }
+    )
+    assert caps == Capabilities(
+        context_length=131072, can_chat=True, can_prompt=True, can_stream=True
+    )
+    assert parse_show({"capabilities": ["embedding"]}) == Capabilities(can_embed=True)
+    with pytest.raises(ProtocolError):
+        parse_show(["not", "an", "object"])
+
+
+def test_declared_capabilities_win_and_gaps_are_discovered() -> None:
+    discovered = Capabilities(context_length=8192, can_chat=True, can_prompt=True)
+    assert Capabilities(context_length=4096).merged(discovered) == Capabilities(
+        context_length=4096, can_chat=True, can_prompt=True
+    )
+    declared = Capabilities(can_embed=True)
+    assert declared.merged(discovered) == Capabilities(context_length=8192, can_embed=True)
+    assert declared.merged(None) == declared
+    assert not declared.complete
+    assert Capabilities(context_length=1, can_chat=True).complete
+
+
+def test_ollama_plan_is_pure_and_complete() -> None:
+    driver = OllamaDriver(DriverOptions(clock=FakeClock()))
+    declared = Declared(
+        backend=backend(),
+        models=(model("llama3", context_length=4096, can_chat=True), model("phi3"), model("m2")),
+    )
+    inventory = OllamaInventory(
+        models=(
+            ListModelResponse(name="llama3:latest", model="llama3:latest", digest="d1"),
+            ListModelResponse(name="junk:1b", model="junk:1b", digest="d2"),
+        ),
+        discovered={},
+        downloading=False,
+        queued=False,
+    )
+    plan = driver.plan(declared, inventory)
+    assert [(a.kind, a.model) for a in plan.actions] == [
+        (ActionKind.PULL, "phi3"),
+        (ActionKind.DELETE, "junk:1b"),
+    ]
+    assert [m.name for m in plan.state.pulled_models] == ["llama3:latest"]
+    assert plan.state.pulled_models[0].context_length == 4096
+    assert driver.plan(declared, inventory) == plan
+    busy = OllamaInventory(models=(), discovered={}, downloading=True, queued=False)
+    assert [a.kind for a in driver.plan(declared, busy).actions] == []
+    pending = OllamaInventory(models=(), discovered={}, downloading=False, queued=True)
+    assert [a.kind for a in driver.plan(declared, pending).actions] == []
+
+
+def test_every_type_is_registered_once() -> None:
+    assert set(driver_types()) >= {"ollama", "vllm", "openai", "gemini"}
+
+    class Impostor(OllamaDriver):
+        type_name = "ollama"
+
+    with pytest.raises(ValueError, match="already has driver"):
+        register(Impostor)
+
+
+async def test_a_new_type_is_one_registered_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backends_base, "_REGISTRY", dict(backends_base._REGISTRY))
+
+    @register
+    class Static(Driver[int]):
+        """A backend type that needs no I/O: proves State has no switch over types."""
+
+        type_name = "static"
+
+        async def observe(self, ctx: CycleContext, declared: Declared) -> int:
+            return len(declared.models)
+
+        def plan(self, declared: Declared, observed: int) -> BackendPlan:
+            state = declared.base_state().model_copy(update={"error": f"{observed} models"})
+            return BackendPlan(
+                backend_id=declared.backend.id,
+                backend_name=declared.backend.name,
+                actions=(),
+                state=state,
+            )
+
+    store = await open_store("sqlite:///:memory:")
+    bus = await open_bus(None)
+    try:
+        await store.create_backend(name="s", base_url="static://s", type="static")
+        await store.append_model(model="llama3")
+        async with State(store, bus) as state:
+            await state.run_backend_cycle()
+            assert [s.error for s in state.get().values()] == ["1 models"]
+    finally:
+        await bus.close()
+        await store.close()
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    async with Emulator(latency=0.0) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[HttpClient]:
+    client = HttpClient(timeout=1.0, max_body_bytes=64 * 1024, max_line_bytes=4096)
+    yield client
+    await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (401, KeyRejected),
+        (429, RateLimited),
+        (404, BadRequest),
+        (502, ServerError),
+    ],
+)
+async def test_statuses_become_errors_by_what_to_do(
+    emu: Emulator, http: HttpClient, status: int, error: type[BackendError]
+) -> None:
+    node = emu.add_ollama("n")
+    node.faults.fail(status=status, body=b'{"error":"because"}')
+    with pytest.raises(error, match=rf"HTTP {status} from .*: {{\"error\":\"because\"}}"):
+        await http.request_json("GET", node.base_url + "/api/tags")
+
+
+async def test_bodies_are_read_with_a_bound(emu: Emulator, http: HttpClient) -> None:
+    node = emu.add_ollama("n")
+    node.faults.oversized(size=10 * 1024 * 1024)
+    with pytest.raises(ProtocolError, match="response too large"):
+        await http.request_json("GET", node.base_url + "/api/tags")
+    node.faults.clear()
+    node.faults.malformed()
+    with pytest.raises(ProtocolError, match="malformed JSON"):
+        await http.request_json("GET", node.base_url + "/api/tags")
+
+
+async def test_a_request_times_out_on_its_own(emu: Emulator, http: HttpClient) -> None:
+    node = emu.add_ollama("n")
+    node.faults.hang()
+    with pytest.raises(BackendUnreachable, match="timed out"):
+        await http.request_json("GET", node.base_url + "/api/tags")
+
+
+async def read_pull(http: HttpClient, url: str, into: list[dict[str, object]]) -> None:
+    async with http.stream_lines("POST", url + "/api/pull", json_body={"model": "phi3"}) as lines:
+        async for line in lines:
+            into.append(line)
+
+
+async def test_stream_lines_are_bounded_and_breaks_are_errors(
+    emu: Emulator, http: HttpClient
+) -> None:
+    node = emu.add_ollama("n")
+    node.faults.break_stream(after_lines=2)
+    lines: list[dict[str, object]] = []
+    with pytest.raises(BackendUnreachable, match="broke"):
+        await read_pull(http, node.base_url, lines)
+    assert lines[0] == {"status": "pulling manifest"}
+    node.faults.clear()
+    node.faults.oversized(path="/api/pull", size=64 * 1024)
+    with pytest.raises(ProtocolError):
+        await read_pull(http, node.base_url, [])
+
+
+async def test_secrets_in_urls_never_reach_messages(http: HttpClient) -> None:
+    with pytest.raises(BackendError) as raised:
+        await http.request_json("GET", "http://127.0.0.1:1/v1beta/models?key=AIzaSecret0123456789")
+    assert "AIzaSecret0123456789" not in str(raised.value)
