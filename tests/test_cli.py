@@ -23,6 +23,7 @@ from typer.testing import CliRunner, Result
 
 from runtimestate.cli import app
 from runtimestate.cli.client import ExitCode, resolve_endpoint
+from runtimestate.cli.serve import DEMO_DATABASE_FILE
 from runtimestate.demo import DEMO_MODELS, DEMO_NODES
 from tests.cli_service import ServiceProcess, cli_env, free_port, start_service
 
@@ -134,6 +135,9 @@ def test_demo_fleet_is_declared_through_the_startup_hook(service: ServiceProcess
     assert all(b["type"] == "ollama" for b in backends if b["name"] in DEMO_NODES)
     models = {m["model"] for m in run_json(service, "model", "list")}
     assert models >= {spec.model for spec in DEMO_MODELS}
+    # The demo declares into its own database, never into the operator's real one.
+    assert (service.data_dir / DEMO_DATABASE_FILE).exists()
+    assert not (service.data_dir / "runtimestate.db").exists()
 
 
 def test_watch_json_prints_demo_progress_events(service: ServiceProcess) -> None:

@@ -8,6 +8,9 @@ and the settings' own defaults still apply - flags override the environment, nev
 The service module (FastAPI, uvicorn, SQLAlchemy, the drivers) is imported inside the command,
 so that the everyday commands, which only need an HTTP client, start quickly.
 
+``--demo`` keeps its declarations in ``demo.db`` beside the real database (unless a database
+is named), so trying the demo never leaves emulated backends declared in an operator's fleet.
+
 The bearer token is deliberately not a flag: argv is visible to every user of the machine
 (``ps``), so the token comes from ``RUNTIMESTATE_TOKEN`` or the generated token file.
 """
@@ -15,6 +18,7 @@ The bearer token is deliberately not a flag: argv is visible to every user of th
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,12 +28,14 @@ from pydantic import ValidationError
 from runtimestate.cli.client import ExitCode
 from runtimestate.errors import RuntimeStateError, redact
 
-__all__ = ["DEMO_INTERVAL", "DEMO_WORKERS", "serve_command"]
+__all__ = ["DEMO_DATABASE_FILE", "DEMO_INTERVAL", "DEMO_WORKERS", "serve_command"]
 
 # The demo should settle within a minute: cycles every 2 s and one worker per demo node, so the
 # nodes pull in parallel, unless the operator asked for something else.
 DEMO_INTERVAL = 2.0
 DEMO_WORKERS = 3
+DEMO_DATABASE_FILE = "demo.db"
+DATABASE_ENV = "RUNTIMESTATE_DATABASE_URL"
 
 
 def serve_command(
@@ -103,6 +109,12 @@ async def _serve(overrides: dict[str, Any], *, demo: bool) -> None:
         field = ".".join(str(part) for part in first["loc"])
         typer.echo(f"error: invalid setting {field}: {first['msg']}", err=True)
         raise typer.Exit(int(ExitCode.USAGE)) from None
+    if demo and overrides["database_url"] is None and not os.environ.get(DATABASE_ENV):
+        # The demo's emulated nodes must not linger as declared backends in the operator's
+        # real database, so by default it keeps its own file beside it (the token is shared,
+        # so the CLI still finds it).
+        demo_db = f"sqlite:///{settings.data_dir / DEMO_DATABASE_FILE}"
+        settings = settings.model_copy(update={"database_url": demo_db})
     try:
         if demo:
             from runtimestate.demo import DemoFleet
