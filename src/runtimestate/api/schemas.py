@@ -59,13 +59,15 @@ Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max
 # Published in the OpenAPI schema so that clients (and schemathesis) know what is accepted. The
 # validator below accepts every string this matches, and also bracketed IPv6 literals, which a
 # readable pattern cannot describe exactly.
-URL_PATTERN = r"^https?://[A-Za-z0-9][A-Za-z0-9.\-]*(?::[0-9]{1,5})?(?:[/?#][!-~]*)?$"
+_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+URL_PATTERN = rf"^https?://[A-Za-z0-9][A-Za-z0-9.\-]*(?::{_PORT})?(?:[/?#][!-~]*)?$"
 
 
 def _http_url(value: str) -> str:
     try:
         split = urlsplit(value)
-        valid = split.scheme in {"http", "https"} and bool(split.hostname)
+        # .port raises ValueError past 65535.
+        valid = split.scheme in {"http", "https"} and bool(split.hostname) and split.port != 0
     except ValueError:
         valid = False
     if not valid or any(c.isspace() for c in value):
