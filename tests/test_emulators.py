@@ -18,7 +18,13 @@ import httpx
 import pytest
 
 from runtimestate.clock import FakeClock
-from runtimestate.testing import Emulator, EmulatorThread, OllamaNode, normalize_model_name
+from runtimestate.testing import (
+    Emulator,
+    EmulatorThread,
+    GeminiAccount,
+    OllamaNode,
+    normalize_model_name,
+)
 from runtimestate.testing.ollama_models import InvalidModelName
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -402,3 +408,48 @@ def test_standalone_process_prints_its_url() -> None:
             process.terminate()
             process.wait(timeout=10)
     assert process.returncode == 0
+
+
+async def test_control_api(emu: Emulator, http: httpx.AsyncClient) -> None:
+    control = f"{emu.url}/_emulator"
+    added = await http.post(
+        control + "/backends", json={"kind": "ollama", "name": "n", "models": ["llama3"]}
+    )
+    assert added.status_code == 201
+    base = added.json()["base_url"]
+    assert (await http.get(base + "/api/tags")).json()["models"][0]["name"] == "llama3:latest"
+    gemini = {
+        "kind": "gemini",
+        "name": "g",
+        "api_key": "AIzaControl0123456789",
+        "models": ["gemini-a", {"name": "gemini-b", "methods": ["embedContent"]}],
+    }
+    made = await http.post(control + "/backends", json=gemini)
+    assert "AIzaControl0123456789" not in made.text
+    account = emu.get("gemini", "g")
+    assert isinstance(account, GeminiAccount)
+    assert [m.name for m in account.models] == ["models/gemini-a", "models/gemini-b"]
+    duplicate = await http.post(control + "/backends", json={"kind": "ollama", "name": "n"})
+    assert duplicate.status_code == 409
+    for bad in ({"kind": "llamacpp", "name": "x"}, {"kind": "ollama", "name": "y", "nope": 1}):
+        refused = await http.post(control + "/backends", json=bad)
+        assert refused.status_code == 400
+        assert "error" in refused.json()
+    faults = control + "/backends/ollama/n/faults"
+    armed = await http.post(faults, json={"fault": "fail", "status": 502, "body": "down"})
+    assert armed.status_code == 204
+    failed = await http.get(base + "/api/tags")
+    assert (failed.status_code, failed.text) == (502, "down")
+    assert (await http.post(faults, json={"fault": "explode"})).status_code == 400
+    assert (await http.delete(faults)).status_code == 204
+    assert (await http.get(base + "/api/tags")).status_code == 200
+    assert (await http.post(faults, json={"fault": "latency", "seconds": 0.2})).status_code == 204
+    node = emu.get("ollama", "n")
+    assert node is not None
+    assert node.faults.latency == 0.2
+    assert (await http.put(control + "/latency", json={"latency": 0.01})).status_code == 204
+    assert emu.latency == 0.01
+    assert (await http.put(control + "/latency", json={"latency": -1})).status_code == 400
+    assert (await http.delete(control + "/backends/ollama/n")).status_code == 204
+    assert (await http.delete(control + "/backends/ollama/n")).status_code == 404
+    assert emu.get("ollama", "n") is None

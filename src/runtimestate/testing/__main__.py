@@ -7,8 +7,9 @@ For benchmarks and demos that want the emulator in another process (its own core
 prints the server root URL as the first line of standard output once it is listening (so a parent
 process can read one line and go on), then serves until interrupted. Backends are named
 ``ollama-0``, ``ollama-1``, … (``vllm-N``, ``openai-N``, ``gemini-N``); ``GET <url>/_emulator/
-backends`` lists each with its base URL. The cloud keys come from ``--openai-key`` /
-``--gemini-key`` and are never printed.
+backends`` lists each with its base URL, and the rest of the control API under ``/_emulator/``
+(see :mod:`runtimestate.testing.control`) adds backends and arms faults while it runs. The cloud
+keys come from ``--openai-key`` / ``--gemini-key`` and are never printed.
 """
 
 from __future__ import annotations

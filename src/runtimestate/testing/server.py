@@ -8,7 +8,8 @@ injected clock, never blocking other requests), applies request faults before th
 handler runs, and writes streams chunk by chunk so stream faults can cut in after N chunks.
 
 ``GET /_emulator/backends`` lists every backend with its base URL (optionally ``?kind=ollama``),
-which is how a process that started the emulator as a subprocess finds its nodes.
+which is how a process that started the emulator as a subprocess finds its nodes; the rest of
+the control API under ``/_emulator/`` (adding backends, arming faults) is in :mod:`.control`.
 
 Handlers are cancelled when their client disconnects (``handler_cancellation=True``), so a hang,
 a stall or a pull whose client went away ends there and never lands a half-pulled model.
@@ -25,7 +26,8 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from runtimestate.clock import SYSTEM_CLOCK, Clock
-from runtimestate.testing.base import EmulatedBackend, EmuRequest, Reply, StreamReply, json_bytes
+from runtimestate.testing.base import EmulatedBackend, EmuRequest, Reply, StreamReply
+from runtimestate.testing.control import install_control_routes
 from runtimestate.testing.faults import FaultKind, FaultRule
 from runtimestate.testing.gemini import GeminiAccount, GeminiModel
 from runtimestate.testing.ollama import OllamaNode
@@ -79,9 +81,13 @@ class Emulator:
     def backends(self) -> Sequence[EmulatedBackend]:
         return tuple(self._backends.values())
 
+    def get(self, kind: str, name: str) -> EmulatedBackend | None:
+        """The backend of that kind and name, if there is one."""
+        return self._backends.get((kind, name))
+
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_get("/_emulator/backends", self._list_backends)
+        install_control_routes(app, self)
         app.router.add_route("*", "/{kind}/{name}", self._dispatch)
         app.router.add_route("*", "/{kind}/{name}/{tail:.*}", self._dispatch)
         # A short shutdown: hung requests are the point of some tests and must not hold close.
@@ -187,11 +193,6 @@ class Emulator:
             raise ValueError("a backend name must be non-empty and contain no '/'")
         self._backends[key] = backend
         return backend
-
-    async def _list_backends(self, request: web.Request) -> web.Response:
-        kind = request.query.get("kind")
-        listing = [b.describe() for b in self._backends.values() if kind in (None, b.kind)]
-        return web.Response(body=json_bytes(listing), content_type="application/json")
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         backend = self._backends.get((request.match_info["kind"], request.match_info["name"]))
