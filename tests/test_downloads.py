@@ -340,3 +340,19 @@ async def test_the_lease_is_renewed_while_progress_flows(
     assert all(still_held)
     assert len(still_held) == 20
     assert await downloads.list_running(store) == []
+
+
+async def test_download_cycles_run_concurrently_on_different_backends(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    nodes = [emu.add_ollama(f"n{i}", pull_seconds=0.3) for i in range(2)]
+    for node in nodes:
+        await store.create_backend(name=node.name, base_url=node.base_url, type="ollama")
+    await store.append_model(model="phi3:mini", can_chat=True, context_length=4096)
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        assert len(await downloads.list_pending(store)) == 2
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(state.run_download_cycle(), state.run_download_cycle())
+    assert results == (True, True)
+    assert all("phi3:mini" in node.models for node in nodes)

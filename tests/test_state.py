@@ -224,6 +224,21 @@ async def test_undeclared_capabilities_come_from_show_once_per_digest(
     assert len(paths(node, "POST", "/api/show")) == 2
 
 
+async def test_a_failed_show_keeps_the_inventory(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    node = emu.add_ollama("n1", models=["llama3"])
+    node.faults.fail(status=500, body=b'{"error":"show broke"}', path="/api/show")
+    await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await store.append_model(model="llama3")
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        (observed,) = state.get().values()
+    assert [m.name for m in observed.pulled_models] == ["llama3:latest"]
+    assert observed.error.startswith("show llama3:latest: HTTP 500")
+    assert "show broke" in observed.error
+
+
 async def test_backends_are_reconciled_concurrently(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:

@@ -235,8 +235,7 @@ class State:
             for index, model in pulls:
                 backend = declared[index].backend
                 message = f"queue download of {model} failed: {exc}"
-                BACKEND_FAILURES.labels(type=backend.type).inc()
-                logger.warning(message, extra={"backend_id": backend.id, "model": model})
+                self._record_failure(backend, message)
                 state = failed[index].state
                 error = "; ".join(filter(None, (state.error, message)))
                 failed[index] = replace(
@@ -273,17 +272,23 @@ class State:
             except RuntimeStateError as exc:
                 return self._failed(declared, str(exc))
         if plan.state.error:
-            BACKEND_FAILURES.labels(type=backend.type).inc()
+            # A failure the driver kept inside the state (a served model nobody declared, a
+            # failed delete) is still a failure: the same log line and metric as a raised one.
+            self._record_failure(backend, plan.state.error)
         return plan
 
-    def _failed(self, declared: Declared, error: str) -> BackendPlan:
-        backend = declared.backend
+    @staticmethod
+    def _record_failure(backend: Backend, error: str) -> None:
         BACKEND_FAILURES.labels(type=backend.type).inc()
         logger.warning(
             "backend failed: %s",
             error,
             extra={"backend_id": backend.id, "backend_type": backend.type},
         )
+
+    def _failed(self, declared: Declared, error: str) -> BackendPlan:
+        backend = declared.backend
+        self._record_failure(backend, error)
         return BackendPlan(
             backend_id=backend.id,
             backend_name=backend.name,

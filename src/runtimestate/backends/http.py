@@ -129,7 +129,6 @@ class HttpClient:
                 cookie_jar=aiohttp.DummyCookieJar(),
                 trust_env=False,
                 read_bufsize=2**16,
-                max_line_size=self.max_line_bytes,
             )
         return self._session
 

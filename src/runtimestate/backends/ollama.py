@@ -44,7 +44,7 @@ from runtimestate.backends.base import (
 from runtimestate.backends.http import HttpClient, join_url
 from runtimestate.backends.names import ollama_key
 from runtimestate.errors import BackendError, ProtocolError, RuntimeStateError
-from runtimestate.metrics import BACKEND_FAILURES, MODELS_DELETED
+from runtimestate.metrics import MODELS_DELETED
 from runtimestate.records import ListModelResponse, LLMState
 
 __all__ = ["OllamaDriver", "OllamaInventory", "open_pull", "parse_show"]
@@ -223,7 +223,6 @@ class OllamaDriver(Driver[OllamaInventory]):
                 )
             except RuntimeStateError as exc:
                 failures.append(f"delete {action.model} failed: {exc}")
-                BACKEND_FAILURES.labels(type=self.type_name).inc()
                 logger.warning("delete %s failed: %s", action.model, exc, extra=log_extra)
                 continue
             deleted += 1
