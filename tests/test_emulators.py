@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from runtimestate import testing
 from runtimestate.clock import FakeClock
 from runtimestate.testing import (
     Emulator,
@@ -453,3 +454,25 @@ async def test_control_api(emu: Emulator, http: httpx.AsyncClient) -> None:
     assert (await http.delete(control + "/backends/ollama/n")).status_code == 204
     assert (await http.delete(control + "/backends/ollama/n")).status_code == 404
     assert emu.get("ollama", "n") is None
+
+
+def test_public_names() -> None:
+    assert set(testing.__all__) == {
+        "EmulatedBackend",
+        "Emulator",
+        "EmulatorThread",
+        "FaultKind",
+        "Faults",
+        "GeminiAccount",
+        "GeminiModel",
+        "InvalidModelName",
+        "OllamaLayer",
+        "OllamaModel",
+        "OllamaNode",
+        "OpenAIAccount",
+        "RecordedRequest",
+        "VLLMServer",
+        "make_model",
+        "normalize_model_name",
+    }
+    assert all(hasattr(testing, name) for name in testing.__all__)

@@ -15,6 +15,7 @@ client disconnects or a stream fault cuts in, so a broken-off pull lands nothing
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -125,9 +126,6 @@ class OllamaNode(EmulatedBackend):
     def _ok(self, value: Any) -> Reply:
         return Reply(body=json_bytes(value))
 
-    def _body(self, request: EmuRequest) -> dict[str, Any]:
-        return request.json_object()
-
     def _model_field(self, body: dict[str, Any]) -> str:
         value = body.get("model") or body.get("name") or ""
         return value if isinstance(value, str) else ""
@@ -183,7 +181,7 @@ class OllamaNode(EmulatedBackend):
 
     async def _pull(self, request: EmuRequest) -> Reply | StreamReply:
         try:
-            body = self._body(request)
+            body = request.json_object()
             name = normalize_model_name(self._model_field(body))
         except BodyError as exc:
             return self.error(400, str(exc))
@@ -202,7 +200,8 @@ class OllamaNode(EmulatedBackend):
         if self.pullable is not None and name not in self.pullable:
             yield _line({"error": "pull model manifest: file does not exist"})
             return
-        model = self.catalog.get(name) or self._make(name)
+        offered = self.catalog.get(name)
+        model = replace(offered, modified_at=self._clock.now()) if offered else self._make(name)
         on_disk = {layer.digest for m in self.models.values() for layer in m.layers}
         fresh = [layer for layer in model.layers if layer.digest not in on_disk]
         steps = sum(_WEIGHT_STEPS if i == 0 else 1 for i, _ in enumerate(fresh)) or 1
@@ -232,7 +231,7 @@ class OllamaNode(EmulatedBackend):
 
     async def _delete(self, request: EmuRequest) -> Reply:
         try:
-            given = self._model_field(self._body(request))
+            given = self._model_field(request.json_object())
             name = normalize_model_name(given)
         except BodyError as exc:
             return self.error(400, str(exc))
@@ -245,7 +244,7 @@ class OllamaNode(EmulatedBackend):
 
     async def _show(self, request: EmuRequest) -> Reply:
         try:
-            given = self._model_field(self._body(request))
+            given = self._model_field(request.json_object())
         except BodyError as exc:
             return self.error(400, str(exc))
         if not given:
@@ -292,7 +291,7 @@ class OllamaNode(EmulatedBackend):
 
     async def _complete(self, request: EmuRequest, *, chat: bool) -> Reply | StreamReply:
         try:
-            body = self._body(request)
+            body = request.json_object()
         except BodyError as exc:
             return self.error(400, str(exc))
         model = self._inference_model(body, "chat" if chat else "generate")
@@ -358,7 +357,7 @@ class OllamaNode(EmulatedBackend):
 
     async def _embed(self, request: EmuRequest) -> Reply:
         try:
-            body = self._body(request)
+            body = request.json_object()
         except BodyError as exc:
             return self.error(400, str(exc))
         model = self._inference_model(body, None)
