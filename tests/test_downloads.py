@@ -356,3 +356,21 @@ async def test_download_cycles_run_concurrently_on_different_backends(
             results = await asyncio.gather(state.run_download_cycle(), state.run_download_cycle())
     assert list(results) == [True, True]
     assert all("phi3:mini" in node.models for node in nodes)
+
+
+async def test_one_worker_never_pulls_twice_on_one_backend(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    node = await setup_node(store, emu, pull_seconds=30.0)
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        async with await bus.stream(MODEL_DOWNLOAD) as sub:
+            pulling = asyncio.create_task(state.run_download_cycle())
+            await statuses_until(sub, "pulling ")
+            # The same job again, e.g. from an operator: the lease would be a renewal for this
+            # worker, so the worker itself must refuse it.
+            await downloads.queue_download(store, node.base_url, "phi3:mini")
+            assert await state.run_download_cycle() is False
+            await downloads.request_cancel(bus, "phi3:mini")
+            assert await pulling is True
+    assert len([r for r in node.requests if r.path == "/api/pull"]) == 1

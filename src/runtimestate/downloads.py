@@ -213,10 +213,6 @@ async def remove_pending(store: Store, model: str | None = None, url: str | None
     return removed
 
 
-class _Cancelled(Exception):
-    """Internal: a cancel message named this download."""
-
-
 class Downloader:
     """Runs download cycles for one worker. Holds no background task: each call of
     :meth:`run_cycle` is one unit of work that ends before it returns."""
@@ -243,6 +239,9 @@ class Downloader:
         self._progress_interval = progress_interval
         self._stall_timeout = stall_timeout
         self._lease_ttl = timedelta(seconds=lease_ttl)
+        # A lease held by this worker would be granted again (a renewal), so concurrent cycles
+        # of one worker also check the URLs it is pulling right now.
+        self._pulling: set[str] = set()
         self.last_outcome = DownloadOutcome.EMPTY
 
     async def run_cycle(self) -> bool:
@@ -256,7 +255,11 @@ class Downloader:
             return False
         url, model = _payload(job)
         holder = f"{self.worker_id}|{model}"
-        lease = await self._store.acquire_lease(lease_name(url), holder=holder, ttl=self._lease_ttl)
+        lease = None
+        if url not in self._pulling:
+            lease = await self._store.acquire_lease(
+                lease_name(url), holder=holder, ttl=self._lease_ttl
+            )
         if lease is None:
             with contextlib.suppress(Conflict):
                 # Conflict: the backend cycle already queued it again. Either way it is queued.
@@ -264,10 +267,12 @@ class Downloader:
             logger.info("download deferred: backend busy", extra={"url": url, "model": model})
             self.last_outcome = DownloadOutcome.DEFERRED
             return False
+        self._pulling.add(url)
         try:
             async with await self._messenger.stream(QUEUE_CANCEL) as cancels:
                 self.last_outcome = await self._pull_or_cancel(url, model, holder, cancels)
         finally:
+            self._pulling.discard(url)
             await asyncio.shield(self._store.release_lease(lease_name(url), holder=holder))
         return True
 
