@@ -147,9 +147,14 @@ async def test_openai_client(emu: Emulator) -> None:
             ):
                 pass
         acct.faults.clear()
-        acct.faults.fail(status=500)
+        acct.faults.fail(status=500, path="/models")
         with pytest.raises(openai.InternalServerError):
             await client.models.list()
+        acct.faults.clear()
+        acct.faults.fail(status=429, path="/v1/embeddings")
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.embeddings.create(model="text-embedding-3-small", input="a")
+        assert limited.value.code == "rate_limit_exceeded"
         acct.faults.clear()
     wrong = openai.AsyncOpenAI(api_key="sk-wrong-0000000000", base_url=acct.base_url, max_retries=0)
     async with wrong:

@@ -43,7 +43,10 @@ _REQUEST_KINDS = frozenset(
 
 @dataclass(kw_only=True, slots=True)
 class FaultRule:
-    """One armed fault. ``path`` None matches every path; ``times`` None never runs out."""
+    """One armed fault. ``path`` None matches every path; ``times`` None never runs out.
+
+    Mutable on purpose: ``times`` counts down as the fault fires.
+    """
 
     kind: FaultKind
     path: str | None = None
@@ -54,8 +57,8 @@ class FaultRule:
     after_lines: int = 0
     message: str = ""
 
-    def matches(self, path: str) -> bool:
-        return self.path is None or self.path == path
+    def matches(self, paths: tuple[str, ...]) -> bool:
+        return self.path is None or self.path in paths
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, repr=False)
@@ -167,21 +170,23 @@ class Faults:
         """Park until the next :meth:`clear`."""
         await self._release.wait()
 
-    def take_request_fault(self, path: str) -> FaultRule | None:
-        """The first armed request fault for ``path``, consuming one of its ``times``."""
-        return self._take(path, stream=False)
+    def take_request_fault(self, *paths: str) -> FaultRule | None:
+        """The first armed request fault for the request's ``paths`` (its path relative to the
+        base URL and, where they differ, to the backend's prefix), consuming one of its
+        ``times``."""
+        return self._take(paths, stream=False)
 
-    def take_stream_fault(self, path: str) -> FaultRule | None:
-        """The first armed stream fault for ``path``, consuming one of its ``times``."""
-        return self._take(path, stream=True)
+    def take_stream_fault(self, *paths: str) -> FaultRule | None:
+        """The first armed stream fault for ``paths``, consuming one of its ``times``."""
+        return self._take(paths, stream=True)
 
     def _add(self, rule: FaultRule) -> None:
         rule.path = _normalize_path(rule.path)
         self._rules.append(rule)
 
-    def _take(self, path: str, *, stream: bool) -> FaultRule | None:
+    def _take(self, paths: tuple[str, ...], *, stream: bool) -> FaultRule | None:
         for rule in self._rules:
-            if (rule.kind in _REQUEST_KINDS) == stream or not rule.matches(path):
+            if (rule.kind in _REQUEST_KINDS) == stream or not rule.matches(paths):
                 continue
             if rule.times is not None:
                 rule.times -= 1

@@ -95,6 +95,8 @@ class _OpenAICompatible(EmulatedBackend):
         return any(entry["id"] == model for entry in self.model_entries())
 
     def error(self, status: int, message: str) -> Reply:
+        if status == 429:
+            return self._error_object(status, message, kind="requests", code="rate_limit_exceeded")
         kind = "invalid_request_error" if status < 500 else "server_error"
         return self._error_object(status, message, kind=kind)
 

@@ -202,6 +202,8 @@ class Emulator:
         mount = backend.mount
         if mount and (path == mount or path.startswith(mount + "/")):
             path = path[len(mount) :] or "/"
+        # Fault paths may be given relative to the base URL or to the backend's prefix.
+        paths = (path, mount + path) if mount else (path,)
         emu_request = EmuRequest(
             method=request.method,
             path=path,
@@ -217,7 +219,7 @@ class Emulator:
         latency = backend.faults.latency if backend.faults.latency is not None else self.latency
         if latency > 0:
             await self._clock.sleep(latency)
-        rule = backend.faults.take_request_fault(path)
+        rule = backend.faults.take_request_fault(*paths)
         if rule is not None:
             log.debug("fault %s on %s %s", rule.kind.value, request.method, request.path)
             if rule.kind is FaultKind.HANG:
@@ -227,7 +229,7 @@ class Emulator:
         reply = await backend.respond(emu_request)
         if isinstance(reply, Reply):
             return _plain(reply, request.method)
-        return await self._stream(request, backend, reply, path)
+        return await self._stream(request, backend, reply, paths)
 
     async def _request_fault(
         self, request: web.Request, backend: EmulatedBackend, rule: FaultRule
@@ -252,14 +254,18 @@ class Emulator:
         return response
 
     async def _stream(
-        self, request: web.Request, backend: EmulatedBackend, reply: StreamReply, path: str
+        self,
+        request: web.Request,
+        backend: EmulatedBackend,
+        reply: StreamReply,
+        paths: tuple[str, ...],
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=reply.status,
             headers={"Content-Type": reply.content_type, "Cache-Control": "no-cache"},
         )
         await response.prepare(request)
-        rule = backend.faults.take_stream_fault(path)
+        rule = backend.faults.take_stream_fault(*paths)
         if rule is not None:
             log.debug("stream fault %s on %s", rule.kind.value, request.path)
         chunks = reply.chunks
