@@ -169,6 +169,8 @@ async def test_pull_errors(emu: Emulator, http: httpx.AsyncClient) -> None:
     quiet = await http.post(url, json={"model": "mistral", "stream": False})
     assert quiet.status_code == 500
     assert quiet.json() == {"error": "pull model manifest: file does not exist"}
+    node.pullable = {"mistral", "llama3"}
+    assert (await pull_lines(http, node, "mistral:latest"))[-1] == {"status": "success"}
     done = await http.post(url, json={"name": "llama3", "stream": False})
     assert (done.status_code, done.json()) == (200, {"status": "success"})
     assert "llama3:latest" in node.models

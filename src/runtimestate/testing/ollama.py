@@ -110,6 +110,11 @@ class OllamaNode(EmulatedBackend):
         attributes.setdefault("modified_at", self._clock.now())
         return make_model(name, **attributes)
 
+    @staticmethod
+    def _pullable_names(names: set[str]) -> set[str]:
+        # Normalized on use, so a test may assign plain names ("llama3") to ``pullable``.
+        return {normalize_model_name(n) for n in names}
+
     def error(self, status: int, message: str) -> Reply:
         return Reply(status=status, body=json_bytes({"error": message}))
 
@@ -197,7 +202,7 @@ class OllamaNode(EmulatedBackend):
 
     async def _pull_lines(self, name: str) -> AsyncGenerator[bytes, None]:
         yield _line({"status": "pulling manifest"})
-        if self.pullable is not None and name not in self.pullable:
+        if self.pullable is not None and name not in self._pullable_names(self.pullable):
             yield _line({"error": "pull model manifest: file does not exist"})
             return
         offered = self.catalog.get(name)
