@@ -8,8 +8,9 @@ The story, run once on SQLite with the in-process bus and once on PostgreSQL wit
 2. declare two nodes and two models with the CLI;
 3. follow the downloads with ``runtimestate watch --json`` (the SSE stream) until the fast node
    holds both models;
-4. cancel the slow node's running download with ``queue cancel`` and see it stop (the cycle
-   then queues it again, which proves the cancelled pull released its backend);
+4. cancel the slow node's running download with ``queue cancel --backend`` and see it stop
+   (the cycle then queues it again, which proves the cancelled pull released its backend),
+   then cancel the re-queued one by model name with ``queue cancel MODEL``;
 5. stop the service with SIGTERM: it exits 0 and the running download lands nothing;
 6. start it again on the same data and port: every declaration is still there under the same
    ids, the cancelled model is queued again and lands, and the ``watch`` left running across
@@ -225,11 +226,33 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
                 10,
                 f"no 'cancelled' status for the slow node: {watcher.of(slow.base_url)[-3:]}",
             )
+            seen = len(watcher.of(slow.base_url))
             await wait_for(
                 lambda: pulls(slow) > started,
                 10,
                 "the cancelled model was not queued again by the next cycle",
             )
+            # Then by model name: the re-queued pull is running, and naming its model stops it.
+            await wait_for(
+                lambda: len(watcher.of(slow.base_url)) > seen,
+                10,
+                "the re-queued pull on the slow node never reported a status",
+            )
+            running = watcher.of(slow.base_url)[-1]["model"]
+            queued = await cli.json("queue", "list")
+            assert any(item["model"] == running and item["running"] for item in queued), queued
+            await cli.ok("queue", "cancel", running)
+            await wait_for(
+                lambda: any(
+                    e["status"] == "cancelled" and e["model"] == running
+                    for e in watcher.of(slow.base_url)[seen:]
+                ),
+                10,
+                f"cancelling {running} by name did not stop its pull",
+            )
+            nothing = await cli.run("queue", "cancel", "never-declared:1b")
+            assert nothing.returncode == 5, nothing.stderr
+            assert nothing.stderr.startswith("error: ")
             assert not slow.models, "a cancelled pull must not land"
         except BaseException:
             if watcher is not None:
