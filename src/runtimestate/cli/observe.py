@@ -60,7 +60,7 @@ def sync(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 # ---- queue ---------------------------------------------------------------------------------
 @queue_app.command("list")
 def queue_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """Downloads waiting for a worker."""
+    """Downloads queued or running, with the worker that runs each."""
     with api(ctx) as client:
         pending = client.get("/queue")
     if as_json:
