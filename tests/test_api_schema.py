@@ -3,9 +3,9 @@ no 500 and every response (status, content type, headers, body) conforms to the 
 
 The app runs on a real uvicorn socket in a thread with its own event loop, because schemathesis
 calls synchronously: the store, bus and reconciler are opened inside that loop and closed there.
-Examples are bounded (``MAX_EXAMPLES`` per operation) and derandomized, with no example
-database, so that a run is repeatable. ``GET /queue/inProgress`` is excluded: an SSE stream
-never ends, and its 401 is covered in ``test_api_state.py``.
+Examples are bounded (``MAX_EXAMPLES`` per operation, fewer for invalid requests) and
+derandomized, with no example database, so that a run is repeatable. ``GET /queue/inProgress``
+is excluded: an SSE stream never ends, and its 401 is covered in ``test_api_state.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ import pytest
 import schemathesis
 import uvicorn
 from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Err
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -35,6 +38,7 @@ from runtimestate.testing import Emulator
 TOKEN = "schema-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_EXAMPLES = 25
+NEGATIVE_EXAMPLES = 10
 
 
 class ThreadedApi:
@@ -121,19 +125,29 @@ def operations(api: ThreadedApi) -> list[tuple[Any, bool]]:
     return found
 
 
-def run_examples(operation: Any, *, url: str, excluded: list[Any]) -> None:
-    """Run ``MAX_EXAMPLES`` generated requests to ``operation`` with every response check."""
+def run_examples(
+    operation: Any,
+    *,
+    url: str,
+    excluded: list[Any] | None = None,
+    mode: GenerationMode = GenerationMode.POSITIVE,
+    checks: list[Any] | None = None,
+    examples: int = MAX_EXAMPLES,
+) -> None:
+    """Run ``MAX_EXAMPLES`` generated requests to ``operation`` and check every response."""
 
-    @given(case=operation.as_strategy())
+    @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
-        max_examples=MAX_EXAMPLES,
+        max_examples=examples,
         deadline=None,
         derandomize=True,
         database=None,
         suppress_health_check=list(HealthCheck),
     )
     def conforms(case: Any) -> None:
-        response = case.call_and_validate(base_url=url, headers=AUTH, excluded_checks=excluded)
+        response = case.call_and_validate(
+            base_url=url, headers=AUTH, checks=checks, excluded_checks=excluded
+        )
         assert response.status_code < 500, response.text
 
     conforms()
@@ -151,6 +165,28 @@ def test_every_operation_conforms(api: ThreadedApi) -> None:
         checked.append(operation.label)
     # The 39 operations of the API but the SSE stream.
     assert len(checked) == 38
+
+
+def test_invalid_requests_never_cause_a_server_error(api: ThreadedApi) -> None:
+    checked = 0
+    for operation, _ in operations(api):
+        if operation.path.startswith("/state"):
+            # No parameters or body to make invalid, and each call reconciles every backend
+            # the positive run declared with made-up host names.
+            continue
+        try:
+            run_examples(
+                operation,
+                url=api.url,
+                mode=GenerationMode.NEGATIVE,
+                checks=[not_a_server_error],
+                examples=NEGATIVE_EXAMPLES,
+            )
+        except Unsatisfiable:
+            # Nothing in this operation can be made invalid (no body, only free-text paths).
+            continue
+        checked += 1
+    assert checked >= 20
 
 
 def test_schema_documents_auth_errors_and_paging(api: ThreadedApi) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from runtimestate.api.deps import Context
+from runtimestate.api.deps import Context, Key
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import BackendOut, ModelOut, PoolOut
 
@@ -27,7 +27,7 @@ _ASSIGN = {**_NOT_FOUND, **errors_doc((409, "Already assigned"))}
     status_code=status.HTTP_204_NO_CONTENT,
     responses=_ASSIGN,
 )
-async def assign_backend(pool_id: str, backend_id: str, ctx: Context) -> None:
+async def assign_backend(pool_id: Key, backend_id: Key, ctx: Context) -> None:
     await ctx.store.assign_backend_to_pool(pool_id, backend_id)
 
 
@@ -36,7 +36,7 @@ async def assign_backend(pool_id: str, backend_id: str, ctx: Context) -> None:
     status_code=status.HTTP_204_NO_CONTENT,
     responses=_NOT_FOUND,
 )
-async def unassign_backend(pool_id: str, backend_id: str, ctx: Context) -> None:
+async def unassign_backend(pool_id: Key, backend_id: Key, ctx: Context) -> None:
     await ctx.store.remove_backend_from_pool(pool_id, backend_id)
 
 
@@ -45,7 +45,7 @@ async def unassign_backend(pool_id: str, backend_id: str, ctx: Context) -> None:
     response_model=list[BackendOut],
     responses=_NOT_FOUND,
 )
-async def backends_of_pool(pool_id: str, ctx: Context) -> list[BackendOut]:
+async def backends_of_pool(pool_id: Key, ctx: Context) -> list[BackendOut]:
     await ctx.store.get_pool(pool_id)
     return [BackendOut.model_validate(b) for b in await ctx.store.list_backends_for_pool(pool_id)]
 
@@ -55,7 +55,7 @@ async def backends_of_pool(pool_id: str, ctx: Context) -> list[BackendOut]:
     response_model=list[PoolOut],
     responses=_NOT_FOUND,
 )
-async def pools_of_backend(backend_id: str, ctx: Context) -> list[PoolOut]:
+async def pools_of_backend(backend_id: Key, ctx: Context) -> list[PoolOut]:
     await ctx.store.get_backend(backend_id)
     return [PoolOut.model_validate(p) for p in await ctx.store.list_pools_for_backend(backend_id)]
 
@@ -65,7 +65,7 @@ async def pools_of_backend(backend_id: str, ctx: Context) -> list[PoolOut]:
     status_code=status.HTTP_204_NO_CONTENT,
     responses=_ASSIGN,
 )
-async def assign_model(pool_id: str, model_id: str, ctx: Context) -> None:
+async def assign_model(pool_id: Key, model_id: Key, ctx: Context) -> None:
     await ctx.store.assign_model_to_pool(pool_id, model_id)
 
 
@@ -74,7 +74,7 @@ async def assign_model(pool_id: str, model_id: str, ctx: Context) -> None:
     status_code=status.HTTP_204_NO_CONTENT,
     responses=_NOT_FOUND,
 )
-async def unassign_model(pool_id: str, model_id: str, ctx: Context) -> None:
+async def unassign_model(pool_id: Key, model_id: Key, ctx: Context) -> None:
     await ctx.store.remove_model_from_pool(pool_id, model_id)
 
 
@@ -83,7 +83,7 @@ async def unassign_model(pool_id: str, model_id: str, ctx: Context) -> None:
     response_model=list[ModelOut],
     responses=_NOT_FOUND,
 )
-async def models_of_pool(pool_id: str, ctx: Context) -> list[ModelOut]:
+async def models_of_pool(pool_id: Key, ctx: Context) -> list[ModelOut]:
     await ctx.store.get_pool(pool_id)
     return [ModelOut.model_validate(m) for m in await ctx.store.list_models_for_pool(pool_id)]
 
@@ -93,6 +93,6 @@ async def models_of_pool(pool_id: str, ctx: Context) -> list[ModelOut]:
     response_model=list[PoolOut],
     responses=_NOT_FOUND,
 )
-async def pools_of_model(model_id: str, ctx: Context) -> list[PoolOut]:
+async def pools_of_model(model_id: Key, ctx: Context) -> list[PoolOut]:
     await ctx.store.get_model(model_id)
     return [PoolOut.model_validate(p) for p in await ctx.store.list_pools_for_model(model_id)]

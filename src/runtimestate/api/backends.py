@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from runtimestate.api.deps import BAD_CURSOR, Context, PageQuery, set_next_cursor
+from runtimestate.api.deps import BAD_CURSOR, Context, Key, PageQuery, set_next_cursor
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import BackendIn, BackendOut, BackendUpdate
 
@@ -42,7 +42,7 @@ async def list_backends(ctx: Context, page: PageQuery, response: Response) -> li
 
 
 @router.get("/backends/{backend_id}", response_model=BackendOut, responses=_NOT_FOUND)
-async def get_backend(backend_id: str, ctx: Context) -> BackendOut:
+async def get_backend(backend_id: Key, ctx: Context) -> BackendOut:
     return BackendOut.model_validate(await ctx.store.get_backend(backend_id))
 
 
@@ -51,7 +51,7 @@ async def get_backend(backend_id: str, ctx: Context) -> BackendOut:
     response_model=BackendOut,
     responses={**_NOT_FOUND, **_CONFLICT},
 )
-async def update_backend(backend_id: str, body: BackendUpdate, ctx: Context) -> BackendOut:
+async def update_backend(backend_id: Key, body: BackendUpdate, ctx: Context) -> BackendOut:
     backend = await ctx.store.update_backend(
         backend_id, name=body.name, base_url=body.base_url, type=body.type.value
     )
@@ -61,5 +61,5 @@ async def update_backend(backend_id: str, body: BackendUpdate, ctx: Context) -> 
 @router.delete(
     "/backends/{backend_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND
 )
-async def delete_backend(backend_id: str, ctx: Context) -> None:
+async def delete_backend(backend_id: Key, ctx: Context) -> None:
     await ctx.store.delete_backend(backend_id)

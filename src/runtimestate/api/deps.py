@@ -18,10 +18,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
-from fastapi import Depends, Query, Request, Response
+from fastapi import Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from runtimestate.api.errors import ApiError, errors_doc
+from runtimestate.api.schemas import NON_BLANK
 from runtimestate.bus.base import Messenger
 from runtimestate.records import LLMState
 from runtimestate.store.base import Store
@@ -31,6 +32,7 @@ __all__ = [
     "BAD_CURSOR",
     "ApiContext",
     "Context",
+    "Key",
     "PageQuery",
     "StateView",
     "context",
@@ -89,6 +91,11 @@ def require_token(
     # Constant-time comparison: the token must not leak one character at a time.
     if not secrets.compare_digest(credentials.credentials.encode(), ctx.token.encode()):
         raise ApiError(401, "unauthorized", "the API token is not valid")
+
+
+# An id or name in a path: the store refuses blank ones, so the schema says "some non-blank
+# character" and a blank one is a 422 here rather than a store error.
+Key = Annotated[str, Path(pattern=NON_BLANK, max_length=512)]
 
 
 @dataclass(frozen=True, slots=True)

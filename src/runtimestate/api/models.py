@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from runtimestate.api.deps import BAD_CURSOR, Context, PageQuery, set_next_cursor
+from runtimestate.api.deps import BAD_CURSOR, Context, Key, PageQuery, set_next_cursor
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import ModelIn, ModelOut, ModelUpdate
 
@@ -45,7 +45,7 @@ async def list_models(ctx: Context, page: PageQuery, response: Response) -> list
 
 
 @router.put("/models/{model_id}", response_model=ModelOut, responses={**_NOT_FOUND, **_CONFLICT})
-async def update_model(model_id: str, body: ModelUpdate, ctx: Context) -> ModelOut:
+async def update_model(model_id: Key, body: ModelUpdate, ctx: Context) -> ModelOut:
     model = await ctx.store.update_model(
         model_id,
         model=body.model,
@@ -59,6 +59,6 @@ async def update_model(model_id: str, body: ModelUpdate, ctx: Context) -> ModelO
 
 
 @router.delete("/models/{model:path}", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND)
-async def delete_model(model: str, ctx: Context) -> None:
+async def delete_model(model: Key, ctx: Context) -> None:
     declared = await ctx.store.get_model_by_name(model)
     await ctx.store.delete_model(declared.id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from runtimestate.api.deps import BAD_CURSOR, Context, PageQuery, set_next_cursor
+from runtimestate.api.deps import BAD_CURSOR, Context, Key, PageQuery, set_next_cursor
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import PoolIn, PoolOut, PoolUpdate
 
@@ -36,29 +36,29 @@ async def list_pools(ctx: Context, page: PageQuery, response: Response) -> list[
 
 
 @router.get("/pools/{pool_id}", response_model=PoolOut, responses=_NOT_FOUND)
-async def get_pool(pool_id: str, ctx: Context) -> PoolOut:
+async def get_pool(pool_id: Key, ctx: Context) -> PoolOut:
     return PoolOut.model_validate(await ctx.store.get_pool(pool_id))
 
 
 @router.put("/pools/{pool_id}", response_model=PoolOut, responses={**_NOT_FOUND, **_CONFLICT})
-async def update_pool(pool_id: str, body: PoolUpdate, ctx: Context) -> PoolOut:
+async def update_pool(pool_id: Key, body: PoolUpdate, ctx: Context) -> PoolOut:
     pool = await ctx.store.update_pool(pool_id, name=body.name, purpose_type=body.purpose_type)
     return PoolOut.model_validate(pool)
 
 
 @router.delete("/pools/{pool_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND)
-async def delete_pool(pool_id: str, ctx: Context) -> None:
+async def delete_pool(pool_id: Key, ctx: Context) -> None:
     await ctx.store.delete_pool(pool_id)
 
 
 @router.get("/pool-by-name/{name}", response_model=PoolOut, responses=_NOT_FOUND)
-async def get_pool_by_name(name: str, ctx: Context) -> PoolOut:
+async def get_pool_by_name(name: Key, ctx: Context) -> PoolOut:
     return PoolOut.model_validate(await ctx.store.get_pool_by_name(name))
 
 
 @router.get("/pool-by-purpose/{purpose}", response_model=list[PoolOut], responses=BAD_CURSOR)
 async def list_pools_by_purpose(
-    purpose: str, ctx: Context, page: PageQuery, response: Response
+    purpose: Key, ctx: Context, page: PageQuery, response: Response
 ) -> list[PoolOut]:
     result = await ctx.store.list_pools_by_purpose(purpose, cursor=page.cursor, limit=page.limit)
     set_next_cursor(response, result)

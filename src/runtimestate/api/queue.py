@@ -23,7 +23,7 @@ from fastapi import APIRouter, Query, status
 from fastapi.responses import StreamingResponse
 
 from runtimestate import downloads
-from runtimestate.api.deps import ApiContext, Context
+from runtimestate.api.deps import ApiContext, Context, Key
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import HttpUrl, QueueItemOut
 from runtimestate.bus.base import Message, Subscription
@@ -115,7 +115,7 @@ async def cancel_on_backend(
     status_code=status.HTTP_204_NO_CONTENT,
     responses=errors_doc((404, "The model is neither queued nor downloading")),
 )
-async def remove_model(model: str, ctx: Context) -> None:
+async def remove_model(model: Key, ctx: Context) -> None:
     removed = await downloads.remove_pending(ctx.store, model=model)
     running = [item for item in await downloads.list_running(ctx.store) if item.model == model]
     if not removed and not running:

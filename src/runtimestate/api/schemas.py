@@ -29,7 +29,7 @@ from pydantic.alias_generators import to_camel
 from runtimestate.records import BackendType
 
 __all__ = [
-    "Association",
+    "NON_BLANK",
     "BackendIn",
     "BackendOut",
     "ErrorBody",
@@ -51,9 +51,17 @@ ErrorCode = Literal[
     "not_found", "conflict", "invalid_input", "unauthorized", "unsupported", "unavailable"
 ]
 
+# "Contains a character that is whitespace by no one's definition": JSON Schema's (ECMAScript)
+# \s, plus what Python's str.strip also removes (the store strips, and refuses what is left
+# empty). A plain \S would let a client send "\x1d", valid per the schema, that the store refuses.
+NON_BLANK = r"[^\s\x1c-\x1f\x85]"
+
 # Names are trimmed and must keep at least one character; the upper bound keeps a typo'd
 # megabyte of text out of the database.
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=512)]
+Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=512, pattern=NON_BLANK),
+]
 
 
 # Published in the OpenAPI schema so that clients (and schemathesis) know what is accepted. The
@@ -181,11 +189,6 @@ class PoolOut(_Camel):
     purpose_type: str
     created_at: datetime
     updated_at: datetime
-
-
-class Association(_Camel):
-    pool_id: str
-    member_id: str
 
 
 class QueueItemOut(_Camel):
