@@ -194,6 +194,7 @@ def test_schema_documents_auth_errors_and_paging(api: ThreadedApi) -> None:
     backends = raw["paths"]["/backends"]
     assert {"200", "401", "422", "503"} <= set(backends["get"]["responses"])
     assert {"201", "409"} <= set(backends["post"]["responses"])
+    assert "X-Next-Cursor" in backends["get"]["responses"]["200"]["headers"]
     params = {p["name"] for p in backends["get"]["parameters"]}
     assert params == {"cursor", "limit"}
     error = raw["components"]["schemas"]["ErrorResponse"]

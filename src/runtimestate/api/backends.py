@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from runtimestate.api.deps import BAD_CURSOR, Context, Key, PageQuery, set_next_cursor
+from runtimestate.api.deps import PAGED, Context, Key, PageQuery, set_next_cursor
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import BackendIn, BackendOut, BackendUpdate
 
@@ -34,7 +34,7 @@ async def create_backend(body: BackendIn, ctx: Context) -> BackendOut:
     return BackendOut.model_validate(backend)
 
 
-@router.get("/backends", response_model=list[BackendOut], responses=BAD_CURSOR)
+@router.get("/backends", response_model=list[BackendOut], responses=PAGED)
 async def list_backends(ctx: Context, page: PageQuery, response: Response) -> list[BackendOut]:
     result = await ctx.store.list_backends(cursor=page.cursor, limit=page.limit)
     set_next_cursor(response, result)

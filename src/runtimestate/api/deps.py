@@ -21,7 +21,7 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from runtimestate.api.errors import ApiError, errors_doc
+from runtimestate.api.errors import ApiError, Responses, errors_doc
 from runtimestate.api.schemas import NON_BLANK
 from runtimestate.bus.base import Messenger
 from runtimestate.records import LLMState
@@ -29,7 +29,7 @@ from runtimestate.store.base import Store
 from runtimestate.store.records import MAX_PAGE_SIZE, Page
 
 __all__ = [
-    "BAD_CURSOR",
+    "PAGED",
     "ApiContext",
     "Context",
     "Key",
@@ -116,8 +116,19 @@ def page_params(
 
 PageQuery = Annotated[PageParams, Depends(page_params)]
 
-# The store refuses a cursor it did not issue with InvalidInput, a 400 naming ``cursor``.
-BAD_CURSOR = errors_doc((400, "Malformed or foreign cursor"))
+# What every paged listing documents: the next page's cursor in a header, and the 400 naming
+# ``cursor`` with which the store refuses a cursor it did not issue.
+PAGED: Responses = {
+    200: {
+        "headers": {
+            NEXT_CURSOR_HEADER: {
+                "description": "Cursor of the next page; absent on the last page.",
+                "schema": {"type": "string"},
+            }
+        }
+    },
+    **errors_doc((400, "Malformed or foreign cursor")),
+}
 
 
 def set_next_cursor(response: Response, page: Page[Any]) -> None:

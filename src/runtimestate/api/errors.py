@@ -38,6 +38,7 @@ __all__ = [
     "ERROR_RESPONSES",
     "STATUS",
     "ApiError",
+    "Responses",
     "error_response",
     "errors_doc",
     "install_error_handlers",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from runtimestate.api.deps import BAD_CURSOR, Context, Key, PageQuery, set_next_cursor
+from runtimestate.api.deps import PAGED, Context, Key, PageQuery, set_next_cursor
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import ModelIn, ModelOut, ModelUpdate
 
@@ -37,7 +37,7 @@ async def create_model(body: ModelIn, ctx: Context) -> ModelOut:
     return ModelOut.model_validate(model)
 
 
-@router.get("/models", response_model=list[ModelOut], responses=BAD_CURSOR)
+@router.get("/models", response_model=list[ModelOut], responses=PAGED)
 async def list_models(ctx: Context, page: PageQuery, response: Response) -> list[ModelOut]:
     result = await ctx.store.list_models(cursor=page.cursor, limit=page.limit)
     set_next_cursor(response, result)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from runtimestate.api.deps import BAD_CURSOR, Context, Key, PageQuery, set_next_cursor
+from runtimestate.api.deps import PAGED, Context, Key, PageQuery, set_next_cursor
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import PoolIn, PoolOut, PoolUpdate
 
@@ -28,7 +28,7 @@ async def create_pool(body: PoolIn, ctx: Context) -> PoolOut:
     return PoolOut.model_validate(pool)
 
 
-@router.get("/pools", response_model=list[PoolOut], responses=BAD_CURSOR)
+@router.get("/pools", response_model=list[PoolOut], responses=PAGED)
 async def list_pools(ctx: Context, page: PageQuery, response: Response) -> list[PoolOut]:
     result = await ctx.store.list_pools(cursor=page.cursor, limit=page.limit)
     set_next_cursor(response, result)
@@ -56,7 +56,7 @@ async def get_pool_by_name(name: Key, ctx: Context) -> PoolOut:
     return PoolOut.model_validate(await ctx.store.get_pool_by_name(name))
 
 
-@router.get("/pool-by-purpose/{purpose}", response_model=list[PoolOut], responses=BAD_CURSOR)
+@router.get("/pool-by-purpose/{purpose}", response_model=list[PoolOut], responses=PAGED)
 async def list_pools_by_purpose(
     purpose: Key, ctx: Context, page: PageQuery, response: Response
 ) -> list[PoolOut]:

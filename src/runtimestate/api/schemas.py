@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from runtimestate.records import BackendType
+from runtimestate.records import BackendInfo, BackendType, ListModelResponse
 
 __all__ = [
     "NON_BLANK",
@@ -36,8 +36,10 @@ __all__ = [
     "ErrorCode",
     "ErrorResponse",
     "HealthOut",
+    "LLMStateOut",
     "ModelIn",
     "ModelOut",
+    "PlanOut",
     "PoolIn",
     "PoolOut",
     "ProviderConfigOut",
@@ -189,6 +191,36 @@ class PoolOut(_Camel):
     purpose_type: str
     created_at: datetime
     updated_at: datetime
+
+
+class LLMStateOut(_Camel):
+    """The seed's ``LLMState`` JSON, as ``GET /state`` returns it (documentation only: the
+    route serializes :class:`runtimestate.records.LLMState` itself)."""
+
+    id: str
+    name: str
+    models: list[str] = Field(description="Declared models this backend should hold.")
+    pulled_models: list[ListModelResponse] = Field(description="Models it really holds.")
+    backend: BackendInfo
+    error: str = Field(default="", description="Why observing failed; omitted when it did not.")
+    undeclared_models: list[str] = Field(
+        default_factory=list,
+        description="Models present that nobody declared (drift); omitted when none.",
+    )
+
+
+class ActionOut(_Camel):
+    kind: Literal["pull", "delete"]
+    model: str
+
+
+class PlanOut(_Camel):
+    """What the next cycle would do on one backend (documentation of ``GET /state/plan``)."""
+
+    backend_id: str
+    backend_name: str
+    actions: list[ActionOut]
+    state: LLMStateOut
 
 
 class QueueItemOut(_Camel):
