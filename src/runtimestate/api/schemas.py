@@ -13,7 +13,7 @@ into these response models without a hand-written copy per route.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -30,18 +30,25 @@ from runtimestate.records import BackendInfo, BackendType, ListModelResponse
 
 __all__ = [
     "NON_BLANK",
+    "URL_PATTERN",
+    "ActionOut",
     "BackendIn",
     "BackendOut",
+    "BackendUpdate",
     "ErrorBody",
     "ErrorCode",
     "ErrorResponse",
     "HealthOut",
+    "HttpUrl",
     "LLMStateOut",
     "ModelIn",
     "ModelOut",
+    "ModelUpdate",
+    "Name",
     "PlanOut",
     "PoolIn",
     "PoolOut",
+    "PoolUpdate",
     "ProviderConfigOut",
     "ProviderKeyIn",
     "ProviderStatusOut",
@@ -121,17 +128,14 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class BackendIn(_Input):
-    name: Name
-    base_url: HttpUrl
-    type: BackendType = Field(description="One of: " + ", ".join(t.value for t in BackendType))
-    id: Name | None = Field(default=None, description="Optional id; generated when absent.")
-
-
 class BackendUpdate(_Input):
     name: Name
     base_url: HttpUrl
     type: BackendType = Field(description="One of: " + ", ".join(t.value for t in BackendType))
+
+
+class BackendIn(BackendUpdate):
+    id: Name | None = Field(default=None, description="Optional id; generated when absent.")
 
 
 class BackendOut(_Camel):
@@ -143,16 +147,6 @@ class BackendOut(_Camel):
     updated_at: datetime
 
 
-class ModelIn(_Input):
-    model: Name
-    context_length: int = Field(default=0, ge=0, le=2**31 - 1)
-    can_chat: bool = False
-    can_embed: bool = False
-    can_prompt: bool = False
-    can_stream: bool = False
-    id: Name | None = Field(default=None, description="Optional id; generated when absent.")
-
-
 class ModelUpdate(_Input):
     model: Name
     context_length: int = Field(default=0, ge=0, le=2**31 - 1)
@@ -160,6 +154,10 @@ class ModelUpdate(_Input):
     can_embed: bool = False
     can_prompt: bool = False
     can_stream: bool = False
+
+
+class ModelIn(ModelUpdate):
+    id: Name | None = Field(default=None, description="Optional id; generated when absent.")
 
 
 class ModelOut(_Camel):
@@ -174,15 +172,13 @@ class ModelOut(_Camel):
     updated_at: datetime
 
 
-class PoolIn(_Input):
-    name: Name
-    purpose_type: Name
-    id: Name | None = Field(default=None, description="Optional id; generated when absent.")
-
-
 class PoolUpdate(_Input):
     name: Name
     purpose_type: Name
+
+
+class PoolIn(PoolUpdate):
+    id: Name | None = Field(default=None, description="Optional id; generated when absent.")
 
 
 class PoolOut(_Camel):
@@ -260,8 +256,3 @@ class HealthOut(BaseModel):
 class VersionOut(BaseModel):
     version: str
     api: str = "1"
-
-
-def dump(model: BaseModel) -> dict[str, Any]:
-    """A response body in its wire shape (aliases, JSON-compatible values)."""
-    return model.model_dump(mode="json", by_alias=True)
