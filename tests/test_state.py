@@ -239,6 +239,40 @@ async def test_a_failed_show_keeps_the_inventory(
     assert "show broke" in observed.error
 
 
+async def test_steady_cycles_still_see_every_change(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    node = emu.add_ollama("n1", models=["llama3"])
+    await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await declare_chat(store, "llama3")
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        (first,) = state.get().values()
+        await state.run_backend_cycle()
+        (steady,) = state.get().values()
+        declared = await store.get_model_by_name("llama3")
+        await store.update_model(
+            declared.id,
+            model="llama3",
+            context_length=2048,
+            can_chat=False,
+            can_embed=True,
+            can_prompt=False,
+            can_stream=False,
+        )
+        await state.run_backend_cycle()
+        (updated,) = state.get().values()
+        node.add_model("llama3", context_length=4096)
+        await state.run_backend_cycle()
+        (replaced,) = state.get().values()
+    assert steady == first
+    assert (updated.pulled_models[0].context_length, updated.pulled_models[0].can_embed) == (
+        2048,
+        True,
+    )
+    assert replaced.pulled_models[0].modified_at != updated.pulled_models[0].modified_at
+
+
 async def test_backends_are_reconciled_concurrently(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:

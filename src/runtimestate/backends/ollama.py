@@ -41,7 +41,7 @@ from runtimestate.backends.base import (
     DriverOptions,
     register,
 )
-from runtimestate.backends.http import HttpClient, join_url
+from runtimestate.backends.http import HttpClient, decode_json, join_url
 from runtimestate.backends.names import ollama_key
 from runtimestate.errors import BackendError, ProtocolError, RuntimeStateError
 from runtimestate.metrics import MODELS_DELETED
@@ -123,10 +123,31 @@ class OllamaDriver(Driver[OllamaInventory]):
     def __init__(self, options: DriverOptions) -> None:
         super().__init__(options)
         self._show_cache: dict[str, Capabilities] = {}
+        # Steady state is the common case: a node answers /api/tags with the same bytes cycle
+        # after cycle. Remembering the last body (per backend) and the last plan lets a steady
+        # cycle skip parsing and planning - most of its CPU on a large fleet. The plan memo is
+        # keyed on equal inputs, so ``plan`` stays a pure function.
+        self._tags: dict[str, tuple[str, bytes, tuple[ListModelResponse, ...]]] = {}
+        self._plans: dict[str, tuple[Declared, OllamaInventory, BackendPlan]] = {}
+
+    def forget(self, backend_id: str) -> None:
+        self._tags.pop(backend_id, None)
+        self._plans.pop(backend_id, None)
+
+    async def _list(self, ctx: CycleContext, declared: Declared) -> tuple[ListModelResponse, ...]:
+        url = declared.backend.base_url
+        tags_url = join_url(url, "/api/tags")
+        body = await ctx.http.request_bytes("GET", tags_url)
+        seen = self._tags.get(declared.backend.id)
+        if seen is not None and seen[0] == url and seen[1] == body:
+            return seen[2]
+        listed = _parse_tags(decode_json(body, url=tags_url), url)
+        self._tags[declared.backend.id] = (url, body, listed)
+        return listed
 
     async def observe(self, ctx: CycleContext, declared: Declared) -> OllamaInventory:
         url = declared.backend.base_url
-        listed = _parse_tags(await ctx.http.request_json("GET", join_url(url, "/api/tags")), url)
+        listed = await self._list(ctx, declared)
         wanted = {ollama_key(m.model): Capabilities.of(m) for m in declared.models}
         to_show = {
             m.digest or m.name: m.name
@@ -174,6 +195,14 @@ class OllamaDriver(Driver[OllamaInventory]):
         return parse_show(body)
 
     def plan(self, declared: Declared, observed: OllamaInventory) -> BackendPlan:
+        memo = self._plans.get(declared.backend.id)
+        if memo is not None and memo[1] == observed and memo[0] == declared:
+            return memo[2]
+        plan = self._plan(declared, observed)
+        self._plans[declared.backend.id] = (declared, observed, plan)
+        return plan
+
+    def _plan(self, declared: Declared, observed: OllamaInventory) -> BackendPlan:
         wanted = {ollama_key(m.model): m for m in declared.models}
         present = {ollama_key(m.name) for m in observed.models}
         actions: list[Action] = []
