@@ -1,5 +1,5 @@
-"""The state and queue routes over the real reconciler, an emulated Ollama node and both store
-engines; the SSE progress stream over a real uvicorn socket."""
+"""The state and queue routes over the real reconciler, an emulated Ollama node, both store
+engines and both buses; the SSE progress stream over a real uvicorn socket."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import uvicorn
 
 from runtimestate import downloads
 from runtimestate.api import ApiContext, create_app
-from runtimestate.bus import Messenger, open_bus
+from runtimestate.bus import Messenger
 from runtimestate.metrics import QUEUE_DEPTH, REGISTRY
 from runtimestate.state import State
 from runtimestate.store import Store
@@ -37,8 +37,8 @@ class Fleet:
 
 
 @pytest.fixture
-async def fleet(store: Store) -> AsyncIterator[Fleet]:
-    bus = await open_bus(None)
+async def fleet(store: Store, messenger: Messenger) -> AsyncIterator[Fleet]:
+    bus = messenger
     async with Emulator(latency=0.0) as emu:
         node = emu.add_ollama("node-1", models=["tinyllama"])
         node.pull_seconds = 0.2
@@ -54,7 +54,6 @@ async def fleet(store: Store) -> AsyncIterator[Fleet]:
             assert (await client.post("/models", json=model)).status_code == 201
             yield Fleet(client=client, state=state, node=node, bus=bus, ctx=ctx)
         await state.aclose()
-    await bus.close()
 
 
 async def test_sync_returns_the_new_state_and_plan_lists_actions(fleet: Fleet) -> None:

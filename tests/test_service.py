@@ -114,10 +114,19 @@ async def pulled(client: httpx.AsyncClient) -> list[str]:
     return [m["model"] for entry in state for m in entry["pulledModels"]]
 
 
+@pytest.fixture(params=["memory", pytest.param("nats", marks=pytest.mark.nats)])
+def bus_url(request: pytest.FixtureRequest) -> str | None:
+    """The service's bus: in-process, or the session's NATS server."""
+    if request.param == "memory":
+        return None
+    url: str = request.getfixturevalue("nats_url")
+    return url
+
+
 async def test_reconciles_stops_and_restarts_with_nothing_lost(
-    node: OllamaNode, tmp_path: Path, store_url: str
+    node: OllamaNode, tmp_path: Path, store_url: str, bus_url: str | None
 ) -> None:
-    settings = settings_for(tmp_path, database_url=store_url)
+    settings = settings_for(tmp_path, database_url=store_url, nats_url=bus_url)
     async with Running(Service(settings, on_startup=declare(node))) as client:
         assert (await client.get("/health")).json()["status"] == "ok"
 
