@@ -4,6 +4,8 @@ lost, crash supervision and signals. Backends are an emulated Ollama node on loo
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import logging
 import os
 import signal
@@ -17,8 +19,10 @@ import httpx
 import pytest
 
 from runtimestate.errors import RuntimeStateError
+from runtimestate.logging import configure_logging
+from runtimestate.records import OPENAI_KEY
 from runtimestate.service import RoutineCrashed, Service, serve
-from runtimestate.settings import Settings
+from runtimestate.settings import LogFormat, Settings
 from runtimestate.state import State
 from runtimestate.store import Store
 from runtimestate.testing import Emulator, OllamaNode
@@ -193,6 +197,23 @@ async def test_token_is_generated_once_with_owner_only_permissions(
     await task
     assert token_file.read_text().strip() == token
     assert token not in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("root_handlers")
+async def test_keys_stored_before_start_never_reach_the_log(tmp_path: Path) -> None:
+    key = "plain-provider-key-without-a-known-prefix"
+    stream = io.StringIO()
+    configure_logging(format=LogFormat.JSON, level="INFO", stream=stream)
+
+    async def store_key(store: Store) -> None:
+        await store.set_kv(OPENAI_KEY, {"APIKey": key, "Type": "openai"})
+
+    async with Running(Service(settings_for(tmp_path), on_startup=store_key)) as client:
+        logging.getLogger("runtimestate.elsewhere").warning("a library quoting %s", key)
+        config = (await client.get("/providers/openai/config")).json()
+        assert key not in json.dumps(config)
+    assert "a library quoting ****" in stream.getvalue()
+    assert key not in stream.getvalue()
 
 
 class Boom(BaseException):

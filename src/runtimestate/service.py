@@ -41,8 +41,9 @@ from fastapi import FastAPI
 from runtimestate.api import ApiContext, create_app
 from runtimestate.bus import open_bus
 from runtimestate.clock import SYSTEM_CLOCK, Clock
-from runtimestate.errors import RuntimeStateError
+from runtimestate.errors import NotFound, RuntimeStateError
 from runtimestate.logging import configure_logging, register_secret
+from runtimestate.records import GEMINI_KEY, OPENAI_KEY, ProviderConfig
 from runtimestate.runner import CircuitBreaker, Runner, while_true
 from runtimestate.settings import Settings, load_or_create_token, token_path
 from runtimestate.state import State
@@ -103,6 +104,20 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def _register_provider_keys(store: Store) -> None:
+    """Mask the stored cloud keys in every log line from the start (keys set later through the
+    API are registered there)."""
+    for key in (OPENAI_KEY, GEMINI_KEY):
+        try:
+            config = ProviderConfig.from_storage((await store.get_kv(key)).value)
+        except NotFound:
+            continue
+        except ValueError:
+            # Unreadable: the reconciler reports it on the backend; nothing to mask from here.
+            continue
+        register_secret(config.api_key.get_secret_value())
+
+
 class Service:
     """The whole service for one ``Settings``; :meth:`run` until :meth:`stop` or a crash."""
 
@@ -151,6 +166,7 @@ class Service:
             stack.push_async_callback(messenger.close)
             if self._on_startup is not None:
                 await self._on_startup(store)
+            await _register_provider_keys(store)
             state = State(
                 store,
                 messenger,
