@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{platform.system()} {platform.release()}.",
             "",
         ]
-        OUTPUT.write_text("\n".join(header) + "\n".join(sections))
+        OUTPUT.write_text("\n".join(header) + "\n" + "\n".join(sections))
         print(f"wrote {OUTPUT}", file=sys.stderr)
     return 0
 
