@@ -25,7 +25,7 @@ from runtimestate.backends import (
 from runtimestate.backends import base as backends_base
 from runtimestate.backends.gemini import gemini_models_url
 from runtimestate.backends.ollama import OllamaDriver, OllamaInventory, parse_show
-from runtimestate.backends.vllm import openai_models_url
+from runtimestate.backends.vllm import VllmDriver, openai_models_url, parse_models
 from runtimestate.bus import open_bus
 from runtimestate.clock import FakeClock
 from runtimestate.errors import (
@@ -265,3 +265,24 @@ async def test_secrets_in_urls_never_reach_messages(http: HttpClient) -> None:
     with pytest.raises(BackendError) as raised:
         await http.request_json("GET", "http://127.0.0.1:1/v1beta/models?key=AIzaSecret0123456789")
     assert "AIzaSecret0123456789" not in str(raised.value)
+
+
+def test_vllm_lora_adapters_take_their_base_models_context() -> None:
+    served = parse_models(
+        {
+            "object": "list",
+            "data": [
+                {"id": "base", "max_model_len": 8192, "parent": None},
+                {"id": "adapter", "max_model_len": None, "parent": "base"},
+            ],
+        },
+        "http://v/v1/models",
+    )
+    driver = VllmDriver(DriverOptions(clock=FakeClock()))
+    declared = Declared(backend=backend(type="vllm"), models=(model("base"), model("adapter")))
+    plan = driver.plan(declared, served)
+    assert plan.state.error == ""
+    assert [(m.name, m.context_length) for m in plan.state.pulled_models] == [
+        ("base", 8192),
+        ("adapter", 8192),
+    ]

@@ -47,6 +47,7 @@ class ServedModel:
     id: str
     created: int
     max_model_len: int
+    parent: str | None = None
 
 
 def parse_models(body: Any, url: str) -> tuple[ServedModel, ...]:
@@ -60,11 +61,13 @@ def parse_models(body: Any, url: str) -> tuple[ServedModel, ...]:
             raise ProtocolError(f"model entry from {url} has no id", backend=url)
         created = item.get("created")
         length = item.get("max_model_len")
+        parent = item.get("parent")
         served.append(
             ServedModel(
                 id=item["id"],
                 created=created if isinstance(created, int) else 0,
                 max_model_len=length if isinstance(length, int) else 0,
+                parent=parent if isinstance(parent, str) else None,
             )
         )
     return tuple(served)
@@ -88,7 +91,7 @@ class VllmDriver(Driver[tuple[ServedModel, ...]]):
             if model is None:
                 undeclared.append(served.id)
                 continue
-            length = served.max_model_len or next(iter(base_length.values()), 0)
+            length = served.max_model_len or base_length.get(served.parent or "", 0)
             caps = Capabilities.of(model)
             discovered = Capabilities(
                 context_length=length,
