@@ -68,6 +68,10 @@ async def test_every_route_but_health_requires_the_token(client: httpx.AsyncClie
                 checked += 1
     # Every operation of issue 6 §3 but /health: 38, each tried without and with a wrong token.
     assert checked == 2 * 38
+    # The schema itself too; the browser UIs, which could not send the token, are not served.
+    error_of(await client.get("/openapi.json", headers={"Authorization": ""}), 401, "unauthorized")
+    for ui in ("/docs", "/redoc"):
+        error_of(await client.get(ui), 404, "not_found")
 
 
 async def test_backend_crud_and_shape(client: httpx.AsyncClient) -> None:

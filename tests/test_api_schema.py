@@ -109,7 +109,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedApi]:
 
 def operations(api: ThreadedApi) -> list[tuple[Any, bool]]:
     """Every operation, and whether it is a paged listing (it takes a ``cursor``)."""
-    raw = httpx.get(f"{api.url}/openapi.json").json()
+    raw = httpx.get(f"{api.url}/openapi.json", headers=AUTH).json()
     loaded = schemathesis.openapi.from_dict(raw).exclude(path="/queue/inProgress")
     found = []
     for result in loaded.get_all_operations():
@@ -190,7 +190,7 @@ def test_invalid_requests_never_cause_a_server_error(api: ThreadedApi) -> None:
 
 
 def test_schema_documents_auth_errors_and_paging(api: ThreadedApi) -> None:
-    raw = httpx.get(f"{api.url}/openapi.json").json()
+    raw = httpx.get(f"{api.url}/openapi.json", headers=AUTH).json()
     backends = raw["paths"]["/backends"]
     assert {"200", "401", "422", "503"} <= set(backends["get"]["responses"])
     assert {"201", "409"} <= set(backends["post"]["responses"])

@@ -8,6 +8,7 @@ closes them after uvicorn has stopped, and a test does the same around an ``ASGI
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
 
 from runtimestate.api import (
     associations,
@@ -33,11 +34,26 @@ DESCRIPTION = (
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
-    app = FastAPI(title="runtimestate", version=ctx.version, description=DESCRIPTION)
+    # FastAPI's own schema and docs routes would be open to anyone; the schema is served below
+    # behind the token like every route but /health, and the browser UIs, which cannot send
+    # the token when they fetch the schema, are left out.
+    app = FastAPI(
+        title="runtimestate",
+        version=ctx.version,
+        description=DESCRIPTION,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.ctx = ctx
     install_error_handlers(app)
     protected = [Depends(require_token)]
     for group in (backends, models, pools, associations, state, queue, providers):
         app.include_router(group.router, dependencies=protected)
     app.include_router(system.router)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=protected)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     return app
