@@ -21,6 +21,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from runtimestate import downloads
 from runtimestate.api.deps import ApiContext, Context, Key
@@ -66,6 +67,9 @@ async def in_progress(ctx: Context) -> StreamingResponse:
         _events(ctx, subscription),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        # The generator unsubscribes when it ends; a client gone before it ever started would
+        # leave the subscription behind, so the response unsubscribes too (it is idempotent).
+        background=BackgroundTask(subscription.unsubscribe),
     )
 
 
