@@ -18,6 +18,7 @@ from datetime import timedelta
 import pytest
 
 from runtimestate.backends import HttpClient
+from runtimestate.backends.vllm import VllmDriver
 from runtimestate.bus import Messenger, open_bus
 from runtimestate.downloads import MODEL_DOWNLOAD, lease_name
 from runtimestate.errors import InvalidInput, StoreError
@@ -290,6 +291,38 @@ async def test_backends_are_reconciled_concurrently(
     assert elapsed < 2.0
 
 
+async def test_concurrency_is_bounded(store: Store, bus: Messenger, emu: Emulator) -> None:
+    emu.latency = 0.2
+    for i in range(6):
+        node = emu.add_ollama(f"n{i}", models=["llama3"])
+        await store.create_backend(name=f"n{i}", base_url=node.base_url, type="ollama")
+    await declare_chat(store, "llama3")
+    async with State(store, bus, concurrency=2) as state:
+        started = time.perf_counter()
+        await state.run_backend_cycle()
+        elapsed = time.perf_counter() - started
+    # Three waves of two: at least 3 x 0.2 s.
+    assert elapsed >= 0.6
+
+
+async def test_a_driver_bug_escapes_and_leaves_no_backend_running(
+    store: Store, bus: Messenger, emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = emu.add_ollama("slow", models=["llama3"])
+    slow.faults.hang()
+    await store.create_backend(name="slow", base_url=slow.base_url, type="ollama")
+    await store.create_backend(name="buggy", base_url="http://127.0.0.1:1", type="vllm")
+
+    async def broken(self: object, ctx: object, declared: object) -> object:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(VllmDriver, "observe", broken)
+    async with State(store, bus) as state:
+        with pytest.raises(KeyError, match="a bug"):
+            await state.run_backend_cycle()
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("backend ")]
+
+
 async def test_a_hanging_backend_costs_the_cycle_its_timeout_only(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:
@@ -392,12 +425,20 @@ async def test_pools_aggregate_models_and_leave_unpooled_backends_alone(
     async with State(store, bus, with_pools=True) as state:
         await state.run_backend_cycle()
         snapshot = state.get()
+        await store.remove_backend_from_pool(chat.id, b_both.id)
+        await state.run_backend_cycle()
+        in_one_pool = state.get()
+        await store.remove_backend_from_pool(embed.id, b_both.id)
+        await state.run_backend_cycle()
+        in_no_pool = state.get()
     assert set(snapshot) == {b_both.id}
     assert sorted(snapshot[b_both.id].models) == ["llama3", "nomic-embed-text"]
     # Processed once although in two pools.
     assert len(paths(both, "GET", "/api/tags")) == 1
     assert lone.requests == []
     assert b_lone.id not in snapshot
+    assert sorted(in_one_pool[b_both.id].models) == ["llama3", "nomic-embed-text"]
+    assert in_no_pool == {}
 
 
 async def test_stale_backends_leave_and_snapshots_never_change(

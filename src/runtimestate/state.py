@@ -149,11 +149,7 @@ class State:
         """Reconcile every declared backend once, then replace the snapshot."""
         started = time.perf_counter()
         declared = await self._declared()
-        ctx = await self._context()
-        semaphore = asyncio.Semaphore(self._concurrency)
-        results = await asyncio.gather(
-            *(self._run_one(ctx, semaphore, item, act=True) for item in declared)
-        )
+        results = await self._run_all(declared, act=True)
         results = await self._queue_pulls(declared, results)
         states = {item.backend.id: plan.state for item, plan in zip(declared, results, strict=True)}
         for gone in self._states.keys() - states.keys():
@@ -169,11 +165,7 @@ class State:
         """What a backend cycle would do, per backend id, without doing any of it (a dry run:
         observe and plan only; the snapshot is not changed)."""
         declared = await self._declared()
-        ctx = await self._context()
-        semaphore = asyncio.Semaphore(self._concurrency)
-        plans = await asyncio.gather(
-            *(self._run_one(ctx, semaphore, item, act=False) for item in declared)
-        )
+        plans = await self._run_all(declared, act=False)
         return {plan.backend_id: plan for plan in plans}
 
     async def run_download_cycle(self) -> bool:
@@ -214,6 +206,26 @@ class State:
             downloading=frozenset(lease.name[len(LEASE_PREFIX) :] for lease in leases),
             queued=frozenset(p.url for p in pending),
         )
+
+    async def _run_all(self, declared: list[Declared], *, act: bool) -> list[BackendPlan]:
+        """Every backend concurrently, ``concurrency`` at a time. Backend failures are results;
+        only a bug escapes, and then no backend task is left running behind the cycle."""
+        ctx = await self._context()
+        semaphore = asyncio.Semaphore(self._concurrency)
+        tasks = [
+            asyncio.create_task(
+                self._run_one(ctx, semaphore, item, act=act), name=f"backend {item.backend.id}"
+            )
+            for item in declared
+        ]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+            raise
 
     async def _queue_pulls(
         self, declared: list[Declared], results: list[BackendPlan]
