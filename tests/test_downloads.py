@@ -219,12 +219,14 @@ async def test_stalled_stream_raises_after_the_stall_timeout(
 
 
 async def test_a_leased_backend_is_never_pulled_twice(
-    store: Store, bus: Messenger, emu: Emulator
+    store: Store, store_factory: StoreFactory, bus: Messenger, emu: Emulator
 ) -> None:
     node = await setup_node(store, emu, pull_seconds=30.0)
+    # The second worker has its own connections to the same database, as another process would.
+    elsewhere = await store_factory()
     async with (
         State(store, bus, worker_id="first") as first,
-        State(store, bus, worker_id="second") as second,
+        State(elsewhere, bus, worker_id="second") as second,
     ):
         await first.run_backend_cycle()
         async with await bus.stream(MODEL_DOWNLOAD) as sub:
