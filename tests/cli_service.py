@@ -9,6 +9,7 @@ put into every failure message, because a service that died at startup is otherw
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,7 +20,14 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["ServiceProcess", "cli_env", "free_port", "serve_argv", "start_service"]
+__all__ = [
+    "ServiceProcess",
+    "cli_env",
+    "free_port",
+    "restartable_port",
+    "serve_argv",
+    "start_service",
+]
 
 STARTUP_TIMEOUT = 30.0
 
@@ -29,6 +37,29 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def restartable_port() -> int:
+    """A free port outside the kernel's ephemeral range.
+
+    A service restarted on the port it had must find it free again; a port from the ephemeral
+    range may meanwhile be taken as the local end of any outgoing connection (to PostgreSQL,
+    NATS, the emulator), so the port is chosen below that range.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 def cli_env(*, url: str, data_dir: Path, **extra: str) -> dict[str, str]:

@@ -36,7 +36,7 @@ import pytest
 
 from runtimestate.testing import Emulator
 from runtimestate.testing.ollama import OllamaNode
-from tests.cli_service import ServiceProcess, cli_env, free_port, start_service
+from tests.cli_service import ServiceProcess, cli_env, restartable_port, start_service
 from tests.fixtures.postgres import fresh_database
 
 MODELS = ("llama3.2:1b", "nomic-embed-text:latest")
@@ -168,7 +168,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
     flags = ("--interval", "0.5", "--workers", "2", "--log-format", "json", *infra_flags)
     service_env = cli_env(url="http://unused", data_dir=data_dir)
 
-    port = free_port()
+    port = restartable_port()
 
     async def start() -> ServiceProcess:
         # The same port both times, as an operator restarts a service behind a fixed address,
