@@ -286,3 +286,10 @@ def test_vllm_lora_adapters_take_their_base_models_context() -> None:
         ("base", 8192),
         ("adapter", 8192),
     ]
+
+
+async def test_redirects_are_not_followed(emu: Emulator, http: HttpClient) -> None:
+    node = emu.add_ollama("n")
+    node.faults.fail(status=307, body=b"")
+    with pytest.raises(ProtocolError, match=r"unexpected redirect \(HTTP 307\)"):
+        await http.request_json("GET", node.base_url + "/api/tags")

@@ -66,30 +66,26 @@ def status_error(
     """The error for an HTTP error ``status``: its class says what to do, its message carries
     the start of the body (redacted)."""
     excerpt = redact(body[:_BODY_EXCERPT].decode("utf-8", "replace").strip(), *secrets)
-    message = (
-        f"HTTP {status} from {redact(url, *secrets)}: {excerpt}"
-        if excerpt
-        else (f"HTTP {status} from {redact(url, *secrets)}")
-    )
+    shown = redact(url, *secrets)
+    message = f"HTTP {status} from {shown}: {excerpt}" if excerpt else f"HTTP {status} from {shown}"
     if status == 401:
-        return KeyRejected(message, backend=url)
+        return KeyRejected(message, backend=shown)
     if status == 429:
-        return RateLimited(message, backend=url)
+        return RateLimited(message, backend=shown)
     if 400 <= status < 500:
-        return BadRequest(message, backend=url)
-    return ServerError(message, backend=url)
+        return BadRequest(message, backend=shown)
+    return ServerError(message, backend=shown)
 
 
 def decode_json(body: bytes, *, url: str, secrets: tuple[str, ...] = ()) -> Any:
     """The JSON value of ``body``; an empty or malformed body is a ``ProtocolError``."""
+    shown = redact(url, *secrets)
     if not body.strip():
-        raise ProtocolError(f"empty response from {redact(url, *secrets)}", backend=url)
+        raise ProtocolError(f"empty response from {shown}", backend=shown)
     try:
         return json.loads(body)
     except ValueError as exc:
-        raise ProtocolError(
-            f"malformed JSON from {redact(url, *secrets)}: {exc}", backend=url
-        ) from exc
+        raise ProtocolError(f"malformed JSON from {shown}: {exc}", backend=shown) from exc
 
 
 class HttpClient:
@@ -199,22 +195,32 @@ class HttpClient:
         callers that give some error statuses a meaning of their own."""
         shown = redact(url, *secrets)
         try:
+            # No redirects: a backend API has no reason to send one, and following it would
+            # carry the request (and its key) to wherever the answer points.
             async with self._get_session().request(
-                method, url, json=json_body, headers=headers, params=params
+                method, url, json=json_body, headers=headers, params=params, allow_redirects=False
             ) as response:
-                return response.status, await self._read_bounded(response, shown)
+                body = await self._read_bounded(response, shown)
+                if 300 <= response.status < 400:
+                    raise ProtocolError(
+                        f"unexpected redirect (HTTP {response.status}) from {shown}",
+                        backend=shown,
+                    )
+                return response.status, body
         except aiohttp.InvalidURL as exc:
-            raise BackendError(f"invalid URL {shown!r}", backend=url) from exc
+            raise BackendError(f"invalid URL {shown!r}", backend=shown) from exc
         except aiohttp.ClientConnectorError as exc:
             raise BackendUnreachable(
-                f"cannot connect to {shown}: {exc.os_error.strerror or exc}", backend=url
+                f"cannot connect to {shown}: {exc.os_error.strerror or exc}", backend=shown
             ) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-            raise BackendUnreachable(f"connection to {shown} dropped: {exc}", backend=url) from exc
+            raise BackendUnreachable(
+                f"connection to {shown} dropped: {exc}", backend=shown
+            ) from exc
         except TimeoutError as exc:
-            raise BackendUnreachable(f"request to {shown} timed out", backend=url) from exc
+            raise BackendUnreachable(f"request to {shown} timed out", backend=shown) from exc
         except aiohttp.ClientError as exc:
-            raise BackendUnreachable(f"request to {shown} failed: {exc}", backend=url) from exc
+            raise BackendUnreachable(f"request to {shown} failed: {exc}", backend=shown) from exc
 
     async def _read_bounded(self, response: aiohttp.ClientResponse, shown: str) -> bytes:
         limit = self.max_body_bytes
@@ -253,16 +259,21 @@ class HttpClient:
         session = self._get_session()
         try:
             response = await session.request(
-                method, url, json=json_body, headers=headers, timeout=self._stream_timeout
+                method,
+                url,
+                json=json_body,
+                headers=headers,
+                timeout=self._stream_timeout,
+                allow_redirects=False,
             )
         except aiohttp.InvalidURL as exc:
-            raise BackendError(f"invalid URL {shown!r}", backend=url) from exc
+            raise BackendError(f"invalid URL {shown!r}", backend=shown) from exc
         except aiohttp.ClientConnectorError as exc:
             raise BackendUnreachable(
-                f"cannot connect to {shown}: {exc.os_error.strerror or exc}", backend=url
+                f"cannot connect to {shown}: {exc.os_error.strerror or exc}", backend=shown
             ) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BackendUnreachable(f"request to {shown} failed: {exc!r}", backend=url) from exc
+            raise BackendUnreachable(f"request to {shown} failed: {exc!r}", backend=shown) from exc
         try:
             if response.status >= 400:
                 body = await self._read_bounded(response, shown)
@@ -279,21 +290,21 @@ class HttpClient:
                 line = await response.content.readline()
             except ValueError as exc:
                 # aiohttp raises ValueError ("Line is too long") past max_line_size.
-                raise ProtocolError(f"stream line too large from {shown}", backend=url) from exc
+                raise ProtocolError(f"stream line too large from {shown}", backend=shown) from exc
             except (aiohttp.ClientError, ConnectionError) as exc:
                 raise BackendUnreachable(
-                    f"stream from {shown} broke: {exc!r}", backend=url
+                    f"stream from {shown} broke: {exc!r}", backend=shown
                 ) from exc
             if not line:
                 return
             if len(line) > self.max_line_bytes:
-                raise ProtocolError(f"stream line too large from {shown}", backend=url)
+                raise ProtocolError(f"stream line too large from {shown}", backend=shown)
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
             except ValueError as exc:
-                raise ProtocolError(f"malformed stream line from {shown}", backend=url) from exc
+                raise ProtocolError(f"malformed stream line from {shown}", backend=shown) from exc
             if not isinstance(item, dict):
-                raise ProtocolError(f"stream line from {shown} is not an object", backend=url)
+                raise ProtocolError(f"stream line from {shown} is not an object", backend=shown)
             yield item
