@@ -1,4 +1,18 @@
-"""runtimestate: keeps a fleet of LLM backends in line with what its operator declared."""
+"""runtimestate: keeps a fleet of LLM backends in line with what its operator declared.
+
+The public API is exactly ``__all__`` (a test checks it). The seed's names come first; the
+store, bus and resolver entry points follow so that an application needs one import.
+
+Heavy names are imported lazily (PEP 562): ``State`` pulls in the drivers' HTTP stack and
+``local_provider_adapter`` the ollama, openai and google-genai SDKs, about a second of imports
+that the CLI - which only talks HTTP to the service - should not pay on every command. Type
+checkers see ordinary imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from runtimestate.records import (
     GEMINI_KEY,
@@ -11,13 +25,62 @@ from runtimestate.records import (
     ProviderConfig,
 )
 
+if TYPE_CHECKING:
+    from runtimestate.backends import BackendPlan
+    from runtimestate.bus import Messenger, open_bus
+    from runtimestate.providers import Provider, ProviderFromRuntimeState, local_provider_adapter
+    from runtimestate.resolver import Resolver, ResolveRequest
+    from runtimestate.state import State
+    from runtimestate.store import Store, open_store
+
+__version__ = "0.1.0"
+
 __all__ = [
     "GEMINI_KEY",
     "OPENAI_KEY",
     "PROVIDER_KEY_PREFIX",
+    "BackendPlan",
     "BackendType",
     "LLMState",
     "ListModelResponse",
+    "Messenger",
     "ModelDetails",
+    "Provider",
     "ProviderConfig",
+    "ProviderFromRuntimeState",
+    "ResolveRequest",
+    "Resolver",
+    "State",
+    "Store",
+    "__version__",
+    "local_provider_adapter",
+    "open_bus",
+    "open_store",
 ]
+
+_LAZY = {
+    "BackendPlan": "runtimestate.backends",
+    "Messenger": "runtimestate.bus",
+    "open_bus": "runtimestate.bus",
+    "Provider": "runtimestate.providers",
+    "ProviderFromRuntimeState": "runtimestate.providers",
+    "local_provider_adapter": "runtimestate.providers",
+    "ResolveRequest": "runtimestate.resolver",
+    "Resolver": "runtimestate.resolver",
+    "State": "runtimestate.state",
+    "Store": "runtimestate.store",
+    "open_store": "runtimestate.store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'runtimestate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
