@@ -62,6 +62,16 @@ def test_text_lines(output: tuple[io.StringIO, logging.Logger]) -> None:
     assert "Z " in line
 
 
+def test_text_lines_carry_their_extra_fields(output: tuple[io.StringIO, logging.Logger]) -> None:
+    stream, log = output
+    configure_logging(format=LogFormat.TEXT, level="INFO", stream=stream)
+    log.info("model deleted", extra={"backend_id": "b-1", "model": "llama3:latest"})
+    log.info("backend failed", extra={"backend_id": "b-2", "error": "HTTP 500: model is busy"})
+    first, second = stream.getvalue().splitlines()
+    assert first.endswith("runtimestate.test: model deleted backend_id=b-1 model=llama3:latest")
+    assert second.endswith('backend failed backend_id=b-2 error="HTTP 500: model is busy"')
+
+
 @pytest.mark.parametrize("log_format", list(LogFormat))
 def test_secrets_are_masked_in_messages_arguments_extras_and_tracebacks(
     output: tuple[io.StringIO, logging.Logger], log_format: LogFormat

@@ -95,14 +95,38 @@ class JSONFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-01-01T00:00:00.000Z INFO  runtimestate.runner: message``."""
+    """``2026-01-01T00:00:00.000Z INFO  runtimestate.state: download queued backend_id=b1``.
+
+    Library modules put what a line is about in ``extra=`` (backend id, model, URL) and keep the
+    message constant, so that JSON lines can be filtered by field; for people those fields follow
+    the message as ``key=value`` pairs, or ``model deleted`` would not say which model.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-5s %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        fields = [
+            f"{key}={_text_value(value)}"
+            for key, value in vars(record).items()
+            if key not in _STANDARD_ATTRS and key not in _TEXT_HIDDEN and not key.startswith("_")
+        ]
+        return " ".join([line, *fields]) if fields else line
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         moment = datetime.fromtimestamp(record.created, UTC)
         return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+# uvicorn repeats its message with ANSI colours in this field; the line already has it.
+_TEXT_HIDDEN = frozenset({"color_message"})
+
+
+def _text_value(value: object) -> str:
+    text = str(value)
+    # Quote values a reader could not otherwise tell apart from the next pair.
+    return json.dumps(text) if not text or any(c in text for c in ' ="\n') else text
 
 
 def configure_logging(
