@@ -13,10 +13,12 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from runtimestate import downloads
 from runtimestate.api import ApiContext, create_app
 from runtimestate.bus import Messenger
+from runtimestate.errors import BackendError
 from runtimestate.metrics import QUEUE_DEPTH, REGISTRY
 from runtimestate.state import State
 from runtimestate.store import Store
@@ -120,6 +122,67 @@ async def test_metrics_expose_the_queue_depth(fleet: Fleet) -> None:
     assert REGISTRY.get_sample_value("runtimestate_queue_depth") == 1.0
     assert "runtimestate_cycle_duration_seconds" in response.text
     QUEUE_DEPTH.set(0)
+
+
+async def _scrape(client: httpx.AsyncClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample ``GET /metrics`` exposes, keyed by name and labels, parsed from its text."""
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def _sample(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_metrics_report_every_figure_an_operator_watches(fleet: Fleet) -> None:
+    # Issue 6 names them: cycle duration, backends by status, models pulled and deleted,
+    # download bytes and failures, queue depth - read here from the route's own text. The
+    # counters are process-wide, so the test compares before and after.
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    dead = {"name": "node-dead", "baseUrl": dead_url, "type": "ollama"}
+    assert (await fleet.client.post("/backends", json=dead)).status_code == 201
+    before = await _scrape(fleet.client)
+
+    # The cycle deletes the undeclared tinyllama, queues the declared model, and fails to reach
+    # the dead node.
+    await fleet.client.post("/state/sync")
+    synced = await _scrape(fleet.client)
+    assert _sample(synced, "runtimestate_backends", status="ok") == 1
+    assert _sample(synced, "runtimestate_backends", status="error") == 1
+    assert _sample(synced, "runtimestate_queue_depth") == 1
+    deleted = "runtimestate_models_deleted_total"
+    assert _sample(synced, deleted) == _sample(before, deleted) + 1
+    count = "runtimestate_cycle_duration_seconds_count"
+    assert _sample(synced, count, cycle="backend") == _sample(before, count, cycle="backend") + 1
+
+    # A pull the node refuses is a download failure; the next cycle queues it again, and the
+    # second pull lands, with its bytes counted.
+    fleet.node.pullable = set()
+    with pytest.raises(BackendError):
+        await fleet.state.run_download_cycle()
+    fleet.node.pullable = None
+    await fleet.client.post("/state/sync")
+    assert await fleet.state.run_download_cycle() is True
+    after = await _scrape(fleet.client)
+    failures = "runtimestate_download_failures_total"
+    assert _sample(after, failures) == _sample(before, failures) + 1
+    pulled = "runtimestate_models_pulled_total"
+    assert _sample(after, pulled) == _sample(before, pulled) + 1
+    size = sum(layer.size for layer in fleet.node.models[MODEL].layers)
+    downloaded = "runtimestate_download_bytes_total"
+    assert _sample(after, downloaded) == _sample(before, downloaded) + size
+    assert _sample(after, count, cycle="download") == _sample(before, count, cycle="download") + 2
+    assert _sample(after, "runtimestate_queue_depth") == 0
 
 
 async def _serve(ctx: ApiContext) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
