@@ -94,9 +94,23 @@ def test_unreachable_service_is_one_line_and_exit_code_3() -> None:
     assert_one_line_error(result, ExitCode.UNREACHABLE, f"127.0.0.1:{port}", "runtimestate serve")
 
 
-def test_invalid_service_url_is_a_usage_error() -> None:
-    result = CliRunner().invoke(app, ["--url", "ftp://x", "state"], catch_exceptions=False)
-    assert_one_line_error(result, ExitCode.USAGE, "ftp://x")
+@pytest.mark.parametrize(
+    "url", ["ftp://x", "http://127.0.0.1:abc", "http://127.0.0.1:99999", "http://[::1"]
+)
+def test_invalid_service_url_is_a_usage_error(url: str) -> None:
+    result = CliRunner().invoke(app, ["--url", url, "state"], catch_exceptions=False)
+    assert_one_line_error(result, ExitCode.USAGE, url)
+
+
+def test_unreadable_token_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "token").mkdir()
+    result = CliRunner().invoke(
+        app,
+        ["--url", f"http://127.0.0.1:{free_port()}", "backend", "list"],
+        env={"RUNTIMESTATE_DATA_DIR": str(tmp_path), "RUNTIMESTATE_TOKEN": ""},
+        catch_exceptions=False,
+    )
+    assert_one_line_error(result, ExitCode.USAGE, str(tmp_path / "token"))
 
 
 def test_serve_rejects_a_bad_setting_in_one_line(tmp_path: Path) -> None:

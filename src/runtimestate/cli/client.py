@@ -29,7 +29,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from runtimestate.errors import redact
-from runtimestate.settings import default_data_dir, read_token
+from runtimestate.settings import default_data_dir, read_token, token_path
 
 __all__ = [
     "DEFAULT_URL",
@@ -94,13 +94,27 @@ def _is_local(url: str) -> bool:
 def resolve_endpoint(*, url: str | None, token: str | None) -> Endpoint:
     """Apply the precedence flags > environment > local token file."""
     base = (url or os.environ.get("RUNTIMESTATE_URL") or DEFAULT_URL).rstrip("/")
-    split = urlsplit(base)
+    invalid = ApiError(f"invalid service URL {base!r}: use http://host:port", code=ExitCode.USAGE)
+    try:
+        split = urlsplit(base)
+        # Both parse again on use and raise on what urlsplit lets through (a port that is not a
+        # number, an unclosed IPv6 bracket): refused here, as the one line, not a traceback.
+        split.port  # noqa: B018 - evaluated for its validation
+        httpx.URL(base)
+    except (ValueError, httpx.InvalidURL):
+        raise invalid from None
     if split.scheme not in {"http", "https"} or not split.hostname:
-        raise ApiError(f"invalid service URL {base!r}: use http://host:port", code=ExitCode.USAGE)
+        raise invalid
     secret = token or os.environ.get("RUNTIMESTATE_TOKEN") or None
     if secret is None and _is_local(base):
-        data_dir = os.environ.get("RUNTIMESTATE_DATA_DIR")
-        secret = read_token(Path(data_dir) if data_dir else default_data_dir())
+        data_dir = Path(os.environ.get("RUNTIMESTATE_DATA_DIR") or default_data_dir())
+        try:
+            secret = read_token(data_dir)
+        except OSError as exc:
+            raise ApiError(
+                f"cannot read the token file {token_path(data_dir)}: {exc.strerror or exc}",
+                code=ExitCode.USAGE,
+            ) from exc
     return Endpoint(url=base, token=secret)
 
 
