@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -273,6 +274,37 @@ async def test_a_crash_mid_download_is_requeued_by_the_next_backend_cycle(
         await state.run_backend_cycle()
         assert await state.run_download_cycle() is True
     assert "phi3:mini" in node.models
+
+
+async def test_every_download_log_line_names_the_backend(
+    store: Store, bus: Messenger, emu: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = await setup_node(store, emu)
+    (backend,) = await store.list_all_backends()
+    broken = emu.add_ollama("n2", pullable=())
+    other = await store.create_backend(name="n2", base_url=broken.base_url, type="ollama")
+    with caplog.at_level(logging.INFO, logger="runtimestate"):
+        async with State(store, bus) as planner:
+            await planner.run_backend_cycle()
+        # A worker that never ran a backend cycle finds the ids in the store.
+        async with State(store, bus) as worker:
+            outcomes = []
+            for _ in range(2):
+                try:
+                    outcomes.append(await worker.run_download_cycle())
+                except BackendError:
+                    outcomes.append(False)
+    assert sorted(outcomes) == [False, True]
+    assert "phi3:mini" in node.models
+    ids: dict[str, set[object]] = {}
+    for record in caplog.records:
+        ids.setdefault(record.getMessage().split(":")[0], set()).add(
+            getattr(record, "backend_id", None)
+        )
+    assert ids["download queued"] == {backend.id, other.id}
+    assert ids["download started"] == {backend.id, other.id}
+    assert ids["model pulled"] == {backend.id}
+    assert ids["pull failed"] == {other.id}
 
 
 async def test_queue_helpers(store: Store, bus: Messenger) -> None:

@@ -20,6 +20,12 @@ The pull itself (the HTTP stream) belongs to the Ollama driver; this module rece
 seconds and only on a new whole percent (Ollama emits progress many times a second), and the
 final ``success`` always. A message on :data:`QUEUE_CANCEL` whose ``id`` is the job's URL or
 model closes the stream at once.
+
+Every log line of a download (started, deferred, cancelled, failed, pulled) carries the
+``backend_id`` of the backend at the job's URL, like the backend cycle's lines. The payload has
+only the URL (the seed's shape), so the id comes from the URL-to-id map the backend cycle hands
+over (:meth:`Downloader.know_backends`), else from one listing of the declared backends; a URL no
+backend has any more logs an empty id. A failed lookup never fails a pull.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -45,6 +51,8 @@ from runtimestate.errors import (
     Conflict,
     InvalidInput,
     NotFound,
+    RuntimeStateError,
+    redact,
 )
 from runtimestate.metrics import DOWNLOAD_BYTES, DOWNLOAD_FAILURES, MODELS_PULLED, QUEUE_DEPTH
 from runtimestate.store.base import Store
@@ -242,7 +250,25 @@ class Downloader:
         # A lease held by this worker would be granted again (a renewal), so concurrent cycles
         # of one worker also check the URLs it is pulling right now.
         self._pulling: set[str] = set()
+        self._backend_ids: dict[str, str] = {}
         self.last_outcome = DownloadOutcome.EMPTY
+
+    def know_backends(self, backend_ids: Mapping[str, str]) -> None:
+        """Remember which backend id each base URL belongs to (for log lines)."""
+        self._backend_ids = dict(backend_ids)
+
+    async def _backend_id(self, url: str) -> str:
+        """The id of the backend at ``url``; "" when none has it or the store cannot say."""
+        known = self._backend_ids.get(url)
+        if known is not None:
+            return known
+        try:
+            backends = await self._store.list_all_backends()
+        except RuntimeStateError:
+            return ""
+        self._backend_ids = {b.base_url: b.id for b in backends}
+        # Remembered as "" too, so a job for a removed backend does not list them all again.
+        return self._backend_ids.setdefault(url, "")
 
     async def run_cycle(self) -> bool:
         """Pop one job and pull it. True if a job was processed (pulled or cancelled), False
@@ -254,6 +280,7 @@ class Downloader:
             self.last_outcome = DownloadOutcome.EMPTY
             return False
         url, model = _payload(job)
+        log_extra = {"backend_id": await self._backend_id(url), "url": url, "model": model}
         holder = f"{self.worker_id}|{model}"
         lease = None
         if url not in self._pulling:
@@ -264,22 +291,32 @@ class Downloader:
             with contextlib.suppress(Conflict):
                 # Conflict: the backend cycle already queued it again. Either way it is queued.
                 await self._store.append_job(_job(url, model))
-            logger.info("download deferred: backend busy", extra={"url": url, "model": model})
+            logger.info("download deferred: backend busy", extra=log_extra)
             self.last_outcome = DownloadOutcome.DEFERRED
             return False
         self._pulling.add(url)
+        logger.info("download started", extra=log_extra)
         try:
             async with await self._messenger.stream(QUEUE_CANCEL) as cancels:
-                self.last_outcome = await self._pull_or_cancel(url, model, holder, cancels)
+                self.last_outcome = await self._pull_or_cancel(
+                    url, model, holder, cancels, log_extra
+                )
         finally:
             self._pulling.discard(url)
             await asyncio.shield(self._store.release_lease(lease_name(url), holder=holder))
         return True
 
     async def _pull_or_cancel(
-        self, url: str, model: str, holder: str, cancels: Subscription
+        self,
+        url: str,
+        model: str,
+        holder: str,
+        cancels: Subscription,
+        log_extra: dict[str, str],
     ) -> DownloadOutcome:
-        pull = asyncio.create_task(self._pull(url, model, holder), name=f"pull {model} on {url}")
+        pull = asyncio.create_task(
+            self._pull(url, model, holder, log_extra), name=f"pull {model} on {redact(url)}"
+        )
         watch = asyncio.create_task(self._watch(cancels, url, model), name=f"cancel {url}")
         try:
             await asyncio.wait({pull, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -293,7 +330,7 @@ class Downloader:
             return DownloadOutcome.SUCCEEDED
         # Otherwise the watcher ended it: a cancel message, or a bus failure that result() raises.
         watch.result()
-        logger.info("download cancelled", extra={"url": url, "model": model})
+        logger.info("download cancelled", extra=log_extra)
         await self._publish(DownloadStatus(status="cancelled", model=model, base_url=url))
         return DownloadOutcome.CANCELLED
 
@@ -309,22 +346,24 @@ class Downloader:
         # The subscription ended (bus closed): never return, the pull decides the outcome.
         await asyncio.Event().wait()
 
-    async def _pull(self, url: str, model: str, holder: str) -> None:
+    async def _pull(self, url: str, model: str, holder: str, log_extra: dict[str, str]) -> None:
         try:
-            await self._consume(url, model, holder)
+            await self._consume(url, model, holder, log_extra)
         except BackendError as exc:
             # Same class (so callers can tell a broken stream from a refused pull), but a
             # message that always names the model and the backend.
-            failure = type(exc)(f"pull of {model} on {url} failed: {exc}", backend=url)
+            failure = type(exc)(
+                f"pull of {model} on {redact(url)} failed: {exc}", backend=redact(url)
+            )
             failure.__cause__ = exc
         else:
             return
         DOWNLOAD_FAILURES.inc()
-        logger.error("pull failed: %s", failure, extra={"url": url, "model": model})
+        logger.error("pull failed: %s", failure, extra=log_extra)
         await self._publish(DownloadStatus(status=f"error: {failure}", model=model, base_url=url))
         raise failure
 
-    async def _consume(self, url: str, model: str, holder: str) -> None:
+    async def _consume(self, url: str, model: str, holder: str, log_extra: dict[str, str]) -> None:
         """Read the pull stream to its ``success`` line, publishing throttled progress."""
         last_status = ""
         last_percent = -1
@@ -367,7 +406,7 @@ class Downloader:
                     last_status, last_percent, last_publish = status.status, percent, now
                 if status.status == "success":
                     MODELS_PULLED.inc()
-                    logger.info("model pulled", extra={"url": url, "model": model})
+                    logger.info("model pulled", extra=log_extra)
                     return
 
     async def _renew(self, url: str, holder: str) -> None:

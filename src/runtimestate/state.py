@@ -149,6 +149,9 @@ class State:
         """Reconcile every declared backend once, then replace the snapshot."""
         started = time.perf_counter()
         declared = await self._declared()
+        self._downloader.know_backends(
+            {item.backend.base_url: item.backend.id for item in declared}
+        )
         results = await self._run_all(declared, act=True)
         results = await self._queue_pulls(declared, results)
         states = {item.backend.id: plan.state for item, plan in zip(declared, results, strict=True)}
