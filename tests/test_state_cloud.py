@@ -91,6 +91,46 @@ async def test_openai_drift_is_not_an_error_and_listing_is_cached_a_day(
         assert len([r for r in account.requests if r.path == "/models"]) == 2
 
 
+async def test_a_declared_model_the_account_lacks_is_logged_once_not_an_error(
+    store: Store, bus: Messenger, emu: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    account = emu.add_gemini("acct", api_key=GEMINI_SECRET, models=["gemini-2.0-flash"])
+    backend = await store.create_backend(name="gm", base_url=account.base_url, type="gemini")
+    await store.append_model(model="gemini-2.0-flash")
+    await store.append_model(model="gemini-9-ultra")
+    await set_key(store, GEMINI_KEY, GEMINI_SECRET, "gemini")
+
+    def lacking() -> list[object]:
+        return [
+            getattr(r, "models", None)
+            for r in caplog.records
+            if getattr(r, "backend_id", None) == backend.id
+            and r.getMessage().startswith("declared models not offered")
+        ]
+
+    clock = FakeClock()
+    with caplog.at_level(logging.INFO, logger="runtimestate"):
+        async with State(store, bus, clock=clock) as state:
+            await state.run_backend_cycle()
+            observed = state.get()[backend.id]
+            assert observed.error == ""
+            assert observed.models == ("gemini-2.0-flash", "gemini-9-ultra")
+            assert [m.name for m in observed.pulled_models] == ["gemini-2.0-flash"]
+            assert lacking() == ["gemini-9-ultra"]
+            # The same gap on the next cycle is not logged again; a new gap is.
+            await state.run_backend_cycle()
+            assert lacking() == ["gemini-9-ultra"]
+            account.add_model("gemini-9-ultra")
+            clock.advance(DAY + 1)
+            await state.run_backend_cycle()
+            assert state.get()[backend.id].pulled_models[-1].name == "gemini-9-ultra"
+            assert lacking() == ["gemini-9-ultra"]
+            await store.append_model(model="gemini-8-nano")
+            await state.run_backend_cycle()
+            assert lacking() == ["gemini-9-ultra", "gemini-8-nano"]
+            assert state.get()[backend.id].error == ""
+
+
 async def test_key_change_drops_the_cache_and_rejection_names_no_key(
     store: Store, bus: Messenger, emu: Emulator, caplog: pytest.LogCaptureFixture
 ) -> None:

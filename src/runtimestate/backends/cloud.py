@@ -12,12 +12,20 @@ the stored key changes, so a rotated key is tried at once.
 Models the account has but nobody declared are *drift*: reported in ``undeclared_models``, never
 in ``error``, so that a real account with dozens of models stays usable (the seed disabled it).
 A rejected key is an error that says so and never repeats the key.
+
+The other direction - a declared model the account does not offer - is not an error either: the
+backend still serves every declared model it has, and without pools every backend is declared to
+hold every model, so an OpenAI account "lacks" each Ollama model. It shows in the state as a name
+in ``models`` that has no entry in ``pulledModels`` (the provider adapter offers only the
+latter), and ``act`` logs it as a warning with the backend id whenever that set changes (not
+every cycle, which would repeat it every few seconds for a day).
 """
 
 from __future__ import annotations
 
 import abc
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -32,9 +40,11 @@ from runtimestate.backends.base import (
     DriverOptions,
 )
 from runtimestate.backends.names import cloud_key
-from runtimestate.records import ListModelResponse, ProviderConfig
+from runtimestate.records import ListModelResponse, LLMState, ProviderConfig
 
 __all__ = ["KEY_MALFORMED", "KEY_MISSING", "CloudDriver", "CloudListing", "CloudModel"]
+
+logger = logging.getLogger(__name__)
 
 KEY_MISSING = "API key not configured"
 KEY_MALFORMED = "API key entry is malformed"
@@ -77,6 +87,8 @@ class CloudDriver(Driver[CloudListing]):
     def __init__(self, options: DriverOptions) -> None:
         super().__init__(options)
         self._cache: dict[str, _CacheEntry] = {}
+        # Per backend, the declared models the account lacked when last logged.
+        self._missing: dict[str, tuple[str, ...]] = {}
 
     @abc.abstractmethod
     async def list_models(
@@ -139,6 +151,28 @@ class CloudDriver(Driver[CloudListing]):
             state=state,
         )
 
+    async def act(self, ctx: CycleContext, declared: Declared, plan: BackendPlan) -> LLMState:
+        """Nothing to change on an account; log the declared models it lacks when they change."""
+        state = plan.state
+        if not state.error:
+            offered = {cloud_key(m.name) for m in state.pulled_models}
+            missing = tuple(m for m in state.models if cloud_key(m) not in offered)
+            backend = declared.backend
+            if missing != self._missing.get(backend.id, ()):
+                if missing:
+                    logger.warning(
+                        "declared models not offered by the account: %s",
+                        ", ".join(missing),
+                        extra={
+                            "backend_id": backend.id,
+                            "backend_type": backend.type,
+                            "models": ", ".join(missing),
+                        },
+                    )
+                self._missing[backend.id] = missing
+        return state
+
     def forget(self, backend_id: str) -> None:
         """Drop the cached listing of a backend that left the declaration."""
         self._cache.pop(backend_id, None)
+        self._missing.pop(backend_id, None)
