@@ -405,6 +405,21 @@ async def test_vllm_reports_served_model_and_rejects_undeclared(
     assert snapshot[bad.id].error == "served model not declared: mistralai/Mistral-7B-v0.3"
 
 
+async def test_vllm_with_an_api_key_says_so(store: Store, bus: Messenger, emu: Emulator) -> None:
+    locked = emu.add_vllm("locked", model="m", api_key="vllm-secret-0123456789")
+    backend = await store.create_backend(name="locked", base_url=locked.base_url, type="vllm")
+    await store.append_model(model="m")
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        observed = state.get()[backend.id]
+    assert observed.error == (
+        "the vLLM server requires an API key (--api-key), which runtimestate does not send"
+        " (HTTP 401)"
+    )
+    assert observed.pulled_models == ()
+    assert [r.headers.get("Authorization") for r in locked.requests] == [None]
+
+
 async def test_pools_aggregate_models_and_leave_unpooled_backends_alone(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:

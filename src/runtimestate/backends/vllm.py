@@ -8,6 +8,14 @@ LoRA adapters (``parent`` set) are listed with their base model's context length
 
 Context length comes from the declared model, else from ``max_model_len``. A vLLM server serves
 completions, so a model declared without capability flags is taken as chat, prompt and stream.
+
+**No API key.** A server started with ``--api-key`` answers every ``/v1/*`` request with 401
+``{"error":"Unauthorized"}``. The declaration has no place for a per-server key (the key-value
+entries are per cloud provider, and the API, CLI and log masking know only those two), and a key
+used here would also have to reach the inference clients, so this release does not send one: the
+401 becomes a :class:`~runtimestate.errors.KeyRejected` whose message says the server wants a
+key that runtimestate cannot send, instead of a bare "HTTP 401" - an operator sees at once to run
+such servers without ``--api-key`` behind a private network, or to wait for per-backend keys.
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ from runtimestate.backends.base import (
     Driver,
     register,
 )
-from runtimestate.backends.http import join_url
+from runtimestate.backends.http import decode_json, join_url, status_error
 from runtimestate.backends.names import cloud_key
-from runtimestate.errors import ProtocolError
+from runtimestate.errors import KeyRejected, ProtocolError
 from runtimestate.records import ListModelResponse
 
-__all__ = ["ServedModel", "VllmDriver", "openai_models_url"]
+__all__ = ["KEY_REQUIRED", "ServedModel", "VllmDriver", "openai_models_url"]
+
+KEY_REQUIRED = "the vLLM server requires an API key (--api-key), which runtimestate does not send"
 
 _COMPLETION = Capabilities(can_chat=True, can_prompt=True, can_stream=True)
 
@@ -79,7 +89,12 @@ class VllmDriver(Driver[tuple[ServedModel, ...]]):
 
     async def observe(self, ctx: CycleContext, declared: Declared) -> tuple[ServedModel, ...]:
         url = openai_models_url(declared.backend.base_url)
-        return parse_models(await ctx.http.request_json("GET", url), url)
+        status, body = await ctx.http.send("GET", url)
+        if status == 401:
+            raise KeyRejected(f"{KEY_REQUIRED} (HTTP 401)", backend=url)
+        if status >= 400:
+            raise status_error(status, body, url=url)
+        return parse_models(decode_json(body, url=url), url)
 
     def plan(self, declared: Declared, observed: tuple[ServedModel, ...]) -> BackendPlan:
         wanted = {cloud_key(m.model): m for m in declared.models}
