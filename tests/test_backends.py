@@ -265,6 +265,19 @@ async def test_secrets_in_urls_never_reach_messages(http: HttpClient) -> None:
     with pytest.raises(BackendError) as raised:
         await http.request_json("GET", "http://127.0.0.1:1/v1beta/models?key=AIzaSecret0123456789")
     assert "AIzaSecret0123456789" not in str(raised.value)
+    with pytest.raises(BackendUnreachable) as raised:
+        await http.request_json("GET", "http://admin:pr0xy-pass@127.0.0.1:1/api/tags")
+    assert "pr0xy-pass" not in str(raised.value)
+    assert "admin:****@127.0.0.1:1" in str(raised.value)
+
+
+@pytest.mark.parametrize("url", ["localhost:11434/api/tags", "ftp://node/api/tags"])
+async def test_a_url_without_an_http_scheme_is_an_invalid_url(http: HttpClient, url: str) -> None:
+    with pytest.raises(BackendError, match="invalid URL .*scheme must be http or https"):
+        await http.request_json("GET", url)
+    with pytest.raises(BackendError, match="invalid URL .*scheme must be http or https"):
+        async with http.stream_lines("POST", url):
+            pass
 
 
 def test_vllm_lora_adapters_take_their_base_models_context() -> None:

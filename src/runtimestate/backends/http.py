@@ -14,7 +14,9 @@ own, for three reasons:
 * **One error translation.** aiohttp, socket and JSON errors become the project's
   :class:`~runtimestate.errors.BackendError` tree here, chained with ``from exc``, so a driver
   only decides what an error *means* for its backend. URLs are redacted before they reach a
-  message, since some carry keys in their query.
+  message, since some carry keys in their query or a password in their user-info
+  (``https://user:pass@ollama.internal`` behind a proxy with basic auth). A URL that is not
+  ``http``/``https`` (``localhost:11434`` without a scheme is the usual slip) is an invalid URL.
 
 The session is created lazily inside the running loop (aiohttp binds it to one) and closed by
 :meth:`HttpClient.aclose`.
@@ -23,6 +25,7 @@ The session is created lazily inside the running loop (aiohttp binds it to one) 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -46,6 +49,7 @@ __all__ = [
     "HttpClient",
     "decode_json",
     "join_url",
+    "shown_url",
     "status_error",
 ]
 
@@ -53,6 +57,17 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
 # How much of an error body goes into a message: enough to read the backend's reason.
 _BODY_EXCERPT = 200
+_NOT_HTTP = "invalid URL {!r}: the scheme must be http or https"
+
+
+# ``scheme://user:password@`` - the password part of a URL's user-info.
+_USERINFO_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]+@")
+
+
+def shown_url(url: str, *secrets: str) -> str:
+    """``url`` as it may appear in a message: given secrets, credential-shaped query values and
+    a user-info password masked."""
+    return _USERINFO_PASSWORD.sub(r"\1****@", redact(url, *secrets))
 
 
 def join_url(base_url: str, path: str) -> str:
@@ -66,7 +81,7 @@ def status_error(
     """The error for an HTTP error ``status``: its class says what to do, its message carries
     the start of the body (redacted)."""
     excerpt = redact(body[:_BODY_EXCERPT].decode("utf-8", "replace").strip(), *secrets)
-    shown = redact(url, *secrets)
+    shown = shown_url(url, *secrets)
     message = f"HTTP {status} from {shown}: {excerpt}" if excerpt else f"HTTP {status} from {shown}"
     if status == 401:
         return KeyRejected(message, backend=shown)
@@ -79,7 +94,7 @@ def status_error(
 
 def decode_json(body: bytes, *, url: str, secrets: tuple[str, ...] = ()) -> Any:
     """The JSON value of ``body``; an empty or malformed body is a ``ProtocolError``."""
-    shown = redact(url, *secrets)
+    shown = shown_url(url, *secrets)
     if not body.strip():
         raise ProtocolError(f"empty response from {shown}", backend=shown)
     try:
@@ -193,7 +208,7 @@ class HttpClient:
     ) -> tuple[int, bytes]:
         """Send one request; return its status and body (bounded) whatever the status. For
         callers that give some error statuses a meaning of their own."""
-        shown = redact(url, *secrets)
+        shown = shown_url(url, *secrets)
         try:
             # No redirects: a backend API has no reason to send one, and following it would
             # carry the request (and its key) to wherever the answer points.
@@ -209,18 +224,22 @@ class HttpClient:
                 return response.status, body
         except aiohttp.InvalidURL as exc:
             raise BackendError(f"invalid URL {shown!r}", backend=shown) from exc
+        except aiohttp.NonHttpUrlClientError as exc:
+            raise BackendError(_NOT_HTTP.format(shown), backend=shown) from exc
         except aiohttp.ClientConnectorError as exc:
             raise BackendUnreachable(
                 f"cannot connect to {shown}: {exc.os_error.strerror or exc}", backend=shown
             ) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
             raise BackendUnreachable(
-                f"connection to {shown} dropped: {exc}", backend=shown
+                f"connection to {shown} dropped: {shown_url(str(exc), *secrets)}", backend=shown
             ) from exc
         except TimeoutError as exc:
             raise BackendUnreachable(f"request to {shown} timed out", backend=shown) from exc
         except aiohttp.ClientError as exc:
-            raise BackendUnreachable(f"request to {shown} failed: {exc}", backend=shown) from exc
+            raise BackendUnreachable(
+                f"request to {shown} failed: {shown_url(str(exc), *secrets)}", backend=shown
+            ) from exc
 
     async def _read_bounded(self, response: aiohttp.ClientResponse, shown: str) -> bytes:
         limit = self.max_body_bytes
@@ -255,7 +274,7 @@ class HttpClient:
         sees the connection close. A dropped connection, an oversized or malformed line raise
         :class:`BackendError` subclasses while iterating.
         """
-        shown = redact(url)
+        shown = shown_url(url)
         session = self._get_session()
         try:
             response = await session.request(
@@ -268,12 +287,16 @@ class HttpClient:
             )
         except aiohttp.InvalidURL as exc:
             raise BackendError(f"invalid URL {shown!r}", backend=shown) from exc
+        except aiohttp.NonHttpUrlClientError as exc:
+            raise BackendError(_NOT_HTTP.format(shown), backend=shown) from exc
         except aiohttp.ClientConnectorError as exc:
             raise BackendUnreachable(
                 f"cannot connect to {shown}: {exc.os_error.strerror or exc}", backend=shown
             ) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BackendUnreachable(f"request to {shown} failed: {exc!r}", backend=shown) from exc
+            raise BackendUnreachable(
+                f"request to {shown} failed: {shown_url(repr(exc))}", backend=shown
+            ) from exc
         try:
             if response.status >= 400:
                 body = await self._read_bounded(response, shown)
