@@ -273,9 +273,9 @@ async def test_secrets_in_urls_never_reach_messages(http: HttpClient) -> None:
 
 @pytest.mark.parametrize("url", ["localhost:11434/api/tags", "ftp://node/api/tags"])
 async def test_a_url_without_an_http_scheme_is_an_invalid_url(http: HttpClient, url: str) -> None:
-    with pytest.raises(BackendError, match="invalid URL .*scheme must be http or https"):
+    with pytest.raises(BackendError, match=r"invalid URL .*scheme must be http or https"):
         await http.request_json("GET", url)
-    with pytest.raises(BackendError, match="invalid URL .*scheme must be http or https"):
+    with pytest.raises(BackendError, match=r"invalid URL .*scheme must be http or https"):
         async with http.stream_lines("POST", url):
             pass
 
