@@ -24,6 +24,7 @@ from runtimestate.errors import (
     BackendError,
     BackendUnreachable,
     BadRequest,
+    InvalidInput,
     KeyRejected,
     ProtocolError,
     RateLimited,
@@ -202,6 +203,44 @@ async def test_missing_capability_fails_before_any_request(
         async for _ in embed.stream(USER):
             pass
     assert len(backend.requests) == before
+    assert pool.size == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_bad_arguments_fail_before_any_request_and_do_not_cool_the_backend(
+    fleet: Fleet, pool: ClientPool, kind: str
+) -> None:
+    # Sent as is, these reach the SDK, whose own validation error (Ollama's) read as a malformed
+    # response and counted against a healthy backend.
+    backend = fleet.backends[kind]
+    chat = await client_for(fleet, pool, kind)
+    embed = await client_for(fleet, pool, kind, embed=True)
+    before = len(backend.requests)
+    bad_messages: list[object] = [
+        [{"role": "user", "content": None}],
+        [{"role": 3, "content": "hi"}],
+        ["hello"],
+        "hello",
+        {"role": "user", "content": "hi"},
+    ]
+    for messages in bad_messages:
+        with pytest.raises(InvalidInput) as info:
+            await chat.chat(messages)  # type: ignore[arg-type]
+        assert info.value.field == "messages"
+        with pytest.raises(InvalidInput):
+            _ = [c async for c in chat.stream(messages)]  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="prompt must be a string"):
+        await chat.prompt(None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="system must be a string"):
+        await chat.prompt("hi", system=3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="prompt must be a string"):
+        _ = [c async for c in chat.stream(prompt=b"hi")]  # type: ignore[arg-type]
+    for texts in ([1, 2], ["ok", None], 42):
+        with pytest.raises(InvalidInput) as info:
+            await embed.embed(texts)  # type: ignore[arg-type]
+        assert info.value.field == "texts"
+    assert len(backend.requests) == before
+    assert pool.health.snapshot() == {}
     assert pool.size == 0
 
 

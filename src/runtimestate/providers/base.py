@@ -9,7 +9,9 @@ built from a snapshot; they hold no connection.
 per-type modules (``ollama``, ``openai``, ``gemini``) only implement four small hooks; this base
 class owns what must be identical across types and therefore lives in one place:
 
-* the capability check, raised as :class:`~runtimestate.errors.Unsupported` before any request;
+* the capability check, raised as :class:`~runtimestate.errors.Unsupported` before any request,
+  and the argument checks (:class:`~runtimestate.errors.InvalidInput`), so that a caller's
+  mistake is never sent - an SDK's own validation error would be counted against the backend;
 * the health bookkeeping (in-flight count, latency, failures) around every call;
 * an overall ``asyncio.timeout`` per call, since the SDKs only time out per I/O phase;
 * the translation of SDK exceptions into the project's error tree, chained with ``from``;
@@ -113,10 +115,24 @@ class ChatMessage:
     role: str
     content: str
 
+    def __post_init__(self) -> None:
+        # Checked here, not left to the SDK: the Ollama SDK's own validation error would read as
+        # a malformed *response* and count against the backend's health.
+        if not isinstance(self.role, str) or not self.role:
+            raise InvalidInput("a chat message's role must be a non-empty string", field="messages")
+        if not isinstance(self.content, str):
+            raise InvalidInput("a chat message's content must be a string", field="messages")
+
     @classmethod
     def coerce(cls, value: ChatMessage | Mapping[str, str]) -> ChatMessage:
         if isinstance(value, ChatMessage):
             return value
+        if not isinstance(value, Mapping):
+            raise InvalidInput(
+                f"a chat message is a mapping with 'role' and 'content', not "
+                f"{type(value).__name__}",
+                field="messages",
+            )
         try:
             return cls(role=value["role"], content=value["content"])
         except KeyError as exc:
@@ -138,10 +154,23 @@ class ChatResult:
 
 
 def _messages(messages: Sequence[ChatMessage | Mapping[str, str]]) -> list[ChatMessage]:
+    if isinstance(messages, str | Mapping):
+        raise InvalidInput("messages is a list of chat messages", field="messages")
     result = [ChatMessage.coerce(m) for m in messages]
     if not result:
         raise InvalidInput("at least one message is required", field="messages")
     return result
+
+
+def _text(value: object, name: str) -> str:
+    """``value`` if it is a string; a caller's mistake is :class:`InvalidInput`, never sent."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string, not {type(value).__name__}", field=name)
+    return value
+
+
+def _optional_text(value: object, name: str) -> str | None:
+    return None if value is None else _text(value, name)
 
 
 class ModelClient(ABC):
@@ -170,13 +199,19 @@ class ModelClient(ABC):
     async def prompt(self, prompt: str, *, system: str | None = None) -> str:
         """Complete a single prompt (with optional system text); return the generated text."""
         self._require(Capability.PROMPT)
+        text, system = _text(prompt, "prompt"), _optional_text(system, "system")
         async with self._call():
-            return await self._prompt(prompt, system)
+            return await self._prompt(text, system)
 
     async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
         """Embed one text or a batch; always return one vector per text."""
         self._require(Capability.EMBED)
-        batch = [texts] if isinstance(texts, str) else list(texts)
+        if isinstance(texts, str):
+            batch = [texts]
+        elif isinstance(texts, Sequence):
+            batch = [_text(t, "texts") for t in texts]
+        else:
+            raise InvalidInput("texts is a string or a sequence of strings", field="texts")
         if not batch:
             raise InvalidInput("nothing to embed", field="texts")
         async with self._call():
@@ -198,6 +233,7 @@ class ModelClient(ABC):
         if (messages is None) == (prompt is None):
             raise InvalidInput("stream takes either messages or a prompt", field="messages")
         msgs = None if messages is None else _messages(messages)
+        prompt, system = _optional_text(prompt, "prompt"), _optional_text(system, "system")
         idle = self._pool.stream_idle_timeout
         async with self._pool.health.track(self.backend.id):
             try:
