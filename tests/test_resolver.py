@@ -306,3 +306,46 @@ def test_wide_requests_over_many_providers_use_every_policy(pool: ClientPool) ->
         pool.health.record_failure(f"b{i}", "x")
     with pytest.raises(AllCoolingDown):
         resolver.resolve_chat(ResolveRequest(policy="random"))
+
+
+def test_a_request_takes_one_name_or_any_sequence_and_rejects_the_rest(
+    resolver: Resolver,
+) -> None:
+    # A bare string is one name, not a list of characters; a list is stored as a tuple, so the
+    # request stays hashable (round-robin keeps its turns per request).
+    one = ResolveRequest(models="qwen2.5:7b", types="ollama")  # type: ignore[arg-type]
+    assert (one.models, one.types) == (("qwen2.5:7b",), ("ollama",))
+    assert resolver.resolve_chat(one).provider.model == "qwen2.5:7b"
+    listed = ResolveRequest(models=["llama3.1:8b"], policy="round-robin")  # type: ignore[arg-type]
+    assert listed.models == ("llama3.1:8b",)
+    order = [resolver.resolve_chat(listed).backend_id for _ in range(3)]
+    assert order == ["o1", "o2", "o3"]
+    bad: list[tuple[dict[str, object], str]] = [
+        ({"models": [3]}, "models"),
+        ({"models": [""]}, "models"),
+        ({"types": 7}, "types"),
+        ({"models": {"llama3.1": 1}}, "models"),
+        ({"min_context": "8k"}, "min_context"),
+        ({"min_context": True}, "min_context"),
+    ]
+    for kwargs, field in bad:
+        with pytest.raises(InvalidInput) as info:
+            ResolveRequest(**kwargs)  # type: ignore[arg-type]
+        assert info.value.field == field
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_several_types_are_one_candidate_set_not_a_priority_order(
+    policy: str, resolver: Resolver
+) -> None:
+    both = ("ollama", "vllm")
+    request = ResolveRequest(types=both, policy=policy, min_context=16_384)
+    # qwen2.5 (ollama, 32k) and the 70B (vllm, 128k) qualify; neither type may hide the other.
+    seen = {resolver.resolve_chat(request).provider.model for _ in range(60)}
+    if policy == "highest-context":
+        assert seen == {"meta-llama/Llama-3.1-70B-Instruct"}
+    else:
+        assert seen == {"qwen2.5:7b", "meta-llama/Llama-3.1-70B-Instruct"}
+    # The merged group is the same whatever the order the types are given in.
+    reverse = ResolveRequest(types=both[::-1], policy="highest-context", min_context=16_384)
+    assert resolver.resolve_chat(reverse).backend_id == "v1"
