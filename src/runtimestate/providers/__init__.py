@@ -3,8 +3,8 @@
 ``local_provider_adapter(snapshot)`` turns a snapshot into :class:`Provider` values (one per
 backend type and model, listing every backend that serves it); a :class:`ClientPool` hands out
 :class:`ModelClient` objects (chat, prompt, embed, stream) backed by the official SDKs, and keeps
-the :class:`Health` book the resolver reads. This package imports only ``records``, ``errors``,
-``clock`` and ``metrics``; choosing a provider is the resolver's job, one layer up.
+the :class:`Health` book the resolver reads. This package imports only ``records``, ``errors``
+and ``clock``; choosing a provider is the resolver's job, one layer up.
 """
 
 from runtimestate.providers.adapter import (
