@@ -138,6 +138,23 @@ async def test_undeclared_models_are_deleted_then_listed_again(
     assert "junk:1b" not in node.models
 
 
+async def test_every_action_is_logged_with_the_backend_id(
+    store: Store, bus: Messenger, emu: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = emu.add_ollama("n1", models=["junk:1b"])
+    backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await declare_chat(store, "llama3")
+    with caplog.at_level(logging.INFO, logger="runtimestate"):
+        async with State(store, bus) as state:
+            await state.run_backend_cycle()
+    actions = {
+        r.getMessage(): (getattr(r, "backend_id", None), getattr(r, "model", None))
+        for r in caplog.records
+    }
+    assert actions["download queued"] == (backend.id, "llama3")
+    assert actions["model deleted"] == (backend.id, "junk:1b")
+
+
 async def test_deletion_can_be_turned_off_and_drift_is_reported(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:
