@@ -8,6 +8,8 @@ migrations and transactions in ``test_store_lifecycle.py``.
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -130,6 +132,33 @@ async def test_empty_lookup_ids_are_invalid_input(store: SqlStore) -> None:
         assert caught.value.field == field
 
 
+async def test_text_either_engine_cannot_hold_is_invalid_input_on_both(store: SqlStore) -> None:
+    # PostgreSQL's text refuses NUL and both drivers refuse lone surrogates (which JSON's
+    # "\\ud800" decodes to); without the check one engine stored them and the other failed with
+    # a StoreError, or a driver's UnicodeEncodeError escaped.
+    await store.create_pool(id="p", name="p", purpose_type="x")
+    for bad in ("a\x00b", "a\ud800", "\udcff"):
+        calls: list[tuple[Awaitable[object], str]] = [
+            (store.create_backend(name=bad, base_url="http://n", type="ollama"), "name"),
+            (store.create_backend(name="n", base_url=bad, type="ollama"), "base_url"),
+            (store.create_backend(id=bad, name="n", base_url="http://n", type="x"), "id"),
+            (store.get_backend(bad), "backend_id"),
+            (store.get_backend_by_name(bad), "name"),
+            (store.append_model(model=bad), "model"),
+            (store.get_model_by_name(bad), "model"),
+            (store.update_pool("p", name=bad, purpose_type="x"), "name"),
+            (store.list_pools_by_purpose(bad), "purpose"),
+            (store.assign_backend_to_pool("p", bad), "backend_id"),
+        ]
+        for call, field in calls:
+            with pytest.raises(InvalidInput) as caught:
+                await call
+            assert caught.value.field == field
+    assert await store.estimate_backend_count() == 0
+    assert await store.estimate_model_count() == 0
+    assert (await store.get_pool("p")).name == "p"
+
+
 # ---- models --------------------------------------------------------------------------------
 async def test_model_lifecycle(clock_store: tuple[SqlStore, FakeClock]) -> None:
     store, clock = clock_store
@@ -201,6 +230,31 @@ async def test_model_bad_input_names_the_field(store: SqlStore) -> None:
             await store.append_model(**values)  # type: ignore[arg-type]
         assert caught.value.field == field
     assert await store.estimate_model_count() == 0
+
+
+async def test_context_length_holds_the_full_integer_column_on_both_engines(
+    store: SqlStore,
+) -> None:
+    # INTEGER is 32-bit on PostgreSQL: one past it would be stored by SQLite and refused by
+    # PostgreSQL with a StoreError, so it is InvalidInput on both.
+    largest = await store.append_model(model="big", context_length=2**31 - 1)
+    assert (await store.get_model(largest.id)).context_length == 2**31 - 1
+    for call in (
+        store.append_model(model="bigger", context_length=2**31),
+        store.update_model(
+            largest.id,
+            model="big",
+            context_length=2**40,
+            can_chat=False,
+            can_embed=False,
+            can_prompt=False,
+            can_stream=False,
+        ),
+    ):
+        with pytest.raises(InvalidInput) as caught:
+            await call
+        assert caught.value.field == "context_length"
+    assert [m.model for m in await store.list_all_models()] == ["big"]
 
 
 # ---- pools ---------------------------------------------------------------------------------
@@ -356,9 +410,28 @@ async def test_page_limit_out_of_range_is_invalid(store: SqlStore) -> None:
             assert caught.value.field == "limit"
 
 
+def _forged(raw: str) -> str:
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
 async def test_foreign_cursor_is_invalid(store: SqlStore) -> None:
     # Not base64, not JSON, and JSON of the wrong shape.
-    for cursor in ("", "not-base64!", "bm9wZQ", "WzEsMl0", "WyJ4IiwieSJd"):
+    for cursor in ("", "not-base64!", "bm9wZQ", "WzEsMl0", "WyJ4IiwieSJd", "é"):
         with pytest.raises(InvalidInput) as caught:
             await store.list_backends(cursor=cursor)
         assert caught.value.field == "cursor"
+    # Forged: instants no datetime holds, a key no engine can compare, and nesting deep enough
+    # to exhaust the JSON parser. Each used to escape as OverflowError, UnicodeEncodeError or
+    # RecursionError.
+    for raw in (
+        f'[{2**62},"k"]',
+        f'[{-(2**62)},"k"]',
+        f'[{10**30},"k"]',
+        '[0,"\\ud800"]',
+        '[0,"a\\u0000"]',
+        "[" * 100_000,
+    ):
+        for listing in (store.list_backends, store.list_jobs, store.list_kv):
+            with pytest.raises(InvalidInput) as caught:
+                await listing(cursor=_forged(raw))
+            assert caught.value.field == "cursor"

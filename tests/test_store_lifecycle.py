@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from runtimestate.errors import Conflict, InvalidInput, StoreError
 from runtimestate.store import SqlStore, Store, open_store
-from runtimestate.store.engine import create_engine_for_url, safe_url
+from runtimestate.store.engine import create_engine_for_url, safe_url, translate_errors
 from runtimestate.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from tests.fixtures.nats import free_port
 from tests.fixtures.postgres import fresh_database
@@ -83,6 +83,21 @@ async def test_unreachable_postgres_is_a_store_error_without_the_password() -> N
     assert "hunter2" not in str(caught.value)
     assert "hunter2" not in safe_url(url)
     assert "***" in safe_url(url)
+
+
+@pytest.mark.postgres
+async def test_postgres_errors_never_quote_a_parameter(postgres_url: str) -> None:
+    # asyncpg names a parameter it cannot encode by quoting its value ("invalid input for query
+    # argument $1: '<value>'"); the value may be a secret, so the translated error cuts it.
+    engine = create_engine_for_url(postgres_url)
+    try:
+        with pytest.raises(StoreError) as caught:
+            async with translate_errors(), engine.connect() as conn:
+                await conn.execute(text("SELECT CAST(:v AS TEXT)"), {"v": "hunter2-\ud800"})
+    finally:
+        await engine.dispose()
+    assert "query argument $1" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
 
 
 async def test_sqlite_file_and_directories_are_created_in_wal_mode(tmp_path: Path) -> None:

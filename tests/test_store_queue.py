@@ -103,6 +103,11 @@ async def test_bad_jobs_are_invalid_input(store: SqlStore) -> None:
         (Job(id="j", task_type="t", payload="text"), "payload"),  # type: ignore[arg-type]
         (Job(id="j", task_type="t", payload=b"", retry_count=-1), "retry_count"),
         (Job(id="j", task_type="t", payload=b"", scheduled_for=True), "scheduled_for"),
+        # INTEGER on PostgreSQL is 32-bit; SQLite would have taken it.
+        (Job(id="j", task_type="t", payload=b"", retry_count=2**31), "retry_count"),
+        (Job(id="j", task_type="t", payload=b"", valid_until=2**63), "valid_until"),
+        (Job(id="j\x00", task_type="t", payload=b""), "id"),
+        (Job(id="j", task_type="t\ud800", payload=b""), "task_type"),
     ]:
         with pytest.raises(InvalidInput) as caught:
             await store.append_job(bad)
@@ -187,6 +192,29 @@ async def test_kv_rejects_what_json_cannot_hold(store: SqlStore) -> None:
     assert caught.value.field == "key"
     with pytest.raises(NotFound):
         await store.get_kv("k")
+
+
+async def test_kv_keys_and_prefixes_either_engine_cannot_hold_are_invalid_input(
+    store: SqlStore,
+) -> None:
+    # NUL (refused by PostgreSQL's text) and lone surrogates (refused by both drivers, with a
+    # UnicodeEncodeError that used to escape on SQLite) are InvalidInput before any SQL runs.
+    for bad in ("k\x00", "k\ud800"):
+        for call, field in [
+            (store.set_kv(bad, 1), "key"),
+            (store.get_kv(bad), "key"),
+            (store.update_kv(bad, 1), "key"),
+            (store.delete_kv(bad), "key"),
+            (store.list_kv_prefix(bad), "prefix"),
+            (store.list_leases(bad), "prefix"),
+            (store.acquire_lease(bad, holder="w", ttl=timedelta(seconds=1)), "name"),
+        ]:
+            with pytest.raises(InvalidInput) as caught:
+                await call
+            assert caught.value.field == field
+    # A value is JSON text with every such character escaped, so it round-trips on both.
+    entry = await store.set_kv("k", "nul \x00 and surrogate \ud800")
+    assert (await store.get_kv("k")).value == entry.value == "nul \x00 and surrogate \ud800"
 
 
 async def test_kv_prefix_is_matched_literally(store: SqlStore) -> None:

@@ -60,6 +60,8 @@ _ENTITY = {
 }
 _SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (\w+)\.(\w+)")
 _POSTGRES_CONSTRAINT = re.compile(r'constraint "(\w+)"')
+# asyncpg: "invalid input for query argument $2: 'the value' (why)".
+_QUOTED_ARGUMENT = re.compile(r"(invalid input for query argument \$\d+): .*")
 
 
 def safe_url(url: str | URL) -> str:
@@ -199,8 +201,10 @@ async def translate_errors() -> AsyncIterator[None]:
 
 
 def _driver_message(exc: DBAPIError) -> str:
-    # str(exc) would append the statement and its parameters; the driver's own message does not.
-    return redact(str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__)
+    # str(exc) would append the statement and its parameters; the driver's own message does
+    # not, except asyncpg's encoding errors, which quote the parameter: that part is cut.
+    message = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__
+    return redact(_QUOTED_ARGUMENT.sub(r"\1", message))
 
 
 def _integrity_error(exc: IntegrityError) -> Exception:

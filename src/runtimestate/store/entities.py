@@ -19,7 +19,13 @@ from sqlalchemy.engine import Row
 from runtimestate.clock import Clock
 from runtimestate.errors import NotFound
 from runtimestate.store.engine import Database
-from runtimestate.store.paging import fetch_page, require_bool, require_int, require_text
+from runtimestate.store.paging import (
+    INT32_MAX,
+    fetch_page,
+    require_bool,
+    require_int,
+    require_text,
+)
 from runtimestate.store.records import Backend, Model, Page, Pool
 from runtimestate.store.schema import (
     backend_from_row,
@@ -150,7 +156,7 @@ class EntityOps:
         record = Model(
             id=self._new_id(id),
             model=require_text(model, "model"),
-            context_length=require_int(context_length, "context_length"),
+            context_length=require_int(context_length, "context_length", maximum=INT32_MAX),
             can_chat=require_bool(can_chat, "can_chat"),
             can_embed=require_bool(can_embed, "can_embed"),
             can_prompt=require_bool(can_prompt, "can_prompt"),
@@ -183,7 +189,7 @@ class EntityOps:
     ) -> Model:
         values = {
             "model": require_text(model, "model"),
-            "context_length": require_int(context_length, "context_length"),
+            "context_length": require_int(context_length, "context_length", maximum=INT32_MAX),
             "can_chat": require_bool(can_chat, "can_chat"),
             "can_embed": require_bool(can_embed, "can_embed"),
             "can_prompt": require_bool(can_prompt, "can_prompt"),

@@ -8,7 +8,10 @@ across engines, and checked strictly when it comes back.
 
 The checks reject what the database would otherwise accept or fail on obscurely: empty or
 non-string names, booleans posing as integers, and so on, each as ``InvalidInput`` naming its
-field.
+field. They also reject what only *one* engine refuses, so both answer alike: a NUL character
+(PostgreSQL's ``text`` cannot hold it, SQLite can), a lone surrogate (no UTF-8 encoding, which
+both drivers need; JSON's ``"\\ud800"`` decodes to one), and integers past the column's range
+(``INTEGER`` is 32-bit on PostgreSQL, 64-bit on SQLite).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import base64
 import binascii
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Select, and_, or_
@@ -28,33 +32,55 @@ from runtimestate.store.records import MAX_PAGE_SIZE, Page
 from runtimestate.store.schema import from_micros, to_micros
 
 __all__ = [
+    "INT32_MAX",
+    "INT64_MAX",
     "check_limit",
     "decode_cursor",
     "encode_cursor",
     "fetch_page",
     "require_bool",
     "require_int",
+    "require_str",
     "require_text",
 ]
 
 T = TypeVar("T")
 
 
-def require_text(value: object, field: str) -> str:
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
+def require_str(value: object, field: str) -> str:
+    """A string either engine can store and compare; empty is allowed (a prefix, say)."""
     if not isinstance(value, str):
         raise InvalidInput(f"{field} must be a string, not {type(value).__name__}", field=field)
-    if not value.strip():
-        raise InvalidInput(f"{field} must not be empty", field=field)
+    if "\x00" in value:
+        raise InvalidInput(f"{field} must not contain a NUL character", field=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{field} is not valid Unicode (a lone surrogate)", field=field) from exc
     return value
 
 
-def require_int(value: object, field: str, *, minimum: int = 0) -> int:
+def require_text(value: object, field: str) -> str:
+    """A non-blank string either engine can store: names, ids, keys."""
+    text = require_str(value, field)
+    if not text.strip():
+        raise InvalidInput(f"{field} must not be empty", field=field)
+    return text
+
+
+def require_int(value: object, field: str, *, minimum: int = 0, maximum: int = INT64_MAX) -> int:
+    """An integer in ``minimum..maximum``; ``maximum`` is the column's range (``INT32_MAX`` for
+    ``INTEGER`` columns)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput(f"{field} must be an integer, not {type(value).__name__}", field=field)
     if value < minimum:
         raise InvalidInput(f"{field} must be at least {minimum}", field=field)
-    if value > 2**63 - 1:
-        raise InvalidInput(f"{field} is too large", field=field)
+    if value > maximum:
+        raise InvalidInput(f"{field} must be at most {maximum}", field=field)
     return value
 
 
@@ -70,6 +96,12 @@ def check_limit(limit: object) -> int:
     return limit
 
 
+# The instants a cursor may name: those a datetime can hold (a forged one past them would
+# overflow when decoded).
+_CURSOR_MIN_MICROS = to_micros(datetime.min.replace(tzinfo=UTC))
+_CURSOR_MAX_MICROS = to_micros(datetime.max.replace(tzinfo=UTC))
+
+
 def encode_cursor(created_at_micros: int, key: str) -> str:
     raw = json.dumps([created_at_micros, key], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -82,7 +114,8 @@ def decode_cursor(cursor: object) -> tuple[int, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         value = json.loads(raw)
-    except (binascii.Error, ValueError) as exc:
+    except (binascii.Error, ValueError, RecursionError) as exc:
+        # RecursionError: a forged cursor of deeply nested arrays.
         raise InvalidInput("cursor is not one this store issued", field="cursor") from exc
     if (
         not isinstance(value, list)
@@ -90,9 +123,14 @@ def decode_cursor(cursor: object) -> tuple[int, str]:
         or isinstance(value[0], bool)
         or not isinstance(value[0], int)
         or not isinstance(value[1], str)
+        or not _CURSOR_MIN_MICROS <= value[0] <= _CURSOR_MAX_MICROS
     ):
         raise InvalidInput("cursor is not one this store issued", field="cursor")
-    return value[0], value[1]
+    try:
+        key = require_str(value[1], "cursor")
+    except InvalidInput as exc:
+        raise InvalidInput("cursor is not one this store issued", field="cursor") from exc
+    return value[0], key
 
 
 async def fetch_page(

@@ -29,7 +29,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from runtimestate.clock import Clock
 from runtimestate.errors import Conflict, InvalidInput, NotFound
 from runtimestate.store.engine import Database
-from runtimestate.store.paging import fetch_page, require_int, require_text
+from runtimestate.store.paging import (
+    INT32_MAX,
+    fetch_page,
+    require_int,
+    require_str,
+    require_text,
+)
 from runtimestate.store.records import Job, JSONValue, KVEntry, Lease, Page
 from runtimestate.store.schema import job_from_row, jobs, kv, kv_from_row, lease_from_row, leases
 
@@ -57,7 +63,7 @@ class QueueOps:
             "payload": job.payload,
             "scheduled_for": require_int(job.scheduled_for, "scheduled_for"),
             "valid_until": require_int(job.valid_until, "valid_until"),
-            "retry_count": require_int(job.retry_count, "retry_count"),
+            "retry_count": require_int(job.retry_count, "retry_count", maximum=INT32_MAX),
             "created_at": now,
         }
 
@@ -185,9 +191,7 @@ class QueueOps:
     async def list_kv_prefix(
         self, prefix: str, *, cursor: str | None = None, limit: int = 100
     ) -> Page[KVEntry]:
-        if not isinstance(prefix, str):
-            raise InvalidInput("prefix must be a string", field="prefix")
-        return await self._page_kv(prefix, cursor=cursor, limit=limit)
+        return await self._page_kv(require_str(prefix, "prefix"), cursor=cursor, limit=limit)
 
     async def _page_kv(
         self, prefix: str | None, *, cursor: str | None, limit: int
@@ -238,8 +242,7 @@ class QueueOps:
             await conn.execute(stmt)
 
     async def list_leases(self, prefix: str = "") -> list[Lease]:
-        if not isinstance(prefix, str):
-            raise InvalidInput("prefix must be a string", field="prefix")
+        require_str(prefix, "prefix")
         query = select(leases).where(leases.c.expires_at > self._now()).order_by(leases.c.name)
         if prefix:
             query = query.where(*_starts_with(leases.c.name, prefix))
