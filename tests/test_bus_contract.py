@@ -381,6 +381,14 @@ async def test_arguments_are_validated(messenger: Messenger, subject: Callable[[
     with pytest.raises(InvalidInput) as caught:
         await messenger.request(subject("x"), b"", timeout=0)
     assert caught.value.field == "timeout"
+    # bytes(5) would have sent five zero bytes; bytes("x") raised a bare TypeError.
+    for data in (5, "text", None):
+        with pytest.raises(InvalidInput) as caught:
+            await messenger.publish(subject("x"), data)  # type: ignore[arg-type]
+        assert caught.value.field == "data"
+        with pytest.raises(InvalidInput) as caught:
+            await messenger.request(subject("x"), data, timeout=1)  # type: ignore[arg-type]
+        assert caught.value.field == "data"
 
 
 @pytest.mark.parametrize("url", [None, "memory://"])

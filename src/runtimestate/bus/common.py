@@ -30,6 +30,7 @@ __all__ = [
     "BufferedSubscription",
     "HandlerTasks",
     "Reply",
+    "check_data",
     "check_max_pending",
     "check_timeout",
     "closed_error",
@@ -89,6 +90,14 @@ def subject_matches(pattern: str, subject: str) -> bool:
 def check_max_pending(max_pending: int) -> None:
     if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
         raise InvalidInput("max_pending must be a positive integer", field="max_pending")
+
+
+def check_data(data: object) -> bytes:
+    """The payload as ``bytes``. Anything but a bytes-like object is ``InvalidInput``: ``bytes()``
+    would turn an ``int`` into that many zero bytes and fail on a ``str`` with a ``TypeError``."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise InvalidInput(f"data must be bytes, not {type(data).__name__}", field="data")
+    return bytes(data)
 
 
 def check_timeout(timeout: float) -> None:

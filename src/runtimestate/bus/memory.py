@@ -23,6 +23,7 @@ from .base import DEFAULT_MAX_PENDING, Handler, Message, Messenger, Subscription
 from .common import (
     BufferedSubscription,
     HandlerTasks,
+    check_data,
     check_max_pending,
     check_timeout,
     closed_error,
@@ -91,7 +92,7 @@ class MemoryMessenger(Messenger):
     async def publish(self, subject: str, data: bytes) -> None:
         self._check_open()
         validate_publish_subject(subject)
-        message = Message(subject=subject, data=bytes(data))
+        message = Message(subject=subject, data=check_data(data))
         # Snapshot: delivering never re-enters this loop, but a consumer may unsubscribe later.
         for subscription in list(self._subscriptions):
             if subject_matches(subscription.subject, subject):
@@ -108,13 +109,14 @@ class MemoryMessenger(Messenger):
     async def request(self, subject: str, data: bytes, *, timeout: float) -> bytes:
         self._check_open()
         validate_publish_subject(subject)
+        payload = check_data(data)
         check_timeout(timeout)
         candidates = [s for s in self._services if subject_matches(s.subject, subject)]
         if not candidates:
             raise NoResponders(f"no responder serves {subject!r}")
         service = candidates[next(self._turn) % len(candidates)]
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        service.dispatch(bytes(data), reply)
+        service.dispatch(payload, reply)
         try:
             async with asyncio.timeout(timeout):
                 return await reply

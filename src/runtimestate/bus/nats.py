@@ -35,6 +35,7 @@ from .base import DEFAULT_MAX_PENDING, Handler, Message, Messenger, Subscription
 from .common import (
     BufferedSubscription,
     HandlerTasks,
+    check_data,
     check_max_pending,
     check_timeout,
     closed_error,
@@ -197,8 +198,9 @@ class NatsMessenger(Messenger):
     async def publish(self, subject: str, data: bytes) -> None:
         self._check_open()
         validate_publish_subject(subject)
+        payload = check_data(data)
         try:
-            await self.client.publish(subject, bytes(data))
+            await self.client.publish(subject, payload)
         except (nats.errors.Error, OSError) as exc:
             raise _translate(exc, f"publish on {subject!r}") from exc
 
@@ -247,9 +249,10 @@ class NatsMessenger(Messenger):
     async def request(self, subject: str, data: bytes, *, timeout: float) -> bytes:
         self._check_open()
         validate_publish_subject(subject)
+        payload = check_data(data)
         check_timeout(timeout)
         try:
-            msg = await self.client.request(subject, bytes(data), timeout=timeout)
+            msg = await self.client.request(subject, payload, timeout=timeout)
         except nats.errors.NoRespondersError as exc:
             raise NoResponders(f"no responder serves {subject!r}") from exc
         except nats.errors.TimeoutError as exc:
