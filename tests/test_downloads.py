@@ -276,6 +276,35 @@ async def test_a_crash_mid_download_is_requeued_by_the_next_backend_cycle(
     assert "phi3:mini" in node.models
 
 
+async def test_a_second_cycle_of_one_worker_defers_while_the_lease_is_being_taken(
+    store: Store, bus: Messenger, emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = await setup_node(store, emu, pull_seconds=0.2)
+    entered, gate = asyncio.Event(), asyncio.Event()
+    acquire = store.acquire_lease
+    calls = 0
+
+    async def slow_first_acquire(name: str, *, holder: str, ttl: timedelta) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            entered.set()
+            await gate.wait()
+        return await acquire(name, holder=holder, ttl=ttl)
+
+    monkeypatch.setattr(store, "acquire_lease", slow_first_acquire)
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        first = asyncio.create_task(state.run_download_cycle())
+        await entered.wait()
+        # The job again (its id was freed by the pop) while the first cycle takes the lease.
+        await downloads.queue_download(store, node.base_url, "phi3:mini")
+        assert await state.run_download_cycle() is False
+        gate.set()
+        assert await first is True
+    assert len([r for r in node.requests if r.path == "/api/pull"]) == 1
+
+
 async def test_every_download_log_line_names_the_backend(
     store: Store, bus: Messenger, emu: Emulator, caplog: pytest.LogCaptureFixture
 ) -> None:

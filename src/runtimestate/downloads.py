@@ -280,31 +280,38 @@ class Downloader:
             self.last_outcome = DownloadOutcome.EMPTY
             return False
         url, model = _payload(job)
-        log_extra = {"backend_id": await self._backend_id(url), "url": url, "model": model}
         holder = f"{self.worker_id}|{model}"
-        lease = None
-        if url not in self._pulling:
-            lease = await self._store.acquire_lease(
-                lease_name(url), holder=holder, ttl=self._lease_ttl
-            )
-        if lease is None:
-            with contextlib.suppress(Conflict):
-                # Conflict: the backend cycle already queued it again. Either way it is queued.
-                await self._store.append_job(_job(url, model))
-            logger.info("download deferred: backend busy", extra=log_extra)
-            self.last_outcome = DownloadOutcome.DEFERRED
-            return False
-        self._pulling.add(url)
-        logger.info("download started", extra=log_extra)
+        # Claimed before the first await: another cycle of this worker popping a job for the
+        # same URL meanwhile would get the lease as a renewal (same holder) and pull too.
+        claimed = url not in self._pulling
+        if claimed:
+            self._pulling.add(url)
         try:
-            async with await self._messenger.stream(QUEUE_CANCEL) as cancels:
-                self.last_outcome = await self._pull_or_cancel(
-                    url, model, holder, cancels, log_extra
+            log_extra = {"backend_id": await self._backend_id(url), "url": url, "model": model}
+            lease = None
+            if claimed:
+                lease = await self._store.acquire_lease(
+                    lease_name(url), holder=holder, ttl=self._lease_ttl
                 )
+            if lease is None:
+                with contextlib.suppress(Conflict):
+                    # Conflict: the backend cycle already queued it again. Either way it is.
+                    await self._store.append_job(_job(url, model))
+                logger.info("download deferred: backend busy", extra=log_extra)
+                self.last_outcome = DownloadOutcome.DEFERRED
+                return False
+            logger.info("download started", extra=log_extra)
+            try:
+                async with await self._messenger.stream(QUEUE_CANCEL) as cancels:
+                    self.last_outcome = await self._pull_or_cancel(
+                        url, model, holder, cancels, log_extra
+                    )
+            finally:
+                await asyncio.shield(self._store.release_lease(lease_name(url), holder=holder))
+            return True
         finally:
-            self._pulling.discard(url)
-            await asyncio.shield(self._store.release_lease(lease_name(url), holder=holder))
-        return True
+            if claimed:
+                self._pulling.discard(url)
 
     async def _pull_or_cancel(
         self,
