@@ -67,6 +67,25 @@ async def test_construction_refuses_missing_store_or_messenger(
     assert missing_bus.value.field == "messenger"
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("concurrency", 0),
+        ("backend_timeout", 0.0),
+        ("stall_timeout", 0.0),
+        ("lease_ttl", -1.0),
+        ("progress_interval", -0.1),
+        ("list_cache_ttl", -1.0),
+    ],
+)
+async def test_construction_refuses_nonsense_options(
+    store: Store, bus: Messenger, option: str, value: float
+) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        State(store, bus, **{option: value})  # type: ignore[arg-type]
+    assert refused.value.field == option
+
+
 async def test_steady_state_compares_normalized_names(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:

@@ -93,6 +93,17 @@ class State:
             raise InvalidInput("concurrency must be at least 1", field="concurrency")
         if backend_timeout <= 0:
             raise InvalidInput("backend_timeout must be positive", field="backend_timeout")
+        # Zero or negative here would fail every pull at its first line (stall), let every
+        # lease lapse at once (two pulls on one backend), or make no sense as a cache age.
+        for name, value in (("stall_timeout", stall_timeout), ("lease_ttl", lease_ttl)):
+            if value <= 0:
+                raise InvalidInput(f"{name} must be positive", field=name)
+        for name, value in (
+            ("progress_interval", progress_interval),
+            ("list_cache_ttl", list_cache_ttl),
+        ):
+            if value < 0:
+                raise InvalidInput(f"{name} must not be negative", field=name)
         self._store = store
         self._messenger = messenger
         self._with_pools = with_pools
