@@ -448,6 +448,39 @@ async def test_closing_a_stream_closes_its_connection(fleet: Fleet, kind: str, h
         fleet.backends[kind].faults.clear()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stream_that_never_ends_is_cut_at_the_size_bound(fleet: Fleet, kind: str) -> None:
+    # A stalled server keeps the connection open: only our bound can end this stream, and the
+    # relay shows that ending it closes the connection.
+    emu_port = int(fleet.emu.url.rsplit(":", 1)[1])
+    relay = Relay(emu_port)
+    async with relay as port, ClientPool(max_stream_chars=3) as pool:
+        state = fleet.snapshot[kind]
+        url = state.backend.base_url.replace(fleet.emu.url, f"http://127.0.0.1:{port}")
+        moved = state.model_copy(
+            update={"backend": state.backend.model_copy(update={"base_url": url})}
+        ).with_api_key(state.api_key)
+        providers = await local_provider_adapter({kind: moved})()
+        provider = next(p for p in providers if p.can_stream)
+        client = pool.client(provider, provider.backends[0])
+        fleet.backends[kind].faults.stall_stream(after_lines=3)
+        received: list[str] = []
+
+        async def read() -> None:
+            async for chunk in client.stream(USER):
+                received.append(chunk)
+
+        with pytest.raises(ProtocolError, match="stream exceeded 3 characters") as info:
+            await read()
+        assert sum(map(len, received)) <= 3
+        assert info.value.backend == url
+        await asyncio.wait_for(relay.client_closed.wait(), 5)
+        assert pool.health.in_flight(provider.backends[0].id) == 0
+        fleet.backends[kind].faults.clear()
+    with pytest.raises(InvalidInput, match="max_stream_chars"):
+        ClientPool(max_stream_chars=0)
+
+
 async def test_snapshot_to_streamed_chat_answer(fleet: Fleet) -> None:
     # The README example: from a snapshot to a streamed chat answer.
     providers = await local_provider_adapter(fleet.snapshot)("ollama", "vllm")

@@ -16,8 +16,10 @@ class owns what must be identical across types and therefore lives in one place:
 * an overall ``asyncio.timeout`` per call, since the SDKs only time out per I/O phase;
 * the translation of SDK exceptions into the project's error tree, chained with ``from``;
 * the stream wrapper: an async generator whose ``aclose()`` (or cancellation) closes the SDK
-  stream and with it the HTTP response, and whose idle timeout turns a stalled stream into
-  :class:`~runtimestate.errors.BackendUnreachable`.
+  stream and with it the HTTP response. Its idle timeout turns a stalled stream into
+  :class:`~runtimestate.errors.BackendUnreachable`, and its size bound (the pool's
+  ``max_stream_chars``) turns a stream that never ends - a model looping on its output, which no
+  idle timeout catches - into :class:`~runtimestate.errors.ProtocolError`.
 
 The SDK client behind a ``ModelClient`` is fetched lazily from the shared
 :class:`~runtimestate.providers.pool.ClientPool` on the first call, so resolving a client does
@@ -38,6 +40,7 @@ from runtimestate.errors import (
     BackendError,
     BackendUnreachable,
     InvalidInput,
+    ProtocolError,
     Unsupported,
     redact,
 )
@@ -235,6 +238,7 @@ class ModelClient(ABC):
         msgs = None if messages is None else _messages(messages)
         prompt, system = _optional_text(prompt, "prompt"), _optional_text(system, "system")
         idle = self._pool.stream_idle_timeout
+        budget = self._pool.max_stream_chars
         async with self._pool.health.track(self.backend.id):
             try:
                 async with aclosing(self._stream(msgs, prompt, system)) as chunks:
@@ -250,6 +254,15 @@ class ModelClient(ABC):
                                 backend=self.backend.base_url,
                             ) from exc
                         if chunk:
+                            budget -= len(chunk)
+                            if budget < 0:
+                                # Raised inside ``aclosing``: the SDK stream and its HTTP
+                                # response are closed before the error reaches the caller.
+                                limit = self._pool.max_stream_chars
+                                raise ProtocolError(
+                                    f"{self._where()}: stream exceeded {limit} characters",
+                                    backend=self.backend.base_url,
+                                )
                             yield chunk
             except self.translated as exc:
                 raise self._error(exc) from exc

@@ -7,7 +7,8 @@ and the key itself is never a dictionary key that could end up in a debug dump),
 all in :meth:`ClientPool.aclose`.
 
 The pool also owns the :class:`~runtimestate.providers.health.Health` book that its clients
-write to and the resolver reads, and the timeouts every client uses. The client class for a
+write to and the resolver reads, and the limits every client uses: the overall timeout of a
+call, the idle timeout of a stream and the most text one stream may deliver. The client class for a
 backend type comes from a registry filled by the per-type modules' import below: adding a
 backend type means adding one module and one registry line.
 """
@@ -51,6 +52,7 @@ class ClientPool:
         *,
         timeout: float = 60.0,
         stream_idle_timeout: float = 30.0,
+        max_stream_chars: int = 4_000_000,
         health: Health | None = None,
         health_config: HealthConfig | None = None,
         clock: Clock = SYSTEM_CLOCK,
@@ -59,6 +61,12 @@ class ClientPool:
             raise InvalidInput("timeouts must be positive", field="timeout")
         self.timeout = timeout
         self.stream_idle_timeout = stream_idle_timeout
+        if max_stream_chars < 1:
+            raise InvalidInput("max_stream_chars must be positive", field="max_stream_chars")
+        # A stream has no overall timeout (an answer may take minutes), only an idle one, so a
+        # model that never stops generating would stream forever into the caller's memory; this
+        # bounds it (4M characters is about a million tokens, far beyond any context window).
+        self.max_stream_chars = max_stream_chars
         self.health = health or Health(health_config, clock=clock)
         self._sdk: dict[tuple[str, str, str], Any] = {}
         self._closed = False
