@@ -86,6 +86,52 @@ async def test_construction_refuses_nonsense_options(
     assert refused.value.field == option
 
 
+async def test_states_serialize_to_the_seed_json(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    node = emu.add_ollama("n1", models=["llama3"])
+    ok = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    odd = await store.create_backend(name="odd", base_url="http://127.0.0.1:1", type="llamafile")
+    await declare_chat(store, "llama3")
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        snapshot = state.get()
+    good = json.loads(snapshot[ok.id].model_dump_json())
+    assert set(good) == {"id", "name", "models", "pulledModels", "backend"}
+    assert (good["id"], good["name"], good["models"]) == (ok.id, "n1", ["llama3"])
+    (pulled,) = good["pulledModels"]
+    assert set(pulled) == {
+        "name",
+        "model",
+        "modifiedAt",
+        "size",
+        "digest",
+        "details",
+        "contextLength",
+        "canChat",
+        "canEmbed",
+        "canPrompt",
+        "canStream",
+    }
+    assert set(pulled["details"]) == {
+        "parentModel",
+        "format",
+        "family",
+        "families",
+        "parameterSize",
+        "quantizationLevel",
+    }
+    assert (pulled["name"], pulled["contextLength"], pulled["canChat"]) == (
+        "llama3:latest",
+        4096,
+        True,
+    )
+    assert pulled["digest"] == node.models["llama3:latest"].digest
+    failed = json.loads(snapshot[odd.id].model_dump_json())
+    assert failed["error"] == "Unsupported backend type: llamafile"
+    assert failed["pulledModels"] == []
+
+
 async def test_steady_state_compares_normalized_names(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:

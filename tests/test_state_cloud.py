@@ -45,6 +45,17 @@ async def set_key(store: Store, key: str, secret: str, kind: str) -> None:
     await store.set_kv(key, value)
 
 
+def test_provider_config_shows_the_key_masked_only() -> None:
+    config = ProviderConfig.model_validate({"APIKey": OPENAI_SECRET, "Type": "openai"})
+    masked = {"APIKey": "****" + OPENAI_SECRET[-4:], "Type": "openai"}
+    assert config.display() == masked
+    assert config.model_dump() == masked
+    assert json.loads(config.model_dump_json()) == masked
+    for shown in (str(config), repr(config), config.model_dump_json()):
+        assert OPENAI_SECRET not in shown
+    assert config.to_storage() == {"APIKey": OPENAI_SECRET, "Type": "openai"}
+
+
 async def test_missing_key_is_reported(store: Store, bus: Messenger, emu: Emulator) -> None:
     account = emu.add_openai("acct", api_key=OPENAI_SECRET, models=["gpt-4o"])
     gemini = emu.add_gemini("acct", api_key=GEMINI_SECRET, models=["gemini-2.0-flash"])
