@@ -24,6 +24,7 @@ from runtimestate.downloads import (
     MODEL_DOWNLOAD,
     QUEUE_CANCEL,
     Downloader,
+    DownloadOutcome,
     DownloadStatus,
 )
 from runtimestate.errors import BackendError, BackendUnreachable
@@ -158,6 +159,35 @@ async def test_cancel_stops_the_pull_at_once(
             published = await statuses_until(sub, "cancelled")
     assert published[-1]["status"] == "cancelled"
     assert "phi3:mini" not in node.models
+    assert await downloads.list_running(store) == []
+
+
+async def test_a_cancel_sent_as_the_pull_opens_is_not_missed(
+    store: Store, messenger: Messenger
+) -> None:
+    opened: list[str] = []
+
+    @asynccontextmanager
+    async def cancelled_at_once(
+        url: str, model: str
+    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        # The cancel goes out before the first line: only a subscription taken before the
+        # pull started can see it.
+        opened.append(url)
+        await downloads.request_cancel(messenger, model)
+
+        async def lines() -> AsyncIterator[dict[str, Any]]:
+            yield {"status": "pulling manifest"}
+            await asyncio.Event().wait()
+
+        yield lines()
+
+    await downloads.queue_download(store, "http://node", "phi3:mini")
+    worker = Downloader(store, messenger, cancelled_at_once, worker_id="w1")
+    async with asyncio.timeout(5):
+        assert await worker.run_cycle() is True
+    assert opened == ["http://node"]
+    assert worker.last_outcome is DownloadOutcome.CANCELLED
     assert await downloads.list_running(store) == []
 
 
