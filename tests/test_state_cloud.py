@@ -68,6 +68,30 @@ async def test_missing_key_is_reported(store: Store, bus: Messenger, emu: Emulat
     assert account.requests == []
 
 
+async def test_a_malformed_key_entry_is_reported_without_the_key(
+    store: Store, bus: Messenger, emu: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    account = emu.add_openai("acct", api_key=OPENAI_SECRET, models=["gpt-4o"])
+    gemini = emu.add_gemini("acct", api_key=GEMINI_SECRET, models=["gemini-2.0-flash"])
+    await store.create_backend(name="oa", base_url=account.base_url, type="openai")
+    await store.create_backend(name="gm", base_url=gemini.base_url, type="gemini")
+    # Rows another tool wrote: a bare key, and the seed's shape without its type.
+    await store.set_kv(OPENAI_KEY, OPENAI_SECRET)
+    await store.set_kv(GEMINI_KEY, {"APIKey": GEMINI_SECRET})
+    with caplog.at_level(logging.DEBUG, logger="runtimestate"):
+        async with State(store, bus) as state:
+            await state.run_backend_cycle()
+            snapshot = state.get()
+    errors = {s.name: s.error for s in snapshot.values()}
+    assert errors == {"oa": "API key entry is malformed", "gm": "API key entry is malformed"}
+    assert account.requests == gemini.requests == []
+    for secret in (OPENAI_SECRET, GEMINI_SECRET):
+        assert all(secret not in s.model_dump_json() for s in snapshot.values())
+        for record in caplog.records:
+            assert secret not in record.getMessage()
+            assert secret not in repr(record.__dict__)
+
+
 async def test_openai_drift_is_not_an_error_and_listing_is_cached_a_day(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:
