@@ -31,6 +31,7 @@ from runtimestate.errors import (
 from tests.fixtures.nats import (
     find_nats_server,
     free_port,
+    nats_server,
     start_nats_server,
     stop_nats_server,
 )
@@ -429,6 +430,25 @@ async def test_unreachable_nats_is_a_bus_error() -> None:
     message = str(caught.value)
     assert f"127.0.0.1:{port}" in message
     assert "hunter2secret" not in message
+
+
+@pytest.mark.nats
+def test_a_nats_binary_that_gives_no_server_falls_back_to_the_url_then_skips_or_fails(
+    tmp_path: Path, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = str(tmp_path / "nats-server")  # cannot be run: as good as one that fails
+    log_path = tmp_path / "nats.log"
+    monkeypatch.setenv("RUNTIMESTATE_TEST_NATS_URL", nats_url)
+    with nats_server(missing, log_path) as url:
+        assert url == nats_url
+    monkeypatch.delenv("RUNTIMESTATE_TEST_NATS_URL")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="nats-server"), nats_server(missing, log_path):
+        pass
+    monkeypatch.setenv("CI", "true")
+    failing = pytest.raises(pytest.fail.Exception, match="required under CI=true")
+    with failing, nats_server(missing, log_path):
+        pass
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from runtimestate.store import SqlStore, Store, open_store
 from runtimestate.store.engine import create_engine_for_url, safe_url, translate_errors
 from runtimestate.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from tests.fixtures.nats import free_port
-from tests.fixtures.postgres import fresh_database
+from tests.fixtures.postgres import fresh_database, postgres_server
 
 TABLES = {
     "backends",
@@ -143,6 +143,26 @@ async def test_postgres_scheme_aliases_open_the_same_database(postgres_url: str)
             async with await open_store(scheme + rest) as other:
                 assert other.dialect == "postgresql"
                 assert [p.name for p in await other.list_all_pools()] == ["p"]
+
+
+# ---- where the test server comes from ------------------------------------------------------
+@pytest.mark.postgres
+def test_postgres_binaries_that_give_no_server_fall_back_to_the_url_then_skip_or_fail(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "bin"  # no initdb in it: as good as binaries that fail
+    broken.mkdir()
+    monkeypatch.setenv("RUNTIMESTATE_TEST_POSTGRES_URL", postgres_url)
+    with postgres_server(broken) as url:
+        assert url == postgres_url
+    monkeypatch.delenv("RUNTIMESTATE_TEST_POSTGRES_URL")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="initdb"), postgres_server(broken):
+        pass
+    monkeypatch.setenv("CI", "true")
+    failing = pytest.raises(pytest.fail.Exception, match="required under CI=true")
+    with failing, postgres_server(broken):
+        pass
 
 
 # ---- migrations ----------------------------------------------------------------------------
