@@ -15,7 +15,11 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
+import httpx
+import httpx2
 import pytest
 
 from runtimestate.clock import FakeClock
@@ -39,6 +43,7 @@ from runtimestate.providers import (
     Provider,
     local_provider_adapter,
 )
+from runtimestate.providers.limits import ResponseTooLarge, bounded_transport
 from runtimestate.records import BackendInfo, ListModelResponse, LLMState
 from runtimestate.resolver import Resolver, ResolveRequest
 from runtimestate.testing import EmulatedBackend, Emulator, GeminiModel
@@ -126,7 +131,13 @@ async def fleet() -> AsyncIterator[Fleet]:
                 GEMINI_KEY,
             ),
         }
-        backends = {"ollama": node, "vllm": vllm, "openai": oa, "gemini": gm}
+        backends = {
+            "ollama": node,
+            "vllm": vllm,
+            "vllm-embed": vllm_embed,
+            "openai": oa,
+            "gemini": gm,
+        }
         yield Fleet(
             emu=emu,
             backends=backends,
@@ -479,6 +490,54 @@ async def test_a_stream_that_never_ends_is_cut_at_the_size_bound(fleet: Fleet, k
         fleet.backends[kind].faults.clear()
     with pytest.raises(InvalidInput, match="max_stream_chars"):
         ClientPool(max_stream_chars=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_oversized_answer_is_a_protocol_error(fleet: Fleet, kind: str) -> None:
+    backend = fleet.backends[kind]
+    embed_backend = fleet.backends["vllm-embed" if kind == "vllm" else kind]
+    async with ClientPool(max_body_bytes=64 * 1024) as pool:
+        client = await client_for(fleet, pool, kind)
+        embed = await client_for(fleet, pool, kind, embed=True)
+        backend.faults.oversized(size=4 * 1024 * 1024, times=1)
+        with pytest.raises(ProtocolError, match="larger than 65536 bytes") as info:
+            await client.chat(USER)
+        assert info.value.backend == client.backend.base_url
+        embed_backend.faults.oversized(size=4 * 1024 * 1024, times=1)
+        with pytest.raises(ProtocolError, match="larger than 65536 bytes"):
+            await embed.embed("alpha")
+        # Answers under the bound, streams included, are untouched.
+        assert "you wrote" in (await client.chat(USER)).message.content
+        assert "you wrote" in "".join([c async for c in client.stream(USER)])
+    with pytest.raises(InvalidInput, match="max_body_bytes"):
+        ClientPool(max_body_bytes=0)
+
+
+@pytest.mark.parametrize("module", [httpx, httpx2], ids=["httpx", "httpx2"])
+async def test_the_body_bound_also_counts_bodies_of_unannounced_length(
+    module: ModuleType,
+) -> None:
+    sent: list[int] = []
+
+    async def body(size: int) -> AsyncIterator[bytes]:
+        for _ in range(size // 1024):
+            sent.append(1024)
+            yield b"x" * 1024
+
+    def handler(request: Any) -> Any:
+        size = int(request.url.params["size"])
+        kind = request.url.params.get("type", "application/json")
+        return module.Response(200, headers={"content-type": kind}, content=body(size))
+
+    transport = bounded_transport(module, 4096, inner=module.MockTransport(handler))
+    async with module.AsyncClient(transport=transport, base_url="http://h") as http:
+        assert len((await http.get("/", params={"size": 4096})).content) == 4096
+        sent.clear()
+        with pytest.raises(ResponseTooLarge, match="larger than 4096 bytes"):
+            await http.get("/", params={"size": 1024 * 1024})
+        assert sum(sent) == 5 * 1024  # reading stopped at the first chunk past the bound
+        streamed = await http.get("/", params={"size": 8192, "type": "text/event-stream"})
+        assert len(streamed.content) == 8192  # streams are bounded by characters instead
 
 
 async def test_snapshot_to_streamed_chat_answer(fleet: Fleet) -> None:

@@ -44,6 +44,7 @@ from runtimestate.errors import (
     Unsupported,
     redact,
 )
+from runtimestate.providers.limits import ResponseTooLarge
 
 if TYPE_CHECKING:
     from runtimestate.providers.pool import ClientPool
@@ -176,6 +177,18 @@ def _optional_text(value: object, name: str) -> str | None:
     return None if value is None else _text(value, name)
 
 
+def _in_chain(exc: BaseException, kind: type[ResponseTooLarge]) -> ResponseTooLarge | None:
+    """``exc`` or the first of its causes (or contexts) that is a ``kind``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 class ModelClient(ABC):
     """Chat, prompt, embed and stream against one backend for one provider."""
 
@@ -264,7 +277,7 @@ class ModelClient(ABC):
                                     backend=self.backend.base_url,
                                 )
                             yield chunk
-            except self.translated as exc:
+            except self._caught() as exc:
                 raise self._error(exc) from exc
 
     # -- helpers -----------------------------------------------------------------------------
@@ -286,8 +299,12 @@ class ModelClient(ABC):
                     f"{self._where()}: no answer within {timeout:g}s",
                     backend=self.backend.base_url,
                 ) from exc
-            except self.translated as exc:
+            except self._caught() as exc:
                 raise self._error(exc) from exc
+
+    def _caught(self) -> tuple[type[BaseException], ...]:
+        """What a call translates: the SDK's exceptions and the body bound's."""
+        return (ResponseTooLarge, *self.translated)
 
     def _require(self, capability: Capability) -> None:
         if capability not in self.provider.capabilities:
@@ -300,7 +317,12 @@ class ModelClient(ABC):
 
     def _error(self, exc: BaseException) -> BackendError:
         """Translate ``exc`` with the subclass's rules; redact the key from its text."""
-        cls, detail = self._classify(exc)
+        cls: type[BackendError]
+        too_large = _in_chain(exc, ResponseTooLarge)
+        if too_large is not None:  # raw from httpx, or wrapped by an SDK
+            cls, detail = ProtocolError, f"{too_large}"
+        else:
+            cls, detail = self._classify(exc)
         text = redact(f"{self._where()}: {detail}", self.backend.api_key)
         return cls(text, backend=self.backend.base_url)
 
@@ -309,8 +331,9 @@ class ModelClient(ABC):
 
     @classmethod
     @abstractmethod
-    def create_sdk(cls, backend: BackendRef, *, timeout: float) -> Any:
-        """Build the SDK client for ``backend``; called once per pool key, no I/O."""
+    def create_sdk(cls, backend: BackendRef, *, timeout: float, max_body_bytes: int) -> Any:
+        """Build the SDK client for ``backend``; called once per pool key, no I/O. Its HTTP
+        transport must be :func:`~runtimestate.providers.limits.bounded_transport`."""
 
     @staticmethod
     @abstractmethod

@@ -42,6 +42,7 @@ from runtimestate.errors import (
     ProtocolError,
 )
 from runtimestate.providers.base import BackendRef, ChatMessage, ChatResult, ModelClient, Usage
+from runtimestate.providers.limits import bounded_transport
 from runtimestate.providers.ollama import classify_status
 
 __all__ = ["GeminiClient", "gemini_root"]
@@ -92,7 +93,7 @@ class GeminiClient(ModelClient):
     )
 
     @classmethod
-    def create_sdk(cls, backend: BackendRef, *, timeout: float) -> Any:
+    def create_sdk(cls, backend: BackendRef, *, timeout: float, max_body_bytes: int) -> Any:
         streams: dict[str, httpx2.Response] = {}
 
         async def remember(response: httpx2.Response) -> None:
@@ -100,7 +101,10 @@ class GeminiClient(ModelClient):
             if tag:
                 streams[tag] = response
 
-        http = httpx2.AsyncClient(event_hooks={"response": [remember]})
+        http = httpx2.AsyncClient(
+            event_hooks={"response": [remember]},
+            transport=bounded_transport(httpx2, max_body_bytes),
+        )
         client = genai.Client(
             api_key=backend.api_key or "",
             http_options=types.HttpOptions(

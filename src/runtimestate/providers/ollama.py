@@ -37,6 +37,7 @@ from runtimestate.errors import (
     ServerError,
 )
 from runtimestate.providers.base import BackendRef, ChatMessage, ChatResult, ModelClient, Usage
+from runtimestate.providers.limits import bounded_transport
 
 __all__ = ["OllamaClient", "classify_status"]
 
@@ -67,8 +68,12 @@ class OllamaClient(ModelClient):
     )
 
     @classmethod
-    def create_sdk(cls, backend: BackendRef, *, timeout: float) -> Any:
-        return ollama.AsyncClient(host=backend.base_url.rstrip("/"), timeout=timeout)
+    def create_sdk(cls, backend: BackendRef, *, timeout: float, max_body_bytes: int) -> Any:
+        return ollama.AsyncClient(
+            host=backend.base_url.rstrip("/"),
+            timeout=timeout,
+            transport=bounded_transport(httpx, max_body_bytes),
+        )
 
     @staticmethod
     async def close_sdk(sdk: Any) -> None:

@@ -20,6 +20,7 @@ import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import httpx2
 import openai
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
@@ -33,6 +34,7 @@ from runtimestate.errors import (
     ServerError,
 )
 from runtimestate.providers.base import BackendRef, ChatMessage, ChatResult, ModelClient, Usage
+from runtimestate.providers.limits import bounded_transport
 from runtimestate.providers.ollama import classify_status
 
 __all__ = ["OpenAIClient", "openai_api_root"]
@@ -56,12 +58,17 @@ class OpenAIClient(ModelClient):
     translated = (openai.OpenAIError, json.JSONDecodeError)
 
     @classmethod
-    def create_sdk(cls, backend: BackendRef, *, timeout: float) -> Any:
+    def create_sdk(cls, backend: BackendRef, *, timeout: float, max_body_bytes: int) -> Any:
+        # The SDK's default HTTP client (its timeouts, pool limits), on a bounded transport.
+        http = openai.DefaultAsyncHttpxClient(
+            timeout=timeout, transport=bounded_transport(httpx2, max_body_bytes)
+        )
         return openai.AsyncOpenAI(
             base_url=openai_api_root(backend.base_url),
             api_key=backend.api_key or _PLACEHOLDER_KEY,
             timeout=timeout,
             max_retries=0,
+            http_client=http,
         )
 
     @staticmethod

@@ -8,7 +8,8 @@ all in :meth:`ClientPool.aclose`.
 
 The pool also owns the :class:`~runtimestate.providers.health.Health` book that its clients
 write to and the resolver reads, and the limits every client uses: the overall timeout of a
-call, the idle timeout of a stream and the most text one stream may deliver. The client class for a
+call, the idle timeout of a stream, the most text one stream may deliver and the largest
+non-streamed body (see :mod:`.limits`). The client class for a
 backend type comes from a registry filled by the per-type modules' import below: adding a
 backend type means adding one module and one registry line.
 """
@@ -53,6 +54,7 @@ class ClientPool:
         timeout: float = 60.0,
         stream_idle_timeout: float = 30.0,
         max_stream_chars: int = 4_000_000,
+        max_body_bytes: int = 128 * 1024 * 1024,
         health: Health | None = None,
         health_config: HealthConfig | None = None,
         clock: Clock = SYSTEM_CLOCK,
@@ -67,6 +69,11 @@ class ClientPool:
         # model that never stops generating would stream forever into the caller's memory; this
         # bounds it (4M characters is about a million tokens, far beyond any context window).
         self.max_stream_chars = max_stream_chars
+        if max_body_bytes < 1:
+            raise InvalidInput("max_body_bytes must be positive", field="max_body_bytes")
+        # Non-streamed bodies are read whole by the SDKs; 128 MiB leaves room for the largest
+        # embedding batches (2,048 texts of 3,072 dimensions) and stops a runaway answer.
+        self.max_body_bytes = max_body_bytes
         self.health = health or Health(health_config, clock=clock)
         self._sdk: dict[tuple[str, str, str], Any] = {}
         self._closed = False
@@ -102,7 +109,7 @@ class ClientPool:
             cls = CLIENT_TYPES.get(backend.type)
             if cls is None:
                 raise Unsupported(f"no client for backend type {backend.type!r}")
-            sdk = cls.create_sdk(backend, timeout=self.timeout)
+            sdk = cls.create_sdk(backend, timeout=self.timeout, max_body_bytes=self.max_body_bytes)
             self._sdk[key] = sdk
         return sdk
 
