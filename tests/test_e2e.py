@@ -13,8 +13,12 @@ The story, run once on SQLite with the in-process bus and once on PostgreSQL wit
    then cancel the re-queued one by model name with ``queue cancel MODEL``;
 5. stop the service with SIGTERM: it exits 0 and the running download lands nothing;
 6. start it again on the same data and port: every declaration is still there under the same
-   ids, the cancelled model is queued again and lands, and the ``watch`` left running across
-   the restart reconnects and reports it.
+   ids, the cancelled model is queued again, and the ``watch`` left running across the restart
+   reconnects; once it has, the slow node's (still slow) pull is cancelled so that the next
+   ones, now fast, land while the ``watch`` reports them.
+
+Every wait is on an observable event with a generous deadline, never on a fixed sleep, and no
+step depends on one process being quicker than another: CI runs this on two loaded cores.
 
 The emulator runs in the test's event loop, so every blocking step (starting the service, CLI
 calls) runs in a thread or as an asyncio subprocess to keep the emulator answering.
@@ -216,7 +220,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
 
             await wait_for(
                 lambda: any(e.get("completed") for e in watcher.of(slow.base_url)),
-                15,
+                30,
                 f"slow node never started pulling\n{service.log_tail()}",
             )
             started = pulls(slow)
@@ -266,18 +270,28 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
         assert code == 0, f"unclean exit {code} on SIGTERM\n{service.log_tail()}"
         assert not slow.models, "the download running at shutdown must be cancelled, not landed"
 
-        # Slow enough that the watch, which retries every second, is back before the last pull.
-        slow.pull_seconds = 2.5
+        # The restarted service queues the slow node's models again at once, and the watch
+        # reconnects only at its next retry: the node stays slow until the watch is back, so that
+        # no pull can end unseen however long the reconnection takes on a loaded machine.
+        before_restart = pulls(slow)
         service = await start()
         try:
             cli = Cli(service)
             await wait_for(
                 lambda: watcher.connections >= 2,
-                10,
+                20,
                 "the watch left running did not reconnect to the restarted service",
             )
             assert await cli.json("backend", "list") == declared_backends
             assert await cli.json("model", "list") == declared_models
+            await wait_for(
+                lambda: pulls(slow) > before_restart,
+                20,
+                f"the restarted service never queued the cancelled model again\n"
+                f"{service.log_tail()}",
+            )
+            slow.pull_seconds = 2.5
+            await cli.ok("queue", "cancel", "--backend", "slow")
             await wait_for(
                 lambda: set(slow.models) >= set(MODELS),
                 30,
