@@ -271,3 +271,55 @@ async def test_in_progress_heartbeats_and_ends_on_shutdown(fleet: Fleet) -> None
 async def test_in_progress_requires_the_token(fleet: Fleet) -> None:
     response = await fleet.client.get("/queue/inProgress", headers={"Authorization": ""})
     assert response.status_code == 401
+
+
+async def test_provider_status_shows_the_health_of_its_backends(fleet: Fleet) -> None:
+    secret = "sk-test-0123456789abcdef"
+    async with Emulator(latency=0.0) as emu:
+        account = emu.add_openai("acct", api_key=secret, models=["gpt-4o", "gpt-4o-mini"])
+        body = {"name": "oa", "baseUrl": account.base_url, "type": "openai"}
+        assert (await fleet.client.post("/backends", json=body)).status_code == 201
+        # A cloud backend serves the declared models its account offers: gpt-4o, not llama.
+        declared = {"model": "gpt-4o", "contextLength": 128000, "canChat": True}
+        assert (await fleet.client.post("/models", json=declared)).status_code == 201
+
+        async def status_after_sync(provider: str = "openai") -> dict[str, Any]:
+            assert (await fleet.client.post("/state/sync")).status_code == 200
+            response = await fleet.client.get(f"/providers/{provider}/status")
+            assert response.status_code == 200
+            answer: dict[str, Any] = response.json()
+            return answer
+
+        assert await status_after_sync() == {
+            "type": "openai",
+            "configured": False,
+            "backends": 1,
+            "healthy": 0,
+            "models": 0,
+            "error": "oa: API key not configured",
+        }
+        # A stored key the account refuses: configured, yet unhealthy, and the key never shown.
+        wrong = "sk-wrong-9876543210fedcba"
+        configure = "/providers/openai/configure"
+        assert (await fleet.client.post(configure, json={"apiKey": wrong})).status_code == 200
+        refused = await status_after_sync()
+        assert (refused["configured"], refused["healthy"], refused["models"]) == (True, 0, 0)
+        assert refused["error"].startswith("oa: ")
+        assert wrong not in json.dumps(refused)
+        assert (await fleet.client.post(configure, json={"apiKey": secret})).status_code == 200
+        assert await status_after_sync() == {
+            "type": "openai",
+            "configured": True,
+            "backends": 1,
+            "healthy": 1,
+            "models": 1,
+            "error": None,
+        }
+        assert await status_after_sync("gemini") == {
+            "type": "gemini",
+            "configured": False,
+            "backends": 0,
+            "healthy": 0,
+            "models": 0,
+            "error": None,
+        }

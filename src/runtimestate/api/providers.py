@@ -6,6 +6,11 @@ registered with the log filter as soon as it arrives, so that even a driver's er
 quotes it is masked. Nothing here drops the reconciler's provider cache: the reconciler compares
 the stored key's hash on every cycle and drops its cached model list when the key changed, which
 also covers a change made through another replica.
+
+``/status`` says more than "a key is stored": from the reconciler's last snapshot it counts the
+backends of that type, the healthy ones and the models they reach, and gives the first error (a
+rejected key shows up there, not in the key's presence). Without a reconciler in the app those
+figures stay zero.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from runtimestate.api.schemas import (
     ProviderKeyIn,
     ProviderStatusOut,
 )
-from runtimestate.errors import NotFound, StoreError
+from runtimestate.errors import NotFound, StoreError, redact
 from runtimestate.logging import register_secret
 from runtimestate.records import PROVIDER_KEY_PREFIX, ProviderConfig
 
@@ -67,8 +72,25 @@ async def provider_status(provider: ProviderType, ctx: Context) -> ProviderStatu
     try:
         await _load(ctx, provider)
     except NotFound:
-        return ProviderStatusOut(type=provider.value, configured=False)
-    return ProviderStatusOut(type=provider.value, configured=True)
+        configured = False
+    else:
+        configured = True
+    observed = [] if ctx.state is None else list(ctx.state.get().values())
+    mine = sorted(
+        (entry for entry in observed if entry.backend.type == provider.value),
+        key=lambda entry: (entry.name, entry.id),
+    )
+    healthy = [entry for entry in mine if not entry.error]
+    # The reconciler's errors never carry a key; redact() is the last line of defence anyway.
+    errors = [f"{e.name}: {redact(e.error, e.api_key)}" for e in mine if e.error]
+    return ProviderStatusOut(
+        type=provider.value,
+        configured=configured,
+        backends=len(mine),
+        healthy=len(healthy),
+        models=len({pulled.model for entry in healthy for pulled in entry.pulled_models}),
+        error=errors[0] if errors else None,
+    )
 
 
 @router.get("/providers/{provider}/config", response_model=ProviderConfigOut, responses=_NOT_FOUND)

@@ -63,7 +63,11 @@ ErrorCode = Literal[
 # "Contains a character that is whitespace by no one's definition": JSON Schema's (ECMAScript)
 # \s, plus what Python's str.strip also removes (the store strips, and refuses what is left
 # empty). A plain \S would let a client send "\x1d", valid per the schema, that the store refuses.
-NON_BLANK = r"[^\s\x1c-\x1f\x85]"
+# And no control character anywhere (C0 and DEL): a NUL cannot be stored on PostgreSQL, so the
+# store refuses it with a 400 the schema would not document; a newline could be declared but
+# never named again in a path (Starlette's path converter stops at one, so DELETE /models/{model}
+# would answer 405); and none belongs in a name printed in a table. Said here, each is a 422.
+NON_BLANK = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f\x85][^\x00-\x1f\x7f]*$"
 
 # Names are trimmed and must keep at least one character; the upper bound keeps a typo'd
 # megabyte of text out of the database.
@@ -230,12 +234,27 @@ class QueueItemOut(_Camel):
 
 
 class ProviderKeyIn(_Input):
-    api_key: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4096)]
+    # No control characters: a key travels in an HTTP header, where none is allowed, and a NUL
+    # cannot be stored on PostgreSQL.
+    api_key: Annotated[
+        str,
+        StringConstraints(
+            strip_whitespace=True, min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$"
+        ),
+    ]
 
 
 class ProviderStatusOut(_Camel):
+    """Whether a key is stored, and the health of this type's backends in the last snapshot."""
+
     type: str
     configured: bool
+    backends: int = Field(default=0, description="Backends of this type in the last snapshot.")
+    healthy: int = Field(default=0, description="Of those, the ones observed without an error.")
+    models: int = Field(
+        default=0, description="Distinct declared models the healthy backends serve."
+    )
+    error: str | None = Field(default=None, description="The first backend error, if any.")
 
 
 class ProviderConfigOut(BaseModel):
