@@ -351,6 +351,23 @@ async def test_a_rejected_key_is_reported_without_the_key(
         assert wrong[:-4] not in text
 
 
+async def test_gemini_takes_nothing_from_the_environment(
+    fleet: Fleet, pool: ClientPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GOOGLE_API_KEY", "AIzaFromTheEnvironment0123")
+    monkeypatch.setenv("GOOGLE_GENAI_USE_VERTEXAI", "true")
+    backend = fleet.backends["gemini"]
+    before = len(backend.requests)
+    keyless = fleet.snapshot["gemini"].with_api_key(None)
+    provider = next(p for p in await local_provider_adapter({"gemini": keyless})() if p.can_chat)
+    with pytest.raises(KeyRejected, match="no API key configured"):
+        await pool.client(provider, provider.backends[0]).chat(USER)
+    assert len(backend.requests) == before
+    # With the snapshot's key, the Gemini API (not Vertex AI) is called despite the variable.
+    client = await client_for(fleet, pool, "gemini")
+    assert "you wrote" in (await client.chat(USER)).message.content
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_failures_cool_the_backend_down(fleet: Fleet, kind: str) -> None:
     clock = FakeClock()

@@ -13,6 +13,9 @@ milliseconds; calls go through ``client.aio``. Three SDK defaults are overridden
   tagged with a request header, an httpx2 response hook remembers the tagged response, and our
   stream closes that response itself when it ends.
 * ``retry_options`` is a single attempt: retrying elsewhere is the resolver's decision.
+* nothing comes from the environment: the key is the snapshot's (a backend without one is
+  :class:`~runtimestate.errors.KeyRejected` before any request, where the SDK would fall back to
+  ``GOOGLE_API_KEY``) and ``vertexai=False`` is explicit.
 * chat history is mapped to Gemini's roles (``assistant`` -> ``model``) and system messages go
   to ``system_instruction``, which is how the API expects them.
 
@@ -94,6 +97,13 @@ class GeminiClient(ModelClient):
 
     @classmethod
     def create_sdk(cls, backend: BackendRef, *, timeout: float, max_body_bytes: int) -> Any:
+        if not backend.api_key:
+            # Without a key the SDK would take GOOGLE_API_KEY / GEMINI_API_KEY from the
+            # environment - a key the snapshot never declared - or raise a bare ValueError.
+            raise KeyRejected(
+                f"gemini backend {backend.name!r} ({backend.base_url}): no API key configured",
+                backend=backend.base_url,
+            )
         streams: dict[str, httpx2.Response] = {}
 
         async def remember(response: httpx2.Response) -> None:
@@ -106,7 +116,9 @@ class GeminiClient(ModelClient):
             transport=bounded_transport(httpx2, max_body_bytes),
         )
         client = genai.Client(
-            api_key=backend.api_key or "",
+            # Explicit, so GOOGLE_GENAI_USE_VERTEXAI in the environment cannot switch the API.
+            vertexai=False,
+            api_key=backend.api_key,
             http_options=types.HttpOptions(
                 base_url=gemini_root(backend.base_url),
                 api_version="v1beta",
