@@ -570,6 +570,21 @@ async def test_snapshot_to_streamed_chat_answer(fleet: Fleet) -> None:
     assert "you wrote hi" in answer
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_streams_latency_is_the_time_to_its_first_chunk(fleet: Fleet, kind: str) -> None:
+    clock = FakeClock()
+    async with ClientPool(clock=clock) as pool:
+        client = await client_for(fleet, pool, kind)
+        chunks = 0
+        async for _ in client.stream(USER):
+            chunks += 1
+            clock.advance(10)  # a long answer, slowly streamed after a prompt first chunk
+        assert chunks > 1
+        view = pool.health.snapshot()[client.backend.id]
+        assert view["latencySeconds"] == 0.0  # measured, and not the stream's 10 s per chunk
+        assert view["inFlight"] == 0
+
+
 async def test_clients_feed_the_latency_average_that_lowest_latency_reads(fleet: Fleet) -> None:
     slow = fleet.emu.add_ollama("slow", models=["llama3.2:1b"])
     fast = fleet.emu.add_ollama("fast", models=["llama3.2:1b"])

@@ -252,7 +252,7 @@ class ModelClient(ABC):
         prompt, system = _optional_text(prompt, "prompt"), _optional_text(system, "system")
         idle = self._pool.stream_idle_timeout
         budget = self._pool.max_stream_chars
-        async with self._pool.health.track(self.backend.id):
+        async with self._pool.health.track(self.backend.id) as call:
             try:
                 async with aclosing(self._stream(msgs, prompt, system)) as chunks:
                     while True:
@@ -267,6 +267,7 @@ class ModelClient(ABC):
                                 backend=self.backend.base_url,
                             ) from exc
                         if chunk:
+                            call.answered()
                             budget -= len(chunk)
                             if budget < 0:
                                 # Raised inside ``aclosing``: the SDK stream and its HTTP

@@ -4,6 +4,10 @@ The clients record every call here (:meth:`Health.track`); the resolver only rea
 bookkeeping in one object shared by both is what lets ``least-in-flight`` and ``lowest-latency``
 see real traffic and lets the resolver skip a backend that keeps failing.
 
+Latency is what a caller waits before the answer starts: the whole call for chat, prompt and
+embed, the time to the first chunk for a stream - counting a stream's full length would make a
+backend that serves long answers look slow to ``lowest-latency``.
+
 Cooldown follows the LiteLLM router's rule: ``failure_threshold`` consecutive failures cool a
 backend down for ``cooldown_seconds``; the first success resets the count. Only failures that
 say something about the backend count (unreachable, key rejected, rate limited, server error,
@@ -27,7 +31,7 @@ from typing import Any
 from runtimestate.clock import SYSTEM_CLOCK, Clock
 from runtimestate.errors import BackendError, BadRequest, InvalidInput
 
-__all__ = ["Health", "HealthConfig"]
+__all__ = ["Health", "HealthConfig", "Tracked"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,22 @@ class HealthConfig:
             raise InvalidInput("latency_alpha must be in (0, 1]", field="latency_alpha")
 
 
+class Tracked:
+    """One call being tracked: when it started and, for a stream, when it first answered."""
+
+    __slots__ = ("_clock", "answered_at", "started")
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self.started = clock.monotonic()
+        self.answered_at: float | None = None
+
+    def answered(self) -> None:
+        """Mark the first answer (idempotent): the latency ends here, not at the stream's end."""
+        if self.answered_at is None:
+            self.answered_at = self._clock.monotonic()
+
+
 class Health:
     """Mutable health book of every backend a client pool has talked to."""
 
@@ -64,19 +84,24 @@ class Health:
     # -- recording ---------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def track(self, backend_id: str) -> AsyncIterator[None]:
-        """Count one request in flight; on exit record its latency or its failure."""
+    async def track(self, backend_id: str) -> AsyncIterator[Tracked]:
+        """Count one request in flight; on exit record its latency or its failure.
+
+        The latency is the time to :meth:`Tracked.answered` when the caller marks it (a stream,
+        at its first chunk), else the whole call.
+        """
         self._in_flight[backend_id] = self._in_flight.get(backend_id, 0) + 1
-        started = self._clock.monotonic()
+        call = Tracked(self._clock)
         try:
-            yield
+            yield call
         except BadRequest:
             raise
         except BackendError as exc:
             self.record_failure(backend_id, str(exc))
             raise
         else:
-            self.record_success(backend_id, self._clock.monotonic() - started)
+            end = self._clock.monotonic() if call.answered_at is None else call.answered_at
+            self.record_success(backend_id, end - call.started)
         finally:
             self._in_flight[backend_id] -= 1
 
