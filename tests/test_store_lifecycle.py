@@ -68,6 +68,12 @@ async def _tables(url: str) -> set[str]:
         "sqlite://",
         "sqlite://somehost/file.db",
         "sqlite:////",
+        # Each of these reached asyncpg.connect() and failed there with a TypeError or an
+        # OverflowError instead of naming the URL.
+        "postgresql://u@127.0.0.1:99999/db",
+        "postgresql://u@127.0.0.1:5432/db?bogus=1",
+        "postgresql://u@127.0.0.1:5432/db?sslmode=sometimes",
+        "postgresql://u@127.0.0.1:5432/db?ssl=require&sslmode=require",
     ],
 )
 async def test_unsupported_or_malformed_urls_are_invalid_input(url: str) -> None:
@@ -163,6 +169,16 @@ def test_postgres_binaries_that_give_no_server_fall_back_to_the_url_then_skip_or
     failing = pytest.raises(pytest.fail.Exception, match="required under CI=true")
     with failing, postgres_server(broken):
         pass
+
+
+@pytest.mark.postgres
+async def test_postgres_url_takes_libpq_sslmode(postgres_url: str) -> None:
+    async with fresh_database(postgres_url) as url:
+        async with await open_store(url + "?sslmode=disable") as store:
+            await store.ping()
+        # The test server has no TLS: asking for it is a clear StoreError, not a driver error.
+        with pytest.raises(StoreError):
+            await open_store(url + "?sslmode=require")
 
 
 # ---- migrations ----------------------------------------------------------------------------

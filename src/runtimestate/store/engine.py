@@ -6,7 +6,9 @@ handling skips ``BEGIN`` for reads and DDL, so it is switched off and every tran
 explicitly - ``BEGIN IMMEDIATE`` for writes, so that a writer takes the lock up front and waits
 on the busy timeout instead of failing when it upgrades from reader. ``:memory:`` lives on one
 shared connection, so its store serializes operations with a lock (see :class:`Database`).
-PostgreSQL goes through asyncpg with a bounded connection pool.
+PostgreSQL goes through asyncpg with a bounded connection pool; its URL is checked here (port
+range, the few query parameters asyncpg understands, libpq's ``sslmode`` renamed ``ssl``) so
+that a typo is ``InvalidInput`` rather than a driver ``TypeError`` at the first connection.
 
 :class:`Database` hands out connections already inside a transaction, and translates every
 SQLAlchemy, driver and socket error raised inside it into :mod:`runtimestate.errors` types.
@@ -35,6 +37,11 @@ __all__ = ["Database", "create_engine_for_url", "safe_url"]
 _SQLITE_SCHEMES = {"sqlite", "sqlite+aiosqlite"}
 _POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg"}
 _SQLITE_BUSY_TIMEOUT_MS = 15_000
+# Query parameters a postgresql:// URL may carry. Anything else would reach asyncpg.connect()
+# as a keyword argument and fail there with a bare TypeError. ``host`` is SQLAlchemy's
+# multi-host form (``?host=a:5432&host=b:5432``); ``sslmode`` is libpq's name for ``ssl``.
+_POSTGRES_QUERY = frozenset({"host", "ssl", "sslmode", "target_session_attrs"})
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _WRITE_OPTION = "runtimestate_write"
 
 # Unique constraints that are not named "<table>_<column>_key" / "<table>_pkey".
@@ -128,8 +135,25 @@ def _sqlite_engine(url: URL) -> AsyncEngine:
 
 
 def _postgres_engine(url: URL) -> AsyncEngine:
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise InvalidInput(f"port {url.port} is out of range (1-65535)", field="url")
+    query = dict(url.query)
+    unknown = sorted(set(query) - _POSTGRES_QUERY)
+    if unknown:
+        raise InvalidInput(
+            f"unsupported PostgreSQL URL parameter {unknown[0]!r} "
+            f"(supported: {', '.join(sorted(_POSTGRES_QUERY))})",
+            field="url",
+        )
+    if "sslmode" in query:
+        if "ssl" in query:
+            raise InvalidInput("give either ssl or sslmode, not both", field="url")
+        # libpq's spelling; asyncpg takes the same modes as ``ssl``.
+        query["ssl"] = query.pop("sslmode")
+    if "ssl" in query and query["ssl"] not in _SSL_MODES:
+        raise InvalidInput(f"ssl/sslmode must be one of {', '.join(_SSL_MODES)}", field="url")
     return create_async_engine(
-        url.set(drivername="postgresql+asyncpg"),
+        url.set(drivername="postgresql+asyncpg", query=query),
         pool_size=10,
         max_overflow=10,
         pool_recycle=1800,
