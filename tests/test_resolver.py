@@ -304,8 +304,12 @@ def test_wide_requests_over_many_providers_use_every_policy(pool: ClientPool) ->
     for i in range(50):
         pool.health.record_failure(f"b{i}", "x")
         pool.health.record_failure(f"b{i}", "x")
-    with pytest.raises(AllCoolingDown):
+    with pytest.raises(AllCoolingDown) as info:
         resolver.resolve_chat(ResolveRequest(policy="random"))
+    # 50 cooling backends: the message names 20 and counts the rest.
+    assert "cooling down (name-b0, name-b1, name-b10, " in str(info.value)
+    assert ", ... and 30 more); the first returns at" in str(info.value)
+    assert "name-b9" not in str(info.value)
 
 
 def test_a_request_takes_one_name_or_any_sequence_and_rejects_the_rest(

@@ -44,6 +44,8 @@ __all__ = ["Resolution", "ResolveRequest", "Resolver"]
 _TYPES = frozenset(t.value for t in BackendType)
 # How many available models a NoProvider message lists before summarising the rest.
 _LISTED = 200
+# How many cooling backends an AllCoolingDown message names (a wide request may match thousands).
+_COOLING_LISTED = 20
 # Bounds of the per-request caches (round-robin turns, prefix groups): a long-running service
 # sees unboundedly many distinct requests; losing a turn count only restarts a rotation.
 _CACHE_LIMIT = 10_000
@@ -294,9 +296,12 @@ class Resolver:
         until = min(self._health.cooling_until(b.id, now) or now for b in backends)
         retry_at = self._health.wall_time(until)
         names = sorted({b.name for b in backends})
+        shown = ", ".join(names[:_COOLING_LISTED])
+        if len(names) > _COOLING_LISTED:
+            shown += f", ... and {len(names) - _COOLING_LISTED} more"
         return AllCoolingDown(
             f"no provider for {request.describe(capability)}: every matching backend is "
-            f"cooling down ({', '.join(names)}); the first returns at {retry_at.isoformat()}",
+            f"cooling down ({shown}); the first returns at {retry_at.isoformat()}",
             retry_at=retry_at,
         )
 
