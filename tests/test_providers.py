@@ -402,6 +402,7 @@ class Relay:
     def __init__(self, port: int) -> None:
         self._port = port
         self.client_closed = asyncio.Event()
+        self.connections = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -418,6 +419,7 @@ class Relay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
         down = asyncio.create_task(self._pipe(up_reader, writer), name="relay-down")
         self._tasks.add(down)
@@ -435,6 +437,27 @@ class Relay:
             pass
         finally:
             writer.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_calls_reuse_one_connection(fleet: Fleet, kind: str) -> None:
+    emu_port = int(fleet.emu.url.rsplit(":", 1)[1])
+    relay = Relay(emu_port)
+    async with relay as port, ClientPool() as pool:
+        state = fleet.snapshot[kind]
+        url = state.backend.base_url.replace(fleet.emu.url, f"http://127.0.0.1:{port}")
+        moved = state.model_copy(
+            update={"backend": state.backend.model_copy(update={"base_url": url})}
+        ).with_api_key(state.api_key)
+        providers = await local_provider_adapter({kind: moved})()
+        provider = next(p for p in providers if p.can_stream)
+        for _ in range(3):  # a new ModelClient per request, as the resolver hands them out
+            client = pool.client(provider, provider.backends[0])
+            await client.chat(USER)
+            await client.prompt("again")
+            _ = [chunk async for chunk in client.stream(USER)]
+        assert relay.connections == 1
+        assert pool.size == 1
 
 
 @pytest.mark.parametrize("how", ["aclose", "cancel"])
