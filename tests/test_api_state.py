@@ -315,6 +315,10 @@ async def test_provider_status_shows_the_health_of_its_backends(fleet: Fleet) ->
             "models": 1,
             "error": None,
         }
+        # The account's listing is cached for a day, but a new key drops the cache at once: the
+        # next cycle asks the account again, which refuses the new key.
+        assert (await fleet.client.post(configure, json={"apiKey": wrong})).status_code == 200
+        assert (await status_after_sync())["healthy"] == 0
         assert await status_after_sync("gemini") == {
             "type": "gemini",
             "configured": False,
