@@ -167,6 +167,10 @@ def test_preferred_names_resolve_exact_then_normalized_then_family(resolver: Res
     assert client.provider is provider
     with pytest.raises(NoProvider):
         resolver.resolve_chat(ResolveRequest(models=("llama3.1",), exact=True))
+    # A name that normalizes to nothing matches nothing, rather than every model by prefix.
+    for empty in (":latest", "/", "-"):
+        with pytest.raises(NoProvider):
+            resolver.resolve_chat(ResolveRequest(models=(empty,)))
 
 
 def test_filters_by_type_capability_and_context(resolver: Resolver) -> None:

@@ -264,7 +264,8 @@ class Resolver:
             group = index.get(key)
             if group is not None:
                 yield group
-        yield self._prefix(normal_key)
+        if normal_key:  # a name of separators only (":latest", "/") is no prefix of anything
+            yield self._prefix(normal_key)
 
     def _prefix(self, key: str) -> list[Provider]:
         """Providers whose normalized name starts with ``key`` (cached per key)."""
