@@ -9,14 +9,15 @@ migrations and transactions in ``test_store_lifecycle.py``.
 from __future__ import annotations
 
 import base64
-from collections.abc import Awaitable
+import dataclasses
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from runtimestate.clock import FakeClock
 from runtimestate.errors import Conflict, InvalidInput, NotFound
-from runtimestate.store import MAX_PAGE_SIZE, Backend, Page, SqlStore
+from runtimestate.store import MAX_PAGE_SIZE, Backend, Job, KVEntry, Model, Page, Pool, SqlStore
 from tests.fixtures.postgres import StoreFactory
 
 START = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -345,6 +346,30 @@ async def test_deletes_cascade_to_assignments(store: SqlStore) -> None:
     # The names are free again: nothing of the deleted rows survives.
     again = await store.create_backend(name="b", base_url="http://b", type="ollama")
     await store.assign_backend_to_pool(pools[1].id, again.id)
+
+
+# ---- records -------------------------------------------------------------------------------
+async def test_records_are_frozen_and_keyword_only(store: SqlStore) -> None:
+    backend = await store.create_backend(name="b", base_url="http://b", type="ollama")
+    pool = await store.create_pool(name="p", purpose_type="x")
+    model = await store.append_model(model="m")
+    entry = await store.set_kv("k", 1)
+    job_ = await store.append_job(Job(id="j", task_type="t", payload=b""))
+    records: list[tuple[Backend | Pool | Model | KVEntry | Job, str]] = [
+        (backend, "name"),
+        (pool, "name"),
+        (model, "model"),
+        (entry, "value"),
+        (job_, "id"),
+    ]
+    for record, field in records:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(record, field, "changed")
+        values = [getattr(record, f.name) for f in dataclasses.fields(record)]
+        positional: Callable[..., object] = type(record)
+        with pytest.raises(TypeError):
+            positional(*values)
+    assert (await store.get_backend(backend.id)).name == "b"
 
 
 # ---- paging --------------------------------------------------------------------------------

@@ -115,6 +115,10 @@ async def test_bad_jobs_are_invalid_input(store: SqlStore) -> None:
     with pytest.raises(InvalidInput) as caught:
         await store.append_jobs([job("fine"), replace(job("j"), valid_until=-5)])
     assert caught.value.field == "valid_until"
+    for not_a_list in (None, job("single"), "jobs"):
+        with pytest.raises(InvalidInput) as caught:
+            await store.append_jobs(not_a_list)  # type: ignore[arg-type]
+        assert caught.value.field == "jobs"
     assert await store.estimate_job_count() == 0
 
 

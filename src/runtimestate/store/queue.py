@@ -71,6 +71,8 @@ class QueueOps:
         return (await self.append_jobs([job]))[0]
 
     async def append_jobs(self, jobs_: Sequence[Job]) -> list[Job]:
+        if not isinstance(jobs_, list | tuple):
+            raise InvalidInput(f"jobs must be a list, not {type(jobs_).__name__}", field="jobs")
         now = self._now()
         values = [self._job_values(job, now) for job in jobs_]
         if not values:
