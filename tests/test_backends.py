@@ -4,6 +4,7 @@ shared HTTP client's bounded reads and error translation against the emulator's 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -145,6 +146,15 @@ def test_ollama_plan_is_pure_and_complete() -> None:
     assert [a.kind for a in driver.plan(declared, busy).actions] == []
     pending = OllamaInventory(models=(), discovered={}, downloading=False, queued=True)
     assert [a.kind for a in driver.plan(declared, pending).actions] == []
+    # A refused pull goes to the back of the line; with every missing model refused, the order
+    # is the declared one again.
+    refused = replace(inventory, held_back=frozenset({"phi3:latest"}))
+    assert [(a.kind, a.model) for a in driver.plan(declared, refused).actions] == [
+        (ActionKind.PULL, "m2"),
+        (ActionKind.DELETE, "junk:1b"),
+    ]
+    all_refused = replace(inventory, held_back=frozenset({"phi3:latest", "m2:latest"}))
+    assert [a.model for a in driver.plan(declared, all_refused).actions] == ["phi3", "junk:1b"]
 
 
 def test_every_type_is_registered_once() -> None:

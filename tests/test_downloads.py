@@ -233,6 +233,10 @@ async def test_broken_stream_raises(store: Store, bus: Messenger, emu: Emulator)
         await state.run_backend_cycle()
         with pytest.raises(BackendUnreachable, match="phi3:mini"):
             await state.run_download_cycle()
+        # The node went away, not the model: it is not held back, the next cycle retries it.
+        assert await downloads.list_held_back(store) == {}
+        await state.run_backend_cycle()
+        assert [p.model for p in await downloads.list_pending(store)] == ["phi3:mini"]
     assert await downloads.list_running(store) == []
 
 
@@ -247,6 +251,38 @@ async def test_stalled_stream_raises_after_the_stall_timeout(
             await state.run_download_cycle()
     node.faults.clear()
     assert await downloads.list_running(store) == []
+
+
+async def test_a_refused_pull_goes_to_the_back_of_the_line(
+    store_factory: StoreFactory, bus: Messenger, emu: Emulator
+) -> None:
+    clock = FakeClock()
+    store = await store_factory(clock=clock)
+    node = await setup_node(store, emu, pullable=["m2", "m3"])
+    for name in ("m2", "m3"):
+        clock.advance(1)
+        await store.append_model(model=name, can_chat=True, context_length=2048)
+
+    async def pending() -> list[str]:
+        return [p.model for p in await downloads.list_pending(store)]
+
+    async with State(store, bus, clock=clock, pull_retry_after=600) as state:
+        await state.run_backend_cycle()
+        assert await pending() == ["phi3:mini"]
+        with pytest.raises(BackendError, match="file does not exist"):
+            await state.run_download_cycle()
+        assert await downloads.list_held_back(store) == {node.base_url: frozenset({"phi3:mini"})}
+        # Without the hold, phi3:mini would be queued (and refused) forever, the rest never.
+        for expected in ("m2", "m3"):
+            await state.run_backend_cycle()
+            assert await pending() == [expected]
+            assert await state.run_download_cycle() is True
+        # Nothing else missing: the refused model is tried again at once.
+        await state.run_backend_cycle()
+        assert await pending() == ["phi3:mini"]
+        clock.advance(601)
+        assert await downloads.list_held_back(store) == {}
+    assert {"m2:latest", "m3:latest"} <= set(node.models)
 
 
 async def test_a_leased_backend_is_never_pulled_twice(

@@ -21,6 +21,15 @@ seconds and only on a new whole percent (Ollama emits progress many times a seco
 final ``success`` always. A message on :data:`QUEUE_CANCEL` whose ``id`` is the job's URL or
 model closes the stream at once.
 
+A pull the backend refuses (an ``{"error"}`` line such as ``file does not exist``, or an error
+status) is **held back** for ``retry_after`` seconds: a ``pull-failed:<url>|<model>`` lease
+that the backend cycle reads, so that it queues the node's other missing models first (one job
+per node means that one model that cannot be pulled - a typo, or a cloud model name declared for
+every backend without pools - would otherwise be queued again and again and block every model
+after it). When nothing else is missing it is queued again at once, as before. A pull that
+failed because the node itself went away (refused, dropped, stalled) is not held back: nothing
+else could be pulled there either.
+
 Every log line of a download (started, deferred, cancelled, failed, pulled) carries the
 ``backend_id`` of the backend at the job's URL, like the backend cycle's lines. The payload has
 only the URL (the seed's shape), so the id comes from the URL-to-id map the backend cycle hands
@@ -59,6 +68,7 @@ from runtimestate.store.base import Store
 from runtimestate.store.records import Job
 
 __all__ = [
+    "FAILED_PREFIX",
     "LEASE_PREFIX",
     "MODEL_DOWNLOAD",
     "QUEUE_CANCEL",
@@ -69,6 +79,7 @@ __all__ = [
     "Puller",
     "RunningDownload",
     "lease_name",
+    "list_held_back",
     "list_pending",
     "list_running",
     "queue_download",
@@ -80,6 +91,7 @@ __all__ = [
 MODEL_DOWNLOAD = "model_download"
 QUEUE_CANCEL = "queue_cancel"
 LEASE_PREFIX = "download:"
+FAILED_PREFIX = "pull-failed:"
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +101,10 @@ Puller = Callable[[str, str], AbstractAsyncContextManager[AsyncIterator[dict[str
 
 def lease_name(url: str) -> str:
     return LEASE_PREFIX + url
+
+
+def _held_back_name(url: str, model: str) -> str:
+    return f"{FAILED_PREFIX}{url}|{model}"
 
 
 class DownloadStatus(BaseModel):
@@ -204,6 +220,16 @@ async def list_running(store: Store) -> list[RunningDownload]:
     return running
 
 
+async def list_held_back(store: Store) -> dict[str, frozenset[str]]:
+    """Per backend URL, the models whose last pull the backend refused and that are not to be
+    queued again yet (from the unexpired ``pull-failed:`` leases)."""
+    held: dict[str, set[str]] = {}
+    for lease in await store.list_leases(FAILED_PREFIX):
+        url, _, model = lease.name[len(FAILED_PREFIX) :].rpartition("|")
+        held.setdefault(url, set()).add(model)
+    return {url: frozenset(models) for url, models in held.items()}
+
+
 async def remove_pending(store: Store, model: str | None = None, url: str | None = None) -> int:
     """Remove queued downloads of ``model`` and/or on ``url`` (all of them when neither is
     given); return how many were removed. A job popped meanwhile is simply not counted."""
@@ -236,6 +262,7 @@ class Downloader:
         progress_interval: float = 0.25,
         stall_timeout: float = 60.0,
         lease_ttl: float = 60.0,
+        retry_after: float = 300.0,
     ) -> None:
         if "|" in worker_id:
             raise InvalidInput("worker id must not contain '|'", field="worker_id")
@@ -247,6 +274,7 @@ class Downloader:
         self._progress_interval = progress_interval
         self._stall_timeout = stall_timeout
         self._lease_ttl = timedelta(seconds=lease_ttl)
+        self._retry_after = timedelta(seconds=retry_after)
         # A lease held by this worker would be granted again (a renewal), so concurrent cycles
         # of one worker also check the URLs it is pulling right now.
         self._pulling: set[str] = set()
@@ -367,8 +395,26 @@ class Downloader:
             return
         DOWNLOAD_FAILURES.inc()
         logger.error("pull failed: %s", failure, extra=log_extra)
+        if not isinstance(failure, BackendUnreachable):
+            await self._hold_back(url, model, log_extra)
         await self._publish(DownloadStatus(status=f"error: {failure}", model=model, base_url=url))
         raise failure
+
+    async def _hold_back(self, url: str, model: str, log_extra: dict[str, str]) -> None:
+        """Keep the backend cycle from queueing a refused pull again for ``retry_after``."""
+        try:
+            await self._store.acquire_lease(
+                _held_back_name(url, model), holder=self.worker_id, ttl=self._retry_after
+            )
+        except RuntimeStateError as exc:
+            # The pull's own failure is what the caller must see; this only costs a retry.
+            logger.warning("could not hold back the failed pull: %s", exc, extra=log_extra)
+            return
+        logger.info(
+            "model held back from the queue for %g s",
+            self._retry_after.total_seconds(),
+            extra=log_extra,
+        )
 
     async def _consume(self, url: str, model: str, holder: str, log_extra: dict[str, str]) -> None:
         """Read the pull stream to its ``success`` line, publishing throttled progress."""

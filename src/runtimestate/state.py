@@ -4,7 +4,8 @@ Each cycle is one unit of work that returns; scheduling, retries and circuit bre
 the caller (see :mod:`runtimestate.runner`), so the library works under any scheduler.
 
 A backend cycle reads the declaration once (all backends and models, or the pools with their
-backends and models), reads the download leases once, then reconciles **every backend
+backends and models), reads the download leases, the pending jobs and the held-back pulls once
+(``pull_retry_after``: see :mod:`runtimestate.downloads`), then reconciles **every backend
 concurrently**: at most ``concurrency`` at a time, each under its own ``backend_timeout``, so a
 dead backend costs the cycle at most that timeout and never delays the others (the seed went
 one backend after another). Each backend goes through its type's driver (observe, plan, act;
@@ -45,7 +46,13 @@ from runtimestate.backends import (
 )
 from runtimestate.bus.base import Messenger
 from runtimestate.clock import SYSTEM_CLOCK, Clock
-from runtimestate.downloads import LEASE_PREFIX, Downloader, list_pending, queue_downloads
+from runtimestate.downloads import (
+    LEASE_PREFIX,
+    Downloader,
+    list_held_back,
+    list_pending,
+    queue_downloads,
+)
 from runtimestate.errors import InvalidInput, RuntimeStateError
 from runtimestate.metrics import BACKEND_FAILURES, BACKENDS, CYCLE_DURATION
 from runtimestate.records import LLMState
@@ -84,6 +91,7 @@ class State:
         progress_interval: float = 0.25,
         stall_timeout: float = 60.0,
         lease_ttl: float = 60.0,
+        pull_retry_after: float = 300.0,
     ) -> None:
         if store is None:
             raise InvalidInput("State needs a store", field="store")
@@ -95,7 +103,11 @@ class State:
             raise InvalidInput("backend_timeout must be positive", field="backend_timeout")
         # Zero or negative here would fail every pull at its first line (stall), let every
         # lease lapse at once (two pulls on one backend), or make no sense as a cache age.
-        for name, value in (("stall_timeout", stall_timeout), ("lease_ttl", lease_ttl)):
+        for name, value in (
+            ("stall_timeout", stall_timeout),
+            ("lease_ttl", lease_ttl),
+            ("pull_retry_after", pull_retry_after),
+        ):
             if value <= 0:
                 raise InvalidInput(f"{name} must be positive", field=name)
         for name, value in (
@@ -128,6 +140,7 @@ class State:
             progress_interval=progress_interval,
             stall_timeout=stall_timeout,
             lease_ttl=lease_ttl,
+            retry_after=pull_retry_after,
         )
         self._states: dict[str, LLMState] = {}
 
@@ -213,12 +226,14 @@ class State:
     async def _context(self) -> CycleContext:
         leases = await self._store.list_leases(LEASE_PREFIX)
         pending = await list_pending(self._store)
+        held_back = await list_held_back(self._store)
         return CycleContext(
             http=self._http,
             store=self._store,
             clock=self._clock,
             downloading=frozenset(lease.name[len(LEASE_PREFIX) :] for lease in leases),
             queued=frozenset(p.url for p in pending),
+            held_back=held_back,
         )
 
     async def _run_all(self, declared: list[Declared], *, act: bool) -> list[BackendPlan]:
