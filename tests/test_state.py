@@ -77,6 +77,7 @@ async def test_construction_refuses_missing_store_or_messenger(
         ("lease_ttl", -1.0),
         ("progress_interval", -0.1),
         ("list_cache_ttl", -1.0),
+        ("pull_retry_after", 0.0),
     ],
 )
 async def test_construction_refuses_nonsense_options(
