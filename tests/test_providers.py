@@ -321,6 +321,40 @@ async def test_unreachable_and_timeouts(fleet: Fleet, kind: str) -> None:
         assert dead in str(caught.value)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_redirect_is_not_followed(fleet: Fleet, pool: ClientPool, kind: str) -> None:
+    # A backend answering 307 to elsewhere: following it would carry the request, and Gemini's
+    # key header (which HTTP clients keep across hosts), to the redirect's target.
+    visited = asyncio.Event()
+
+    async def sink(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        visited.set()
+        writer.close()
+
+    async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: " + target.encode() + b"\r\n"
+            b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    sink_server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    target = f"http://127.0.0.1:{sink_server.sockets[0].getsockname()[1]}/elsewhere"
+    server = await asyncio.start_server(redirect, "127.0.0.1", 0)
+    async with sink_server, server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        state = fleet.snapshot[kind]
+        moved = state.model_copy(
+            update={"backend": state.backend.model_copy(update={"base_url": url})}
+        ).with_api_key(state.api_key)
+        provider = next(p for p in await local_provider_adapter({kind: moved})() if p.can_chat)
+        with pytest.raises(ProtocolError, match="307"):
+            await pool.client(provider, provider.backends[0]).chat(USER)
+    assert not visited.is_set()
+
+
 WRONG_KEYS = {
     "openai": "sk-wrong-key-9876543210",
     "gemini": "AIzaWrongKey9876543210",

@@ -113,6 +113,7 @@ class GeminiClient(ModelClient):
 
         http = httpx2.AsyncClient(
             event_hooks={"response": [remember]},
+            follow_redirects=False,  # the key travels in a header a redirect would forward
             transport=bounded_transport(httpx2, max_body_bytes),
         )
         client = genai.Client(

@@ -43,7 +43,14 @@ __all__ = ["OllamaClient", "classify_status"]
 
 
 def classify_status(status: int) -> type[BackendError]:
-    """The project error class for an HTTP status a backend answered with."""
+    """The project error class for an HTTP status a backend answered with.
+
+    A redirect is a :class:`ProtocolError`: no client follows one (an inference API has no
+    reason to send one, and following it would carry the request - and a key in a header
+    such as Gemini's ``x-goog-api-key``, which HTTP clients do not strip - elsewhere).
+    """
+    if 300 <= status < 400:
+        return ProtocolError
     if status in (401, 403):
         return KeyRejected
     if status == 429:
@@ -72,6 +79,7 @@ class OllamaClient(ModelClient):
         return ollama.AsyncClient(
             host=backend.base_url.rstrip("/"),
             timeout=timeout,
+            follow_redirects=False,  # the SDK's default is True; see classify_status
             transport=bounded_transport(httpx, max_body_bytes),
         )
 

@@ -61,7 +61,9 @@ class OpenAIClient(ModelClient):
     def create_sdk(cls, backend: BackendRef, *, timeout: float, max_body_bytes: int) -> Any:
         # The SDK's default HTTP client (its timeouts, pool limits), on a bounded transport.
         http = openai.DefaultAsyncHttpxClient(
-            timeout=timeout, transport=bounded_transport(httpx2, max_body_bytes)
+            timeout=timeout,
+            follow_redirects=False,  # the SDK's default is True; see classify_status
+            transport=bounded_transport(httpx2, max_body_bytes),
         )
         return openai.AsyncOpenAI(
             base_url=openai_api_root(backend.base_url),
