@@ -8,7 +8,9 @@ believes.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from runtimestate.store import SqlStore, Store, open_store
 from runtimestate.store.engine import create_engine_for_url, safe_url, translate_errors
 from runtimestate.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from tests.fixtures.nats import free_port
-from tests.fixtures.postgres import fresh_database, postgres_server
+from tests.fixtures.postgres import _find_bin_dir, fresh_database, postgres_server
 
 TABLES = {
     "backends",
@@ -179,6 +181,24 @@ async def test_postgres_url_takes_libpq_sslmode(postgres_url: str) -> None:
         # The test server has no TLS: asking for it is a clear StoreError, not a driver error.
         with pytest.raises(StoreError):
             await open_store(url + "?sslmode=require")
+
+
+@pytest.mark.postgres
+async def test_root_starts_a_cluster_even_with_a_private_tmpdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root hands the cluster to the postgres user")
+    bin_dir = _find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("needs the PostgreSQL binaries")
+    # pytest makes tmp_path 0700 and root's: a TMPDIR the postgres user cannot enter.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("RUNTIMESTATE_TEST_POSTGRES_URL", raising=False)
+    monkeypatch.setenv("CI", "true")  # no silent skip: the cluster must start
+    with postgres_server(bin_dir) as url:
+        async with fresh_database(url) as database, await open_store(database) as store:
+            await store.ping()
 
 
 # ---- migrations ----------------------------------------------------------------------------
