@@ -7,6 +7,7 @@ real adapter, and time is a :class:`FakeClock`, so the cooldown cycle runs in mi
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections import Counter
 from datetime import timedelta
@@ -357,3 +358,24 @@ def test_several_types_are_one_candidate_set_not_a_priority_order(
     # The merged group is the same whatever the order the types are given in.
     reverse = ResolveRequest(types=both[::-1], policy="highest-context", min_context=16_384)
     assert resolver.resolve_chat(reverse).backend_id == "v1"
+
+
+def test_failures_of_calls_in_flight_do_not_extend_a_cooldown(
+    pool: ClientPool, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    health = pool.health  # threshold 2, cooldown 30 s
+    caplog.set_level(logging.WARNING, logger="runtimestate")
+    health.record_failure("o1", "boom")
+    health.record_failure("o1", "boom")
+    until = health.cooling_until("o1", clock.monotonic())
+    assert until is not None
+    clock.advance(10)
+    for n in range(20):  # requests that were already in flight come back failed
+        health.record_failure("o1", f"late {n}")
+    assert health.cooling_until("o1", clock.monotonic()) == until
+    assert caplog.text.count("cooling down") == 1
+    assert health.snapshot()["o1"]["lastError"] == "late 19"
+    clock.advance(20)
+    assert health.cooling_until("o1", clock.monotonic()) is None
+    health.record_failure("o1", "again")  # back from cooldown: a fresh count
+    assert health.cooling_until("o1", clock.monotonic()) is None

@@ -9,11 +9,13 @@ embed, the time to the first chunk for a stream - counting a stream's full lengt
 backend that serves long answers look slow to ``lowest-latency``.
 
 Cooldown follows the LiteLLM router's rule: ``failure_threshold`` consecutive failures cool a
-backend down for ``cooldown_seconds``; the first success resets the count. Only failures that
-say something about the backend count (unreachable, key rejected, rate limited, server error,
-protocol error) - a :class:`~runtimestate.errors.BadRequest` is the caller's fault and a
-cancellation is nobody's. Time comes from an injected :class:`~runtimestate.clock.Clock`, so the
-whole cycle is tested with :class:`~runtimestate.clock.FakeClock`.
+backend down for ``cooldown_seconds``; the first success resets the count. Failures while a
+backend cools (calls already in flight when it began) are not counted, so they neither extend
+the cooldown nor repeat its warning. Only failures that say something about the backend count
+(unreachable, key rejected, rate limited, server error, protocol error) - a
+:class:`~runtimestate.errors.BadRequest` is the caller's fault and a cancellation is nobody's.
+Time comes from an injected :class:`~runtimestate.clock.Clock`, so the whole cycle is tested
+with :class:`~runtimestate.clock.FakeClock`.
 
 Reads are plain dictionary lookups with no locking: the event loop is single-threaded, and the
 resolver calls :meth:`cooling_until` for every candidate, so it must stay a dict ``get``.
@@ -115,9 +117,13 @@ class Health:
         self._cooling.pop(backend_id, None)
 
     def record_failure(self, backend_id: str, message: str) -> None:
+        self._last_error[backend_id] = message
+        if self.cooling_until(backend_id, self._clock.monotonic()) is not None:
+            # A request that was in flight when the cooldown began: it neither extends the
+            # cooldown nor logs it again (a hundred concurrent failures would log 33 warnings).
+            return
         count = self._failures.get(backend_id, 0) + 1
         self._failures[backend_id] = count
-        self._last_error[backend_id] = message
         if count >= self.config.failure_threshold:
             self._cooling[backend_id] = self._clock.monotonic() + self.config.cooldown_seconds
             # ``message`` is one of our BackendError texts, already redacted.
