@@ -198,6 +198,27 @@ async def test_embed_one_text_or_a_batch(fleet: Fleet, pool: ClientPool, kind: s
     assert len(single) == len(batch[1]) > 8
 
 
+ONE_VECTOR = {
+    "ollama": b'{"model": "m", "embeddings": [[0.5, 0.5]]}',
+    "vllm": b'{"object": "list", "model": "m", "data": [{"object": "embedding", "index": 0, '
+    b'"embedding": [0.5, 0.5]}], "usage": {"prompt_tokens": 1, "total_tokens": 1}}',
+    "gemini": b'{"embeddings": [{"values": [0.5, 0.5]}]}',
+}
+ONE_VECTOR["openai"] = ONE_VECTOR["vllm"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_embedding_answer_without_one_vector_per_text_is_malformed(
+    fleet: Fleet, pool: ClientPool, kind: str
+) -> None:
+    client = await client_for(fleet, pool, kind, embed=True)
+    fleet.backends["vllm-embed" if kind == "vllm" else kind].faults.fail(
+        status=200, body=ONE_VECTOR[kind], times=1
+    )
+    with pytest.raises(ProtocolError, match="malformed embedding response"):
+        await client.embed(["alpha", "beta"])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_missing_capability_fails_before_any_request(
     fleet: Fleet, pool: ClientPool, kind: str

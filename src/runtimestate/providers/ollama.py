@@ -125,6 +125,10 @@ class OllamaClient(ModelClient):
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
         response = await self._client().embed(model=self.provider.model, input=texts)
+        if len(response.embeddings) != len(texts):  # one vector per text, as the others check
+            raise ProtocolError(
+                f"{self._where()}: malformed embedding response", backend=self.backend.base_url
+            )
         return [list(vector) for vector in response.embeddings]
 
     async def _stream(
