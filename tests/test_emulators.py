@@ -434,7 +434,12 @@ async def test_control_api(emu: Emulator, http: httpx.AsyncClient) -> None:
     assert [m.name for m in account.models] == ["models/gemini-a", "models/gemini-b"]
     duplicate = await http.post(control + "/backends", json={"kind": "ollama", "name": "n"})
     assert duplicate.status_code == 409
-    for bad in ({"kind": "llamacpp", "name": "x"}, {"kind": "ollama", "name": "y", "nope": 1}):
+    for bad in (
+        {"kind": "llamacpp", "name": "x"},
+        {"kind": "ollama", "name": "y", "nope": 1},
+        {"kind": "ollama", "name": "z", "models": [1]},
+        {"kind": "ollama", "name": "z", "models": ["bad name!"]},
+    ):
         refused = await http.post(control + "/backends", json=bad)
         assert refused.status_code == 400
         assert "error" in refused.json()

@@ -102,7 +102,9 @@ class _Control:
             raise _Refused(409, f"an emulated {kind} backend named {name!r} exists")
         try:
             backend = self._add(str(kind), name, body)
-        except TypeError as exc:
+        except (TypeError, AttributeError) as exc:
+            # AttributeError: a value of the wrong JSON type where a name is expected
+            # (``"models": [1]``), found only when the name is normalized.
             raise _Refused(400, f"bad options for {kind}: {exc}") from exc
         except ValueError as exc:
             raise _Refused(400, str(exc)) from exc
