@@ -337,6 +337,8 @@ async def test_provider_keys_are_stored_but_only_shown_masked(
     assert error["field"] == "provider"
     empty = await client.post("/providers/gemini/configure", json={"apiKey": " "})
     assert error_of(empty, 422, "invalid_input")["field"] == "apiKey"
+    short = await client.post("/providers/gemini/configure", json={"apiKey": "n"})
+    assert error_of(short, 422, "invalid_input")["field"] == "apiKey"
 
 
 async def test_state_routes_without_a_reconciler_are_503(client: httpx.AsyncClient) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from runtimestate.logging import configure_logging, register_secret
+from runtimestate.logging import MIN_SECRET_LENGTH, configure_logging, register_secret
 from runtimestate.settings import LogFormat
 
 SECRET = "registered-secret-value-42"
@@ -103,3 +103,15 @@ def test_configuring_twice_does_not_duplicate_lines(
     configure_logging(format=LogFormat.TEXT, stream=stream)
     log.warning("once")
     assert stream.getvalue().count("once") == 1
+
+
+def test_a_string_too_short_to_be_a_key_is_not_masked_everywhere(
+    output: tuple[io.StringIO, logging.Logger],
+) -> None:
+    # Registering "n" once must not turn every later "runtimestate" into "ru****timestate".
+    stream, log = output
+    configure_logging(format=LogFormat.TEXT, level="INFO", stream=stream)
+    register_secret("n")
+    register_secret("x" * (MIN_SECRET_LENGTH - 1))
+    log.info("runtimestate stopped")
+    assert stream.getvalue().rstrip().endswith("runtimestate.test: runtimestate stopped")

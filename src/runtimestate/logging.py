@@ -28,6 +28,7 @@ from runtimestate.errors import redact
 from runtimestate.settings import LogFormat
 
 __all__ = [
+    "MIN_SECRET_LENGTH",
     "JSONFormatter",
     "SecretFilter",
     "TextFormatter",
@@ -45,9 +46,14 @@ _STANDARD_ATTRS = frozenset(
 )
 
 
+# The API refuses shorter provider keys and generates 43-character tokens, so nothing shorter is
+# a credential of ours; masking a two-letter string would shred every log line that contains it.
+MIN_SECRET_LENGTH = 8
+
+
 def register_secret(secret: str | None) -> None:
-    """Mask ``secret`` in every log record from now on (empty values are ignored)."""
-    if secret:
+    """Mask ``secret`` in every log record from now on (values under 8 characters are ignored)."""
+    if secret and len(secret) >= MIN_SECRET_LENGTH:
         with _secrets_lock:
             _secrets.add(secret)
 

@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from runtimestate.logging import MIN_SECRET_LENGTH
 from runtimestate.records import BackendInfo, BackendType, ListModelResponse
 
 __all__ = [
@@ -235,11 +236,15 @@ class QueueItemOut(_Camel):
 
 class ProviderKeyIn(_Input):
     # No control characters: a key travels in an HTTP header, where none is allowed, and a NUL
-    # cannot be stored on PostgreSQL.
+    # cannot be stored on PostgreSQL. Real OpenAI and Gemini keys are dozens of characters; a
+    # shorter value is a typo, and the log filter could not mask it without mangling the logs.
     api_key: Annotated[
         str,
         StringConstraints(
-            strip_whitespace=True, min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$"
+            strip_whitespace=True,
+            min_length=MIN_SECRET_LENGTH,
+            max_length=4096,
+            pattern=r"^[^\x00-\x1f\x7f]+$",
         ),
     ]
 
