@@ -11,7 +11,7 @@ never network I/O:
   name, normalized name, model family, and a sorted list of normalized keys for prefix matches
   (see :mod:`.names`).
 
-Building the index costs about 25 ms for 10,000 providers (one sort, then grouping; each name is
+Building the index costs 20-40 ms for 10,000 providers (one sort, then grouping; each name is
 stripped once for both of its keys), so rebuilding it on every snapshot is cheap.
 
 For each preferred name in priority order, the tiers are tried from the most precise; the first
