@@ -294,6 +294,52 @@ async def test_nested_transaction_is_a_savepoint(store: SqlStore) -> None:
     assert {p.name for p in await store.list_all_pools()} == {"outer", "after"}
 
 
+async def test_tasks_sharing_a_transaction_take_turns(store: SqlStore) -> None:
+    # One connection runs one statement at a time; without turns asyncpg refused the second,
+    # SQLAlchemy lost its savepoints (a SAWarning, an error here) and SQLite committed anyway.
+    async with store.transaction() as tx:
+        await asyncio.gather(*(tx.create_pool(name=f"p{i}", purpose_type="x") for i in range(10)))
+        async with tx.transaction() as inner:
+            await asyncio.gather(*(inner.set_kv(f"k{i}", i) for i in range(5)))
+    assert len(await store.list_all_pools()) == 10
+    assert len((await store.list_kv()).items) == 5
+
+    async def doomed() -> None:
+        async with store.transaction() as tx:
+            results = await asyncio.gather(
+                *(
+                    tx.create_backend(name=f"b{i}", base_url=f"http://b{min(i, 8)}", type="ollama")
+                    for i in range(10)
+                ),
+                return_exceptions=True,
+            )
+            errors = [result for result in results if isinstance(result, BaseException)]
+            assert [type(error) for error in errors] == [Conflict]
+            raise errors[0]
+
+    with pytest.raises(Conflict):
+        await doomed()
+    assert await store.list_all_backends() == []
+
+
+async def test_the_callers_own_errors_leave_a_transaction_as_themselves(store: SqlStore) -> None:
+    # The block is the caller's code: its TimeoutError (an OSError) or ConnectionError is not
+    # the database's, so it must not come out as StoreError("cannot reach the database").
+    async def failing(within: Store, error: Exception) -> None:
+        async with within.transaction() as tx:
+            await tx.create_pool(name=f"rolled-back-{type(error).__name__}", purpose_type="x")
+            raise error
+
+    for error in (TimeoutError("the caller's deadline"), ConnectionResetError("an HTTP peer")):
+        with pytest.raises(type(error)):
+            await failing(store, error)
+    async with store.transaction() as tx:
+        await tx.create_pool(name="kept", purpose_type="x")
+        with pytest.raises(TimeoutError):
+            await failing(tx, TimeoutError())
+    assert [pool.name for pool in await store.list_all_pools()] == ["kept"]
+
+
 # ---- closing -------------------------------------------------------------------------------
 async def test_ping_then_close_is_idempotent_and_final(store: SqlStore) -> None:
     await store.ping()

@@ -11,7 +11,9 @@ range, the few query parameters asyncpg understands, libpq's ``sslmode`` renamed
 that a typo is ``InvalidInput`` rather than a driver ``TypeError`` at the first connection.
 
 :class:`Database` hands out connections already inside a transaction, and translates every
-SQLAlchemy, driver and socket error raised inside it into :mod:`runtimestate.errors` types.
+SQLAlchemy, driver and socket error raised inside it into :mod:`runtimestate.errors` types;
+around a caller's unit of work (:meth:`Database.transaction`) only the database's own steps are
+translated, never the caller's code.
 Messages carry the driver's message but never SQL parameters (key-value entries hold API keys)
 nor a URL's password.
 """
@@ -169,6 +171,11 @@ class Database:
     :meth:`connect` reuses it inside a savepoint and leaves commit to the owner). A ``gate``
     lock, used for the one shared connection of ``sqlite:///:memory:``, keeps two transactions
     from interleaving.
+
+    A bound connection runs one statement at a time, and its savepoints must nest, so the
+    operations of tasks sharing one transaction (``asyncio.gather`` over a transaction-bound
+    store) take turns on ``turn``: without it asyncpg refused the second statement, SQLAlchemy
+    lost track of the savepoints, and SQLite committed rows whose operations had failed.
     """
 
     def __init__(
@@ -182,10 +189,59 @@ class Database:
         self.dialect = engine.dialect.name
         self.gate = gate
         self.bound = bound
+        self.turn = asyncio.Lock()
         self.closed = False
 
     def bind(self, conn: AsyncConnection) -> Database:
         return Database(self.engine, gate=self.gate, bound=conn)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Database]:
+        """A write transaction for the caller's block (a savepoint when already bound), as a
+        bound ``Database``: committed on a clean exit, rolled back on any exception.
+
+        Unlike :meth:`connect`, the block is the caller's code, so only the database's own
+        steps are translated: a ``TimeoutError`` or ``ConnectionError`` of the caller's leaves
+        the block as itself, not as a ``StoreError``.
+        """
+        if self.bound is None and self.closed:
+            raise StoreError("the store is closed")
+        # The gate and the pooled connection, released once the transaction has ended.
+        held = AsyncExitStack()
+        async with translate_errors():
+            try:
+                if self.bound is not None:
+                    bound = self
+                    async with self.turn:
+                        started = await self.bound.begin_nested()
+                else:
+                    if self.gate is not None:
+                        await held.enter_async_context(self.gate)
+                    conn = await held.enter_async_context(self.engine.connect())
+                    if self.dialect == "sqlite":
+                        await conn.execution_options(**{_WRITE_OPTION: True})
+                    started = await conn.begin()
+                    bound = self.bind(conn)
+            except BaseException:
+                await held.aclose()
+                raise
+        try:
+            try:
+                yield bound
+            except BaseException as exc:
+                try:
+                    async with translate_errors(), bound.turn:
+                        await started.rollback()
+                except StoreError as failed:
+                    # The block's own error is the one to see; the rollback's goes with it.
+                    exc.add_note(f"rolling back failed as well: {failed}")
+                raise
+            # An operation still running in another task ends before the commit.
+            async with translate_errors(), bound.turn:
+                await started.commit()
+        finally:
+            async with translate_errors():
+                await held.aclose()
 
     @asynccontextmanager
     async def connect(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
@@ -194,7 +250,7 @@ class Database:
             if self.bound is not None:
                 # A savepoint per operation: a failed statement then undoes only itself, and
                 # PostgreSQL's transaction stays usable after it, as SQLite's does.
-                async with self.bound.begin_nested():
+                async with self.turn, self.bound.begin_nested():
                     yield self.bound
                 return
             if self.closed:

@@ -6,7 +6,9 @@ transactions, ping and close - and :func:`open_store`, the one entry point.
 
 A store from :meth:`SqlStore.transaction` is the same class bound to one connection: every
 operation through it joins that transaction. Nesting ``transaction()`` on it opens a savepoint,
-so an inner block can fail and roll back alone. While a transaction is open on a
+so an inner block can fail and roll back alone. Several tasks may share a transaction-bound
+store: their operations take turns on the one connection; what another task does while a nested
+block is open lands inside that block's savepoint. While a transaction is open on a
 ``sqlite:///:memory:`` store, the outer store waits for it (they share one connection).
 """
 
@@ -20,7 +22,7 @@ from sqlalchemy import text
 
 from runtimestate.clock import SYSTEM_CLOCK, Clock
 from runtimestate.store.base import Store
-from runtimestate.store.engine import Database, create_engine_for_url, safe_url, translate_errors
+from runtimestate.store.engine import Database, create_engine_for_url, safe_url
 from runtimestate.store.entities import EntityOps
 from runtimestate.store.migrations import current_version, migrate
 from runtimestate.store.queue import QueueOps
@@ -59,12 +61,8 @@ class SqlStore(EntityOps, QueueOps, Store):
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Store]:
-        if self._db.bound is not None:
-            async with translate_errors(), self._db.bound.begin_nested():
-                yield self
-            return
-        async with self._db.connect(write=True) as conn:
-            yield SqlStore(self._db.bind(conn), clock=self._clock)
+        async with self._db.transaction() as bound:
+            yield self if bound is self._db else SqlStore(bound, clock=self._clock)
 
     async def ping(self) -> None:
         async with self._db.connect(write=False) as conn:
