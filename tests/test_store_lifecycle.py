@@ -70,6 +70,11 @@ async def _tables(url: str) -> set[str]:
         "sqlite://",
         "sqlite://somehost/file.db",
         "sqlite:////",
+        # A warning and nothing else from the driver; a ValueError; an OSError.
+        "sqlite:///state.db?mode=ro",
+        "sqlite:///:memory:?cache=shared",
+        "sqlite:///state\x00.db",
+        "sqlite:///" + "n" * 5000,
         # Each of these reached asyncpg.connect() and failed there with a TypeError or an
         # OverflowError instead of naming the URL.
         "postgresql://u@127.0.0.1:99999/db",

@@ -104,11 +104,20 @@ def create_engine_for_url(url: str) -> AsyncEngine:
 def _sqlite_engine(url: URL) -> AsyncEngine:
     if url.host or url.username or url.password or url.port:
         raise InvalidInput("a sqlite URL has no host: use sqlite:///<path>", field="url")
+    if url.query:
+        # The driver would ignore them with a warning: a "?mode=ro" that does nothing.
+        raise InvalidInput("a sqlite URL takes no query parameters", field="url")
     database = url.database or ""
     if not database:
         raise InvalidInput("a sqlite URL needs a path: sqlite:///<path>", field="url")
     if database != ":memory:":
-        if Path(database).is_dir():
+        if "\x00" in database:
+            raise InvalidInput("the sqlite path contains a NUL character", field="url")
+        try:
+            is_dir = Path(database).is_dir()
+        except OSError as exc:  # a name too long, say
+            raise InvalidInput(f"the sqlite path is unusable: {exc.strerror}", field="url") from exc
+        if is_dir:
             raise InvalidInput(f"the sqlite path {database} is a directory", field="url")
         try:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
