@@ -274,6 +274,21 @@ def test_empty_provider_key_is_refused(service: ServiceProcess) -> None:
     assert_one_line_error(result, ExitCode.USAGE, "no API key")
 
 
+def test_undecodable_provider_key_is_one_line(service: ServiceProcess) -> None:
+    # Bytes that are not UTF-8, piped in as a real process would (its stdin decodes them with
+    # surrogateescape under a C locale, or fails under a UTF-8 one): one line either way.
+    done = subprocess.run(
+        [sys.executable, "-m", "runtimestate", "provider", "configure", "openai"],
+        env=cli_env(url=service.url, data_dir=service.data_dir),
+        input=b"sk-\xff\xfe0123456789abcdef\n",
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert done.stderr.decode().strip() == "error: the API key is not UTF-8 text"
+
+
 def test_state_plan_sync_and_queue_render_and_parse(service: ServiceProcess) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

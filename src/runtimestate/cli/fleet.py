@@ -263,10 +263,15 @@ def pool_unassign(
 def _read_key(provider: str) -> str:
     """The key from a no-echo prompt on a terminal, else the first line of stdin."""
     stdin = sys.stdin
-    if stdin.isatty():
-        key: str = typer.prompt(f"{provider} API key", hide_input=True)
-    else:
-        key = stdin.readline()
+    try:
+        if stdin.isatty():
+            key: str = typer.prompt(f"{provider} API key", hide_input=True)
+        else:
+            key = stdin.readline()
+        # stdin may decode undecodable bytes to lone surrogates, which could not be sent.
+        key.encode("utf-8")
+    except UnicodeError:
+        raise fail("the API key is not UTF-8 text", ExitCode.USAGE) from None
     return key.strip()
 
 
