@@ -58,6 +58,8 @@ __all__ = [
 
 # Query-string keys and header-ish fragments that carry credentials.
 _SECRET_PATTERNS = (
+    # The password of a URL's user-info (postgresql://user:pw@host, http://u:pw@node:11434).
+    re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*:)[^/\s@]+(?=@)"),
     re.compile(r"(?i)([?&](?:key|api_key|apikey|token)=)[^&\s\"']+"),
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-~+/]+=*"),
     re.compile(r"(?i)(x-goog-api-key[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
