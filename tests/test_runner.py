@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -10,6 +11,7 @@ import pytest
 
 from runtimestate.clock import FakeClock
 from runtimestate.errors import StoreError
+from runtimestate.metrics import REGISTRY
 from runtimestate.runner import BreakerState, CircuitBreaker, Failure, Runner, while_true
 
 
@@ -238,3 +240,31 @@ async def test_cancellation_during_a_call_propagates_and_is_not_a_failure() -> N
     assert cancelled
     assert failures == []
     assert runner.breaker_state is BreakerState.CLOSED
+
+
+async def test_failed_cycles_are_counted_per_runner() -> None:
+    clock = FakeClock()
+    cycle = Cycle()
+    cycle.failing = True
+    runner = Runner("metric-probe", cycle, interval=1.0, clock=clock)
+
+    def count() -> float:
+        value = REGISTRY.get_sample_value(
+            "runtimestate_routine_failures_total", {"runner": "metric-probe"}
+        )
+        return value or 0.0
+
+    before = count()
+    task = asyncio.create_task(runner.run())
+    for expected in (1, 2, 3):
+
+        def waiting_after(n: int = expected) -> bool:
+            return runner.failures == n and clock.sleepers == 1
+
+        await until(waiting_after)
+        clock.advance(1.0)
+    await until(lambda: runner.failures == 4)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert count() - before == 4

@@ -20,6 +20,7 @@ __all__ = [
     "MODELS_PULLED",
     "QUEUE_DEPTH",
     "REGISTRY",
+    "ROUTINE_FAILURES",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -61,4 +62,10 @@ DOWNLOAD_FAILURES = Counter(
 )
 QUEUE_DEPTH = Gauge(
     "runtimestate_queue_depth", "Download jobs waiting in the queue.", registry=REGISTRY
+)
+ROUTINE_FAILURES = Counter(
+    "runtimestate_routine_failures_total",
+    "Cycles of a scheduled routine (backend cycle, download worker) that raised.",
+    ["runner"],
+    registry=REGISTRY,
 )

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from runtimestate.clock import SYSTEM_CLOCK, Clock
+from runtimestate.metrics import ROUTINE_FAILURES
 
 __all__ = ["BreakerState", "CircuitBreaker", "Failure", "Runner", "while_true"]
 
@@ -178,6 +179,7 @@ class Runner:
             # the breaker. CancelledError is a BaseException and is not caught here.
             self.failures += 1
             self.last_error = exc
+            ROUTINE_FAILURES.labels(runner=self.name).inc()
             self.breaker.record_failure(self._clock.monotonic())
             logger.exception(
                 "runner %s: cycle failed (%d in a row, breaker %s)",
