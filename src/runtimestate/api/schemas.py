@@ -273,8 +273,8 @@ class ProviderConfigOut(BaseModel):
 
 class HealthOut(BaseModel):
     status: Literal["ok", "unavailable"]
-    store: str
-    bus: str
+    store: Literal["ok", "timeout", "error"]
+    bus: Literal["ok", "timeout", "error"]
 
 
 class VersionOut(BaseModel):
