@@ -265,3 +265,32 @@ async def test_serve_stops_on_sigterm(tmp_path: Path) -> None:
     async with asyncio.timeout(20):
         await task
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+async def test_pools_and_workers_settings_reach_the_reconciler(tmp_path: Path) -> None:
+    async with Emulator() as emu:
+        pooled, loose = emu.add_ollama("pooled"), emu.add_ollama("loose")
+
+        async def declare_pooled_fleet(store: Store) -> None:
+            backend = await store.create_backend(
+                name="pooled", base_url=pooled.base_url, type="ollama"
+            )
+            await store.create_backend(name="loose", base_url=loose.base_url, type="ollama")
+            model = await store.append_model(model="llama3.2:1b", can_chat=True)
+            pool = await store.create_pool(name="chat", purpose_type="chat")
+            await store.assign_backend_to_pool(pool.id, backend.id)
+            await store.assign_model_to_pool(pool.id, model.id)
+
+        settings = settings_for(tmp_path, pools=True, download_workers=3, cycle_interval=60.0)
+        service = Service(settings, on_startup=declare_pooled_fleet)
+        async with Running(service) as client:
+            assert [runner.name for runner in service.runners] == [
+                "backend-cycle",
+                "download-1",
+                "download-2",
+                "download-3",
+            ]
+            synced = (await client.post("/state/sync")).json()
+            # Pool mode: the backend in no pool is not managed, so it is not in the state.
+            assert [entry["name"] for entry in synced] == ["pooled"]
+            assert synced[0]["models"] == ["llama3.2:1b"]
