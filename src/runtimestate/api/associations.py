@@ -3,7 +3,8 @@
 The seed's routes, kept as they are: ``POST``/``DELETE .../{poolID}/backends/{backendID}`` to
 assign and unassign, ``GET .../{poolID}/backends`` for a pool's members and
 ``GET .../{backendID}/pools`` for a member's pools; the same four for models. Assigning twice is
-a 409 and removing an absent assignment a 404, both decided by the store.
+a 409 and removing an absent assignment a 404, both decided by the store; so is the 404 for
+listing the members of an unknown pool or the pools of an unknown member.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ async def unassign_backend(pool_id: Key, backend_id: Key, ctx: Context) -> None:
     responses=_NOT_FOUND,
 )
 async def backends_of_pool(pool_id: Key, ctx: Context) -> list[BackendOut]:
-    await ctx.store.get_pool(pool_id)
     return [BackendOut.model_validate(b) for b in await ctx.store.list_backends_for_pool(pool_id)]
 
 
@@ -56,7 +56,6 @@ async def backends_of_pool(pool_id: Key, ctx: Context) -> list[BackendOut]:
     responses=_NOT_FOUND,
 )
 async def pools_of_backend(backend_id: Key, ctx: Context) -> list[PoolOut]:
-    await ctx.store.get_backend(backend_id)
     return [PoolOut.model_validate(p) for p in await ctx.store.list_pools_for_backend(backend_id)]
 
 
@@ -84,7 +83,6 @@ async def unassign_model(pool_id: Key, model_id: Key, ctx: Context) -> None:
     responses=_NOT_FOUND,
 )
 async def models_of_pool(pool_id: Key, ctx: Context) -> list[ModelOut]:
-    await ctx.store.get_pool(pool_id)
     return [ModelOut.model_validate(m) for m in await ctx.store.list_models_for_pool(pool_id)]
 
 
@@ -94,5 +92,4 @@ async def models_of_pool(pool_id: Key, ctx: Context) -> list[ModelOut]:
     responses=_NOT_FOUND,
 )
 async def pools_of_model(model_id: Key, ctx: Context) -> list[PoolOut]:
-    await ctx.store.get_model(model_id)
     return [PoolOut.model_validate(p) for p in await ctx.store.list_pools_for_model(model_id)]
