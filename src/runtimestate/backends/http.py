@@ -25,7 +25,6 @@ The session is created lazily inside the running loop (aiohttp binds it to one) 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -49,7 +48,6 @@ __all__ = [
     "HttpClient",
     "decode_json",
     "join_url",
-    "shown_url",
     "status_error",
 ]
 
@@ -58,16 +56,6 @@ DEFAULT_MAX_LINE_BYTES = 1024 * 1024
 # How much of an error body goes into a message: enough to read the backend's reason.
 _BODY_EXCERPT = 200
 _NOT_HTTP = "invalid URL {!r}: the scheme must be http or https"
-
-
-# ``scheme://user:password@`` - the password part of a URL's user-info.
-_USERINFO_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]+@")
-
-
-def shown_url(url: str, *secrets: str) -> str:
-    """``url`` as it may appear in a message: given secrets, credential-shaped query values and
-    a user-info password masked."""
-    return _USERINFO_PASSWORD.sub(r"\1****@", redact(url, *secrets))
 
 
 def join_url(base_url: str, path: str) -> str:
@@ -81,7 +69,7 @@ def status_error(
     """The error for an HTTP error ``status``: its class says what to do, its message carries
     the start of the body (redacted)."""
     excerpt = redact(body[:_BODY_EXCERPT].decode("utf-8", "replace").strip(), *secrets)
-    shown = shown_url(url, *secrets)
+    shown = redact(url, *secrets)
     message = f"HTTP {status} from {shown}: {excerpt}" if excerpt else f"HTTP {status} from {shown}"
     if status == 401:
         return KeyRejected(message, backend=shown)
@@ -94,7 +82,7 @@ def status_error(
 
 def decode_json(body: bytes, *, url: str, secrets: tuple[str, ...] = ()) -> Any:
     """The JSON value of ``body``; an empty or malformed body is a ``ProtocolError``."""
-    shown = shown_url(url, *secrets)
+    shown = redact(url, *secrets)
     if not body.strip():
         raise ProtocolError(f"empty response from {shown}", backend=shown)
     try:
@@ -208,7 +196,7 @@ class HttpClient:
     ) -> tuple[int, bytes]:
         """Send one request; return its status and body (bounded) whatever the status. For
         callers that give some error statuses a meaning of their own."""
-        shown = shown_url(url, *secrets)
+        shown = redact(url, *secrets)
         try:
             # No redirects: a backend API has no reason to send one, and following it would
             # carry the request (and its key) to wherever the answer points.
@@ -232,13 +220,13 @@ class HttpClient:
             ) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
             raise BackendUnreachable(
-                f"connection to {shown} dropped: {shown_url(str(exc), *secrets)}", backend=shown
+                f"connection to {shown} dropped: {redact(str(exc), *secrets)}", backend=shown
             ) from exc
         except TimeoutError as exc:
             raise BackendUnreachable(f"request to {shown} timed out", backend=shown) from exc
         except aiohttp.ClientError as exc:
             raise BackendUnreachable(
-                f"request to {shown} failed: {shown_url(str(exc), *secrets)}", backend=shown
+                f"request to {shown} failed: {redact(str(exc), *secrets)}", backend=shown
             ) from exc
 
     async def _read_bounded(self, response: aiohttp.ClientResponse, shown: str) -> bytes:
@@ -274,7 +262,7 @@ class HttpClient:
         sees the connection close. A dropped connection, an oversized or malformed line raise
         :class:`BackendError` subclasses while iterating.
         """
-        shown = shown_url(url)
+        shown = redact(url)
         session = self._get_session()
         try:
             response = await session.request(
@@ -295,7 +283,7 @@ class HttpClient:
             ) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise BackendUnreachable(
-                f"request to {shown} failed: {shown_url(repr(exc))}", backend=shown
+                f"request to {shown} failed: {redact(repr(exc))}", backend=shown
             ) from exc
         try:
             if response.status >= 400:
