@@ -1,5 +1,5 @@
-"""Shared fixtures. The PostgreSQL and NATS fixtures live in their own modules under
-``tests/fixtures`` and start private servers on free loopback ports (see those modules)."""
+"""Shared fixtures. They live in modules under ``tests/fixtures``: PostgreSQL and NATS start
+private servers on free loopback ports; ``common`` has the emulator and the in-process bus."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from runtimestate import logging as rs_logging
 
-pytest_plugins = ["tests.fixtures.postgres", "tests.fixtures.nats"]
+pytest_plugins = ["tests.fixtures.postgres", "tests.fixtures.nats", "tests.fixtures.common"]
 
 
 @pytest.fixture(autouse=True)

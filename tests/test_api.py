@@ -10,19 +10,12 @@ import httpx
 import pytest
 
 from runtimestate.api import ApiContext, create_app
-from runtimestate.bus import Messenger, open_bus
+from runtimestate.bus import Messenger
 from runtimestate.records import OPENAI_KEY
 from runtimestate.store import Store
 
 TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture
-async def bus() -> AsyncIterator[Messenger]:
-    messenger = await open_bus(None)
-    yield messenger
-    await messenger.close()
 
 
 @pytest.fixture

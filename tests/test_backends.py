@@ -202,12 +202,6 @@ async def test_a_new_type_is_one_registered_class(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    async with Emulator(latency=0.0) as emulator:
-        yield emulator
-
-
-@pytest.fixture
 async def http() -> AsyncIterator[HttpClient]:
     client = HttpClient(timeout=1.0, max_body_bytes=64 * 1024, max_line_bytes=4096)
     yield client

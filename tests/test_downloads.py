@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from runtimestate import downloads
-from runtimestate.bus import Messenger, Subscription, open_bus
+from runtimestate.bus import Messenger, Subscription
 from runtimestate.clock import FakeClock
 from runtimestate.downloads import (
     MODEL_DOWNLOAD,
@@ -33,19 +33,6 @@ from runtimestate.state import State
 from runtimestate.store import Store
 from runtimestate.testing import Emulator, OllamaNode
 from tests.fixtures.postgres import StoreFactory
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    async with Emulator(latency=0.0) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-async def bus() -> AsyncIterator[Messenger]:
-    messenger = await open_bus(None)
-    yield messenger
-    await messenger.close()
 
 
 async def setup_node(store: Store, emu: Emulator, **kwargs: Any) -> OllamaNode:

@@ -21,12 +21,6 @@ OA_KEY = "sk-test-0123456789"
 GM_KEY = "AIzaTest0123456789"
 
 
-@pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    async with Emulator(latency=0.0) as emulator:
-        yield emulator
-
-
 OllamaClients = Callable[[OllamaNode], ollama.AsyncClient]
 
 

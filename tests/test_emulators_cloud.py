@@ -18,12 +18,6 @@ GM_KEY = "AIzaTest0123456789"
 
 
 @pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    async with Emulator(latency=0.0) as emulator:
-        yield emulator
-
-
-@pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=10) as client:
         yield client

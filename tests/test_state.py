@@ -12,14 +12,14 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 
 import pytest
 
 from runtimestate.backends import HttpClient
 from runtimestate.backends.vllm import VllmDriver
-from runtimestate.bus import Messenger, open_bus
+from runtimestate.bus import Messenger
 from runtimestate.downloads import MODEL_DOWNLOAD, lease_name
 from runtimestate.errors import InvalidInput, StoreError
 from runtimestate.metrics import BACKEND_FAILURES, MODELS_DELETED
@@ -27,19 +27,6 @@ from runtimestate.records import LLMState
 from runtimestate.state import State
 from runtimestate.store import Job, Store
 from runtimestate.testing import Emulator, OllamaNode
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    async with Emulator(latency=0.0) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-async def bus() -> AsyncIterator[Messenger]:
-    messenger = await open_bus(None)
-    yield messenger
-    await messenger.close()
 
 
 async def declare_chat(store: Store, *names: str) -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 
 from runtimestate.backends.gemini import GeminiDriver
-from runtimestate.bus import Messenger, open_bus
+from runtimestate.bus import Messenger
 from runtimestate.clock import FakeClock
 from runtimestate.records import GEMINI_KEY, OPENAI_KEY, ProviderConfig
 from runtimestate.state import State
@@ -25,19 +24,6 @@ from runtimestate.testing import Emulator, GeminiModel
 OPENAI_SECRET = "sk-test-0123456789abcdef"
 GEMINI_SECRET = "AIzaTest0123456789abcdef"
 DAY = 24 * 3600.0
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    async with Emulator(latency=0.0) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-async def bus() -> AsyncIterator[Messenger]:
-    messenger = await open_bus(None)
-    yield messenger
-    await messenger.close()
 
 
 async def set_key(store: Store, key: str, secret: str, kind: str) -> None:
