@@ -22,6 +22,7 @@ from runtimestate.api import (
 )
 from runtimestate.api.deps import ApiContext, require_token
 from runtimestate.api.errors import install_error_handlers
+from runtimestate.api.session import Sessions
 
 __all__ = ["create_app"]
 
@@ -46,6 +47,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         redoc_url=None,
     )
     app.state.ctx = ctx
+    app.state.sessions = Sessions(ctx.token)
     install_error_handlers(app)
     protected = [Depends(require_token)]
     for group in (backends, models, pools, associations, state, queue, providers):

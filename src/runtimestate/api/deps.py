@@ -23,6 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from runtimestate.api.errors import ApiError, Responses, errors_doc
 from runtimestate.api.schemas import NON_BLANK
+from runtimestate.api.session import COOKIE, CSRF_HEADER, Sessions
 from runtimestate.bus.base import Messenger
 from runtimestate.records import LLMState
 from runtimestate.store.base import Store
@@ -37,6 +38,7 @@ __all__ = [
     "StateView",
     "context",
     "require_token",
+    "sessions",
     "set_next_cursor",
 ]
 
@@ -81,13 +83,37 @@ Context = Annotated[ApiContext, Depends(context)]
 _bearer = HTTPBearer(auto_error=False, description="The service's token (RUNTIMESTATE_TOKEN).")
 
 
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def sessions(request: Request) -> Sessions:
+    """The app's browser sessions (see :mod:`runtimestate.api.session`)."""
+    book = request.app.state.sessions
+    assert isinstance(book, Sessions)
+    return book
+
+
 def require_token(
+    request: Request,
     ctx: Context,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """Refuse the request with 401 unless it carries ``Authorization: Bearer <token>``."""
+    """Refuse the request with 401 unless it carries ``Authorization: Bearer <token>`` or a
+    dashboard session cookie; with the cookie, a request that changes something must also carry
+    the session's CSRF token (403 otherwise)."""
     if credentials is None:
-        raise ApiError(401, "unauthorized", "no API token in the Authorization header")
+        book = sessions(request)
+        cookie = request.cookies.get(COOKIE)
+        session = book.check(cookie)
+        if session is None:
+            if cookie:
+                raise ApiError(401, "unauthorized", "the session has ended; log in again")
+            raise ApiError(401, "unauthorized", "no API token in the Authorization header")
+        if request.method not in _SAFE_METHODS and not book.csrf_ok(
+            session, request.headers.get(CSRF_HEADER)
+        ):
+            raise ApiError(403, "unauthorized", f"the {CSRF_HEADER} header does not match")
+        return
     # Constant-time comparison: the token must not leak one character at a time.
     if not secrets.compare_digest(credentials.credentials.encode(), ctx.token.encode()):
         raise ApiError(401, "unauthorized", "the API token is not valid")

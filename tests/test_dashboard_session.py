@@ -1,0 +1,113 @@
+"""The dashboard's login, session cookie and CSRF check, through the real app (no browser).
+
+The browser tests show the happy path in Chromium; these pin the refusals that a browser test
+would only see indirectly: a forged or expired cookie, a change without the CSRF token, a login
+posted from another site, a revoked session after logout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from runtimestate.api import ApiContext, create_app
+from runtimestate.api.session import COOKIE, CSRF_HEADER, SESSION_SECONDS, Sessions
+from runtimestate.bus.base import Messenger
+from runtimestate.clock import FakeClock
+from runtimestate.store.base import Store
+from runtimestate.web import install_dashboard
+
+TOKEN = "dashboard-test-token-0123456789"
+
+
+@pytest.fixture
+async def client(store: Store, bus: Messenger) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(ApiContext(store=store, messenger=bus, token=TOKEN))
+    install_dashboard(app)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://ui.test") as http:
+        yield http
+
+
+async def login(client: httpx.AsyncClient) -> tuple[str, str]:
+    """Log in; the cookie value and the CSRF token the page shell carries."""
+    answer = await client.post("/ui/login", data={"token": TOKEN})
+    assert answer.status_code == 303, answer.text
+    set_cookie = answer.headers["set-cookie"]
+    assert "HttpOnly" in set_cookie
+    assert "SameSite=strict" in set_cookie or "SameSite=Strict" in set_cookie
+    cookie = answer.cookies[COOKIE]
+    shell = await client.get("/ui")
+    found = re.search(r'<meta name="csrf-token" content="([0-9a-f]+)">', shell.text)
+    assert found, shell.text[:300]
+    return cookie, found.group(1)
+
+
+async def test_the_page_asks_for_the_token_until_logged_in(client: httpx.AsyncClient) -> None:
+    page = await client.get("/ui")
+    assert page.status_code == 200
+    assert 'name="token"' in page.text
+    assert "csrf-token" not in page.text
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    wrong = await client.post("/ui/login", data={"token": "nope"})
+    assert wrong.status_code == 401
+    assert "not the admin token" in wrong.text
+    assert COOKIE not in wrong.cookies
+
+
+async def test_the_cookie_reads_but_changes_need_the_csrf_token(
+    client: httpx.AsyncClient,
+) -> None:
+    _, csrf = await login(client)
+    assert (await client.get("/state/plan")).status_code in (200, 503)
+    assert (await client.get("/backends")).status_code == 200
+    body = {"name": "n1", "baseUrl": "http://10.0.0.1:11434", "type": "ollama"}
+    refused = await client.post("/backends", json=body)
+    assert refused.status_code == 403
+    assert CSRF_HEADER in refused.json()["error"]["message"]
+    wrong = await client.post("/backends", json=body, headers={CSRF_HEADER: "0" * len(csrf)})
+    assert wrong.status_code == 403
+    made = await client.post("/backends", json=body, headers={CSRF_HEADER: csrf})
+    assert made.status_code == 201, made.text
+
+
+async def test_a_login_from_another_site_is_refused(client: httpx.AsyncClient) -> None:
+    answer = await client.post(
+        "/ui/login", data={"token": TOKEN}, headers={"Origin": "https://evil.example"}
+    )
+    assert answer.status_code == 403
+    assert COOKIE not in answer.cookies
+
+
+async def test_logout_ends_the_session_even_for_a_kept_cookie(client: httpx.AsyncClient) -> None:
+    cookie, csrf = await login(client)
+    refused = await client.post("/ui/logout", data={"csrf": "forged"})
+    assert refused.status_code == 403
+    assert (await client.get("/backends")).status_code == 200
+    out = await client.post("/ui/logout", data={"csrf": csrf})
+    assert out.status_code == 303
+    client.cookies.clear()
+    client.cookies.set(COOKIE, cookie)
+    kept = await client.get("/backends")
+    assert kept.status_code == 401
+    assert "log in again" in kept.json()["error"]["message"]
+
+
+def test_a_session_expires_and_a_forged_one_never_starts() -> None:
+    clock = FakeClock()
+    book = Sessions(TOKEN, clock=clock)
+    cookie = book.issue()
+    session = book.check(cookie)
+    assert session is not None
+    assert book.csrf_ok(session, session.csrf)
+    expires, sid, signature = cookie.split(".")
+    assert book.check(f"{int(expires) + 3600}.{sid}.{signature}") is None, "a longer expiry"
+    assert book.check(f"{expires}.{sid}.{'0' * len(signature)}") is None
+    assert Sessions("another token", clock=clock).check(cookie) is None
+    clock.advance(SESSION_SECONDS - 1)
+    assert book.check(cookie) is not None
+    clock.advance(1)
+    assert book.check(cookie) is None
