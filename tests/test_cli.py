@@ -36,7 +36,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
     proc = start_service(
         data_dir=data_dir,
         log_path=root / "service.log",
-        extra=("--demo", "--interval", "0.5"),
+        extra=("--demo", "--interval", "0.5", "--demo-pull-seconds", "5"),
         env=env,
     )
     yield proc

@@ -20,7 +20,7 @@ from runtimestate.cli.render import (
     print_records,
     print_state,
 )
-from runtimestate.demo import DEMO_MODELS, DEMO_NODES, DemoFleet
+from runtimestate.demo import DEMO_MODELS, DEMO_NODES, DOWN_NODE, DOWN_URL, DemoFleet
 from runtimestate.store.base import Store
 
 
@@ -32,8 +32,9 @@ async def test_demo_declares_its_fleet_and_reuses_it_after_a_restart(store: Stor
             tags = await http.get(f"{first_urls['demo-ollama-3']}/api/tags")
         assert [m["name"] for m in tags.json()["models"]] == ["tinyllama:latest"]
     backends = {b.name: b for b in await store.list_all_backends()}
-    assert set(backends) == set(DEMO_NODES)
+    assert set(backends) == {*DEMO_NODES, DOWN_NODE}
     assert {name: b.base_url for name, b in backends.items()} == first_urls
+    assert backends[DOWN_NODE].base_url == DOWN_URL
 
     async with DemoFleet(pull_seconds=0.01) as second:
         await second.declare(store)

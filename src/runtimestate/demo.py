@@ -1,17 +1,23 @@
 """The demo fleet behind ``runtimestate serve --demo``: something to watch without any real backend.
 
-A newcomer should see, within a minute of one command, every part of the system move: models
-queued and pulled with progress bars, an undeclared model deleted, and the state settling to
-green. :class:`DemoFleet` starts an in-process :class:`runtimestate.testing.Emulator` with a few
-emulated Ollama nodes and, through the service's startup hook, declares them and a handful of
-models in the store.
+A newcomer should see every part of the system move, for long enough to open a second terminal
+with ``runtimestate watch`` or the dashboard and still catch it: models queued and pulled with
+progress bars for a couple of minutes, an undeclared model deleted, and the failure paths an
+operator will meet - a node that is down and a model that one node cannot pull.
+:class:`DemoFleet` starts an in-process :class:`runtimestate.testing.Emulator` with a few emulated
+Ollama nodes and, through the service's startup hook, declares them and a handful of models in
+the store.
 
 Shape of the fleet, each piece chosen to show one behaviour:
 
 * three nodes, so that downloads on different backends run side by side;
-* pulls that take several seconds (:data:`PULL_SECONDS`), so that progress is visible;
+* pulls that take most of a minute each (:data:`PULL_SECONDS`), one at a time per node, so the
+  busiest node is still pulling two minutes after the start;
 * one node that already holds a declared model (nothing to do there) and one that holds a model
-  nobody declared (the reconciler deletes it).
+  nobody declared (the reconciler deletes it);
+* one node that is down (:data:`DOWN_NODE`, declared at a loopback port nothing listens on), and
+  one declared model (:data:`REFUSED_MODEL`) that the registry of one node refuses, so its pull
+  fails and is retried later.
 
 Declaring is idempotent: on a restart the existing backends and models are reused. The emulator
 listens on a fresh port each time, so a reused backend whose URL changed is updated to the new
@@ -28,11 +34,21 @@ from runtimestate.errors import NotFound
 from runtimestate.store.base import Store
 from runtimestate.testing import Emulator
 
-__all__ = ["DEMO_MODELS", "DEMO_NODES", "PULL_SECONDS", "DemoFleet", "DemoModel"]
+__all__ = [
+    "DEMO_MODELS",
+    "DEMO_NODES",
+    "DOWN_NODE",
+    "DOWN_URL",
+    "PULL_SECONDS",
+    "REFUSED_MODEL",
+    "REFUSING_NODE",
+    "DemoFleet",
+    "DemoModel",
+]
 
 logger = logging.getLogger(__name__)
 
-PULL_SECONDS = 5.0
+PULL_SECONDS = 40.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -55,6 +71,12 @@ DEMO_MODELS = (
     DemoModel(model="nomic-embed-text:latest", context_length=8192, can_embed=True),
 )
 DEMO_NODES = ("demo-ollama-1", "demo-ollama-2", "demo-ollama-3")
+# Nothing listens on the discard port of the loopback address: every observation is refused.
+DOWN_NODE = "demo-ollama-down"
+DOWN_URL = "http://127.0.0.1:9"
+# The model that REFUSING_NODE's registry does not have: its pull fails there, every time.
+REFUSED_MODEL = "nomic-embed-text:latest"
+REFUSING_NODE = "demo-ollama-3"
 # What each node holds when the demo starts: node 2 already has a declared model, node 3 a model
 # nobody declared, which the first cycle deletes.
 _PREINSTALLED = {"demo-ollama-2": ("llama3.2:1b",), "demo-ollama-3": ("tinyllama:latest",)}
@@ -83,7 +105,10 @@ class DemoFleet:
         for name in DEMO_NODES:
             node = self._emulator.add_ollama(name, models=list(_PREINSTALLED.get(name, ())))
             node.pull_seconds = self._pull_seconds
+            if name == REFUSING_NODE:
+                node.pullable = {spec.model for spec in DEMO_MODELS if spec.model != REFUSED_MODEL}
             self._base_urls[name] = node.base_url
+        self._base_urls[DOWN_NODE] = DOWN_URL
         return self
 
     async def __aexit__(

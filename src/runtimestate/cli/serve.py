@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from runtimestate.cli.client import ExitCode
 from runtimestate.errors import RuntimeStateError, redact
+from runtimestate.settings import token_path
 
 __all__ = ["DEMO_DATABASE_FILE", "DEMO_INTERVAL", "DEMO_WORKERS", "serve_command"]
 
@@ -72,6 +73,10 @@ def serve_command(
     demo: Annotated[
         bool, typer.Option("--demo", help="Also run emulated Ollama nodes with a demo fleet.")
     ] = False,
+    demo_pull_seconds: Annotated[
+        float | None,
+        typer.Option(min=0.01, help="How long one demo pull takes (default 40).", hidden=True),
+    ] = None,
 ) -> None:
     """Run the service: reconciliation, download workers and the HTTP API."""
     overrides: dict[str, Any] = {
@@ -93,12 +98,26 @@ def serve_command(
         overrides["cycle_interval"] = interval if interval is not None else DEMO_INTERVAL
         overrides["download_workers"] = workers if workers is not None else DEMO_WORKERS
     try:
-        asyncio.run(_serve(overrides, demo=demo))
+        asyncio.run(_serve(overrides, demo=demo, pull_seconds=demo_pull_seconds))
     except KeyboardInterrupt:
         return
 
 
-async def _serve(overrides: dict[str, Any], *, demo: bool) -> None:
+def _print_demo_hints(settings: Any) -> None:
+    """Where to look while the demo runs: the dashboard, how to log in, and ``watch``."""
+    display = f"[{settings.host}]" if ":" in settings.host else settings.host
+    typer.echo(f"demo: dashboard at http://{display}:{settings.port}/ui", err=True)
+    typer.echo(
+        f"demo: log in with the admin token from {token_path(settings.data_dir)}"
+        " (printed below on the first start)",
+        err=True,
+    )
+    typer.echo("demo: in a second terminal, `runtimestate watch` follows the pulls", err=True)
+
+
+async def _serve(
+    overrides: dict[str, Any], *, demo: bool, pull_seconds: float | None = None
+) -> None:
     from runtimestate import service
     from runtimestate.settings import Settings
 
@@ -117,10 +136,11 @@ async def _serve(overrides: dict[str, Any], *, demo: bool) -> None:
         settings = settings.model_copy(update={"database_url": demo_db})
     try:
         if demo:
-            from runtimestate.demo import DemoFleet
+            from runtimestate.demo import PULL_SECONDS, DemoFleet
 
-            async with DemoFleet() as fleet:
+            async with DemoFleet(pull_seconds=pull_seconds or PULL_SECONDS) as fleet:
                 typer.echo(f"demo: emulated Ollama nodes at {fleet.url}", err=True)
+                _print_demo_hints(settings)
                 await service.serve(settings, on_startup=fleet.declare)
         else:
             await service.serve(settings)
