@@ -48,6 +48,7 @@ from runtimestate.runner import CircuitBreaker, Runner, while_true
 from runtimestate.settings import Settings, load_or_create_token, token_path
 from runtimestate.state import State
 from runtimestate.store import Store, open_store
+from runtimestate.web import install_dashboard
 
 __all__ = ["OnStartup", "RoutineCrashed", "Service", "serve"]
 
@@ -191,6 +192,7 @@ class Service:
                     closing=closing,
                 )
             )
+            install_dashboard(app)
             await self._supervise(app, closing)
 
     async def _wait_stop(self) -> None:

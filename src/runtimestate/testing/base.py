@@ -151,6 +151,9 @@ class EmulatedBackend(ABC):
         self.name = name
         self.faults = Faults()
         self.requests: list[RecordedRequest] = []
+        # Streamed answers whose client went away before their end (a cancelled pull): counted
+        # here, outside the code under test, so a test can see that a cancel really closed one.
+        self.streams_abandoned = 0
         self._root = root
         self._clock = clock
         self._routes: dict[tuple[str, str], Handler] = {}
@@ -181,7 +184,12 @@ class EmulatedBackend(ABC):
 
     def describe(self) -> dict[str, Any]:
         """This backend's entry in ``GET /_emulator/backends``."""
-        return {"kind": self.kind, "name": self.name, "base_url": self.base_url}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "base_url": self.base_url,
+            "streams_abandoned": self.streams_abandoned,
+        }
 
     @abstractmethod
     def error(self, status: int, message: str) -> Reply:

@@ -17,6 +17,7 @@ a stall or a pull whose client went away ends there and never lands a half-pulle
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Sequence
 from types import TracebackType
@@ -289,6 +290,10 @@ class Emulator:
                     break
                 await response.write(chunk)
                 sent += 1
+        except (asyncio.CancelledError, ConnectionResetError):
+            # aiohttp cancels the handler when the client disconnects; a write may fail first.
+            backend.streams_abandoned += 1
+            raise
         finally:
             await chunks.aclose()
         await response.write_eof()

@@ -1,0 +1,372 @@
+"""The web dashboard in a real headless Chromium, driving ``runtimestate serve --demo``.
+
+One service (the demo fleet: three emulated Ollama nodes, one node that is down, one model that
+a node refuses) and one browser serve the whole module, because starting Chromium costs seconds.
+The browser logs in once; the tests then act as an operator would, by clicking and reading the
+page, and compare what the page shows with ground truth from outside the page: the API's JSON,
+and the emulator's own count of pull streams whose client went away (its control API).
+
+Each test saves a screenshot at 1280x800 under ``test-artifacts/screenshots`` (ignored by git), so
+a person can look at what the page showed. The browser's console is read after every test: a
+JavaScript error fails it.
+
+Chromium and chromedriver come from the distribution's packages (``.ci/run`` installs them).
+Without them the module is skipped with the reason, except under ``CI=true``, where that is a
+failure - like PostgreSQL and NATS.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service as ChromeService
+from selenium.webdriver.common.by import By
+
+from runtimestate.demo import DOWN_NODE, REFUSED_MODEL, REFUSING_NODE
+from tests.cli_service import ServiceProcess, cli_env, restartable_port, start_service
+
+T = TypeVar("T")
+# Chromium's driver: it has the browser log (``get_log``) that the generic WebDriver lacks.
+WebDriver = webdriver.Chrome
+
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
+WAIT = 30.0
+PULL_SECONDS = "8"
+
+
+def _browser_binaries() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if chromium and driver:
+        return chromium, driver
+    reason = "headless Chromium and chromedriver are not installed (apt-get install chromium "
+    reason += "chromium-driver)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"the browser tests are required under CI=true: {reason}")
+    pytest.skip(reason)
+
+
+def eventually(probe: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
+    """Poll ``probe`` until it returns something truthy (page and service move on their own)."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+        except StaleElementReferenceException:
+            last = None
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+class Demo:
+    """The demo service subprocess, restartable on its port, with its token and emulator."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        self.port = restartable_port()
+        self.process: ServiceProcess | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.process = start_service(
+            data_dir=self.data_dir,
+            log_path=self.root / "service.log",
+            # Two workers for three nodes: one node's pull waits in the queue at any time.
+            extra=(
+                "--demo",
+                "--interval",
+                "0.5",
+                "--workers",
+                "2",
+                "--demo-pull-seconds",
+                PULL_SECONDS,
+            ),
+            env=cli_env(url="http://unused", data_dir=self.data_dir),
+            port=self.port,
+        )
+        self.token = (self.data_dir / "token").read_text().strip()
+
+    def stop(self) -> None:
+        assert self.service.stop() == 0, self.service.log_tail()
+
+    @property
+    def service(self) -> ServiceProcess:
+        assert self.process is not None
+        return self.process
+
+    @property
+    def url(self) -> str:
+        return self.service.url
+
+    def api(self, path: str, method: str = "GET", **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        return httpx.request(method, self.url + path, headers=headers, timeout=10, **kwargs)
+
+    def emulator(self) -> dict[str, dict[str, Any]]:
+        """The emulator's own listing (its URL is in the service's log of this run)."""
+        text = (self.root / "service.log").read_text()
+        url = re.findall(r"demo: emulated Ollama nodes at (\S+)", text)[-1]
+        listing = httpx.get(f"{url}/_emulator/backends", timeout=10).json()
+        return {entry["name"]: entry for entry in listing}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+    _browser_binaries()
+    running = Demo(tmp_path_factory.mktemp("dashboard"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(demo: Demo) -> Iterator[WebDriver]:
+    chromium, chromedriver = _browser_binaries()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    options.add_argument("--window-size=1280,800")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=ChromeService(chromedriver), options=options)
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False},
+    )
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        driver.get(demo.url + "/ui")
+        driver.find_element(By.ID, "token").send_keys(demo.token)
+        driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        eventually(lambda: driver.find_elements(By.ID, "ov-backends"), "the overview after login")
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(autouse=True)
+def console_and_screenshot(
+    request: pytest.FixtureRequest, browser: WebDriver
+) -> Iterator[list[dict[str, Any]]]:
+    """Every test leaves a screenshot, and fails on a JavaScript error in the console."""
+    browser_log(browser)  # drop what earlier tests left
+    seen: list[dict[str, Any]] = []
+    yield seen
+    browser.save_screenshot(str(SCREENSHOTS / f"{request.node.name}.png"))
+    seen.extend(browser_log(browser))
+    allowed_network = request.node.get_closest_marker("network_errors_expected") is not None
+    errors = [
+        entry
+        for entry in seen
+        if entry["level"] in ("SEVERE", "WARNING")
+        and not (allowed_network and entry.get("source") == "network")
+    ]
+    assert not errors, f"browser console: {errors}"
+
+
+def browser_log(browser: WebDriver) -> list[dict[str, Any]]:
+    """What the page wrote to the console (and failed requests) since the last call."""
+    entries: list[dict[str, Any]] = browser.execute("getLog", {"type": "browser"})["value"]
+    return entries
+
+
+def visit(browser: WebDriver, page: str) -> None:
+    browser.execute_script("window.location.hash = arguments[0]", f"#/{page}")
+    eventually(
+        lambda: browser.find_elements(By.CSS_SELECTOR, f'nav a[data-page="{page}"][aria-current]'),
+        f"the {page} page",
+    )
+
+
+def text_of(browser: WebDriver, element_id: str) -> str:
+    found = browser.find_elements(By.ID, element_id)
+    return found[0].text if found else ""
+
+
+# ---- tests, in the order an operator meets the dashboard ---------------------------------
+def test_login_sets_a_strict_http_only_cookie_and_a_wrong_token_is_refused(
+    demo: Demo, browser: WebDriver
+) -> None:
+    cookie = browser.get_cookie("runtimestate_session")
+    assert cookie is not None
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Strict"
+    assert browser.execute_script("return document.cookie") == "", "scripts must not see it"
+    # The API accepts the cookie for reads, but a change without the CSRF header is refused.
+    jar = {"runtimestate_session": cookie["value"]}
+    assert httpx.get(demo.url + "/state", cookies=jar, timeout=10).status_code == 200
+    forged = httpx.post(demo.url + "/state/sync", cookies=jar, timeout=10)
+    assert forged.status_code == 403, forged.text
+    wrong = httpx.post(demo.url + "/ui/login", data={"token": "not-the-token"}, timeout=10)
+    assert wrong.status_code == 401
+    assert "not the admin token" in wrong.text
+
+
+def test_overview_numbers_equal_the_apis(demo: Demo, browser: WebDriver) -> None:
+    visit(browser, "overview")
+
+    def agree() -> tuple[dict[str, str], dict[str, str]] | None:
+        state = demo.api("/state").json()
+        queue = demo.api("/queue").json()
+        declared = {m for entry in state for m in entry.get("models", ())}
+        running = sum(1 for item in queue if item["running"])
+        expected = {
+            "ov-backends": str(len(state)),
+            "ov-models": str(len(declared)),
+            "ov-health-error": str(sum(1 for entry in state if entry.get("error"))),
+            "ov-running": str(running),
+            "ov-queued": str(len(queue) - running),
+        }
+        shown = {key: text_of(browser, key) for key in expected}
+        return (shown, expected) if shown == expected else None
+
+    shown, _ = eventually(agree, "the overview to show the API's numbers")
+    assert shown["ov-backends"] == "4"
+    assert shown["ov-health-error"] == "1", "the demo's down node"
+
+
+def test_the_cancel_button_stops_a_running_pull(demo: Demo, browser: WebDriver) -> None:
+    visit(browser, "downloads")
+    running = "li.download.running"
+
+    def a_running_pull() -> str | None:
+        for row in browser.find_elements(By.CSS_SELECTOR, running):
+            if row.find_elements(By.CSS_SELECTOR, "progress[value]"):
+                return str(row.get_attribute("data-backend"))
+        return None
+
+    node = eventually(a_running_pull, "a running pull with progress")
+    before = demo.emulator()[node]["streams_abandoned"]
+    button = f'{running}[data-backend="{node}"] button[data-act="cancel"]'
+
+    def click() -> bool:
+        # The list is redrawn as progress arrives; a button replaced mid-click is clicked again.
+        try:
+            browser.find_element(By.CSS_SELECTOR, button).click()
+        except NoSuchElementException:
+            return False
+        return True
+
+    eventually(click, f"the cancel button of the pull on {node}")
+    eventually(
+        lambda: demo.emulator()[node]["streams_abandoned"] > before,
+        f"the emulator to see the pull's stream on {node} closed",
+    )
+
+
+def test_a_pull_moves_from_queued_to_a_percent_to_present_in_the_matrix(
+    demo: Demo, browser: WebDriver
+) -> None:
+    visit(browser, "matrix")
+
+    def queued_cell() -> tuple[str, str] | None:
+        for cell in browser.find_elements(By.CSS_SELECTOR, 'td.cell[data-status="queued"]'):
+            return str(cell.get_attribute("data-backend")), str(cell.get_attribute("data-model"))
+        return None
+
+    node, model = eventually(queued_cell, "a queued pull")
+    selector = f'td.cell[data-backend="{node}"][data-model="{model}"]'
+
+    def cell_text() -> str:
+        return str(browser.find_element(By.CSS_SELECTOR, selector).text)
+
+    percent = eventually(
+        lambda: re.fullmatch(r"pulling (\d+) %", cell_text()), f"{model} pulling with a percent"
+    )
+    assert 0 <= int(percent.group(1)) <= 100
+    eventually(lambda: cell_text() == "present", f"{model} present on {node}")
+    # Ground truth: the node really holds it.
+    tags = httpx.get(demo.emulator()[node]["base_url"] + "/api/tags", timeout=10)
+    assert model in {m["name"] for m in tags.json()["models"]}
+
+
+@pytest.mark.network_errors_expected
+def test_an_invalid_form_shows_the_apis_error_inline(demo: Demo, browser: WebDriver) -> None:
+    visit(browser, "actions")
+    form = browser.find_element(By.ID, "add-backend")
+    form.find_element(By.NAME, "name").send_keys("typo-node")
+    form.find_element(By.NAME, "baseUrl").send_keys("not a url")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    said = demo.api(
+        "/backends", "POST", json={"name": "typo-node", "baseUrl": "not a url", "type": "ollama"}
+    )
+    assert said.status_code in (400, 422)
+    message = said.json()["error"]["message"]
+    shown = eventually(
+        lambda: form.find_element(By.CSS_SELECTOR, "[data-error]").text, "the inline error"
+    )
+    assert shown == message
+    assert form.find_element(By.NAME, "baseUrl").get_attribute("aria-invalid") == "true"
+
+
+def test_every_page_shows_the_demo_fleet(demo: Demo, browser: WebDriver) -> None:
+    """One screenshot per page; the refused model and the down node are visible where they
+    belong."""
+    for page in ("overview", "backends", "matrix", "downloads", "plan", "providers", "actions"):
+        visit(browser, page)
+        time.sleep(0.3)
+        browser.save_screenshot(str(SCREENSHOTS / f"page-{page}.png"))
+    visit(browser, "backends")
+    down = eventually(
+        lambda: browser.find_elements(By.CSS_SELECTOR, f'tr[data-backend="{DOWN_NODE}"]'),
+        "the down node's row",
+    )
+    assert "error" in down[0].text
+    visit(browser, "matrix")
+    refused = f'td.cell[data-backend="{REFUSING_NODE}"][data-model="{REFUSED_MODEL}"]'
+    eventually(
+        lambda: (
+            browser.find_element(By.CSS_SELECTOR, refused).get_attribute("data-status") == "failed"
+        ),
+        "the refused model failing on its node",
+        timeout=60,
+    )
+    browser.set_window_size(390, 844)
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True},
+    )
+    try:
+        visit(browser, "overview")
+        time.sleep(0.3)
+        browser.save_screenshot(str(SCREENSHOTS / "page-overview-phone.png"))
+        width = browser.execute_script("return document.documentElement.scrollWidth")
+        assert width <= 390, "the overview must not scroll sideways at phone width"
+    finally:
+        browser.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False},
+        )
+
+
+@pytest.mark.network_errors_expected
+def test_the_page_recovers_by_itself_after_a_service_restart(
+    demo: Demo, browser: WebDriver
+) -> None:
+    visit(browser, "overview")
+    eventually(lambda: text_of(browser, "live") == "live", "the live indicator")
+    demo.stop()
+    eventually(
+        lambda: browser.find_element(By.ID, "live").get_attribute("data-state") == "reconnecting",
+        "the page to say it is reconnecting",
+    )
+    assert "reconnecting" in text_of(browser, "live")
+    browser.save_screenshot(str(SCREENSHOTS / "reconnecting.png"))
+    demo.start()
+    eventually(lambda: text_of(browser, "live") == "live", "the page to reconnect")
+    # Fresh data after the restart, without a reload: the demo's nodes are there again.
+    eventually(lambda: text_of(browser, "ov-backends") == "4", "the overview after the restart")
+    assert not browser.find_elements(By.ID, "token"), "the restart must not log the browser out"
