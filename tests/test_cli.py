@@ -9,6 +9,8 @@ are about the process itself (argv, ``python -m``) run a real subprocess.
 from __future__ import annotations
 
 import json
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -165,7 +167,62 @@ def test_watch_json_prints_demo_progress_events(service: ServiceProcess) -> None
 def test_watch_renders_progress_bars(service: ServiceProcess) -> None:
     result = run(service, "watch", "--timeout", "4")
     assert result.exit_code == 0, result.stderr
-    assert "@ demo-ollama-" in result.stdout
+    assert " on demo-ollama-" in result.stdout
+    lines = [line for line in result.stdout.splitlines() if " on demo-ollama-" in line]
+    assert not any(" bytes" in line for line in lines), "sizes in units, never '115/115 bytes'"
+
+
+def test_watch_waits_for_a_service_that_is_down_with_one_status_line(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    env = cli_env(url=url, data_dir=tmp_path, RUNTIMESTATE_TOKEN="t0ken-for-nothing")
+    result = CliRunner().invoke(app, ["watch", "--timeout", "3.5"], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    status = [line for line in result.stdout.splitlines() if "reconnecting" in line]
+    assert len(status) == 1, result.stdout
+    assert f"cannot reach the service at {url}" in status[0]
+    # Backoff: the first attempt waits 1 s, the second 2 s: in 3.5 s, two or three attempts
+    # (not one per second), and the status line was redrawn, never repeated.
+    attempt = re.search(r"reconnecting in \d+ s \(attempt (\d+)\)", status[0])
+    assert attempt is not None, status[0]
+    assert 2 <= int(attempt.group(1)) <= 3
+
+
+def test_ctrl_c_ends_watch_with_status_130(tmp_path: Path) -> None:
+    env = cli_env(
+        url=f"http://127.0.0.1:{free_port()}",
+        data_dir=tmp_path,
+        RUNTIMESTATE_TOKEN="t0ken-for-nothing",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtimestate", "watch", "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # Interrupt it once it waits to reconnect, as an operator would.
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert b"reconnecting" in first, first
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=20)
+        stderr = first + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr.decode()
+    assert b"Traceback" not in stderr
+
+
+def test_provider_status_shows_each_fact_once(service: ServiceProcess) -> None:
+    result = run(service, "provider", "status")
+    assert result.exit_code == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if "provider" in line)
+    words = header.replace("│", " ").replace("┃", " ").split()
+    assert words == ["provider", "key", "stored", "backends", "healthy", "models", "error"]
+    rows = [line for line in result.stdout.splitlines() if "openai" in line or "gemini" in line]
+    assert all(line.count("openai") + line.count("gemini") == 1 for line in rows), rows
 
 
 def test_backend_add_list_show_rm_by_name(service: ServiceProcess) -> None:

@@ -13,13 +13,7 @@ import io
 import httpx
 from rich.console import Console
 
-from runtimestate.cli.render import (
-    DownloadBoard,
-    is_failure_status,
-    print_plan,
-    print_records,
-    print_state,
-)
+from runtimestate.cli.render import print_plan, print_records
 from runtimestate.demo import DEMO_MODELS, DEMO_NODES, DOWN_NODE, DOWN_URL, DemoFleet
 from runtimestate.store.base import Store
 
@@ -53,92 +47,6 @@ async def test_demo_declares_its_fleet_and_reuses_it_after_a_restart(store: Stor
 def _console() -> tuple[Console, io.StringIO]:
     buffer = io.StringIO()
     return Console(file=buffer, width=200, color_system=None), buffer
-
-
-def test_download_board_finishes_on_success_and_marks_failures() -> None:
-    console, buffer = _console()
-    url_a, url_b = "http://h/ollama/a", "http://h/ollama/b"
-    board = DownloadBoard(console, backend_names={url_a: "node-a", url_b: "node-b"})
-    with board.progress:
-        for event in (
-            {"status": "pulling manifest", "model": "m1", "baseUrl": url_a},
-            {
-                "status": "pulling 6a07",
-                "total": 1000,
-                "completed": 400,
-                "model": "m1",
-                "baseUrl": url_a,
-            },
-            {
-                "status": "pulling 6a07",
-                "total": 1000,
-                "completed": 1000,
-                "model": "m1",
-                "baseUrl": url_a,
-            },
-            {"status": "success", "model": "m1", "baseUrl": url_a},
-            {"status": "pulling manifest", "model": "m2", "baseUrl": url_b},
-            {
-                "status": "error: pull model manifest: file does not exist",
-                "model": "m2",
-                "baseUrl": url_b,
-            },
-            {"status": "pulling manifest", "model": "m3", "baseUrl": url_a},
-            {"status": "cancelled", "model": "m3", "baseUrl": url_a},
-        ):
-            board.update(event)
-    assert board.finished == [(url_a, "m1")]
-    assert [(url, model) for url, model, _ in board.failed] == [(url_b, "m2"), (url_a, "m3")]
-    finished = next(task for task in board.progress.tasks if task.description.startswith("m1"))
-    assert finished.completed == finished.total == 1000
-    text = buffer.getvalue()
-    assert "m1 @ node-a" in text
-    assert "m2 @ node-b" in text
-    assert "file does not exist" in text
-
-
-def test_failure_statuses() -> None:
-    assert is_failure_status("error: boom")
-    assert is_failure_status("cancelled")
-    assert not is_failure_status("pulling manifest")
-    assert not is_failure_status("success")
-
-
-def test_state_table_colours_health_and_normalizes_tags() -> None:
-    console, buffer = _console()
-    backend = {"type": "ollama", "baseUrl": "http://h"}
-    print_state(
-        console,
-        [
-            {
-                "id": "1",
-                "name": "ok-node",
-                "models": ["llama3"],
-                "backend": backend,
-                "pulledModels": [{"name": "llama3:latest", "model": "llama3:latest"}],
-            },
-            {
-                "id": "2",
-                "name": "busy-node",
-                "models": ["llama3"],
-                "backend": backend,
-                "pulledModels": [],
-            },
-            {
-                "id": "3",
-                "name": "bad-node",
-                "models": [],
-                "backend": backend,
-                "pulledModels": [],
-                "error": "connection refused",
-            },
-        ],
-    )
-    lines = {line.split()[1]: line for line in buffer.getvalue().splitlines() if "-node" in line}
-    assert " ok " in lines["ok-node"]
-    assert "syncing" in lines["busy-node"]
-    assert "error" in lines["bad-node"]
-    assert "connection refused" in lines["bad-node"]
 
 
 def test_plan_table_lists_pulls_and_deletes() -> None:

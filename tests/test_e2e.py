@@ -310,7 +310,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
                 10,
                 "the watch left running did not follow the restarted service's downloads",
             )
-            assert await watcher.interrupt() == 0
+            assert await watcher.interrupt() == 130, "Ctrl-C: the shell's status for SIGINT"
             await cli.ok("sync")
             states = await cli.json("state")
             entries = states.values() if isinstance(states, dict) else states

@@ -310,7 +310,15 @@ def provider_status(
     if as_json:
         render.print_json(out(), statuses)
         return
-    columns = sorted({key for status in statuses for key in status} - {"provider"})
-    render.print_records(
-        out(), statuses, [("provider", "provider"), *((key, key) for key in columns)]
-    )
+    render.print_records(out(), statuses, PROVIDER_STATUS_COLUMNS)
+
+
+# One column per fact: the API's ``type`` is the provider's name again, so it is not shown twice.
+PROVIDER_STATUS_COLUMNS = (
+    ("provider", "provider"),
+    ("configured", "key stored"),
+    ("backends", "backends"),
+    ("healthy", "healthy"),
+    ("models", "models"),
+    ("error", "error"),
+)

@@ -2,39 +2,66 @@
 ``watch``.
 
 ``watch`` is the live view: it follows the service's Server-Sent Events stream of
-``model_download`` progress and draws one bar per running download (or prints each event as a
-JSON line for scripts). It outlives service restarts - once connected, a lost stream is
-reopened - because an operator leaves it running in a terminal while the service is redeployed.
+``model_download`` progress and draws one line per running pull (:mod:`.live`), or prints each
+event as a JSON line for scripts. It outlives service restarts and waits for a service that is
+not up yet, with backoff and one status line, because an operator leaves it running in a
+terminal while the service is redeployed. Ctrl-C ends it with status 130, as the shell expects.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import quote
 
 import typer
+from rich.live import Live
 
 from runtimestate.cli import render
 from runtimestate.cli.client import ApiClient, ApiError, ExitCode
 from runtimestate.cli.common import JsonFlag, api, fail, out, say
+from runtimestate.cli.live import WatchBoard, is_failure_status
 
-__all__ = ["RECONNECT_DELAY", "plan", "queue_app", "state", "sync", "watch"]
+__all__ = ["BACKOFF", "INTERRUPTED", "plan", "queue_app", "state", "sync", "watch"]
 
 queue_app = typer.Typer(help="Pending and running model downloads.", no_args_is_help=True)
 
 
 # ---- state ---------------------------------------------------------------------------------
-def state(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """The observed state of every backend: declared vs present models, errors."""
+def state(
+    ctx: typer.Context,
+    as_json: JsonFlag = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Show names and errors whole, however wide.")
+    ] = False,
+) -> None:
+    """The observed state of every backend: one status word each, failed pulls, errors."""
     with api(ctx) as client:
         snapshot = client.get("/state")
-    if as_json:
-        render.print_json(out(), snapshot)
-    else:
-        render.print_state(out(), snapshot)
+        if as_json:
+            render.print_json(out(), snapshot)
+            return
+        observed = {str(entry.get("id")) for entry in render.state_entries(snapshot)}
+        unmanaged = [b for b in client.list_all("/backends") if str(b.get("id")) not in observed]
+        leader = _leader(client)
+    render.print_state(out(), snapshot, unmanaged=unmanaged, wide=wide, leader=leader)
+
+
+def _leader(client: ApiClient) -> str | None:
+    """The leading replica, when the service runs several and says which leads."""
+    try:
+        cluster = client.get("/cluster")
+    except ApiError as exc:
+        if exc.code == ExitCode.NOT_FOUND:
+            return None
+        raise
+    leader = render.mapping(cluster).get("leader")
+    if isinstance(leader, dict):
+        leader = leader.get("id") or leader.get("instance") or leader.get("name")
+    return str(leader) if leader else None
 
 
 def plan(ctx: typer.Context, as_json: JsonFlag = False) -> None:
@@ -104,38 +131,166 @@ def queue_cancel(
 
 
 # ---- watch ---------------------------------------------------------------------------------
-RECONNECT_DELAY = 1.0
+# Seconds between attempts to reach the service, growing with each failed attempt.
+BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0)
+INTERRUPTED = 130  # the shell's convention for a command ended by Ctrl-C (128 + SIGINT)
 
 
-def _follow(client: ApiClient, *, deadline: float | None, on_event: Callable[[Any], None]) -> None:
+def _backoff(attempt: int) -> float:
+    return BACKOFF[min(attempt, len(BACKOFF)) - 1]
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def _expired(deadline: float | None) -> bool:
+    left = _remaining(deadline)
+    return left is not None and left <= 0
+
+
+def _follow(
+    client: ApiClient,
+    *,
+    deadline: float | None,
+    on_open: Callable[[], None],
+    on_event: Callable[[Any], None],
+    on_wait: Callable[[int, float], None],
+) -> None:
     """Feed every progress event to ``on_event`` until the deadline (or forever).
 
-    A service restart must not end a ``watch`` an operator left running, so a lost stream is
-    reopened; but a service that was never reachable is an error, reported at once.
+    The service may be down when ``watch`` starts or go away while it runs (a redeploy); both
+    are the same to an operator who left ``watch`` in a terminal, so both wait and retry with
+    backoff, telling ``on_wait(attempt, seconds left)`` once a second. Only an answer that
+    retrying cannot fix (a wrong token) ends the watch with an error.
     """
-    connected = False
+    attempt = 0
+    while not _expired(deadline):
+        opened = False
 
-    def opened() -> None:
-        nonlocal connected
-        connected = True
-        typer.echo(f"watching downloads at {client.url} (Ctrl-C to stop)", err=True)
+        def mark_open() -> None:
+            nonlocal opened, attempt
+            opened = True
+            attempt = 0
+            on_open()
 
-    while True:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            return
         try:
-            for event in client.events("/queue/inProgress", read_timeout=remaining, on_open=opened):
+            for event in client.events(
+                "/queue/inProgress", read_timeout=_remaining(deadline), on_open=mark_open
+            ):
                 on_event(event)
-                if deadline is not None and time.monotonic() > deadline:
+                if _expired(deadline):
                     return
         except ApiError as exc:
-            if exc.code != ExitCode.UNREACHABLE or not connected:
+            if exc.code != ExitCode.UNREACHABLE:
                 raise
-        if deadline is not None and time.monotonic() >= deadline:
+        if _expired(deadline):
             return
-        typer.echo("connection to the service lost; reconnecting", err=True)
-        time.sleep(RECONNECT_DELAY)
+        attempt += 1
+        wait_until = time.monotonic() + _backoff(attempt)
+        if deadline is not None:
+            wait_until = min(wait_until, deadline)
+        while (left := wait_until - time.monotonic()) > 0:
+            on_wait(attempt, left)
+            time.sleep(min(1.0, left))
+
+
+def _snapshot_counts(client: ApiClient) -> tuple[int, int | None, dict[tuple[str, str], str]]:
+    """Queued pulls, failed pulls (when the service reports pull tasks) and their next tries."""
+    queue = client.get("/queue")
+    queued = sum(1 for item in queue if isinstance(item, dict) and not item.get("running"))
+    entries = render.state_entries(client.get("/state"))
+    if not any(isinstance(entry.get("downloads"), list) for entry in entries):
+        return queued, None, {}
+    failed = 0
+    next_tries: dict[tuple[str, str], str] = {}
+    for entry in entries:
+        url = str(render.mapping(entry.get("backend")).get("baseUrl", ""))
+        for task in entry.get("downloads") or ():
+            if isinstance(task, dict) and task.get("status") == "failed":
+                failed += 1
+                when = render.clock_time(task.get("nextAttemptAt"))
+                if when:
+                    next_tries[(url, str(task.get("model", "")))] = when
+    return queued, failed, next_tries
+
+
+def _watch_board(client: ApiClient, *, deadline: float | None) -> None:
+    board = WatchBoard()
+    console = out()
+    next_tries: dict[tuple[str, str], str] = {}
+    last_counts = 0.0
+
+    def refresh_counts() -> None:
+        nonlocal next_tries, last_counts
+        last_counts = time.monotonic()
+        try:
+            board.queued, failed, next_tries = _snapshot_counts(client)
+        except ApiError:
+            return
+        if failed is not None:
+            board.failed = failed
+
+    with Live(board, console=console, refresh_per_second=4, transient=False) as live:
+
+        def opened() -> None:
+            board.status = None
+            board.clear()
+            try:
+                names = {
+                    str(b.get("baseUrl")): str(b.get("name")) for b in client.list_all("/backends")
+                }
+            except ApiError:
+                names = {}
+            board.set_names(names)
+            refresh_counts()
+            live.refresh()
+
+        def event(value: Any) -> None:
+            if not isinstance(value, dict):
+                return
+            url, model = str(value.get("baseUrl", "")), str(value.get("model", ""))
+            status = str(value.get("status", ""))
+            ended = status == "success" or is_failure_status(status)
+            if ended and time.monotonic() - last_counts > 1.0:
+                refresh_counts()
+            summary = board.update(value, next_try=next_tries.get((url, model)))
+            if summary is not None:
+                live.console.print(summary)
+                refresh_counts()
+
+        def waiting(attempt: int, left: float) -> None:
+            board.clear()
+            board.status = (
+                f"cannot reach the service at {client.url}; "
+                f"reconnecting in {math.ceil(left)} s (attempt {attempt})"
+            )
+            live.refresh()
+
+        _follow(client, deadline=deadline, on_open=opened, on_event=event, on_wait=waiting)
+
+
+def _watch_json(client: ApiClient, *, deadline: float | None) -> None:
+    down = False
+
+    def opened() -> None:
+        nonlocal down
+        down = False
+        typer.echo(f"watching downloads at {client.url} (Ctrl-C to stop)", err=True)
+
+    def waiting(attempt: int, left: float) -> None:
+        nonlocal down
+        if not down:
+            typer.echo(f"cannot reach the service at {client.url}; reconnecting", err=True)
+        down = True
+
+    _follow(
+        client,
+        deadline=deadline,
+        on_open=opened,
+        on_event=lambda event: typer.echo(json.dumps(event, separators=(",", ":"))),
+        on_wait=waiting,
+    )
 
 
 def watch(
@@ -147,26 +302,13 @@ def watch(
         float | None, typer.Option(min=0.1, help="Stop after this many seconds.")
     ] = None,
 ) -> None:
-    """Live progress bars, one per running download, until Ctrl-C."""
+    """Live pulls, one line per backend and model, until Ctrl-C (exit status 130)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         with api(ctx) as client:
             if as_json:
-                _follow(
-                    client,
-                    deadline=deadline,
-                    on_event=lambda event: typer.echo(json.dumps(event, separators=(",", ":"))),
-                )
-                return
-            names = {
-                str(b.get("baseUrl")): str(b.get("name")) for b in client.list_all("/backends")
-            }
-            board = render.DownloadBoard(out(), backend_names=names)
-            with board.progress:
-                _follow(
-                    client,
-                    deadline=deadline,
-                    on_event=lambda event: board.update(event) if isinstance(event, dict) else None,
-                )
+                _watch_json(client, deadline=deadline)
+            else:
+                _watch_board(client, deadline=deadline)
     except KeyboardInterrupt:
-        return
+        raise typer.Exit(INTERRUPTED) from None

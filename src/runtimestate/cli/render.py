@@ -6,43 +6,47 @@ and the default prints a rich table built here. The tables read only the seed-co
 camelCase fields of the contract and tolerate missing ones, so a newer service with more fields
 never breaks an older CLI.
 
-:class:`DownloadBoard` is the model behind ``watch``: it folds the ``model_download`` progress
-events (``{"status","digest","total","completed","model","baseUrl"}``) into one progress bar per
-running download, keyed by backend and model, and finishes a bar on ``success`` or marks it
-failed when the status reports an error.
+The state view is written for a terminal of 80 columns: a header with the snapshot's age (and
+the leader, with several replicas), one status word per backend that means one thing (``ok``,
+``pulling``, ``failing``, ``error``, ``unmanaged``), the failed pulls listed under their backend,
+and names cut with an ellipsis rather than broken mid-word (``--wide`` shows them whole).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 from rich.text import Text
 
 __all__ = [
-    "DownloadBoard",
-    "is_failure_status",
+    "STATUS_WORDS",
+    "clock_time",
+    "mapping",
     "print_json",
     "print_plan",
     "print_records",
     "print_state",
     "state_entries",
+    "state_header",
+    "status_word",
 ]
 
-_FAILURE_WORDS = ("error", "fail", "cancel")
+# Each word means one thing: the backend holds what it should (ok), some declared model is being
+# fetched or waits for its turn (pulling), some pull failed and waits for its next try (failing),
+# the backend itself cannot be observed (error), or it is in no pool and nothing is asked of it
+# (unmanaged).
+STATUS_WORDS = {
+    "ok": "green",
+    "pulling": "cyan",
+    "failing": "yellow",
+    "error": "red",
+    "unmanaged": "dim",
+}
 
 
 def print_json(console: Console, value: Any) -> None:
@@ -96,8 +100,25 @@ def state_entries(snapshot: Any) -> list[dict[str, Any]]:
     )
 
 
-def _mapping(value: Any) -> Mapping[str, Any]:
+def mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (the CLI tolerates missing fields)."""
     return value if isinstance(value, Mapping) else {}
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def clock_time(value: Any) -> str | None:
+    """An ISO timestamp as the local wall-clock time an operator compares with (``14:05:09``)."""
+    parsed = _parse_time(value)
+    return None if parsed is None else parsed.astimezone().strftime("%H:%M:%S")
 
 
 def _normalized(name: str) -> str:
@@ -114,48 +135,144 @@ def _present_names(entry: Mapping[str, Any]) -> list[str]:
     return [name for name in names if name]
 
 
-def _health(entry: Mapping[str, Any]) -> tuple[str, str]:
-    """A status word and its colour: red on error, yellow while converging, green when done."""
+def _failed_pulls(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [
+        task
+        for task in entry.get("downloads") or ()
+        if isinstance(task, Mapping) and task.get("status") == "failed"
+    ]
+
+
+def status_word(entry: Mapping[str, Any]) -> str:
+    """The one word that says what a backend needs from its operator (see ``STATUS_WORDS``)."""
     if entry.get("error"):
-        return "error", "red"
+        return "error"
+    if _failed_pulls(entry):
+        return "failing"
     present = {_normalized(name) for name in _present_names(entry)}
     declared = {_normalized(str(name)) for name in entry.get("models") or ()}
     if declared - present:
-        return "syncing", "yellow"
-    if entry.get("undeclaredModels"):
-        return "drift", "yellow"
-    return "ok", "green"
+        return "pulling"
+    return "ok"
 
 
-def print_state(console: Console, snapshot: Any) -> None:
-    """The fleet at a glance: per backend, declared vs present models, health and error."""
+WIDE_COLUMNS = 1000
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# The widest each column may be at 80 columns; the error column takes what is left.
+_STATE_CAPS = (22, 7, 9, 20)
+
+
+def _fit(table: Table, width: int) -> None:
+    """Give each column of the state table a width that fits ``width`` characters in all: names
+    and models up to a cap, the status word always whole, the error in the rest."""
+    widths = []
+    for column, cap in zip(table.columns, _STATE_CAPS, strict=False):
+        longest = max((len(str(cell)) for cell in column.cells), default=0)
+        widths.append(min(cap, max(len(str(column.header)), longest)))
+    gaps = 2 * (len(table.columns) - 1)
+    widths.append(max(5, width - sum(widths) - gaps))
+    for column, size in zip(table.columns, widths, strict=True):
+        column.width = size
+
+
+def state_header(
+    entries: Sequence[Mapping[str, Any]], *, now: datetime, leader: str | None = None
+) -> str:
+    """``4 backends, observed 2 s ago (leader: replica-a)``: how fresh the snapshot is."""
+    times = [t for t in (_parse_time(e.get("observedAt")) for e in entries) if t is not None]
+    count = f"{len(entries)} backend{'' if len(entries) == 1 else 's'}"
+    if not times:
+        freshness = "observation time not reported by this service"
+    else:
+        newest = _age((now - max(times)).total_seconds())
+        oldest = _age((now - min(times)).total_seconds())
+        freshness = (
+            f"observed {newest} ago" if newest == oldest else f"observed {newest} to {oldest} ago"
+        )
+    header = f"{count}, {freshness}"
+    return f"{header} (leader: {leader})" if leader else header
+
+
+def print_state(
+    console: Console,
+    snapshot: Any,
+    *,
+    unmanaged: Sequence[Mapping[str, Any]] = (),
+    wide: bool = False,
+    now: datetime | None = None,
+    leader: str | None = None,
+) -> None:
+    """The fleet at a glance: per backend its status word, declared vs present models and error,
+    with failed pulls on lines of their own; fits the console's width unless ``wide``."""
     entries = state_entries(snapshot)
-    if not entries:
+    if not entries and not unmanaged:
         console.print("[dim]no backends observed yet (declare one with 'backend add')[/dim]")
         return
-    table = Table(title="Observed state", header_style="bold")
-    for header in ("backend", "type", "health", "declared", "present", "error"):
-        table.add_column(header, overflow="fold")
+    console.print(
+        Text(state_header(entries, now=now or datetime.now(UTC), leader=leader), style="bold")
+    )
+    table = Table(header_style="bold", box=None, pad_edge=False, expand=False, padding=(0, 1))
+    for header in ("backend", "type", "status", "models", "error"):
+        table.add_column(header, no_wrap=not wide, overflow="fold" if wide else "ellipsis")
     for entry in entries:
-        word, colour = _health(entry)
-        backend = _mapping(entry.get("backend"))
-        present = _present_names(entry)
-        present_set = {_normalized(name) for name in present}
-        declared = Text()
-        for index, name in enumerate(str(model) for model in entry.get("models") or ()):
-            if index:
-                declared.append(", ")
-            style = "green" if _normalized(name) in present_set else "yellow"
-            declared.append(name, style=style)
+        word = status_word(entry)
+        backend = mapping(entry.get("backend"))
+        present = {_normalized(name) for name in _present_names(entry)}
+        declared = [str(model) for model in entry.get("models") or ()]
+        held = sum(1 for name in declared if _normalized(name) in present)
+        models = Text(f"{held}/{len(declared)}")
+        missing = [name for name in declared if _normalized(name) not in present]
+        if missing:
+            models.append(" missing " + ", ".join(missing), style="yellow")
         table.add_row(
             Text(str(entry.get("name", "")), style="bold"),
             Text(str(backend.get("type", ""))),
-            Text(word, style=colour),
-            declared,
-            Text(", ".join(present)),
+            Text(word, style=STATUS_WORDS[word]),
+            models,
             Text(str(entry.get("error", "")), style="red"),
         )
-    console.print(table)
+        for task in _failed_pulls(entry):
+            reason = str(task.get("lastError") or "failed")
+            detail = f"attempt {task.get('attempts', '?')}"
+            when = clock_time(task.get("nextAttemptAt"))
+            if when:
+                detail += f", next try {when}"
+            table.add_row(
+                Text("  " + str(task.get("model", "")), style="yellow"),
+                Text(""),
+                Text("failed", style="yellow"),
+                Text(detail),
+                Text(reason, style="red"),
+            )
+    for backend in sorted(unmanaged, key=lambda item: str(item.get("name", ""))):
+        table.add_row(
+            Text(str(backend.get("name", "")), style="bold"),
+            Text(str(backend.get("type", ""))),
+            Text("unmanaged", style=STATUS_WORDS["unmanaged"]),
+            Text("not in the snapshot: in no pool, or not observed yet", style="dim"),
+            Text(""),
+        )
+    if not wide:
+        _fit(table, console.width)
+        console.print(table)
+        return
+    # Wide: every cell whole, however long the lines get (the terminal wraps them).
+    width = console.width
+    console.width = WIDE_COLUMNS
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width
 
 
 def _plan_items(plan: Any) -> list[dict[str, Any]]:
@@ -206,7 +323,7 @@ def print_plan(console: Console, plan: Any) -> None:
         actions = item.get("actions", item)
         pulls = _action_names(actions, "pulls")
         deletes = _action_names(actions, "deletes")
-        state = _mapping(item.get("state"))
+        state = mapping(item.get("state"))
         # Missing but not planned means a download is already queued or running.
         present = {_normalized(name) for name in _present_names(state)}
         missing = [str(m) for m in state.get("models") or () if _normalized(str(m)) not in present]
@@ -218,70 +335,3 @@ def print_plan(console: Console, plan: Any) -> None:
             Text(str(state.get("error", "")), style="red"),
         )
     console.print(table)
-
-
-def is_failure_status(status: str) -> bool:
-    """Whether a progress status reports that the download failed or was cancelled."""
-    lowered = status.lower()
-    return any(lowered.startswith(word) for word in _FAILURE_WORDS)
-
-
-class DownloadBoard:
-    """One progress bar per (backend, model) download, fed by progress events."""
-
-    def __init__(self, console: Console, *, backend_names: Mapping[str, str]) -> None:
-        self._names = {url.rstrip("/"): name for url, name in backend_names.items()}
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"),
-            console=console,
-            transient=False,
-        )
-        self._tasks: dict[tuple[str, str], TaskID] = {}
-        self.finished: list[tuple[str, str]] = []
-        self.failed: list[tuple[str, str, str]] = []
-
-    def _task(self, url: str, model: str) -> TaskID:
-        key = (url, model)
-        task = self._tasks.get(key)
-        if task is None:
-            label = f"{model} @ {self._names.get(url.rstrip('/'), url)}"
-            task = self.progress.add_task(escape(label), total=None, status="starting")
-            self._tasks[key] = task
-        return task
-
-    def update(self, event: Mapping[str, Any]) -> None:
-        """Fold one ``model_download`` event into its bar."""
-        url = str(event.get("baseUrl", ""))
-        model = str(event.get("model", ""))
-        status = str(event.get("status", ""))
-        task = self._task(url, model)
-        total = event.get("total")
-        completed = event.get("completed")
-        if status == "success":
-            current = self.progress.tasks[self._index(task)]
-            size = current.total or current.completed or 1
-            self.progress.update(task, total=size, completed=size, status="[green]done[/green]")
-            self.progress.stop_task(task)
-            self._tasks.pop((url, model), None)
-            self.finished.append((url, model))
-        elif is_failure_status(status):
-            self.progress.update(task, status=f"[red]{escape(status)}[/red]")
-            self.progress.stop_task(task)
-            self._tasks.pop((url, model), None)
-            self.failed.append((url, model, status))
-        elif isinstance(total, int) and total > 0:
-            done = completed if isinstance(completed, int) else 0
-            self.progress.update(task, total=total, completed=done, status=escape(status))
-        else:
-            self.progress.update(task, status=escape(status))
-
-    def _index(self, task: TaskID) -> int:
-        for index, candidate in enumerate(self.progress.tasks):
-            if candidate.id == task:
-                return index
-        raise KeyError(task)

@@ -181,4 +181,3 @@ def install_dashboard(app: FastAPI) -> None:
         answer = RedirectResponse(PREFIX, status_code=303, headers=SECURITY_HEADERS)
         answer.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return answer
-
