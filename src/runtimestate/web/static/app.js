@@ -60,9 +60,16 @@ function age(iso) {
   return duration(Math.max(0, (Date.now() - at) / 1000)) + " ago";
 }
 
+const normalizedNames = new Map();
 function normalized(name) {
-  const last = name.split("/").pop();
-  return last.includes(":") ? name : name + ":latest";
+  let found = normalizedNames.get(name);
+  if (found === undefined) {
+    const last = name.split("/").pop();
+    found = last.includes(":") ? name : name + ":latest";
+    if (normalizedNames.size > 100000) normalizedNames.clear();
+    normalizedNames.set(name, found);
+  }
+  return found;
 }
 
 function urlKey(url) {
@@ -131,9 +138,28 @@ function downloadsOf(entry) {
   return Array.isArray(entry.downloads) ? entry.downloads : [];
 }
 
+// Per-snapshot indexes: a fleet of 1,000 backends draws 1,000 x models cells, each of which
+// asks "declared here? present here? queued here?"; sets and maps answer in constant time.
+const indexes = { entries: new WeakMap(), queue: new Map(), queueOf: null };
+
+function indexOf(entry) {
+  let found = indexes.entries.get(entry);
+  if (!found) {
+    found = {
+      declared: new Set((entry.models || []).map(normalized)),
+      present: new Set(presentNames(entry).map(normalized)),
+    };
+    indexes.entries.set(entry, found);
+  }
+  return found;
+}
+
 function queueItem(url, model) {
-  const key = urlKey(url);
-  return data.queue.find((item) => urlKey(item.url) === key && item.model === model) || null;
+  if (indexes.queueOf !== data.queue) {
+    indexes.queue = new Map(data.queue.map((item) => [urlKey(item.url) + "|" + item.model, item]));
+    indexes.queueOf = data.queue;
+  }
+  return indexes.queue.get(urlKey(url) + "|" + model) || null;
 }
 
 function liveProgress(url, model) {
@@ -142,12 +168,14 @@ function liveProgress(url, model) {
 
 // One word per pair, with what the operator needs to act on it.
 function cellStatus(entry, model) {
-  const declared = (entry.models || []).map(normalized).includes(normalized(model));
-  const present = presentNames(entry).map(normalized).includes(normalized(model));
+  const index = indexOf(entry);
+  const declared = index.declared.has(normalized(model));
+  const present = index.present.has(normalized(model));
   const url = entry.backend && entry.backend.baseUrl;
   if (present) return { word: declared ? "present" : "undeclared" };
   if (!declared) return { word: "none" };
-  const task = downloadsOf(entry).find((d) => normalized(d.model || "") === normalized(model));
+  const tasks = downloadsOf(entry);
+  const task = tasks.length ? tasks.find((d) => normalized(d.model || "") === normalized(model)) : null;
   const live = liveProgress(url, model);
   if (live && live.state === "running") return { word: "pulling", percent: live.percent() };
   if (task) {
@@ -484,6 +512,25 @@ pages.overview = {
   },
 };
 
+// A page draws at most this many rows (filter or "show more" for the rest): a table of 1,000
+// backends costs the browser far more to lay out than the data costs to compute.
+const ROW_STEP = 200;
+const shown = { backends: ROW_STEP, matrix: ROW_STEP };
+
+function moreRows(page, total) {
+  if (total <= shown[page]) return "";
+  return '<p class="hint">' + shown[page] + " of " + total + ' shown; filter to narrow. ' +
+    '<button type="button" data-more="' + page + '" data-key="more-' + page + '">Show ' +
+    Math.min(ROW_STEP, total - shown[page]) + " more</button></p>";
+}
+
+document.addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-more]");
+  if (!button) return;
+  shown[button.dataset.more] += ROW_STEP;
+  redraw();
+});
+
 const backendSort = { key: "name", dir: 1 };
 pages.backends = {
   frame: () => "<h1>Backends</h1>" +
@@ -528,14 +575,14 @@ pages.backends = {
         '" data-key="sort-' + key + '">' + esc(label) + "</button></th>";
     }).join("");
     region("table", '<table id="backends"><thead><tr>' + head + "</tr></thead><tbody>" +
-      rows.map((row) => '<tr data-backend="' + esc(row.name) + '"><th scope="row"><a href="#/backend/' +
+      rows.slice(0, shown.backends).map((row) => '<tr data-backend="' + esc(row.name) + '"><th scope="row"><a href="#/backend/' +
         encodeURIComponent(row.entry.id) + '" data-key="b-' + esc(row.entry.id) + '">' +
         esc(row.name) + "</a></th><td>" + esc(row.type) + "</td><td class=\"url\">" + esc(row.url) +
         '</td><td><span class="pill ' + row.health + '">' + row.health + "</span></td><td class=\"err\">" +
         esc(row.error) + "</td><td>" + row.present + " / " + row.declared + "</td><td>" +
         esc(row.drift) + "</td><td>" + (row.latency === null ? "-" : esc(row.latency) + " ms") +
         "</td></tr>").join("") + "</tbody></table>" +
-      (rows.length ? "" : "<p>No backend matches.</p>"));
+      (rows.length ? moreRows("backends", rows.length) : "<p>No backend matches.</p>"));
   },
 };
 
@@ -596,7 +643,7 @@ pages.matrix = {
     const rows = entries().filter((e) => !filter || e.name.toLowerCase().includes(filter));
     region("matrix", '<table id="matrix" class="matrix"><thead><tr><th scope="col">backend</th>' +
       columns.map((m) => '<th scope="col">' + esc(m) + "</th>").join("") + "</tr></thead><tbody>" +
-      rows.map((entry) => '<tr><th scope="row"><a href="#/backend/' + encodeURIComponent(entry.id) +
+      rows.slice(0, shown.matrix).map((entry) => '<tr><th scope="row"><a href="#/backend/' + encodeURIComponent(entry.id) +
         '">' + esc(entry.name) + "</a>" + (entry.error ? ' <span class="pill error" title="' +
         esc(entry.error) + '">error</span>' : "") + "</th>" +
         columns.map((m) => {
@@ -604,7 +651,7 @@ pages.matrix = {
           return '<td class="cell ' + cell.word + '" data-backend="' + esc(entry.name) +
             '" data-model="' + esc(m) + '" data-status="' + cell.word + '" title="' +
             esc(cellText(cell)) + '">' + esc(cellText(cell)) + "</td>";
-        }).join("") + "</tr>").join("") + "</tbody></table>");
+        }).join("") + "</tr>").join("") + "</tbody></table>" + moreRows("matrix", rows.length));
   },
 };
 
