@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from runtimestate import OPENAI_KEY
 from runtimestate.api import ApiContext, create_app
 from runtimestate.bus import Messenger
-from runtimestate.records import OPENAI_KEY
 from runtimestate.store import Store
 
 TOKEN = "test-token-0123456789"

@@ -1,5 +1,5 @@
-"""Driver pieces without a store: name normalization, the pure plan step, the registry, and the
-shared HTTP client's bounded reads and error translation against the emulator's faults."""
+"""Driver pieces without a store: name normalization, the pure plan step, and the shared HTTP
+client's bounded reads and error translation against the emulator's faults."""
 
 from __future__ import annotations
 
@@ -11,23 +11,13 @@ import pytest
 
 from runtimestate.backends import (
     ActionKind,
-    BackendPlan,
     Capabilities,
-    CycleContext,
     Declared,
-    Driver,
     DriverOptions,
     HttpClient,
     cloud_key,
-    driver_types,
     ollama_key,
-    register,
 )
-from runtimestate.backends import base as backends_base
-from runtimestate.backends.gemini import gemini_models_url
-from runtimestate.backends.ollama import OllamaDriver, OllamaInventory, parse_show
-from runtimestate.backends.vllm import VllmDriver, openai_models_url, parse_models
-from runtimestate.bus import open_bus
 from runtimestate.clock import FakeClock
 from runtimestate.errors import (
     BackendError,
@@ -38,9 +28,13 @@ from runtimestate.errors import (
     RateLimited,
     ServerError,
 )
+from runtimestate.kinds.gemini.api import models_url as gemini_models_url
+from runtimestate.kinds.ollama.driver import OllamaDriver, OllamaInventory, parse_show
+from runtimestate.kinds.openai_api import ServerListing, parse_models
+from runtimestate.kinds.openai_api import models_url as openai_models_url
+from runtimestate.kinds.vllm import VllmDriver
 from runtimestate.records import ListModelResponse
-from runtimestate.state import State
-from runtimestate.store import Backend, Model, open_store
+from runtimestate.store import Backend, Model
 from runtimestate.testing import Emulator
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
@@ -157,50 +151,6 @@ def test_ollama_plan_is_pure_and_complete() -> None:
     assert [a.model for a in driver.plan(declared, all_refused).actions] == ["phi3", "junk:1b"]
 
 
-def test_every_type_is_registered_once() -> None:
-    assert set(driver_types()) >= {"ollama", "vllm", "openai", "gemini"}
-
-    class Impostor(OllamaDriver):
-        type_name = "ollama"
-
-    with pytest.raises(ValueError, match="already has driver"):
-        register(Impostor)
-
-
-async def test_a_new_type_is_one_registered_class(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backends_base, "_REGISTRY", dict(backends_base._REGISTRY))
-
-    @register
-    class Static(Driver[int]):
-        """A backend type that needs no I/O: proves State has no switch over types."""
-
-        type_name = "static"
-
-        async def observe(self, ctx: CycleContext, declared: Declared) -> int:
-            return len(declared.models)
-
-        def plan(self, declared: Declared, observed: int) -> BackendPlan:
-            state = declared.base_state().model_copy(update={"error": f"{observed} models"})
-            return BackendPlan(
-                backend_id=declared.backend.id,
-                backend_name=declared.backend.name,
-                actions=(),
-                state=state,
-            )
-
-    store = await open_store("sqlite:///:memory:")
-    bus = await open_bus(None)
-    try:
-        await store.create_backend(name="s", base_url="static://s", type="static")
-        await store.append_model(model="llama3")
-        async with State(store, bus) as state:
-            await state.run_backend_cycle()
-            assert [s.error for s in state.get().values()] == ["1 models"]
-    finally:
-        await bus.close()
-        await store.close()
-
-
 @pytest.fixture
 async def http() -> AsyncIterator[HttpClient]:
     client = HttpClient(timeout=1.0, max_body_bytes=64 * 1024, max_line_bytes=4096)
@@ -297,7 +247,7 @@ def test_vllm_lora_adapters_take_their_base_models_context() -> None:
     )
     driver = VllmDriver(DriverOptions(clock=FakeClock()))
     declared = Declared(backend=backend(type="vllm"), models=(model("base"), model("adapter")))
-    plan = driver.plan(declared, served)
+    plan = driver.plan(declared, ServerListing(models=served))
     assert plan.state.error == ""
     assert [(m.name, m.context_length) for m in plan.state.pulled_models] == [
         ("base", 8192),

@@ -22,6 +22,7 @@ import httpx
 import httpx2
 import pytest
 
+from runtimestate.backends import HttpClient
 from runtimestate.clock import FakeClock
 from runtimestate.errors import (
     AllCoolingDown,
@@ -46,6 +47,7 @@ from runtimestate.providers import (
 from runtimestate.providers.limits import ResponseTooLarge, bounded_transport
 from runtimestate.records import BackendInfo, ListModelResponse, LLMState
 from runtimestate.resolver import Resolver, ResolveRequest
+from runtimestate.status import status_error_class
 from runtimestate.testing import EmulatedBackend, Emulator, GeminiModel
 
 OPENAI_KEY = "sk-test-0123456789abcdef"
@@ -682,3 +684,41 @@ async def test_clients_feed_the_latency_average_that_lowest_latency_reads(fleet:
     assert set(picks[:2]) == {"slow", "fast"}  # unmeasured backends are tried first
     assert picks[2:] == ["fast"] * 4
     assert pool.health.latency("slow") >= 0.05 > pool.health.latency("fast")
+
+
+# Every error status the emulated servers can send, with their own error bodies: what both HTTP
+# stacks (the drivers' aiohttp session, each kind's SDK client) must read the same way.
+ERROR_STATUSES = (400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 501, 502, 503, 504)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_both_http_stacks_classify_every_status_alike(
+    fleet: Fleet, pool: ClientPool, kind: str
+) -> None:
+    backend = fleet.backends[kind]
+    client = await client_for(fleet, pool, kind)
+    http = HttpClient(timeout=5.0)
+    seen: dict[int, tuple[type[BackendError], type[BackendError]]] = {}
+    try:
+        for status in ERROR_STATUSES:
+            backend.faults.clear()
+            backend.faults.fail(status=status)
+            with pytest.raises(BackendError) as by_driver:
+                await http.request_bytes("GET", backend.base_url + "/anything")
+            with pytest.raises(BackendError) as by_client:
+                await client.chat(USER)
+            seen[status] = (type(by_driver.value), type(by_client.value))
+    finally:
+        backend.faults.clear()
+        await http.aclose()
+    expected = {status: (status_error_class(status),) * 2 for status in ERROR_STATUSES}
+    assert seen == expected
+    assert seen[403] == (KeyRejected, KeyRejected)
+
+
+def test_the_status_table_says_what_to_do() -> None:
+    assert [status_error_class(s) for s in (301, 307)] == [ProtocolError, ProtocolError]
+    assert [status_error_class(s) for s in (401, 403)] == [KeyRejected, KeyRejected]
+    assert status_error_class(429) is RateLimited
+    assert [status_error_class(s) for s in (400, 404, 413, 422)] == [BadRequest] * 4
+    assert [status_error_class(s) for s in (500, 502, 503, 504, 600)] == [ServerError] * 5

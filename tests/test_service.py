@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
+from runtimestate import OPENAI_KEY
 from runtimestate.errors import RuntimeStateError
 from runtimestate.logging import configure_logging
-from runtimestate.records import OPENAI_KEY
 from runtimestate.service import RoutineCrashed, Service, serve
 from runtimestate.settings import LogFormat, Settings
 from runtimestate.state import State

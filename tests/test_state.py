@@ -18,10 +18,10 @@ from datetime import timedelta
 import pytest
 
 from runtimestate.backends import HttpClient
-from runtimestate.backends.vllm import VllmDriver
 from runtimestate.bus import Messenger
 from runtimestate.downloads import MODEL_DOWNLOAD, lease_name
 from runtimestate.errors import InvalidInput, StoreError
+from runtimestate.kinds.vllm import VllmDriver
 from runtimestate.metrics import BACKEND_FAILURES, MODELS_DELETED
 from runtimestate.records import LLMState
 from runtimestate.state import State
@@ -490,11 +490,36 @@ async def test_vllm_with_an_api_key_says_so(store: Store, bus: Messenger, emu: E
         await state.run_backend_cycle()
         observed = state.get()[backend.id]
     assert observed.error == (
-        "the vLLM server requires an API key (--api-key), which runtimestate does not send"
+        "the vLLM server requires an API key (--api-key): store it as the backend's credential"
         " (HTTP 401)"
     )
     assert observed.pulled_models == ()
     assert [r.headers.get("Authorization") for r in locked.requests] == [None]
+
+
+async def test_vllm_is_listed_with_its_backend_credential(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    secret = "vllm-secret-0123456789"
+    locked = emu.add_vllm("locked", model="m", api_key=secret)
+    backend = await store.create_backend(name="locked", base_url=locked.base_url, type="vllm")
+    await store.append_model(model="m")
+    await store.set_kv(f"backend-credential:{backend.id}", {"APIKey": secret, "Type": "vllm"})
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        observed = state.get()[backend.id]
+        assert observed.error == ""
+        assert [m.model for m in observed.pulled_models] == ["m"]
+        assert observed.api_key == secret
+        await store.set_kv(
+            f"backend-credential:{backend.id}", {"APIKey": "wrong-0123456789", "Type": "vllm"}
+        )
+        await state.run_backend_cycle()
+        assert state.get()[backend.id].error == ("the backend credential was rejected (HTTP 401)")
+    assert [r.headers.get("Authorization") for r in locked.requests] == [
+        f"Bearer {secret}",
+        "Bearer wrong-0123456789",
+    ]
 
 
 async def test_pools_aggregate_models_and_leave_unpooled_backends_alone(

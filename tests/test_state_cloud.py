@@ -13,10 +13,11 @@ import logging
 
 import pytest
 
-from runtimestate.backends.gemini import GeminiDriver
+from runtimestate import GEMINI_KEY, OPENAI_KEY
 from runtimestate.bus import Messenger
 from runtimestate.clock import FakeClock
-from runtimestate.records import GEMINI_KEY, OPENAI_KEY, ProviderConfig
+from runtimestate.kinds.gemini.driver import GeminiDriver
+from runtimestate.records import ProviderConfig
 from runtimestate.state import State
 from runtimestate.store import Store
 from runtimestate.testing import Emulator, GeminiModel

@@ -15,10 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from runtimestate.records import (
-    GEMINI_KEY,
-    OPENAI_KEY,
     PROVIDER_KEY_PREFIX,
-    BackendType,
     ListModelResponse,
     LLMState,
     ModelDetails,
@@ -28,6 +25,9 @@ from runtimestate.records import (
 if TYPE_CHECKING:
     from runtimestate.backends import BackendPlan
     from runtimestate.bus import Messenger, open_bus
+    from runtimestate.kinds import BackendType
+    from runtimestate.kinds.gemini import GEMINI_KEY
+    from runtimestate.kinds.openai import OPENAI_KEY
     from runtimestate.providers import Provider, ProviderFromRuntimeState, local_provider_adapter
     from runtimestate.resolver import Resolver, ResolveRequest
     from runtimestate.state import State
@@ -60,6 +60,9 @@ __all__ = [
 
 _LAZY = {
     "BackendPlan": "runtimestate.backends",
+    "BackendType": "runtimestate.kinds",
+    "GEMINI_KEY": "runtimestate.kinds.gemini",
+    "OPENAI_KEY": "runtimestate.kinds.openai",
     "Messenger": "runtimestate.bus",
     "open_bus": "runtimestate.bus",
     "Provider": "runtimestate.providers",

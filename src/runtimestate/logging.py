@@ -22,19 +22,29 @@ import logging
 import sys
 import threading
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import TextIO
 
 from runtimestate.errors import redact
-from runtimestate.settings import LogFormat
 
 __all__ = [
     "MIN_SECRET_LENGTH",
     "JSONFormatter",
+    "LogFormat",
     "SecretFilter",
     "TextFormatter",
     "configure_logging",
     "register_secret",
 ]
+
+
+class LogFormat(StrEnum):
+    """How log records are written: one JSON object per line, or a line for humans. Defined
+    here, not with the settings: logging is set up from settings, and must not depend on them."""
+
+    JSON = "json"
+    TEXT = "text"
+
 
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()

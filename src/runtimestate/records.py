@@ -12,6 +12,9 @@ Differences from the seed, each deliberate:
   or server has that nobody declared - apart from ``error``, so that drift never disables a
   backend. Like ``error``, it is omitted from the JSON when empty, so a clean state serializes
   exactly as the seed's.
+* ``LLMState.warnings`` says what the reconciler could not find out but that does not disable
+  the backend (a context length no one declared and the server does not report). Omitted when
+  empty, like ``error``.
 * The API key a state was built with is a private attribute: never serialized, never in repr.
 * :class:`ProviderConfig` keeps its key in a ``SecretStr``; its display form masks the key.
 """
@@ -19,7 +22,6 @@ Differences from the seed, each deliberate:
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from pydantic import (
@@ -36,32 +38,21 @@ from pydantic.alias_generators import to_camel
 from runtimestate.errors import mask_secret
 
 __all__ = [
-    "GEMINI_KEY",
-    "OPENAI_KEY",
+    "BACKEND_CREDENTIAL_PREFIX",
     "PROVIDER_KEY_PREFIX",
     "BackendInfo",
-    "BackendType",
     "LLMState",
     "ListModelResponse",
     "ModelDetails",
     "ProviderConfig",
 ]
 
+# Key-value entries holding keys: one per cloud kind (``cloud-provider:openai``), and one per
+# self-hosted backend that needs one (``backend-credential:<backend id>``), same JSON shape.
 PROVIDER_KEY_PREFIX = "cloud-provider:"
-OPENAI_KEY = PROVIDER_KEY_PREFIX + "openai"
-GEMINI_KEY = PROVIDER_KEY_PREFIX + "gemini"
+BACKEND_CREDENTIAL_PREFIX = "backend-credential:"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-class BackendType(StrEnum):
-    """The backend types this project drives. The store keeps the type as free text so that a
-    row written by another tool with an unknown type is reported, not rejected."""
-
-    OLLAMA = "ollama"
-    VLLM = "vllm"
-    OPENAI = "openai"
-    GEMINI = "gemini"
 
 
 class _SeedModel(BaseModel):
@@ -121,13 +112,14 @@ class LLMState(_SeedModel):
     backend: BackendInfo
     error: str = ""
     undeclared_models: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     _api_key: str | None = PrivateAttr(default=None)
 
     @model_serializer(mode="wrap")
     def _omit_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        for key in ("error", "undeclaredModels", "undeclared_models"):
+        for key in ("error", "undeclaredModels", "undeclared_models", "warnings"):
             if key in data and not data[key]:
                 del data[key]
         return data
@@ -148,7 +140,7 @@ class LLMState(_SeedModel):
 
 
 class ProviderConfig(BaseModel):
-    """A cloud provider's credentials as stored under ``OPENAI_KEY`` / ``GEMINI_KEY``.
+    """A key as stored under ``cloud-provider:<kind>`` or ``backend-credential:<backend id>``.
 
     ``to_storage()`` is the seed's stored shape ``{"APIKey", "Type"}`` with the key in clear -
     only the store sees it. ``model_dump()`` / ``display()`` mask the key.

@@ -38,12 +38,13 @@ from importlib.metadata import version as package_version
 import uvicorn
 from fastapi import FastAPI
 
+from runtimestate import kinds
 from runtimestate.api import ApiContext, create_app
 from runtimestate.bus import open_bus
 from runtimestate.clock import SYSTEM_CLOCK, Clock
 from runtimestate.errors import NotFound, RuntimeStateError
 from runtimestate.logging import configure_logging, register_secret
-from runtimestate.records import GEMINI_KEY, OPENAI_KEY, ProviderConfig
+from runtimestate.records import ProviderConfig
 from runtimestate.runner import CircuitBreaker, Runner, while_true
 from runtimestate.settings import Settings, load_or_create_token, token_path
 from runtimestate.state import State
@@ -108,7 +109,7 @@ def _bind(host: str, port: int) -> socket.socket:
 async def _register_provider_keys(store: Store) -> None:
     """Mask the stored cloud keys in every log line from the start (keys set later through the
     API are registered there)."""
-    for key in (OPENAI_KEY, GEMINI_KEY):
+    for key in (kind.provider_key for kind in kinds.cloud_kinds()):
         try:
             config = ProviderConfig.from_storage((await store.get_kv(key)).value)
         except NotFound:

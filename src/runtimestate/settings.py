@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import os
 import secrets
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from platformdirs import user_data_dir
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from runtimestate.logging import LogFormat
 
 __all__ = [
     "ENV_PREFIX",
@@ -41,13 +42,6 @@ ENV_PREFIX = "RUNTIMESTATE_"
 TOKEN_FILE = "token"  # noqa: S105 - a file name, not a credential
 DATABASE_FILE = "runtimestate.db"
 _LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
-
-
-class LogFormat(StrEnum):
-    """How log records are written: one JSON object per line, or a line for humans."""
-
-    JSON = "json"
-    TEXT = "text"
 
 
 def default_data_dir() -> Path:

@@ -7,11 +7,17 @@ A backend cycle reads the declaration once (all backends and models, or the pool
 backends and models), reads the download leases, the pending jobs and the held-back pulls once
 (``pull_retry_after``: see :mod:`runtimestate.downloads`), then reconciles **every backend
 concurrently**: at most ``concurrency`` at a time, each under its own ``backend_timeout``, so a
-dead backend costs the cycle at most that timeout and never delays the others (the seed went
-one backend after another). Each backend goes through its type's driver (observe, plan, act;
-see :mod:`runtimestate.backends.base`); an unknown type, a timeout or any error becomes that
-backend's ``error``, a log line on ``runtimestate.state`` and a metric - never an exception out
-of the cycle. Only a failure to read the declaration itself raises.
+dead backend costs the cycle at most that timeout and never delays the others (the Go
+runtimestate package went one backend after another). Each backend goes through its kind's
+driver (observe, plan, act; see :mod:`runtimestate.backends.base` and :mod:`runtimestate.kinds`).
+
+**The failure contract of both cycles.** A cycle never raises for a peer's failure: an unknown
+type, a timeout, a refused key, a malformed answer or any other error of one backend (or of one
+pull) becomes that backend's ``error`` (or that job's outcome), a log line on
+``runtimestate.state`` and a metric, and the cycle goes on with the others. A cycle raises only
+when it cannot do its own work at all - reading the declaration, the leases or the queue from
+the store - so that its caller (:mod:`runtimestate.runner`) backs off and retries the whole
+cycle.
 
 The snapshot is a dict of frozen :class:`~runtimestate.records.LLMState`, replaced whole at the
 end of a cycle; :meth:`State.get` copies the dict (not the states). That is why it costs well
@@ -33,6 +39,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
+from runtimestate import kinds
 from runtimestate.backends import (
     ActionKind,
     BackendPlan,
@@ -40,10 +47,8 @@ from runtimestate.backends import (
     Declared,
     Driver,
     DriverOptions,
-    HttpClient,
-    driver_types,
-    open_pull,
 )
+from runtimestate.backends.http import HttpClient
 from runtimestate.bus.base import Messenger
 from runtimestate.clock import SYSTEM_CLOCK, Clock
 from runtimestate.downloads import (
@@ -129,8 +134,11 @@ class State:
             clock=clock, delete_undeclared=delete_undeclared, list_cache_ttl=list_cache_ttl
         )
         self._drivers: dict[str, Driver[Any]] = {
-            name: cls(options) for name, cls in driver_types().items()
+            kind.name: kind.driver(options) for kind in kinds.KINDS
         }
+        open_pull = kinds.pull_stream()
+        if open_pull is None:
+            raise RuntimeError("no backend kind pulls models")
         self._downloader = Downloader(
             store,
             messenger,

@@ -1,6 +1,7 @@
 """``/providers``: the API keys of the cloud providers, written once and never shown again.
 
-A key is stored under ``cloud-provider:<type>`` in the seed's shape ``{"APIKey", "Type"}``
+The cloud providers are the cloud kinds of the registry (:func:`runtimestate.kinds.cloud_kinds`).
+A key is stored under ``cloud-provider:<type>`` in the Go package's shape ``{"APIKey", "Type"}``
 (:class:`runtimestate.records.ProviderConfig`); every answer masks it (``****abcd``). A key is
 registered with the log filter as soon as it arrives, so that even a driver's error message that
 quotes it is masked. Nothing here drops the reconciler's provider cache: the reconciler compares
@@ -19,6 +20,7 @@ from enum import StrEnum
 
 from fastapi import APIRouter, status
 
+from runtimestate import kinds
 from runtimestate.api.deps import ApiContext, Context
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import (
@@ -28,7 +30,7 @@ from runtimestate.api.schemas import (
 )
 from runtimestate.errors import NotFound, StoreError, redact
 from runtimestate.logging import register_secret
-from runtimestate.records import PROVIDER_KEY_PREFIX, ProviderConfig
+from runtimestate.records import ProviderConfig
 
 __all__ = ["ProviderType", "router"]
 
@@ -37,13 +39,16 @@ router = APIRouter(tags=["providers"], responses=ERROR_RESPONSES)
 _NOT_FOUND = errors_doc((404, "No key configured"))
 
 
-class ProviderType(StrEnum):
-    OPENAI = "openai"
-    GEMINI = "gemini"
+ProviderType = StrEnum(  # type: ignore[misc]
+    "ProviderType",
+    [(kind.name.upper().replace("-", "_"), kind.name) for kind in kinds.cloud_kinds()],
+    module=__name__,
+)
+"""The cloud kinds, as the ``{provider}`` path parameter accepts them."""
 
 
 def _key(provider: ProviderType) -> str:
-    return PROVIDER_KEY_PREFIX + provider.value
+    return kinds.get(provider.value).provider_key
 
 
 async def _load(ctx: ApiContext, provider: ProviderType) -> ProviderConfig:

@@ -26,8 +26,9 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from runtimestate.kinds import BackendType
 from runtimestate.logging import MIN_SECRET_LENGTH
-from runtimestate.records import BackendInfo, BackendType, ListModelResponse
+from runtimestate.records import BackendInfo, ListModelResponse
 
 __all__ = [
     "NON_BLANK",
@@ -207,6 +208,11 @@ class LLMStateOut(_Camel):
     undeclared_models: list[str] = Field(
         default_factory=list,
         description="Models present that nobody declared (drift); omitted when none.",
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What could not be found out but does not disable the backend (a context "
+        "length nobody declared and the server does not report); omitted when none.",
     )
 
 

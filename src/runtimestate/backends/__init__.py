@@ -1,11 +1,16 @@
-"""Backend drivers, one module per backend type, registered by type name.
+"""The driver framework: the driver contract, the HTTP boundary, what cloud drivers share.
 
-Importing this package imports every driver module, which registers it (see
-:func:`~runtimestate.backends.base.register`); the state layer asks :func:`driver_types` for
-them and never names a type itself.
+The drivers themselves - one per backend kind - live with their kinds in
+:mod:`runtimestate.kinds`. This package imports nothing heavy at import time: the aiohttp
+session (:class:`HttpClient`) is imported on first use (PEP 562), because the CLI reads the
+kinds registry, whose drivers import from here, on every command.
 """
 
-from runtimestate.backends import gemini, ollama, openai, vllm
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from runtimestate.backends.base import (
     Action,
     ActionKind,
@@ -15,12 +20,12 @@ from runtimestate.backends.base import (
     Declared,
     Driver,
     DriverOptions,
-    driver_types,
-    register,
+    backend_credential,
 )
-from runtimestate.backends.http import HttpClient
 from runtimestate.backends.names import cloud_key, ollama_key
-from runtimestate.backends.ollama import open_pull
+
+if TYPE_CHECKING:
+    from runtimestate.backends.http import HttpClient
 
 __all__ = [
     "Action",
@@ -32,13 +37,15 @@ __all__ = [
     "Driver",
     "DriverOptions",
     "HttpClient",
+    "backend_credential",
     "cloud_key",
-    "driver_types",
-    "gemini",
-    "ollama",
     "ollama_key",
-    "open_pull",
-    "openai",
-    "register",
-    "vllm",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HttpClient":
+        value = importlib.import_module("runtimestate.backends.http").HttpClient
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

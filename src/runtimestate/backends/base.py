@@ -8,9 +8,9 @@ A driver turns "one declared backend + the models it should hold" into the obser
 ``act``      performs the actions on the backend and returns the final state.
 
 Splitting them gives :meth:`runtimestate.state.State.plan_backend_cycle` a dry run for free (it
-stops after ``plan``), and makes the decisions testable without a backend. Drivers register by
-type name with :func:`register`; ``backends/__init__.py`` imports every driver module, so adding a
-backend type is adding one module - the state layer has no switch over types.
+stops after ``plan``), and makes the decisions testable without a backend. Each backend kind's
+driver lives in the kind's module and is found through its descriptor (:mod:`runtimestate.kinds`),
+so the state layer has no switch over types.
 
 Errors: ``observe`` and ``act`` raise :class:`~runtimestate.errors.RuntimeStateError` subclasses;
 the caller turns an escaped error into the backend's ``error``. A failure that should not hide
@@ -25,14 +25,20 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from runtimestate.backends.http import HttpClient
+from pydantic import ValidationError
+
 from runtimestate.clock import Clock
-from runtimestate.errors import NotFound
-from runtimestate.records import ListModelResponse, LLMState
+from runtimestate.errors import KeyRejected, NotFound
+from runtimestate.records import ListModelResponse, LLMState, ProviderConfig
 from runtimestate.store.base import Store
 from runtimestate.store.records import Backend, KVEntry, Model
+
+if TYPE_CHECKING:
+    # Only a type here: importing the aiohttp session would make every kind's module (which the
+    # CLI reads for the registry) import aiohttp.
+    from runtimestate.backends.http import HttpClient
 
 __all__ = [
     "Action",
@@ -43,8 +49,7 @@ __all__ = [
     "Declared",
     "Driver",
     "DriverOptions",
-    "driver_types",
-    "register",
+    "backend_credential",
 ]
 
 ObservedT = TypeVar("ObservedT")
@@ -196,9 +201,8 @@ class CycleContext:
 
 
 class Driver(abc.ABC, Generic[ObservedT]):
-    """One backend type. Instances hold the type's caches and live as long as their State."""
-
-    type_name: ClassVar[str]
+    """One backend kind's reconciler. Instances hold the kind's caches and live as long as
+    their State."""
 
     def __init__(self, options: DriverOptions) -> None:
         self.options = options
@@ -233,18 +237,18 @@ class Driver(abc.ABC, Generic[ObservedT]):
         )
 
 
-_REGISTRY: dict[str, type[Driver[Any]]] = {}
-
-
-def register(cls: type[Driver[ObservedT]]) -> type[Driver[ObservedT]]:
-    """Class decorator: make ``cls`` the driver of backends whose type is ``cls.type_name``."""
-    existing = _REGISTRY.get(cls.type_name)
-    if existing is not None and existing is not cls:
-        raise ValueError(f"backend type {cls.type_name!r} already has driver {existing.__name__}")
-    _REGISTRY[cls.type_name] = cls
-    return cls
-
-
-def driver_types() -> Mapping[str, type[Driver[Any]]]:
-    """The registered drivers by type name (a read-only view)."""
-    return dict(_REGISTRY)
+async def backend_credential(ctx: CycleContext, key: str) -> str | None:
+    """The optional key of one self-hosted backend, from the key-value entry ``key`` (the
+    ``{"APIKey", "Type"}`` shape of a provider key); ``None`` when there is none. A malformed
+    entry is :class:`~runtimestate.errors.KeyRejected` - sending no key instead would hide it."""
+    if not key:
+        return None
+    entry = await ctx.kv(key)
+    if entry is None:
+        return None
+    try:
+        api_key = ProviderConfig.from_storage(entry.value).api_key.get_secret_value()
+    except ValidationError:
+        # The validation error quotes its input, which would be the key: not chained.
+        raise KeyRejected("the backend credential entry is malformed") from None
+    return api_key or None

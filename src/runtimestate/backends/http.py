@@ -13,7 +13,8 @@ own, for three reasons:
   more is a :class:`~runtimestate.errors.ProtocolError` "response too large".
 * **One error translation.** aiohttp, socket and JSON errors become the project's
   :class:`~runtimestate.errors.BackendError` tree here, chained with ``from exc``, so a driver
-  only decides what an error *means* for its backend. URLs are redacted before they reach a
+  only decides what an error *means* for its backend; what a status means is decided once, for
+  both HTTP stacks, in :mod:`runtimestate.status`. URLs are redacted before they reach a
   message, since some carry keys in their query or a password in their user-info
   (``https://user:pass@ollama.internal`` behind a proxy with basic auth). A URL that is not
   ``http``/``https`` (``localhost:11434`` without a scheme is the usual slip) is an invalid URL.
@@ -31,16 +32,8 @@ from typing import Any
 
 import aiohttp
 
-from runtimestate.errors import (
-    BackendError,
-    BackendUnreachable,
-    BadRequest,
-    KeyRejected,
-    ProtocolError,
-    RateLimited,
-    ServerError,
-    redact,
-)
+from runtimestate.backends.wire import decode_json, join_url, status_error
+from runtimestate.errors import BackendError, BackendUnreachable, ProtocolError, redact
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -54,41 +47,7 @@ __all__ = [
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
 # How much of an error body goes into a message: enough to read the backend's reason.
-_BODY_EXCERPT = 200
 _NOT_HTTP = "invalid URL {!r}: the scheme must be http or https"
-
-
-def join_url(base_url: str, path: str) -> str:
-    """``base_url`` + ``path`` with exactly one slash between them."""
-    return base_url.rstrip("/") + "/" + path.lstrip("/")
-
-
-def status_error(
-    status: int, body: bytes, *, url: str, secrets: tuple[str, ...] = ()
-) -> BackendError:
-    """The error for an HTTP error ``status``: its class says what to do, its message carries
-    the start of the body (redacted)."""
-    excerpt = redact(body[:_BODY_EXCERPT].decode("utf-8", "replace").strip(), *secrets)
-    shown = redact(url, *secrets)
-    message = f"HTTP {status} from {shown}: {excerpt}" if excerpt else f"HTTP {status} from {shown}"
-    if status == 401:
-        return KeyRejected(message, backend=shown)
-    if status == 429:
-        return RateLimited(message, backend=shown)
-    if 400 <= status < 500:
-        return BadRequest(message, backend=shown)
-    return ServerError(message, backend=shown)
-
-
-def decode_json(body: bytes, *, url: str, secrets: tuple[str, ...] = ()) -> Any:
-    """The JSON value of ``body``; an empty or malformed body is a ``ProtocolError``."""
-    shown = redact(url, *secrets)
-    if not body.strip():
-        raise ProtocolError(f"empty response from {shown}", backend=shown)
-    try:
-        return json.loads(body)
-    except ValueError as exc:
-        raise ProtocolError(f"malformed JSON from {shown}: {exc}", backend=shown) from exc
 
 
 class HttpClient:

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import typer
 
+from runtimestate import kinds
 from runtimestate.cli import render
 from runtimestate.cli.client import ExitCode
 from runtimestate.cli.common import JsonFlag, api, fail, out, say
@@ -26,9 +27,14 @@ __all__ = ["CLOUD_PROVIDERS", "backend_app", "model_app", "pool_app", "provider_
 backend_app = typer.Typer(help="Declare, list and remove backends.", no_args_is_help=True)
 model_app = typer.Typer(help="Declare, list and remove models.", no_args_is_help=True)
 pool_app = typer.Typer(help="Group backends and models into pools.", no_args_is_help=True)
-provider_app = typer.Typer(help="Cloud provider keys (OpenAI, Gemini).", no_args_is_help=True)
+CLOUD_PROVIDERS = tuple(kind.name for kind in kinds.cloud_kinds())
+_CLOUD_CHOICES = " or ".join(CLOUD_PROVIDERS)
+_BACKEND_TYPES = ", ".join(kinds.names())
 
-CLOUD_PROVIDERS = ("openai", "gemini")
+provider_app = typer.Typer(
+    help="Cloud provider keys (" + ", ".join(k.title for k in kinds.cloud_kinds()) + ").",
+    no_args_is_help=True,
+)
 
 _BACKEND_COLUMNS = (("name", "name"), ("type", "type"), ("baseUrl", "base URL"), ("id", "id"))
 _MODEL_COLUMNS = (
@@ -50,8 +56,8 @@ def backend_add(
     name: Annotated[str, typer.Argument(help="Unique name, e.g. gpu-node-1.")],
     base_url: Annotated[str, typer.Argument(help="http(s) URL of the backend's API.")],
     type_: Annotated[
-        str, typer.Option("--type", "-t", help="ollama, vllm, openai or gemini.")
-    ] = "ollama",
+        str, typer.Option("--type", "-t", help=f"One of: {_BACKEND_TYPES}.")
+    ] = kinds.KINDS[0].name,
     as_json: JsonFlag = False,
 ) -> None:
     """Declare a backend."""
@@ -278,11 +284,11 @@ def _read_key(provider: str) -> str:
 @provider_app.command("configure")
 def provider_configure(
     ctx: typer.Context,
-    provider: Annotated[str, typer.Argument(help="openai or gemini.")],
+    provider: Annotated[str, typer.Argument(help=f"{_CLOUD_CHOICES}.")],
 ) -> None:
     """Store a cloud provider's API key (read without echo, or from stdin; never from argv)."""
     if provider not in CLOUD_PROVIDERS:
-        raise fail(f"unknown provider {provider!r}; use openai or gemini", ExitCode.USAGE)
+        raise fail(f"unknown provider {provider!r}; use {_CLOUD_CHOICES}", ExitCode.USAGE)
     key = _read_key(provider)
     if not key:
         raise fail("no API key given (type it at the prompt or pipe it on stdin)", ExitCode.USAGE)
@@ -295,13 +301,13 @@ def provider_configure(
 def provider_status(
     ctx: typer.Context,
     provider: Annotated[
-        str | None, typer.Argument(help="openai or gemini (default: both).")
+        str | None, typer.Argument(help=f"{_CLOUD_CHOICES} (default: all).")
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Whether each cloud provider has a key and what it reaches."""
     if provider is not None and provider not in CLOUD_PROVIDERS:
-        raise fail(f"unknown provider {provider!r}; use openai or gemini", ExitCode.USAGE)
+        raise fail(f"unknown provider {provider!r}; use {_CLOUD_CHOICES}", ExitCode.USAGE)
     statuses: list[dict[str, Any]] = []
     with api(ctx) as client:
         for name in (provider,) if provider else CLOUD_PROVIDERS:

@@ -3,8 +3,10 @@
 ``local_provider_adapter(snapshot)`` turns a snapshot into :class:`Provider` values (one per
 backend type and model, listing every backend that serves it); a :class:`ClientPool` hands out
 :class:`ModelClient` objects (chat, prompt, embed, stream) backed by the official SDKs, and keeps
-the :class:`Health` book the resolver reads. This package imports only ``records``, ``errors``
-and ``clock``; choosing a provider is the resolver's job, one layer up.
+the :class:`Health` book the resolver reads. The client of each backend kind lives with its
+kind (:mod:`runtimestate.kinds`): ``base``, ``limits`` and ``health`` sit below the kinds,
+``pool`` and ``adapter`` - which look kinds up - above them. Choosing a provider is the
+resolver's job, one layer up.
 """
 
 from runtimestate.providers.adapter import (
@@ -19,9 +21,11 @@ from runtimestate.providers.base import (
     ChatResult,
     ModelClient,
     Provider,
+    SdkSource,
     Usage,
 )
 from runtimestate.providers.health import Health, HealthConfig
+from runtimestate.providers.limits import ClientLimits
 from runtimestate.providers.pool import ClientPool
 
 __all__ = [
@@ -29,12 +33,14 @@ __all__ = [
     "Capability",
     "ChatMessage",
     "ChatResult",
+    "ClientLimits",
     "ClientPool",
     "Health",
     "HealthConfig",
     "ModelClient",
     "Provider",
     "ProviderFromRuntimeState",
+    "SdkSource",
     "Usage",
     "build_providers",
     "local_provider_adapter",

@@ -8,7 +8,8 @@ account with no providers at all. Here:
   backend that serves the model and a policy can spread load over them;
 * a backend is skipped only when ``error`` is set (a failure); ``undeclared_models`` is drift and
   does not disable it;
-* a model with no capability yields no provider, and a backend type without a client is skipped;
+* a model with no capability yields no provider, and a backend of a type that is not a
+  registered kind (:mod:`runtimestate.kinds`) is skipped;
 * when backends disagree about a model (a restarted node with a different build), the provider
   takes the smallest context length and only the capabilities every backend reports, so that a
   request the resolver routes to any of them is served.
@@ -24,9 +25,10 @@ import itertools
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+from runtimestate import kinds
 from runtimestate.errors import InvalidInput
 from runtimestate.providers.base import BackendRef, Capability, Provider
-from runtimestate.records import BackendType, ListModelResponse, LLMState
+from runtimestate.records import ListModelResponse, LLMState
 
 __all__ = ["ProviderFromRuntimeState", "build_providers", "local_provider_adapter"]
 
@@ -61,7 +63,7 @@ class _Group:
 
 def build_providers(snapshot: Mapping[str, LLMState]) -> list[Provider]:
     """Every provider in ``snapshot``, ordered by type then model name (deterministic)."""
-    known = {t.value for t in BackendType}
+    known = frozenset(kinds.names())
     groups: dict[tuple[str, str], _Group] = {}
     for backend_id in sorted(snapshot):
         state = snapshot[backend_id]
@@ -111,7 +113,7 @@ def local_provider_adapter(snapshot: Mapping[str, LLMState]) -> ProviderFromRunt
     that a typo does not read as "nothing is running".
     """
     providers = build_providers(snapshot)
-    known = {t.value for t in BackendType}
+    known = frozenset(kinds.names())
 
     async def providers_for(*backend_types: str) -> list[Provider]:
         unknown = sorted(set(backend_types) - known)

@@ -6,7 +6,7 @@ model (the seed made one provider per model per backend). Providers are frozen, 
 built from a snapshot; they hold no connection.
 
 :class:`ModelClient` is the per-(provider, backend) client handed out by the resolver. The
-per-type modules (``ollama``, ``openai``, ``gemini``) only implement four small hooks; this base
+per-kind clients only implement four small hooks; this base
 class owns what must be identical across types and therefore lives in one place:
 
 * the capability check, raised as :class:`~runtimestate.errors.Unsupported` before any request,
@@ -21,9 +21,11 @@ class owns what must be identical across types and therefore lives in one place:
   ``max_stream_chars``) turns a stream that never ends - a model looping on its output, which no
   idle timeout catches - into :class:`~runtimestate.errors.ProtocolError`.
 
-The SDK client behind a ``ModelClient`` is fetched lazily from the shared
-:class:`~runtimestate.providers.pool.ClientPool` on the first call, so resolving a client does
-no I/O and allocates almost nothing.
+A client is handed what it works with as values - its :class:`~.limits.ClientLimits`, the
+:class:`~.health.Health` book, and an :class:`SdkSource` that builds or reuses its SDK client
+(the :class:`~runtimestate.providers.pool.ClientPool` in practice) - so this module knows nothing
+of the pool. The SDK client is fetched on the first call, so resolving a client does no I/O and
+allocates almost nothing. The per-kind clients live with their kinds (:mod:`runtimestate.kinds`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from runtimestate.errors import (
     BackendError,
@@ -44,10 +46,8 @@ from runtimestate.errors import (
     Unsupported,
     redact,
 )
-from runtimestate.providers.limits import ResponseTooLarge
-
-if TYPE_CHECKING:
-    from runtimestate.providers.pool import ClientPool
+from runtimestate.providers.health import Health
+from runtimestate.providers.limits import ClientLimits, ResponseTooLarge
 
 __all__ = [
     "BackendRef",
@@ -56,6 +56,7 @@ __all__ = [
     "ChatResult",
     "ModelClient",
     "Provider",
+    "SdkSource",
     "Usage",
 ]
 
@@ -189,16 +190,34 @@ def _in_chain(exc: BaseException, kind: type[ResponseTooLarge]) -> ResponseTooLa
     return None
 
 
+class SdkSource(Protocol):
+    """Builds SDK clients and shares them: one per (client class, backend URL, key)."""
+
+    def sdk_client(self, backend: BackendRef, factory: type[ModelClient]) -> Any:
+        """The SDK client for ``backend``, built with ``factory.create_sdk`` on first use."""
+        ...
+
+
 class ModelClient(ABC):
     """Chat, prompt, embed and stream against one backend for one provider."""
 
     # The SDK exceptions this client translates; anything else is a bug and propagates.
     translated: ClassVar[tuple[type[BaseException], ...]] = ()
 
-    def __init__(self, *, provider: Provider, backend: BackendRef, pool: ClientPool) -> None:
+    def __init__(
+        self,
+        *,
+        provider: Provider,
+        backend: BackendRef,
+        limits: ClientLimits,
+        health: Health,
+        sdks: SdkSource,
+    ) -> None:
         self.provider = provider
         self.backend = backend
-        self._pool = pool
+        self._limits = limits
+        self._health = health
+        self._sdks = sdks
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.provider.model!r}, backend={self.backend.id!r})"
@@ -250,9 +269,9 @@ class ModelClient(ABC):
             raise InvalidInput("stream takes either messages or a prompt", field="messages")
         msgs = None if messages is None else _messages(messages)
         prompt, system = _optional_text(prompt, "prompt"), _optional_text(system, "system")
-        idle = self._pool.stream_idle_timeout
-        budget = self._pool.max_stream_chars
-        async with self._pool.health.track(self.backend.id) as call:
+        idle = self._limits.stream_idle_timeout
+        budget = self._limits.max_stream_chars
+        async with self._health.track(self.backend.id) as call:
             try:
                 async with aclosing(self._stream(msgs, prompt, system)) as chunks:
                     while True:
@@ -272,7 +291,7 @@ class ModelClient(ABC):
                             if budget < 0:
                                 # Raised inside ``aclosing``: the SDK stream and its HTTP
                                 # response are closed before the error reaches the caller.
-                                limit = self._pool.max_stream_chars
+                                limit = self._limits.max_stream_chars
                                 raise ProtocolError(
                                     f"{self._where()}: stream exceeded {limit} characters",
                                     backend=self.backend.base_url,
@@ -290,8 +309,8 @@ class ModelClient(ABC):
         The SDKs' own timeouts are per phase (connect, each read), so a server that drips bytes
         never trips them; ``asyncio.timeout`` bounds the whole call.
         """
-        timeout = self._pool.timeout
-        async with self._pool.health.track(self.backend.id):
+        timeout = self._limits.timeout
+        async with self._health.track(self.backend.id):
             try:
                 async with asyncio.timeout(timeout):
                     yield
@@ -328,7 +347,7 @@ class ModelClient(ABC):
         return cls(text, backend=self.backend.base_url)
 
     def _sdk(self) -> Any:
-        return self._pool.sdk_client(self.backend)
+        return self._sdks.sdk_client(self.backend, type(self))
 
     @classmethod
     @abstractmethod

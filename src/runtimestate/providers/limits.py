@@ -1,4 +1,8 @@
-"""A bound on response bodies, as an HTTP transport wrapped around the SDKs' own.
+"""The limits every model client works within, and the body bound as an HTTP transport.
+
+:class:`ClientLimits` is what a client is handed (by value: a client never reaches back into
+the pool that made it): the overall timeout of a call, the idle timeout of a stream, the most
+text one stream may deliver and the largest non-streamed body.
 
 The SDKs read a whole non-streamed body into memory before they parse it, with no limit, so a
 broken or hostile backend could answer a chat with gigabytes. Each SDK client is therefore built
@@ -21,14 +25,42 @@ with the same transport API, and a response stream must subclass the package's o
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
 from typing import Any
 
-__all__ = ["STREAM_TYPES", "ResponseTooLarge", "bounded_transport"]
+from runtimestate.errors import InvalidInput
+
+__all__ = ["STREAM_TYPES", "ClientLimits", "ResponseTooLarge", "bounded_transport"]
 
 # Content types that are read incrementally by the SDKs and bounded at the text level instead.
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClientLimits:
+    """The bounds of every call a model client makes."""
+
+    timeout: float = 60.0
+    """Seconds one non-streamed call may take, end to end."""
+    stream_idle_timeout: float = 30.0
+    """Seconds a stream may go without a chunk."""
+    max_stream_chars: int = 4_000_000
+    """The most text one stream may deliver. A stream has no overall timeout (an answer may
+    take minutes), only an idle one, so a model that never stops generating would stream forever
+    into the caller's memory; 4M characters is about a million tokens, beyond any context."""
+    max_body_bytes: int = 128 * 1024 * 1024
+    """The largest non-streamed body. The SDKs read it whole; 128 MiB leaves room for the
+    largest embedding batches (2,048 texts of 3,072 dimensions) and stops a runaway answer."""
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0 or self.stream_idle_timeout <= 0:
+            raise InvalidInput("timeouts must be positive", field="timeout")
+        if self.max_stream_chars < 1:
+            raise InvalidInput("max_stream_chars must be positive", field="max_stream_chars")
+        if self.max_body_bytes < 1:
+            raise InvalidInput("max_body_bytes must be positive", field="max_body_bytes")
 
 
 class ResponseTooLarge(Exception):

@@ -33,15 +33,15 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from runtimestate import kinds
 from runtimestate.errors import AllCoolingDown, InvalidInput, NoProvider
 from runtimestate.providers import BackendRef, Capability, ClientPool, ModelClient, Provider
-from runtimestate.records import BackendType
 from runtimestate.resolver.names import name_keys
 from runtimestate.resolver.policies import POLICIES, Choice
 
 __all__ = ["Resolution", "ResolveRequest", "Resolver"]
 
-_TYPES = frozenset(t.value for t in BackendType)
+_TYPES = frozenset(kinds.names())
 # How many available models a NoProvider message lists before summarising the rest.
 _LISTED = 200
 # How many cooling backends an AllCoolingDown message names (a wide request may match thousands).

@@ -1,8 +1,9 @@
-"""Chat, prompt, embed and stream against OpenAI and vLLM through ``openai.AsyncOpenAI``.
+"""Chat, prompt, embed and stream over the OpenAI protocol through ``openai.AsyncOpenAI``.
 
-vLLM speaks the OpenAI protocol, so one client class serves both; they differ only in the key
-(vLLM often runs without one, but the SDK insists on a key, so a placeholder is sent) and in
-error bodies, which the SDK already maps to status-specific exception classes. Retries are off
+The client of every kind that speaks the protocol - OpenAI itself, vLLM, any OpenAI-compatible
+server - since they differ only in the key (a self-hosted server often runs without one, but the
+SDK insists on a key, so a placeholder is sent) and in error bodies; what an error status means
+is :func:`runtimestate.status.status_error_class`, as for the drivers. Retries are off
 (``max_retries=0``): retrying, cooling down and choosing another backend is the resolver's job,
 and SDK retries would hide failures from its health book.
 
@@ -25,28 +26,16 @@ import openai
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from runtimestate.errors import (
-    BackendError,
-    BackendUnreachable,
-    KeyRejected,
-    ProtocolError,
-    RateLimited,
-    ServerError,
-)
+from runtimestate.errors import BackendError, BackendUnreachable, ProtocolError, ServerError
+from runtimestate.kinds.openai_api import openai_root
 from runtimestate.providers.base import BackendRef, ChatMessage, ChatResult, ModelClient, Usage
 from runtimestate.providers.limits import bounded_transport
-from runtimestate.providers.ollama import classify_status
+from runtimestate.status import status_error_class
 
-__all__ = ["OpenAIClient", "openai_api_root"]
+__all__ = ["OpenAIClient"]
 
 # The SDK refuses to start without a key; keyless vLLM servers ignore whatever is sent.
 _PLACEHOLDER_KEY = "no-key"
-
-
-def openai_api_root(base_url: str) -> str:
-    """The API root the SDK wants: the declared URL with ``/v1`` appended unless present."""
-    root = base_url.rstrip("/")
-    return root if root.endswith("/v1") else root + "/v1"
 
 
 def _wire(messages: list[ChatMessage]) -> list[ChatCompletionMessageParam]:
@@ -62,11 +51,11 @@ class OpenAIClient(ModelClient):
         # The SDK's default HTTP client (its timeouts, pool limits), on a bounded transport.
         http = openai.DefaultAsyncHttpxClient(
             timeout=timeout,
-            follow_redirects=False,  # the SDK's default is True; see classify_status
+            follow_redirects=False,  # the SDK's default is True; see runtimestate.status
             transport=bounded_transport(httpx2, max_body_bytes),
         )
         return openai.AsyncOpenAI(
-            base_url=openai_api_root(backend.base_url),
+            base_url=openai_root(backend.base_url),
             api_key=backend.api_key or _PLACEHOLDER_KEY,
             timeout=timeout,
             max_retries=0,
@@ -80,12 +69,8 @@ class OpenAIClient(ModelClient):
     def _classify(self, exc: BaseException) -> tuple[type[BackendError], str]:
         if isinstance(exc, openai.APIConnectionError):
             return BackendUnreachable, f"unreachable: {type(exc).__name__}: {exc}"
-        if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-            return KeyRejected, f"key rejected: HTTP {exc.status_code}: {exc.message}"
-        if isinstance(exc, openai.RateLimitError):
-            return RateLimited, f"rate limited: {exc.message}"
         if isinstance(exc, openai.APIStatusError):
-            return classify_status(exc.status_code), f"HTTP {exc.status_code}: {exc.message}"
+            return status_error_class(exc.status_code), f"HTTP {exc.status_code}: {exc.message}"
         if isinstance(exc, openai.APIResponseValidationError | json.JSONDecodeError):
             return ProtocolError, f"malformed response: {type(exc).__name__}"
         if isinstance(exc, openai.APIError):

@@ -1,4 +1,4 @@
-"""The Ollama driver: keep a node's inventory equal to its declared models.
+"""The Ollama kind's driver: keep a node's inventory equal to its declared models.
 
 ``observe`` lists ``/api/tags`` and, for declared models whose context length or capabilities
 are not declared, asks ``/api/show`` - once per digest, since a digest names immutable content, so
@@ -28,7 +28,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -41,13 +41,15 @@ from runtimestate.backends.base import (
     Declared,
     Driver,
     DriverOptions,
-    register,
 )
-from runtimestate.backends.http import HttpClient, decode_json, join_url
 from runtimestate.backends.names import ollama_key
+from runtimestate.backends.wire import decode_json, join_url
 from runtimestate.errors import BackendError, ProtocolError, RuntimeStateError
 from runtimestate.metrics import MODELS_DELETED
 from runtimestate.records import ListModelResponse, LLMState
+
+if TYPE_CHECKING:
+    from runtimestate.backends.http import HttpClient
 
 __all__ = ["OllamaDriver", "OllamaInventory", "open_pull", "parse_show"]
 
@@ -119,10 +121,7 @@ def open_pull(
     )
 
 
-@register
 class OllamaDriver(Driver[OllamaInventory]):
-    type_name = "ollama"
-
     def __init__(self, options: DriverOptions) -> None:
         super().__init__(options)
         self._show_cache: dict[str, Capabilities] = {}

@@ -27,37 +27,12 @@ import httpx
 import ollama
 import pydantic
 
-from runtimestate.errors import (
-    BackendError,
-    BackendUnreachable,
-    BadRequest,
-    KeyRejected,
-    ProtocolError,
-    RateLimited,
-    ServerError,
-)
+from runtimestate.errors import BackendError, BackendUnreachable, ProtocolError, ServerError
 from runtimestate.providers.base import BackendRef, ChatMessage, ChatResult, ModelClient, Usage
 from runtimestate.providers.limits import bounded_transport
+from runtimestate.status import status_error_class
 
-__all__ = ["OllamaClient", "classify_status"]
-
-
-def classify_status(status: int) -> type[BackendError]:
-    """The project error class for an HTTP status a backend answered with.
-
-    A redirect is a :class:`ProtocolError`: no client follows one (an inference API has no
-    reason to send one, and following it would carry the request - and a key in a header
-    such as Gemini's ``x-goog-api-key``, which HTTP clients do not strip - elsewhere).
-    """
-    if 300 <= status < 400:
-        return ProtocolError
-    if status in (401, 403):
-        return KeyRejected
-    if status == 429:
-        return RateLimited
-    if 400 <= status < 500:
-        return BadRequest
-    return ServerError
+__all__ = ["OllamaClient"]
 
 
 def _system(system: str | None) -> dict[str, Any]:
@@ -79,7 +54,7 @@ class OllamaClient(ModelClient):
         return ollama.AsyncClient(
             host=backend.base_url.rstrip("/"),
             timeout=timeout,
-            follow_redirects=False,  # the SDK's default is True; see classify_status
+            follow_redirects=False,  # the SDK's default is True; see runtimestate.status
             transport=bounded_transport(httpx, max_body_bytes),
         )
 
@@ -91,7 +66,7 @@ class OllamaClient(ModelClient):
         if isinstance(exc, ollama.ResponseError):
             if exc.status_code == -1:
                 return ServerError, f"error inside the stream: {exc.error}"
-            return classify_status(exc.status_code), f"HTTP {exc.status_code}: {exc.error}"
+            return status_error_class(exc.status_code), f"HTTP {exc.status_code}: {exc.error}"
         if isinstance(exc, ConnectionError | httpx.TransportError):
             return BackendUnreachable, f"unreachable: {type(exc).__name__}: {exc}"
         return ProtocolError, f"malformed response: {type(exc).__name__}"

@@ -1,38 +1,34 @@
-"""The Gemini driver: page through an account's models with its key from ``GEMINI_KEY``.
+"""The Gemini driver: page through an account's models with the key ``cloud-provider:gemini``.
 
 ``GET <base>/v1beta/models?pageSize=1000`` with ``x-goog-api-key``, following
 ``nextPageToken`` until a page has none. The listing already carries what the reconciler needs -
 ``inputTokenLimit`` (the context length) and ``supportedGenerationMethods`` - so, unlike the
-seed, there is no second request per model. ``generateContent`` means chat, prompt and stream;
-``embedContent`` means embed.
+Go runtimestate package, there is no second request per model. ``generateContent`` means chat,
+prompt and stream; ``embedContent`` means embed.
 
-Gemini answers a bad key with **400** ``API_KEY_INVALID`` (not 401); that, a 401 and a 403 are
-:class:`~runtimestate.errors.KeyRejected` with a message that never repeats the key (the key
-also travels in a header, never in the URL, so it cannot leak through a logged URL).
+Gemini answers a bad key with **400** ``API_KEY_INVALID`` (not 401; see :mod:`.api`); that, a
+401 and a 403 are :class:`~runtimestate.errors.KeyRejected` with a message that never repeats
+the key (the key also travels in a header, never in the URL, so it cannot leak through a logged
+URL).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from runtimestate.backends.base import Capabilities, CycleContext, register
+from runtimestate.backends.base import Capabilities, CycleContext
 from runtimestate.backends.cloud import CloudDriver, CloudModel
-from runtimestate.backends.http import decode_json, join_url, status_error
+from runtimestate.backends.wire import decode_json, status_error
 from runtimestate.errors import KeyRejected, ProtocolError
-from runtimestate.records import GEMINI_KEY
+from runtimestate.kinds.gemini.api import models_url, rejects_key
+from runtimestate.records import PROVIDER_KEY_PREFIX
 
-__all__ = ["GeminiDriver", "gemini_models_url"]
+__all__ = ["NAME", "GeminiDriver"]
+
+NAME = "gemini"
 
 # A server that keeps answering with new tokens must not keep a cycle busy forever.
 _MAX_PAGES = 100
-
-
-def gemini_models_url(base_url: str) -> str:
-    """``/v1beta/models`` under ``base_url``, without doubling a ``/v1beta`` already there."""
-    root = base_url.rstrip("/")
-    if not root.endswith("/v1beta"):
-        root += "/v1beta"
-    return join_url(root, "/models")
 
 
 def parse_model(item: Any, url: str) -> CloudModel:
@@ -55,21 +51,15 @@ def parse_model(item: Any, url: str) -> CloudModel:
     )
 
 
-def _key_rejected(status: int, body: bytes) -> bool:
-    return status in (401, 403) or (status == 400 and b"API_KEY_INVALID" in body)
-
-
-@register
 class GeminiDriver(CloudDriver):
-    type_name = "gemini"
-    kv_key = GEMINI_KEY
+    kv_key = PROVIDER_KEY_PREFIX + NAME
     # The API's maximum: the fewest requests. A class attribute so tests can force paging.
     page_size: ClassVar[int] = 1000
 
     async def list_models(
         self, ctx: CycleContext, base_url: str, api_key: str
     ) -> tuple[CloudModel, ...]:
-        url = gemini_models_url(base_url)
+        url = models_url(base_url)
         models: list[CloudModel] = []
         token = ""
         seen: set[str] = set()
@@ -80,7 +70,7 @@ class GeminiDriver(CloudDriver):
             status, body = await ctx.http.send(
                 "GET", url, headers={"x-goog-api-key": api_key}, params=params, secrets=(api_key,)
             )
-            if _key_rejected(status, body):
+            if status >= 400 and rejects_key(status, body.decode("utf-8", "replace")):
                 raise KeyRejected(f"API key rejected by Gemini (HTTP {status})", backend=base_url)
             if status >= 400:
                 raise status_error(status, body, url=url, secrets=(api_key,))

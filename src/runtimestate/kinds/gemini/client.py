@@ -19,9 +19,9 @@ milliseconds; calls go through ``client.aio``. Three SDK defaults are overridden
 * chat history is mapped to Gemini's roles (``assistant`` -> ``model``) and system messages go
   to ``system_instruction``, which is how the API expects them.
 
-Error mapping follows the API's quirks (see PROTOCOLS.md): a bad key is **400**
+Error mapping follows the API's quirks (see :mod:`.api`): a bad key is **400**
 ``INVALID_ARGUMENT`` / ``API_KEY_INVALID``, not 401, so it is recognised by its text and reason
-before the status-based mapping. Transport failures are httpx2's.
+before the status table of :mod:`runtimestate.status`. Transport failures are httpx2's.
 """
 
 from __future__ import annotations
@@ -44,19 +44,14 @@ from runtimestate.errors import (
     KeyRejected,
     ProtocolError,
 )
+from runtimestate.kinds.gemini.api import VERSION, gemini_root, rejects_key
 from runtimestate.providers.base import BackendRef, ChatMessage, ChatResult, ModelClient, Usage
 from runtimestate.providers.limits import bounded_transport
-from runtimestate.providers.ollama import classify_status
+from runtimestate.status import status_error_class
 
-__all__ = ["GeminiClient", "gemini_root"]
+__all__ = ["GeminiClient"]
 
 _ROLES = {"assistant": "model", "model": "model", "user": "user"}
-
-
-def gemini_root(base_url: str) -> str:
-    """The base URL the SDK wants: without a trailing ``/v1beta`` (it adds the version)."""
-    root = base_url.rstrip("/")
-    return root.removesuffix("/v1beta")
 
 
 def _split(messages: list[ChatMessage]) -> tuple[str | None, list[types.Content]]:
@@ -122,7 +117,7 @@ class GeminiClient(ModelClient):
             api_key=backend.api_key,
             http_options=types.HttpOptions(
                 base_url=gemini_root(backend.base_url),
-                api_version="v1beta",
+                api_version=VERSION,
                 timeout=int(timeout * 1000),
                 retry_options=types.HttpRetryOptions(attempts=1),
                 httpx_async_client=http,
@@ -138,9 +133,9 @@ class GeminiClient(ModelClient):
     def _classify(self, exc: BaseException) -> tuple[type[BackendError], str]:
         if isinstance(exc, genai_errors.APIError):
             text = f"{exc.message or ''} {exc.details!s}"
-            if exc.code in (401, 403) or "API_KEY_INVALID" in text or "API key not valid" in text:
+            if rejects_key(exc.code, text):
                 return KeyRejected, f"key rejected: HTTP {exc.code}: {exc.message}"
-            return classify_status(exc.code), f"HTTP {exc.code} {exc.status}: {exc.message}"
+            return status_error_class(exc.code), f"HTTP {exc.code} {exc.status}: {exc.message}"
         if isinstance(exc, httpx2.RemoteProtocolError):
             return BackendUnreachable, f"stream broken: {type(exc).__name__}"
         if isinstance(exc, httpx2.TransportError | TimeoutError):

@@ -1,0 +1,108 @@
+"""The OpenAI-compatible kind: a self-hosted server that speaks the OpenAI protocol.
+
+llama.cpp's server, LM Studio, LocalAI, TGI and the like: one ``GET <root>/v1/models`` per
+cycle (the shared ``/v1`` rule of :mod:`runtimestate.kinds.openai_api`), with the backend's own
+optional key (``backend-credential:<backend id>``) as ``Authorization: Bearer``. Unlike the
+``openai`` kind there is no 24 h listing cache: a self-hosted server can die or be restarted with
+other models at any time, and a listing that is cached cannot tell - so every cycle asks it.
+Models can be neither pulled nor deleted over the protocol.
+
+* Served models nobody declared are drift (``undeclared_models``), not an error: such servers
+  often serve a directory of models at once.
+* The context length is the declared one, else the listing's ``max_model_len`` when the server
+  reports it; otherwise it is unknown and the state carries a warning saying so - never a silent
+  0, which would exclude the backend from every request with a minimum context.
+* A model declared without capability flags is taken as chat, prompt and stream (an embedding
+  model when its id says ``embedding``), as for the ``openai`` kind.
+"""
+
+from __future__ import annotations
+
+from runtimestate.backends.base import (
+    BackendPlan,
+    Capabilities,
+    CycleContext,
+    Declared,
+    Driver,
+    backend_credential,
+)
+from runtimestate.backends.names import cloud_key
+from runtimestate.backends.wire import decode_json, status_error
+from runtimestate.errors import KeyRejected
+from runtimestate.kinds.base import ClassRef, KeySource, Kind
+from runtimestate.kinds.openai_api import ServerListing, models_url, openai_root, parse_models
+from runtimestate.records import ListModelResponse
+
+__all__ = ["KIND", "OpenAICompatibleDriver"]
+
+_CHAT = Capabilities(can_chat=True, can_prompt=True, can_stream=True)
+_EMBED = Capabilities(can_embed=True)
+
+
+class OpenAICompatibleDriver(Driver[ServerListing]):
+    async def observe(self, ctx: CycleContext, declared: Declared) -> ServerListing:
+        backend = declared.backend
+        api_key = await backend_credential(ctx, KIND.credential_key(backend.id))
+        url = models_url(backend.base_url)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        secrets = (api_key,) if api_key else ()
+        status, body = await ctx.http.send("GET", url, headers=headers, secrets=secrets)
+        if status in (401, 403):
+            detail = "was rejected" if api_key else "is required and none is stored"
+            raise KeyRejected(f"the backend credential {detail} (HTTP {status})", backend=url)
+        if status >= 400:
+            raise status_error(status, body, url=url, secrets=secrets)
+        served = parse_models(decode_json(body, url=url, secrets=secrets), url)
+        return ServerListing(models=served, api_key=api_key)
+
+    def plan(self, declared: Declared, observed: ServerListing) -> BackendPlan:
+        wanted = {cloud_key(m.model): m for m in declared.models}
+        pulled: list[ListModelResponse] = []
+        drift: list[str] = []
+        unknown: list[str] = []
+        for served in observed.models:
+            model = wanted.get(cloud_key(served.id))
+            if model is None:
+                drift.append(served.id)
+                continue
+            flags = _EMBED if "embedding" in served.id else _CHAT
+            discovered = Capabilities(
+                context_length=served.max_model_len or 0,
+                can_chat=flags.can_chat,
+                can_embed=flags.can_embed,
+                can_prompt=flags.can_prompt,
+                can_stream=flags.can_stream,
+            )
+            caps = Capabilities.of(model).merged(discovered)
+            if not caps.context_length:
+                unknown.append(model.model)
+            pulled.append(caps.apply(ListModelResponse(name=model.model, model=served.id)))
+        warnings: tuple[str, ...] = ()
+        if unknown:
+            warnings = (
+                "context length unknown (not declared, not reported by the server): "
+                + ", ".join(unknown),
+            )
+        state = declared.base_state().model_copy(
+            update={
+                "pulled_models": tuple(pulled),
+                "undeclared_models": tuple(drift),
+                "warnings": warnings,
+            }
+        )
+        return BackendPlan(
+            backend_id=declared.backend.id,
+            backend_name=declared.backend.name,
+            actions=(),
+            state=state.with_api_key(observed.api_key),
+        )
+
+
+KIND = Kind(
+    name="openai-compatible",
+    title="OpenAI-compatible server",
+    driver=OpenAICompatibleDriver,
+    client=ClassRef("runtimestate.kinds.openai_client:OpenAIClient"),
+    api_root=openai_root,
+    key_source=KeySource.BACKEND_CREDENTIAL,
+)
