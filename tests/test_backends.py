@@ -3,6 +3,7 @@ client's bounded reads and error translation against the emulator's faults."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -10,6 +11,8 @@ from datetime import UTC, datetime
 import pytest
 
 from runtimestate.backends import (
+    COMPLETION,
+    EMBEDDING,
     ActionKind,
     Capabilities,
     Declared,
@@ -33,7 +36,12 @@ from runtimestate.kinds.ollama.driver import OllamaDriver, OllamaInventory, pars
 from runtimestate.kinds.openai_api import ServerListing, parse_models
 from runtimestate.kinds.openai_api import models_url as openai_models_url
 from runtimestate.kinds.vllm import VllmDriver
-from runtimestate.records import ListModelResponse
+from runtimestate.records import (
+    Capability,
+    ListModelResponse,
+    capabilities_of,
+    capability_flags,
+)
 from runtimestate.store import Backend, Model
 from runtimestate.testing import Emulator
 
@@ -93,24 +101,34 @@ def test_show_capabilities_and_context() -> None:
             "model_info": {"general.architecture": "gemma3", "gemma3.context_length": 131072},
         }
     )
-    assert caps == Capabilities(
-        context_length=131072, can_chat=True, can_prompt=True, can_stream=True
-    )
-    assert parse_show({"capabilities": ["embedding"]}) == Capabilities(can_embed=True)
+    assert caps == Capabilities(context_length=131072, flags=COMPLETION)
+    assert parse_show({"capabilities": ["embedding"]}) == Capabilities(flags=EMBEDDING)
     with pytest.raises(ProtocolError):
         parse_show(["not", "an", "object"])
 
 
 def test_declared_capabilities_win_and_gaps_are_discovered() -> None:
-    discovered = Capabilities(context_length=8192, can_chat=True, can_prompt=True)
+    chat_prompt = frozenset({Capability.CHAT, Capability.PROMPT})
+    discovered = Capabilities(context_length=8192, flags=chat_prompt)
     assert Capabilities(context_length=4096).merged(discovered) == Capabilities(
-        context_length=4096, can_chat=True, can_prompt=True
+        context_length=4096, flags=chat_prompt
     )
-    declared = Capabilities(can_embed=True)
-    assert declared.merged(discovered) == Capabilities(context_length=8192, can_embed=True)
+    declared = Capabilities(flags=EMBEDDING)
+    assert declared.merged(discovered) == Capabilities(context_length=8192, flags=EMBEDDING)
     assert declared.merged(None) == declared
     assert not declared.complete
-    assert Capabilities(context_length=1, can_chat=True).complete
+    assert Capabilities(context_length=1, flags=frozenset({Capability.CHAT})).complete
+
+
+def test_capabilities_convert_to_and_from_the_json_flags_only_at_the_edges() -> None:
+    for flags in itertools.product((False, True), repeat=4):
+        fields = dict(
+            zip(("can_chat", "can_prompt", "can_embed", "can_stream"), flags, strict=True)
+        )
+        listed = ListModelResponse(name="m", model="m", **fields)
+        assert capability_flags(capabilities_of(listed)) == fields
+        assert listed.capabilities == capabilities_of(listed)
+    assert capabilities_of(ListModelResponse(name="m", model="m", can_embed=True)) == EMBEDDING
 
 
 def test_ollama_plan_is_pure_and_complete() -> None:

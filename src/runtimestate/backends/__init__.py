@@ -12,6 +12,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from runtimestate.backends.base import (
+    COMPLETION,
+    EMBEDDING,
     Action,
     ActionKind,
     BackendPlan,
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from runtimestate.backends.http import HttpClient
 
 __all__ = [
+    "COMPLETION",
+    "EMBEDDING",
     "Action",
     "ActionKind",
     "BackendPlan",

@@ -31,7 +31,14 @@ from pydantic import ValidationError
 
 from runtimestate.clock import Clock
 from runtimestate.errors import KeyRejected, NotFound
-from runtimestate.records import ListModelResponse, LLMState, ProviderConfig
+from runtimestate.records import (
+    Capability,
+    ListModelResponse,
+    LLMState,
+    ProviderConfig,
+    capabilities_of,
+    capability_flags,
+)
 from runtimestate.store.base import Store
 from runtimestate.store.records import Backend, KVEntry, Model
 
@@ -41,6 +48,8 @@ if TYPE_CHECKING:
     from runtimestate.backends.http import HttpClient
 
 __all__ = [
+    "COMPLETION",
+    "EMBEDDING",
     "Action",
     "ActionKind",
     "BackendPlan",
@@ -106,57 +115,41 @@ class BackendPlan:
         }
 
 
+COMPLETION = frozenset({Capability.CHAT, Capability.PROMPT, Capability.STREAM})
+"""What a text-generation model does: chat, prompt and stream."""
+EMBEDDING = frozenset({Capability.EMBED})
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Capabilities:
-    """Context length and capability flags of a model, declared or discovered."""
+    """Context length and capabilities of a model, declared or discovered (0: not known)."""
 
     context_length: int = 0
-    can_chat: bool = False
-    can_embed: bool = False
-    can_prompt: bool = False
-    can_stream: bool = False
+    flags: frozenset[Capability] = frozenset()
 
     @classmethod
     def of(cls, model: Model) -> Capabilities:
-        return cls(
-            context_length=model.context_length,
-            can_chat=model.can_chat,
-            can_embed=model.can_embed,
-            can_prompt=model.can_prompt,
-            can_stream=model.can_stream,
-        )
-
-    @property
-    def has_flags(self) -> bool:
-        return self.can_chat or self.can_embed or self.can_prompt or self.can_stream
+        """What a declared model says (the store's columns)."""
+        return cls(context_length=model.context_length, flags=capabilities_of(model))
 
     @property
     def complete(self) -> bool:
-        """Whether nothing needs discovering: a context length and at least one flag."""
-        return self.context_length > 0 and self.has_flags
+        """Whether nothing needs discovering: a context length and at least one capability."""
+        return self.context_length > 0 and bool(self.flags)
 
     def merged(self, discovered: Capabilities | None) -> Capabilities:
         """Declared values win; what is not declared (0, no flag) comes from ``discovered``."""
         if discovered is None:
             return self
-        flags = self if self.has_flags else discovered
         return Capabilities(
             context_length=self.context_length or discovered.context_length,
-            can_chat=flags.can_chat,
-            can_embed=flags.can_embed,
-            can_prompt=flags.can_prompt,
-            can_stream=flags.can_stream,
+            flags=self.flags or discovered.flags,
         )
 
     def apply(self, response: ListModelResponse) -> ListModelResponse:
+        """``response`` with these values (the JSON shape's four booleans)."""
         return response.model_copy(
-            update={
-                "context_length": self.context_length,
-                "can_chat": self.can_chat,
-                "can_embed": self.can_embed,
-                "can_prompt": self.can_prompt,
-                "can_stream": self.can_stream,
-            }
+            update={"context_length": self.context_length, **capability_flags(self.flags)}
         )
 
 

@@ -13,7 +13,7 @@ on every cycle.
 
 from __future__ import annotations
 
-from runtimestate.backends.base import Capabilities, CycleContext
+from runtimestate.backends.base import COMPLETION, EMBEDDING, Capabilities, CycleContext
 from runtimestate.backends.cloud import CloudDriver, CloudModel
 from runtimestate.backends.wire import decode_json, status_error
 from runtimestate.errors import KeyRejected
@@ -25,8 +25,8 @@ from runtimestate.status import status_error_class
 __all__ = ["KIND", "OPENAI_KEY", "OpenAIDriver"]
 
 _NAME = "openai"
-_CHAT = Capabilities(can_chat=True, can_prompt=True, can_stream=True)
-_EMBED = Capabilities(can_embed=True)
+_CHAT = Capabilities(flags=COMPLETION)
+_EMBED = Capabilities(flags=EMBEDDING)
 
 
 class OpenAIDriver(CloudDriver):

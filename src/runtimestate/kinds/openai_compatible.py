@@ -19,6 +19,8 @@ Models can be neither pulled nor deleted over the protocol.
 from __future__ import annotations
 
 from runtimestate.backends.base import (
+    COMPLETION,
+    EMBEDDING,
     BackendPlan,
     Capabilities,
     CycleContext,
@@ -34,9 +36,6 @@ from runtimestate.kinds.openai_api import ServerListing, models_url, openai_root
 from runtimestate.records import ListModelResponse
 
 __all__ = ["KIND", "OpenAICompatibleDriver"]
-
-_CHAT = Capabilities(can_chat=True, can_prompt=True, can_stream=True)
-_EMBED = Capabilities(can_embed=True)
 
 
 class OpenAICompatibleDriver(Driver[ServerListing]):
@@ -65,13 +64,9 @@ class OpenAICompatibleDriver(Driver[ServerListing]):
             if model is None:
                 drift.append(served.id)
                 continue
-            flags = _EMBED if "embedding" in served.id else _CHAT
             discovered = Capabilities(
                 context_length=served.max_model_len or 0,
-                can_chat=flags.can_chat,
-                can_embed=flags.can_embed,
-                can_prompt=flags.can_prompt,
-                can_stream=flags.can_stream,
+                flags=EMBEDDING if "embedding" in served.id else COMPLETION,
             )
             caps = Capabilities.of(model).merged(discovered)
             if not caps.context_length:

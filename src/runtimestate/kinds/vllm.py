@@ -20,6 +20,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from runtimestate.backends.base import (
+    COMPLETION,
     BackendPlan,
     Capabilities,
     CycleContext,
@@ -39,8 +40,6 @@ __all__ = ["KEY_REQUIRED", "KIND", "VllmDriver"]
 KEY_REQUIRED = (
     "the vLLM server requires an API key (--api-key): store it as the backend's credential"
 )
-
-_COMPLETION = Capabilities(can_chat=True, can_prompt=True, can_stream=True)
 
 
 class VllmDriver(Driver[ServerListing]):
@@ -73,12 +72,7 @@ class VllmDriver(Driver[ServerListing]):
                 continue
             length = served.max_model_len or base_length.get(served.parent or "") or 0
             caps = Capabilities.of(model)
-            discovered = Capabilities(
-                context_length=length,
-                can_chat=_COMPLETION.can_chat,
-                can_prompt=_COMPLETION.can_prompt,
-                can_stream=_COMPLETION.can_stream,
-            )
+            discovered = Capabilities(context_length=length, flags=COMPLETION)
             pulled.append(
                 caps.merged(discovered).apply(
                     ListModelResponse(

@@ -21,37 +21,17 @@ returned callable only filters them by type. The API key travels in :class:`Back
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from runtimestate import kinds
 from runtimestate.errors import InvalidInput
 from runtimestate.providers.base import BackendRef, Capability, Provider
-from runtimestate.records import ListModelResponse, LLMState
+from runtimestate.records import LLMState, capabilities_of
 
 __all__ = ["ProviderFromRuntimeState", "build_providers", "local_provider_adapter"]
 
 ProviderFromRuntimeState = Callable[..., Awaitable[list[Provider]]]
-
-
-_CAPABILITIES = (Capability.CHAT, Capability.PROMPT, Capability.EMBED, Capability.STREAM)
-# The 16 possible capability sets, built once: building a frozenset per pulled model was a third
-# of the adapter's time on a 30,000-model fleet, and the adapter runs on every snapshot.
-_CAPABILITY_SETS = {
-    flags: frozenset(cap for enabled, cap in zip(flags, _CAPABILITIES, strict=True) if enabled)
-    for flags in itertools.product((False, True), repeat=4)
-}
-
-
-def _capabilities(model: ListModelResponse) -> frozenset[Capability]:
-    flags = (
-        bool(model.can_chat),
-        bool(model.can_prompt),
-        bool(model.can_embed),
-        bool(model.can_stream),
-    )
-    return _CAPABILITY_SETS[flags]
 
 
 @dataclass(kw_only=True)
@@ -77,7 +57,7 @@ def build_providers(snapshot: Mapping[str, LLMState]) -> list[Provider]:
             api_key=state.api_key,
         )
         for pulled in state.pulled_models:
-            caps = _capabilities(pulled)
+            caps = capabilities_of(pulled)
             if not caps:
                 continue
             key = (ref.type, pulled.model or pulled.name)

@@ -35,7 +35,6 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, ClassVar, Protocol
 
 from runtimestate.errors import (
@@ -48,6 +47,7 @@ from runtimestate.errors import (
 )
 from runtimestate.providers.health import Health
 from runtimestate.providers.limits import ClientLimits, ResponseTooLarge
+from runtimestate.records import Capability
 
 __all__ = [
     "BackendRef",
@@ -59,13 +59,6 @@ __all__ = [
     "SdkSource",
     "Usage",
 ]
-
-
-class Capability(StrEnum):
-    CHAT = "chat"
-    PROMPT = "prompt"
-    EMBED = "embed"
-    STREAM = "stream"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from runtimestate.backends.base import Capabilities, CycleContext
+from runtimestate.backends.base import COMPLETION, EMBEDDING, Capabilities, CycleContext
 from runtimestate.backends.cloud import CloudDriver, CloudModel
 from runtimestate.backends.wire import decode_json, status_error
 from runtimestate.errors import KeyRejected, ProtocolError
@@ -39,14 +39,13 @@ def parse_model(item: Any, url: str) -> CloudModel:
     if not isinstance(methods, list):
         raise ProtocolError(f"model entry from {url} has malformed methods", backend=url)
     generates = "generateContent" in methods
+    embeds = "embedContent" in methods or "batchEmbedContents" in methods
     return CloudModel(
         id=item["name"],
         capabilities=Capabilities(
             context_length=limit if isinstance(limit, int) else 0,
-            can_chat=generates,
-            can_prompt=generates,
-            can_stream=generates,
-            can_embed="embedContent" in methods or "batchEmbedContents" in methods,
+            flags=(COMPLETION if generates else frozenset())
+            | (EMBEDDING if embeds else frozenset()),
         ),
     )
 

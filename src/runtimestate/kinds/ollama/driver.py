@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from runtimestate.backends.base import (
+    COMPLETION,
+    EMBEDDING,
     Action,
     ActionKind,
     BackendPlan,
@@ -83,14 +85,10 @@ def parse_show(body: Any) -> Capabilities:
         raise ProtocolError("/api/show answer has malformed capabilities or model_info")
     arch = model_info.get("general.architecture")
     context = model_info.get(f"{arch}.context_length", 0) if isinstance(arch, str) else 0
-    completion = "completion" in capabilities
-    return Capabilities(
-        context_length=context if isinstance(context, int) else 0,
-        can_chat=completion,
-        can_prompt=completion,
-        can_stream=completion,
-        can_embed="embedding" in capabilities,
+    flags = (COMPLETION if "completion" in capabilities else frozenset()) | (
+        EMBEDDING if "embedding" in capabilities else frozenset()
     )
+    return Capabilities(context_length=context if isinstance(context, int) else 0, flags=flags)
 
 
 def _parse_tags(body: Any, url: str) -> tuple[ListModelResponse, ...]:
