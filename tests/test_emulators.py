@@ -473,6 +473,7 @@ def test_public_names() -> None:
         "OpenAIAccount",
         "RecordedRequest",
         "VLLMServer",
+        "CompatibleServer",
         "make_model",
         "normalize_model_name",
     }

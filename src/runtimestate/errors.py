@@ -11,6 +11,7 @@ stays visible in tracebacks but never leaks as the public type::
     ├── Unsupported            a capability or backend type that is absent    -> 400
     ├── BackendError           talking to an LLM backend failed
     │   ├── BackendUnreachable refused, DNS, timeout, dropped stream          -> retry later
+    │   │   └── BackendTimeout no (complete) answer in time: slow, maybe busy
     │   ├── KeyRejected        the API key was refused (401 / API_KEY_INVALID)-> fix the key
     │   ├── RateLimited        429                                            -> retry later
     │   ├── BadRequest         4xx other than the above                       -> fix the request
@@ -36,6 +37,7 @@ from datetime import datetime
 __all__ = [
     "AllCoolingDown",
     "BackendError",
+    "BackendTimeout",
     "BackendUnreachable",
     "BadRequest",
     "BusError",
@@ -124,6 +126,11 @@ class BackendError(RuntimeStateError):
 
 class BackendUnreachable(BackendError):
     """Connection refused, name resolution, timeout, or a stream that broke or stalled."""
+
+
+class BackendTimeout(BackendUnreachable):
+    """The backend accepted the connection but gave no (complete) answer in time: it may be
+    busy rather than gone, unlike a refused connection."""
 
 
 class KeyRejected(BackendError):

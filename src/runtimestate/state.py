@@ -19,6 +19,12 @@ when it cannot do its own work at all - reading the declaration, the leases or t
 the store - so that its caller (:mod:`runtimestate.runner`) backs off and retries the whole
 cycle.
 
+A backend whose listing was *slow* (the cycle's deadline or the request's timeout passed) is
+not dropped at once: its last inventory is kept, with a warning saying it is stale, for up to
+``max_stale_cycles`` cycles in a row. Some servers answer their model list only after the
+generation they are running, and a busy backend is not a gone one. A refused connection, or
+any other error, takes the backend out of routing in the same cycle.
+
 The snapshot is a dict of frozen :class:`~runtimestate.records.LLMState`, replaced whole at the
 end of a cycle; :meth:`State.get` copies the dict (not the states). That is why it costs well
 under a millisecond for 10,000 backends (BENCHMARKS.md), and why a snapshot never changes after
@@ -58,7 +64,7 @@ from runtimestate.downloads import (
     list_pending,
     queue_downloads,
 )
-from runtimestate.errors import InvalidInput, RuntimeStateError
+from runtimestate.errors import BackendTimeout, InvalidInput, RuntimeStateError
 from runtimestate.metrics import BACKEND_FAILURES, BACKENDS, CYCLE_DURATION
 from runtimestate.records import LLMState
 from runtimestate.store.base import Store
@@ -97,6 +103,7 @@ class State:
         stall_timeout: float = 60.0,
         lease_ttl: float = 60.0,
         pull_retry_after: float = 300.0,
+        max_stale_cycles: int = 3,
     ) -> None:
         if store is None:
             raise InvalidInput("State needs a store", field="store")
@@ -104,6 +111,8 @@ class State:
             raise InvalidInput("State needs a messenger", field="messenger")
         if concurrency < 1:
             raise InvalidInput("concurrency must be at least 1", field="concurrency")
+        if max_stale_cycles < 0:
+            raise InvalidInput("max_stale_cycles must not be negative", field="max_stale_cycles")
         if backend_timeout <= 0:
             raise InvalidInput("backend_timeout must be positive", field="backend_timeout")
         # Zero or negative here would fail every pull at its first line (stall), let every
@@ -126,6 +135,9 @@ class State:
         self._with_pools = with_pools
         self._concurrency = concurrency
         self._backend_timeout = backend_timeout
+        self._max_stale_cycles = max_stale_cycles
+        # Per backend, how many cycles in a row its last inventory was kept for a slow listing.
+        self._stale: dict[str, int] = {}
         self._clock = clock
         self._owns_http = http is None
         # Room for every backend in flight plus a few long-running pulls.
@@ -188,6 +200,7 @@ class State:
         results = await self._queue_pulls(declared, results)
         states = {item.backend.id: plan.state for item, plan in zip(declared, results, strict=True)}
         for gone in self._states.keys() - states.keys():
+            self._stale.pop(gone, None)
             for driver in self._drivers.values():
                 driver.forget(gone)
         self._states = states
@@ -318,9 +331,16 @@ class State:
             except TimeoutError:
                 if not deadline.expired():
                     raise
-                return self._failed(declared, f"timed out after {self._backend_timeout:g} s")
+                message = f"timed out after {self._backend_timeout:g} s"
+                return self._stale_or_failed(declared, message, act=act)
+            except BackendTimeout as exc:
+                return self._stale_or_failed(declared, str(exc), act=act)
             except RuntimeStateError as exc:
+                if act:
+                    self._stale.pop(backend.id, None)
                 return self._failed(declared, str(exc))
+        if act:
+            self._stale.pop(backend.id, None)
         if plan.state.error:
             # A failure the driver kept inside the state (a served model nobody declared, a
             # failed delete) is still a failure: the same log line and metric as a raised one.
@@ -334,6 +354,38 @@ class State:
             "backend failed: %s",
             error,
             extra={"backend_id": backend.id, "backend_type": backend.type},
+        )
+
+    def _stale_or_failed(self, declared: Declared, message: str, *, act: bool) -> BackendPlan:
+        """A listing that was slow, not refused: keep the backend's last inventory, marked
+        stale, for up to ``max_stale_cycles`` cycles in a row - a server that answers its model
+        list only after the generation it is running is busy, not gone, and dropping it would
+        send its requests nowhere. Past that bound (or with nothing to keep) it fails."""
+        backend = declared.backend
+        last = self._states.get(backend.id)
+        count = self._stale.get(backend.id, 0) + 1
+        if (
+            last is None
+            or last.error
+            or last.backend.base_url != backend.base_url
+            or count > self._max_stale_cycles
+        ):
+            if act:
+                self._stale.pop(backend.id, None)
+            return self._failed(declared, message)
+        if act:
+            self._stale[backend.id] = count
+        warning = (
+            f"inventory is stale ({count} of at most {self._max_stale_cycles} cycles): {message}"
+        )
+        logger.warning(
+            "backend listing slow, keeping its last inventory: %s",
+            message,
+            extra={"backend_id": backend.id, "backend_type": backend.type},
+        )
+        state = last.model_copy(update={"warnings": (warning,)})
+        return BackendPlan(
+            backend_id=backend.id, backend_name=backend.name, actions=(), state=state
         )
 
     def _failed(self, declared: Declared, error: str) -> BackendPlan:

@@ -33,7 +33,13 @@ from typing import Any
 import aiohttp
 
 from runtimestate.backends.wire import decode_json, join_url, status_error
-from runtimestate.errors import BackendError, BackendUnreachable, ProtocolError, redact
+from runtimestate.errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnreachable,
+    ProtocolError,
+    redact,
+)
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -182,7 +188,7 @@ class HttpClient:
                 f"connection to {shown} dropped: {redact(str(exc), *secrets)}", backend=shown
             ) from exc
         except TimeoutError as exc:
-            raise BackendUnreachable(f"request to {shown} timed out", backend=shown) from exc
+            raise BackendTimeout(f"request to {shown} timed out", backend=shown) from exc
         except aiohttp.ClientError as exc:
             raise BackendUnreachable(
                 f"request to {shown} failed: {redact(str(exc), *secrets)}", backend=shown

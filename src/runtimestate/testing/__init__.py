@@ -8,6 +8,7 @@ Drivers and official clients talk to it over real sockets; nothing is mocked. Se
 """
 
 from runtimestate.testing.base import EmulatedBackend
+from runtimestate.testing.compatible import CompatibleServer
 from runtimestate.testing.faults import FaultKind, Faults, RecordedRequest
 from runtimestate.testing.gemini import GeminiAccount, GeminiModel
 from runtimestate.testing.ollama import OllamaNode
@@ -23,6 +24,7 @@ from runtimestate.testing.server import Emulator
 from runtimestate.testing.threaded import EmulatorThread
 
 __all__ = [
+    "CompatibleServer",
     "EmulatedBackend",
     "Emulator",
     "EmulatorThread",

@@ -28,6 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from runtimestate.clock import SYSTEM_CLOCK, Clock
 from runtimestate.testing.base import EmulatedBackend, EmuRequest, Reply, StreamReply
+from runtimestate.testing.compatible import CompatibleServer
 from runtimestate.testing.control import install_control_routes
 from runtimestate.testing.faults import FaultKind, FaultRule
 from runtimestate.testing.gemini import GeminiAccount, GeminiModel
@@ -158,6 +159,25 @@ class Emulator:
             model=model,
             max_model_len=max_model_len,
             api_key=api_key,
+        )
+        return self._register(server)
+
+    def add_openai_compatible(
+        self,
+        name: str,
+        *,
+        models: Iterable[str] = (),
+        api_key: str | None = None,
+        listing_waits_for_generation: bool = False,
+    ) -> CompatibleServer:
+        """A self-hosted OpenAI-compatible server (see :mod:`runtimestate.testing.compatible`)."""
+        server = CompatibleServer(
+            name=name,
+            root=lambda: self.url,
+            clock=self._clock,
+            models=models,
+            api_key=api_key,
+            listing_waits_for_generation=listing_waits_for_generation,
         )
         return self._register(server)
 
