@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from runtimestate import OPENAI_KEY
 from runtimestate.bus import Messenger
 from runtimestate.state import State
 from runtimestate.store import Store, open_store
@@ -112,6 +113,28 @@ async def test_every_cycle_asks_the_server_and_a_dead_one_drops_out_at_once(
             await emu.aclose()  # the server process is gone: connections are refused
             await state.run_backend_cycle()
             observed = state.get()[backend_id]
+    assert "cannot connect" in observed.error
+    assert observed.pulled_models == ()
+
+
+async def test_a_server_declared_as_openai_is_cached_but_checked_on_every_cycle(
+    store: Store, bus: Messenger
+) -> None:
+    async with Emulator(latency=0.0) as emu:
+        account = emu.add_openai("self-hosted", api_key=KEY, models=["m"])
+        backend = await store.create_backend(
+            name="sh", base_url=account.base_url.removesuffix("/v1"), type="openai"
+        )
+        await store.append_model(model="m")
+        await store.set_kv(OPENAI_KEY, {"APIKey": KEY, "Type": "openai"})
+        async with State(store, bus) as state:
+            for _ in range(3):
+                await state.run_backend_cycle()
+            assert [r.path for r in account.requests if r.path == "/models"] == ["/models"]
+            assert [m.model for m in state.get()[backend.id].pulled_models] == ["m"]
+            await emu.aclose()
+            await state.run_backend_cycle()
+            observed = state.get()[backend.id]
     assert "cannot connect" in observed.error
     assert observed.pulled_models == ()
 

@@ -6,6 +6,10 @@ the backend's error is ``API key not configured``.
 
 An account's model list changes rarely and listing it costs a request against a rate-limited
 API, so it is cached per backend for ``list_cache_ttl`` (24 h) on the injected clock. The cache
+does not vouch for the server, though: on a cycle served from the cache, one ``HEAD`` of the base
+URL (no key, any HTTP status will do) checks that something still answers there, so a server
+that died - a self-hosted one declared as ``openai`` - drops out of routing in that cycle instead
+of a day later. The cache
 remembers a SHA-256 of the key it was fetched with - never the key - and is dropped as soon as
 the stored key changes, so a rotated key is tried at once.
 
@@ -118,6 +122,9 @@ class CloudDriver(Driver[CloudListing]):
             and cached.base_url == backend.base_url
             and now - cached.fetched_at < self.options.list_cache_ttl
         ):
+            # Any answer, whatever its status, says the server is there; a refused connection
+            # or a timeout raises and becomes the backend's error (or a stale inventory).
+            await ctx.http.send("HEAD", backend.base_url)
             return CloudListing(api_key=api_key, models=cached.models)
         self._cache.pop(backend.id, None)
         models = await self.list_models(ctx, backend.base_url, api_key)
