@@ -65,6 +65,23 @@ async def test_models_drift_and_an_unknown_context_length(
     assert "warnings" in observed.model_dump(mode="json")
 
 
+async def test_the_context_llama_cpp_reports_in_props_is_used_and_remembered(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    server = emu.add_openai_compatible("llama", models=["qwen2.5-7b"], n_ctx=16384)
+    backend_id = await declare(store, server, "qwen2.5-7b")
+    async with State(store, bus) as state:
+        for _ in range(3):
+            await state.run_backend_cycle()
+        observed = state.get()[backend_id]
+        assert [m.context_length for m in observed.pulled_models] == [16384]
+        assert observed.warnings == ()
+        assert [r.path for r in server.requests].count("/props") == 1  # until the list changes
+        server.models.append("phi-4")
+        await state.run_backend_cycle()
+    assert [r.path for r in server.requests].count("/props") == 2
+
+
 async def test_a_declared_context_length_is_used_and_no_warning_is_given(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:
@@ -96,7 +113,11 @@ async def test_the_optional_key_is_the_backends_credential(
     assert observed.error == ""
     assert observed.api_key == KEY
     assert KEY not in observed.model_dump_json()
-    assert [r.headers.get("Authorization") for r in server.requests] == [None, f"Bearer {KEY}"]
+    assert [r.headers.get("Authorization") for r in server.requests] == [
+        None,  # /v1/models without a key: 401
+        f"Bearer {KEY}",  # /v1/models
+        f"Bearer {KEY}",  # /props, for the context length nobody declared
+    ]
 
 
 async def test_every_cycle_asks_the_server_and_a_dead_one_drops_out_at_once(

@@ -48,6 +48,8 @@ class ServerListing:
 
     models: tuple[ServedModel, ...]
     api_key: str | None = field(default=None, repr=False)
+    context_length: int | None = None
+    """A context length the server reports for all its models outside the listing."""
 
 
 def parse_models(body: Any, url: str) -> tuple[ServedModel, ...]:

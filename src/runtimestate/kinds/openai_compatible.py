@@ -10,13 +10,18 @@ Models can be neither pulled nor deleted over the protocol.
 * Served models nobody declared are drift (``undeclared_models``), not an error: such servers
   often serve a directory of models at once.
 * The context length is the declared one, else the listing's ``max_model_len`` when the server
-  reports it; otherwise it is unknown and the state carries a warning saying so - never a silent
-  0, which would exclude the backend from every request with a minimum context.
+  reports it, else the context size llama.cpp's server reports in ``GET /props``
+  (``default_generation_settings.n_ctx``; asked only while a declared model's length is unknown,
+  and remembered until the listing changes). Otherwise it is unknown: it shows as 0 in the JSON
+  of the Go runtimestate package, and the state carries a warning naming the models - never a
+  silent 0, which would exclude the backend from every request with a minimum context unnoticed.
 * A model declared without capability flags is taken as chat, prompt and stream (an embedding
   model when its id says ``embedding``), as for the ``openai`` kind.
 """
 
 from __future__ import annotations
+
+import json
 
 from runtimestate.backends.base import (
     COMPLETION,
@@ -26,19 +31,71 @@ from runtimestate.backends.base import (
     CycleContext,
     Declared,
     Driver,
+    DriverOptions,
     backend_credential,
 )
 from runtimestate.backends.names import cloud_key
-from runtimestate.backends.wire import decode_json, status_error
-from runtimestate.errors import KeyRejected
+from runtimestate.backends.wire import decode_json, join_url, status_error
+from runtimestate.errors import BackendError, KeyRejected
 from runtimestate.kinds.base import ClassRef, KeySource, Kind
-from runtimestate.kinds.openai_api import ServerListing, models_url, openai_root, parse_models
+from runtimestate.kinds.openai_api import (
+    ServedModel,
+    ServerListing,
+    models_url,
+    openai_root,
+    parse_models,
+)
 from runtimestate.records import ListModelResponse
 
 __all__ = ["KIND", "OpenAICompatibleDriver"]
 
 
 class OpenAICompatibleDriver(Driver[ServerListing]):
+    def __init__(self, options: DriverOptions) -> None:
+        super().__init__(options)
+        # Per backend: the listed ids and base URL /props was asked for, and its answer.
+        self._props: dict[str, tuple[tuple[str, ...], str, int | None]] = {}
+
+    def forget(self, backend_id: str) -> None:
+        self._props.pop(backend_id, None)
+
+    async def _reported_context(
+        self,
+        ctx: CycleContext,
+        declared: Declared,
+        served: tuple[ServedModel, ...],
+        api_key: str | None,
+    ) -> int | None:
+        """llama.cpp's context size from ``/props``, when a declared model needs it."""
+        wanted = {cloud_key(m.model): m for m in declared.models if not m.context_length}
+        if not any(s.max_model_len is None and cloud_key(s.id) in wanted for s in served):
+            return None
+        backend = declared.backend
+        ids = tuple(s.id for s in served)
+        seen = self._props.get(backend.id)
+        if seen is not None and seen[0] == ids and seen[1] == backend.base_url:
+            return seen[2]
+        url = join_url(openai_root(backend.base_url).removesuffix("/v1"), "/props")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        length: int | None = None
+        try:
+            status, body = await ctx.http.send(
+                "GET", url, headers=headers, secrets=(api_key,) if api_key else ()
+            )
+            if status == 200:
+                props = json.loads(body)
+                settings = (
+                    props.get("default_generation_settings") if isinstance(props, dict) else None
+                )
+                n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+                if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0:
+                    length = n_ctx
+        except (BackendError, ValueError):
+            # Not every server has /props; a missing or odd answer leaves the length unknown.
+            length = None
+        self._props[backend.id] = (ids, backend.base_url, length)
+        return length
+
     async def observe(self, ctx: CycleContext, declared: Declared) -> ServerListing:
         backend = declared.backend
         api_key = await backend_credential(ctx, KIND.credential_key(backend.id))
@@ -52,7 +109,8 @@ class OpenAICompatibleDriver(Driver[ServerListing]):
         if status >= 400:
             raise status_error(status, body, url=url, secrets=secrets)
         served = parse_models(decode_json(body, url=url, secrets=secrets), url)
-        return ServerListing(models=served, api_key=api_key)
+        reported = await self._reported_context(ctx, declared, served, api_key)
+        return ServerListing(models=served, api_key=api_key, context_length=reported)
 
     def plan(self, declared: Declared, observed: ServerListing) -> BackendPlan:
         wanted = {cloud_key(m.model): m for m in declared.models}
@@ -65,7 +123,7 @@ class OpenAICompatibleDriver(Driver[ServerListing]):
                 drift.append(served.id)
                 continue
             discovered = Capabilities(
-                context_length=served.max_model_len or 0,
+                context_length=served.max_model_len or observed.context_length or 0,
                 flags=EMBEDDING if "embedding" in served.id else COMPLETION,
             )
             caps = Capabilities.of(model).merged(discovered)

@@ -6,6 +6,9 @@ behaviours in which such servers differ from vLLM and which the reconciler must 
 - the listing is plain OpenAI: ``id``, ``object``, ``created``, ``owned_by`` - no
   ``max_model_len``, so the context length of a model is not known from it;
 - several models at once, and an optional key (``Authorization: Bearer``, 401 otherwise);
+- ``n_ctx``: when set, ``GET /props`` answers as llama.cpp's server does, with the context size
+  in ``default_generation_settings.n_ctx``; otherwise ``/props`` is 404, as on servers that
+  have no such route;
 - ``listing_waits_for_generation``: like llama.cpp's server with a single slot, ``/v1/models``
   is answered only once no generation is running. :meth:`CompatibleServer.hold_generations`
   keeps every chat or completion request running until :meth:`release_generations`, so a test
@@ -22,7 +25,7 @@ from typing import Any
 
 from runtimestate.clock import Clock
 from runtimestate.errors import mask_secret
-from runtimestate.testing.base import EmuRequest, Reply, StreamReply
+from runtimestate.testing.base import EmuRequest, Reply, StreamReply, json_bytes
 from runtimestate.testing.openai import _OpenAICompatible
 
 __all__ = ["CompatibleServer"]
@@ -44,8 +47,11 @@ class CompatibleServer(_OpenAICompatible):
         models: Iterable[str] = (),
         api_key: str | None = None,
         listing_waits_for_generation: bool = False,
+        n_ctx: int | None = None,
     ) -> None:
         super().__init__(name=name, root=root, clock=clock)
+        self.n_ctx = n_ctx
+        self.route("GET", "/props", self._props)
         self.models: list[str] = list(models)
         self.api_key = api_key
         self.listing_waits_for_generation = listing_waits_for_generation
@@ -87,6 +93,20 @@ class CompatibleServer(_OpenAICompatible):
         if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
             return self._error_object(401, "Invalid API Key", kind="authentication_error")
         return None
+
+    async def _props(self, request: EmuRequest) -> Reply:
+        if self.n_ctx is None:
+            return self.route_not_found(request)
+        settings = {"n_ctx": self.n_ctx, "temperature": 0.8, "top_p": 0.95}
+        return Reply(
+            body=json_bytes(
+                {
+                    "default_generation_settings": settings,
+                    "total_slots": 1,
+                    "model_path": f"/models/{self.models[0] if self.models else 'none'}.gguf",
+                }
+            )
+        )
 
     def model_not_found(self, model: str) -> Reply:
         return self._error_object(404, f"model '{model}' not found", kind="not_found_error")

@@ -169,6 +169,7 @@ class Emulator:
         models: Iterable[str] = (),
         api_key: str | None = None,
         listing_waits_for_generation: bool = False,
+        n_ctx: int | None = None,
     ) -> CompatibleServer:
         """A self-hosted OpenAI-compatible server (see :mod:`runtimestate.testing.compatible`)."""
         server = CompatibleServer(
@@ -178,6 +179,7 @@ class Emulator:
             models=models,
             api_key=api_key,
             listing_waits_for_generation=listing_waits_for_generation,
+            n_ctx=n_ctx,
         )
         return self._register(server)
 
