@@ -151,3 +151,14 @@ def test_the_list_check_finds_a_hard_coded_list() -> None:
 def test_enums_derived_from_the_registry_are_enums() -> None:
     assert issubclass(BackendType, Enum)
     assert issubclass(ProviderType, Enum)
+
+
+def test_a_status_quirk_belongs_to_its_kind() -> None:
+    # Gemini answers a bad key with 400 API_KEY_INVALID; no other kind reads a 400 that way.
+    body = '{"error": {"code": 400, "status": "INVALID_ARGUMENT", "details": ["API_KEY_INVALID"]}}'
+    quirky = [kind.name for kind in kinds.KINDS if kind.key_rejected(400, body)]
+    assert quirky == ["gemini"]
+    assert not kinds.get("gemini").key_rejected(400, '{"error": "bad field"}')
+    assert kinds.get("gemini").api_root("https://g.example/v1beta/") == "https://g.example"
+    assert kinds.get("vllm").api_root("http://node:8000") == "http://node:8000/v1"
+    assert kinds.get("openai").api_root("https://api.example/v1") == "https://api.example/v1"
