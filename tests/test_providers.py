@@ -22,6 +22,7 @@ import httpx
 import httpx2
 import pytest
 
+from runtimestate import kinds
 from runtimestate.backends import HttpClient
 from runtimestate.clock import FakeClock
 from runtimestate.errors import (
@@ -52,6 +53,7 @@ from runtimestate.testing import EmulatedBackend, Emulator, GeminiModel
 
 OPENAI_KEY = "sk-test-0123456789abcdef"
 GEMINI_KEY = "AIzaTest0123456789abcdef"
+COMPATIBLE_KEY = "local-test-0123456789"
 KINDS = ("ollama", "vllm", "openai", "gemini")
 CHAT = {"can_chat": True, "can_prompt": True, "can_stream": True}
 EMBED = {"can_embed": True}
@@ -94,7 +96,9 @@ async def fleet() -> AsyncIterator[Fleet]:
                 GeminiModel(name="text-embedding-004", methods=("embedContent",)),
             ],
         )
+        compatible = emu.add_openai_compatible("lm", models=["qwen2.5-7b"], api_key=COMPATIBLE_KEY)
         chat_models = {
+            "openai-compatible": "qwen2.5-7b",
             "ollama": "llama3.2:1b",
             "vllm": "meta-llama/Llama-3.1-8B-Instruct",
             "openai": "gpt-4o",
@@ -107,6 +111,13 @@ async def fleet() -> AsyncIterator[Fleet]:
             "gemini": "models/text-embedding-004",
         }
         snapshot = {
+            "openai-compatible": llm_state(
+                "openai-compatible",
+                "openai-compatible",
+                compatible.base_url,
+                {"qwen2.5-7b": CHAT},
+                COMPATIBLE_KEY,
+            ),
             "ollama": llm_state(
                 "ollama",
                 "ollama",
@@ -134,6 +145,7 @@ async def fleet() -> AsyncIterator[Fleet]:
             ),
         }
         backends = {
+            "openai-compatible": compatible,
             "ollama": node,
             "vllm": vllm,
             "vllm-embed": vllm_embed,
@@ -691,7 +703,7 @@ async def test_clients_feed_the_latency_average_that_lowest_latency_reads(fleet:
 ERROR_STATUSES = (400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 501, 502, 503, 504)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", kinds.names())
 async def test_both_http_stacks_classify_every_status_alike(
     fleet: Fleet, pool: ClientPool, kind: str
 ) -> None:
@@ -722,3 +734,17 @@ def test_the_status_table_says_what_to_do() -> None:
     assert status_error_class(429) is RateLimited
     assert [status_error_class(s) for s in (400, 404, 413, 422)] == [BadRequest] * 4
     assert [status_error_class(s) for s in (500, 502, 503, 504, 600)] == [ServerError] * 5
+
+
+async def test_an_openai_compatible_backend_is_called_with_its_own_key(
+    fleet: Fleet, pool: ClientPool
+) -> None:
+    client = await client_for(fleet, pool, "openai-compatible")
+    result = await client.chat(USER)
+    assert "qwen2.5-7b says" in result.message.content
+    chunks = [chunk async for chunk in client.stream(USER)]
+    assert "".join(chunks) == result.message.content
+    server = fleet.backends["openai-compatible"]
+    assert [r.headers.get("Authorization") for r in server.requests] == [
+        f"Bearer {COMPATIBLE_KEY}"
+    ] * 2
