@@ -13,6 +13,9 @@ import pytest
 
 from runtimestate import OPENAI_KEY
 from runtimestate.bus import Messenger
+from runtimestate.errors import NoProvider
+from runtimestate.providers import ClientPool, local_provider_adapter
+from runtimestate.resolver import Resolver, ResolveRequest
 from runtimestate.state import State
 from runtimestate.store import Store, open_store
 from runtimestate.testing import CompatibleServer, Emulator
@@ -63,6 +66,13 @@ async def test_models_drift_and_an_unknown_context_length(
         "qwen2.5-7b, nomic-embedding",
     )
     assert "warnings" in observed.model_dump(mode="json")
+    # Unknown is not "large enough": served without a minimum context, never for one.
+    async with ClientPool() as pool:
+        resolver = Resolver(await local_provider_adapter({backend_id: observed})(), pool=pool)
+        chosen = resolver.resolve_chat(ResolveRequest(models=("qwen2.5-7b",)))
+        assert chosen.provider.model == "qwen2.5-7b"
+        with pytest.raises(NoProvider):
+            resolver.resolve_chat(ResolveRequest(models=("qwen2.5-7b",), min_context=1))
 
 
 async def test_the_context_llama_cpp_reports_in_props_is_used_and_remembered(

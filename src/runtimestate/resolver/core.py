@@ -19,6 +19,12 @@ tier with a usable candidate is handed to the policy. A tier whose candidates ar
 down falls through to the next tier and name - preferring a model must not mean waiting for it.
 With no preferred name, every provider with the capability and context qualifies.
 
+A context length of 0 means *unknown*: nobody declared it and the server did not report it (its
+backend's state says so in ``warnings``). Such a provider serves requests that ask for no
+minimum context, is never chosen for one that does - a guess could send a long prompt to a
+server that must refuse it - and ranks after every known length under ``highest-context``. The
+fix is to declare the model's context length, which then wins over anything observed.
+
 Failures are errors that say what to do: :class:`~runtimestate.errors.AllCoolingDown` when
 candidates exist but all cool (with the earliest return), :class:`~runtimestate.errors.NoProvider`
 listing the request and every available model otherwise.
