@@ -13,7 +13,6 @@ command. A kind's model client is imported the first time one of its models is c
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from enum import StrEnum
 from types import MappingProxyType
 
@@ -29,7 +28,6 @@ __all__ = [
     "Kind",
     "PullStream",
     "cloud_kinds",
-    "find",
     "get",
     "names",
     "pull_stream",
@@ -73,23 +71,18 @@ def get(name: str) -> Kind:
     return kind
 
 
-def find(name: str) -> Kind | None:
-    """The kind called ``name``, or ``None``."""
-    return _BY_NAME.get(name)
-
-
 def cloud_kinds() -> tuple[Kind, ...]:
     """The kinds with one key per kind (configured through ``/providers``)."""
     return tuple(kind for kind in KINDS if kind.cloud)
 
 
-def pull_stream(kinds: Iterable[Kind] = KINDS) -> PullStream | None:
+def pull_stream() -> PullStream | None:
     """The pull stream of the kind whose backends models are pulled onto.
 
     The download queue is keyed by a backend's base URL and does not record its kind, so at
     most one kind may pull; a second one would need its kind in the job.
     """
-    pullers = [kind for kind in kinds if kind.pull is not None]
+    pullers = [kind for kind in KINDS if kind.pull is not None]
     if len(pullers) > 1:
         raise RuntimeError(
             "more than one backend kind pulls models: " + ", ".join(k.name for k in pullers)
