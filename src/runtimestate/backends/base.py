@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from runtimestate.clock import Clock
 from runtimestate.errors import KeyRejected, NotFound
 from runtimestate.records import (
+    BACKEND_CREDENTIAL_PREFIX,
     Capability,
     ListModelResponse,
     LLMState,
@@ -40,7 +41,7 @@ from runtimestate.records import (
     capability_flags,
 )
 from runtimestate.store.base import Store
-from runtimestate.store.records import Backend, KVEntry, Model
+from runtimestate.store.records import MAX_PAGE_SIZE, Backend, KVEntry, Model
 
 if TYPE_CHECKING:
     # Only a type here: importing the aiohttp session would make every kind's module (which the
@@ -178,6 +179,7 @@ class CycleContext:
     held_back: Mapping[str, frozenset[str]] = field(default_factory=dict)
     _kv_values: dict[str, KVEntry | None] = field(default_factory=dict)
     _kv_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _kv_prefixed: dict[str, dict[str, KVEntry]] = field(default_factory=dict)
 
     async def kv(self, key: str) -> KVEntry | None:
         """The key-value entry ``key``, ``None`` if absent; read at most once per cycle (a
@@ -191,6 +193,26 @@ class CycleContext:
                 except NotFound:
                     self._kv_values[key] = None
             return self._kv_values[key]
+
+    async def kv_prefixed(self, prefix: str) -> Mapping[str, KVEntry]:
+        """Every key-value entry under ``prefix``, by key; read at most once per cycle, so a
+        thousand backends with a credential each cost the cycle a few reads, not a thousand."""
+        if prefix in self._kv_prefixed:
+            return self._kv_prefixed[prefix]
+        async with self._kv_locks.setdefault("\x00" + prefix, asyncio.Lock()):
+            if prefix not in self._kv_prefixed:
+                entries: dict[str, KVEntry] = {}
+                cursor: str | None = None
+                while True:
+                    page = await self.store.list_kv_prefix(
+                        prefix, cursor=cursor, limit=MAX_PAGE_SIZE
+                    )
+                    entries.update((entry.key, entry) for entry in page.items)
+                    cursor = page.next_cursor
+                    if cursor is None:
+                        break
+                self._kv_prefixed[prefix] = entries
+            return self._kv_prefixed[prefix]
 
 
 class Driver(abc.ABC, Generic[ObservedT]):
@@ -236,7 +258,7 @@ async def backend_credential(ctx: CycleContext, key: str) -> str | None:
     entry is :class:`~runtimestate.errors.KeyRejected` - sending no key instead would hide it."""
     if not key:
         return None
-    entry = await ctx.kv(key)
+    entry = (await ctx.kv_prefixed(BACKEND_CREDENTIAL_PREFIX)).get(key)
     if entry is None:
         return None
     try:
