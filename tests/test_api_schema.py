@@ -153,6 +153,9 @@ def run_examples(
     conforms()
 
 
+# One test runs every operation in turn (about 40 x 25 requests): the suite's 60 s per test is
+# for one unit, and a loaded 2-core machine needs more for all of them.
+@pytest.mark.timeout(300)
 def test_every_operation_conforms(api: ThreadedApi) -> None:
     # schemathesis's pytest loader does not run on this pytest, so each operation gets its own
     # hypothesis test here, run in turn; a failure names the operation and the example.
@@ -160,11 +163,15 @@ def test_every_operation_conforms(api: ThreadedApi) -> None:
     for operation, paged in operations(api):
         # A cursor is opaque: any string fits its schema, but only one the store issued is
         # accepted; the others are a documented 400, which this check would call a rejection.
-        excluded = [positive_data_acceptance] if paged else []
+        # A fleet file's pools name their members, which no JSON Schema can tie to the
+        # backends declared next to them (or already in the store): a valid-looking file may
+        # be refused with its documented 422.
+        refusable = paged or operation.path == "/fleet/apply"
+        excluded = [positive_data_acceptance] if refusable else []
         run_examples(operation, url=api.url, excluded=excluded)
         checked.append(operation.label)
-    # The 39 operations of the API but the SSE stream.
-    assert len(checked) == 38
+    # The 42 operations of the API but the SSE stream.
+    assert len(checked) == 41
 
 
 def test_invalid_requests_never_cause_a_server_error(api: ThreadedApi) -> None:

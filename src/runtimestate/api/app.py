@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from runtimestate.api import (
     associations,
     backends,
+    fleet,
     models,
     pools,
     providers,
@@ -50,7 +51,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.sessions = Sessions(ctx.token)
     install_error_handlers(app)
     protected = [Depends(require_token)]
-    for group in (backends, models, pools, associations, state, queue, providers):
+    for group in (backends, models, pools, associations, state, queue, providers, fleet):
         app.include_router(group.router, dependencies=protected)
     app.include_router(system.router)
 

@@ -25,7 +25,7 @@ from typing import Annotated
 
 import typer
 
-from runtimestate.cli import observe
+from runtimestate.cli import fleetfile, observe
 from runtimestate.cli.common import GlobalOptions
 from runtimestate.cli.fleet import backend_app, model_app, pool_app, provider_app
 from runtimestate.cli.serve import serve_command
@@ -44,6 +44,8 @@ app.command("state")(observe.state)
 app.command("plan")(observe.plan)
 app.command("sync")(observe.sync)
 app.command("watch")(observe.watch)
+app.command("apply")(fleetfile.apply)
+app.command("export")(fleetfile.export)
 app.add_typer(backend_app, name="backend")
 app.add_typer(model_app, name="model")
 app.add_typer(pool_app, name="pool")

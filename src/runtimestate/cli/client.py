@@ -200,9 +200,13 @@ class ApiClient:
         *,
         json_body: Any = None,
         params: dict[str, str | int] | None = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         try:
-            response = self._http.request(method, path, json=json_body, params=params)
+            response = self._http.request(
+                method, path, json=json_body, params=params, content=content, headers=headers
+            )
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         if response.is_error:

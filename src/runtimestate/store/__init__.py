@@ -8,26 +8,32 @@ from runtimestate.store.base import Store
 from runtimestate.store.records import (
     MAX_PAGE_SIZE,
     Backend,
+    BackendSpec,
     Job,
     JSONValue,
     KVEntry,
     Lease,
     Model,
+    ModelSpec,
     Page,
     Pool,
+    PoolSpec,
 )
 from runtimestate.store.sql import SqlStore, open_store
 
 __all__ = [
     "MAX_PAGE_SIZE",
     "Backend",
+    "BackendSpec",
     "JSONValue",
     "Job",
     "KVEntry",
     "Lease",
     "Model",
+    "ModelSpec",
     "Page",
     "Pool",
+    "PoolSpec",
     "SqlStore",
     "Store",
     "open_store",

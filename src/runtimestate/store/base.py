@@ -18,25 +18,34 @@ the leader of several replicas.
 
 ``transaction()`` yields a store bound to one database transaction: every operation through it
 commits together or not at all.
+
+Bulk operations (``create_backends``, ``delete_models``, ``assign_backends_to_pools``...) declare
+a whole fleet in a few statements; each is all or nothing. They have working defaults here, one
+single-row operation per item inside a transaction, so every implementation honours them; the SQL
+store overrides them with one statement per batch, which is what makes applying a fleet file of
+10,000 backends take well under a second of database time instead of 10,000 round trips.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from types import TracebackType
 
 from runtimestate.store.records import (
     Backend,
+    BackendSpec,
     Job,
     JSONValue,
     KVEntry,
     Lease,
     Model,
+    ModelSpec,
     Page,
     Pool,
+    PoolSpec,
 )
 
 __all__ = ["Store"]
@@ -198,6 +207,121 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_pools_for_model(self, model_id: str) -> list[Pool]: ...
+
+    # ---- bulk declaration ------------------------------------------------------------------
+    # Each is all or none. Creating an existing name or id is a Conflict; updating or deleting
+    # an unknown id is NotFound; assigning an unknown pool or member is NotFound, assigning
+    # twice a Conflict, removing an absent assignment NotFound. Pairs are (pool id, member id).
+    async def create_backends(self, specs: Sequence[BackendSpec]) -> list[Backend]:
+        async with self.transaction() as tx:
+            return [
+                await tx.create_backend(name=s.name, base_url=s.base_url, type=s.type, id=s.id)
+                for s in specs
+            ]
+
+    async def update_backends(self, specs: Mapping[str, BackendSpec]) -> list[Backend]:
+        """Update each backend whose id is a key to the spec it maps to (the spec's own ``id``
+        is ignored)."""
+        async with self.transaction() as tx:
+            return [
+                await tx.update_backend(row_id, name=s.name, base_url=s.base_url, type=s.type)
+                for row_id, s in specs.items()
+            ]
+
+    async def delete_backends(self, ids: Sequence[str]) -> None:
+        async with self.transaction() as tx:
+            for row_id in ids:
+                await tx.delete_backend(row_id)
+
+    async def create_models(self, specs: Sequence[ModelSpec]) -> list[Model]:
+        async with self.transaction() as tx:
+            return [
+                await tx.append_model(
+                    model=s.model,
+                    context_length=s.context_length,
+                    can_chat=s.can_chat,
+                    can_embed=s.can_embed,
+                    can_prompt=s.can_prompt,
+                    can_stream=s.can_stream,
+                    id=s.id,
+                )
+                for s in specs
+            ]
+
+    async def update_models(self, specs: Mapping[str, ModelSpec]) -> list[Model]:
+        async with self.transaction() as tx:
+            return [
+                await tx.update_model(
+                    row_id,
+                    model=s.model,
+                    context_length=s.context_length,
+                    can_chat=s.can_chat,
+                    can_embed=s.can_embed,
+                    can_prompt=s.can_prompt,
+                    can_stream=s.can_stream,
+                )
+                for row_id, s in specs.items()
+            ]
+
+    async def delete_models(self, ids: Sequence[str]) -> None:
+        async with self.transaction() as tx:
+            for row_id in ids:
+                await tx.delete_model(row_id)
+
+    async def create_pools(self, specs: Sequence[PoolSpec]) -> list[Pool]:
+        async with self.transaction() as tx:
+            return [
+                await tx.create_pool(name=s.name, purpose_type=s.purpose_type, id=s.id)
+                for s in specs
+            ]
+
+    async def update_pools(self, specs: Mapping[str, PoolSpec]) -> list[Pool]:
+        async with self.transaction() as tx:
+            return [
+                await tx.update_pool(row_id, name=s.name, purpose_type=s.purpose_type)
+                for row_id, s in specs.items()
+            ]
+
+    async def delete_pools(self, ids: Sequence[str]) -> None:
+        async with self.transaction() as tx:
+            for row_id in ids:
+                await tx.delete_pool(row_id)
+
+    async def list_pool_backends(self) -> list[tuple[str, str]]:
+        """Every (pool id, backend id) assignment."""
+        return [
+            (pool.id, backend.id)
+            for pool in await self.list_all_pools()
+            for backend in await self.list_backends_for_pool(pool.id)
+        ]
+
+    async def list_pool_models(self) -> list[tuple[str, str]]:
+        """Every (pool id, model id) assignment."""
+        return [
+            (pool.id, model.id)
+            for pool in await self.list_all_pools()
+            for model in await self.list_models_for_pool(pool.id)
+        ]
+
+    async def assign_backends_to_pools(self, pairs: Sequence[tuple[str, str]]) -> None:
+        async with self.transaction() as tx:
+            for pool_id, backend_id in pairs:
+                await tx.assign_backend_to_pool(pool_id, backend_id)
+
+    async def remove_backends_from_pools(self, pairs: Sequence[tuple[str, str]]) -> None:
+        async with self.transaction() as tx:
+            for pool_id, backend_id in pairs:
+                await tx.remove_backend_from_pool(pool_id, backend_id)
+
+    async def assign_models_to_pools(self, pairs: Sequence[tuple[str, str]]) -> None:
+        async with self.transaction() as tx:
+            for pool_id, model_id in pairs:
+                await tx.assign_model_to_pool(pool_id, model_id)
+
+    async def remove_models_from_pools(self, pairs: Sequence[tuple[str, str]]) -> None:
+        async with self.transaction() as tx:
+            for pool_id, model_id in pairs:
+                await tx.remove_model_from_pool(pool_id, model_id)
 
     # ---- job queue -------------------------------------------------------------------------
     @abc.abstractmethod

@@ -5,19 +5,26 @@ modules readable; it needs nothing but ``self._db`` and ``self._clock``. Every r
 reconciler makes each cycle (``list_all_*``, ``list_*_for_pool``) is one query; the pool
 listings ``LEFT JOIN`` from the pool so that one query also tells an empty pool from a missing
 one. Full listings are newest first, like the pages.
+
+The bulk operations run one statement per batch: an ``executemany`` insert or update, a
+``DELETE ... WHERE id IN (...)`` per chunk of ids (chunked because SQLite limits a statement's
+parameters). Unknown ids are found by one ``SELECT`` per chunk before anything is written, so
+that ``NotFound`` names the first missing one; the caller's transaction undoes the batch.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtimestate.clock import Clock
-from runtimestate.errors import NotFound
+from runtimestate.errors import Conflict, NotFound
 from runtimestate.store.engine import Database
 from runtimestate.store.paging import (
     INT32_MAX,
@@ -26,7 +33,15 @@ from runtimestate.store.paging import (
     require_int,
     require_text,
 )
-from runtimestate.store.records import Backend, Model, Page, Pool
+from runtimestate.store.records import (
+    Backend,
+    BackendSpec,
+    Model,
+    ModelSpec,
+    Page,
+    Pool,
+    PoolSpec,
+)
 from runtimestate.store.schema import (
     backend_from_row,
     backends,
@@ -39,6 +54,10 @@ from runtimestate.store.schema import (
 )
 
 __all__ = ["EntityOps"]
+
+# Ids per ``IN (...)`` list: well under SQLite's parameter limit (999 before 3.32).
+_CHUNK = 500
+T = TypeVar("T")
 
 
 class EntityOps:
@@ -376,6 +395,217 @@ class EntityOps:
         if not rows:
             raise NotFound(f"no {kind} with id {member_id!r}")
         return [row for row in rows if row.id is not None]
+
+    # ---- bulk declaration ------------------------------------------------------------------
+    async def create_backends(self, specs: Sequence[BackendSpec]) -> list[Backend]:
+        now = self._now()
+        records = [
+            Backend(
+                id=self._new_id(s.id),
+                name=require_text(s.name, "name"),
+                base_url=require_text(s.base_url, "base_url"),
+                type=require_text(s.type, "type"),
+                created_at=now,
+                updated_at=now,
+            )
+            for s in specs
+        ]
+        await self._insert_many(backends, [_fields(r) for r in records])
+        return records
+
+    async def update_backends(self, specs: Mapping[str, BackendSpec]) -> list[Backend]:
+        now = self._now()
+        values: dict[str, dict[str, Any]] = {
+            require_text(row_id, "backend_id"): {
+                "name": require_text(s.name, "name"),
+                "base_url": require_text(s.base_url, "base_url"),
+                "type": require_text(s.type, "type"),
+                "updated_at": now,
+            }
+            for row_id, s in specs.items()
+        }
+        created = await self._update_many(backends, values)
+        return [
+            Backend(id=row_id, created_at=created[row_id], **fields)
+            for row_id, fields in values.items()
+        ]
+
+    async def delete_backends(self, ids: Sequence[str]) -> None:
+        await self._delete_many(backends, [require_text(i, "backend_id") for i in ids])
+
+    async def create_models(self, specs: Sequence[ModelSpec]) -> list[Model]:
+        now = self._now()
+        records = [
+            Model(id=self._new_id(s.id), created_at=now, updated_at=now, **_model_values(s))
+            for s in specs
+        ]
+        await self._insert_many(models, [_fields(r) for r in records])
+        return records
+
+    async def update_models(self, specs: Mapping[str, ModelSpec]) -> list[Model]:
+        now = self._now()
+        values: dict[str, dict[str, Any]] = {
+            require_text(row_id, "model_id"): {**_model_values(s), "updated_at": now}
+            for row_id, s in specs.items()
+        }
+        created = await self._update_many(models, values)
+        return [
+            Model(id=row_id, created_at=created[row_id], **fields)
+            for row_id, fields in values.items()
+        ]
+
+    async def delete_models(self, ids: Sequence[str]) -> None:
+        await self._delete_many(models, [require_text(i, "model_id") for i in ids])
+
+    async def create_pools(self, specs: Sequence[PoolSpec]) -> list[Pool]:
+        now = self._now()
+        records = [
+            Pool(
+                id=self._new_id(s.id),
+                name=require_text(s.name, "name"),
+                purpose_type=require_text(s.purpose_type, "purpose_type"),
+                created_at=now,
+                updated_at=now,
+            )
+            for s in specs
+        ]
+        await self._insert_many(pools, [_fields(r) for r in records])
+        return records
+
+    async def update_pools(self, specs: Mapping[str, PoolSpec]) -> list[Pool]:
+        now = self._now()
+        values: dict[str, dict[str, Any]] = {
+            require_text(row_id, "pool_id"): {
+                "name": require_text(s.name, "name"),
+                "purpose_type": require_text(s.purpose_type, "purpose_type"),
+                "updated_at": now,
+            }
+            for row_id, s in specs.items()
+        }
+        created = await self._update_many(pools, values)
+        return [
+            Pool(id=row_id, created_at=created[row_id], **fields)
+            for row_id, fields in values.items()
+        ]
+
+    async def delete_pools(self, ids: Sequence[str]) -> None:
+        await self._delete_many(pools, [require_text(i, "pool_id") for i in ids])
+
+    async def list_pool_backends(self) -> list[tuple[str, str]]:
+        return await self._links(pool_backends, "backend")
+
+    async def list_pool_models(self) -> list[tuple[str, str]]:
+        return await self._links(pool_models, "model")
+
+    async def assign_backends_to_pools(self, pairs: Sequence[tuple[str, str]]) -> None:
+        await self._link_many(pool_backends, backends, "backend", pairs)
+
+    async def remove_backends_from_pools(self, pairs: Sequence[tuple[str, str]]) -> None:
+        await self._unlink_many(pool_backends, "backend", pairs)
+
+    async def assign_models_to_pools(self, pairs: Sequence[tuple[str, str]]) -> None:
+        await self._link_many(pool_models, models, "model", pairs)
+
+    async def remove_models_from_pools(self, pairs: Sequence[tuple[str, str]]) -> None:
+        await self._unlink_many(pool_models, "model", pairs)
+
+    async def _insert_many(self, table: Table, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        async with self._db.connect(write=True) as conn:
+            await conn.execute(insert(table), rows)
+
+    async def _existing(
+        self, conn: AsyncConnection, table: Table, ids: Sequence[str]
+    ) -> dict[str, datetime]:
+        """``created_at`` of each of ``ids`` that exists; ``NotFound`` for the first that
+        does not."""
+        found: dict[str, datetime] = {}
+        for chunk in _chunks(ids):
+            query = select(table.c.id, table.c.created_at).where(table.c.id.in_(chunk))
+            found.update((row.id, row.created_at) for row in await conn.execute(query))
+        for row_id in ids:
+            if row_id not in found:
+                raise NotFound(f"no {table.name[:-1]} with id {row_id!r}")
+        return found
+
+    async def _update_many(
+        self, table: Table, values: dict[str, dict[str, Any]]
+    ) -> dict[str, datetime]:
+        if not values:
+            return {}
+        columns = next(iter(values.values())).keys()
+        stmt = (
+            update(table)
+            .where(table.c.id == bindparam("row_id"))
+            .values({name: bindparam(name) for name in columns})
+        )
+        async with self._db.connect(write=True) as conn:
+            created = await self._existing(conn, table, list(values))
+            await conn.execute(stmt, [{"row_id": k, **v} for k, v in values.items()])
+        return created
+
+    async def _delete_many(self, table: Table, ids: list[str]) -> None:
+        if not ids:
+            return
+        async with self._db.connect(write=True) as conn:
+            await self._existing(conn, table, ids)
+            for chunk in _chunks(ids):
+                await conn.execute(delete(table).where(table.c.id.in_(chunk)))
+
+    async def _links(self, link: Table, kind: str) -> list[tuple[str, str]]:
+        query = select(link.c.pool_id, link.c[f"{kind}_id"]).order_by(
+            link.c.pool_id, link.c[f"{kind}_id"]
+        )
+        async with self._db.connect(write=False) as conn:
+            return [(row[0], row[1]) for row in await conn.execute(query)]
+
+    async def _link_many(
+        self, link: Table, members: Table, kind: str, pairs: Sequence[tuple[str, str]]
+    ) -> None:
+        if not pairs:
+            return
+        checked = [(require_text(p, "pool_id"), require_text(m, f"{kind}_id")) for p, m in pairs]
+        if len(set(checked)) != len(checked):
+            raise Conflict("this pool assignment is listed twice")
+        now = self._now()
+        rows = [{"pool_id": p, f"{kind}_id": m, "created_at": now} for p, m in checked]
+        async with self._db.connect(write=True) as conn:
+            # Checked first so that the error names the missing side, as the single assign does.
+            await self._existing(conn, pools, list(dict.fromkeys(p for p, _ in checked)))
+            await self._existing(conn, members, list(dict.fromkeys(m for _, m in checked)))
+            await conn.execute(insert(link), rows)
+
+    async def _unlink_many(self, link: Table, kind: str, pairs: Sequence[tuple[str, str]]) -> None:
+        if not pairs:
+            return
+        member = link.c[f"{kind}_id"]
+        checked = [(require_text(p, "pool_id"), require_text(m, f"{kind}_id")) for p, m in pairs]
+        async with self._db.connect(write=True) as conn:
+            removed = 0
+            for chunk in _chunks(list(dict.fromkeys(checked))):
+                result = await conn.execute(
+                    delete(link).where(tuple_(link.c.pool_id, member).in_(chunk))
+                )
+                removed += result.rowcount
+            if removed != len(set(checked)):
+                raise NotFound(f"some of these {kind}s are not in the pools named")
+
+
+def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _model_values(s: ModelSpec) -> dict[str, Any]:
+    return {
+        "model": require_text(s.model, "model"),
+        "context_length": require_int(s.context_length, "context_length", maximum=INT32_MAX),
+        "can_chat": require_bool(s.can_chat, "can_chat"),
+        "can_embed": require_bool(s.can_embed, "can_embed"),
+        "can_prompt": require_bool(s.can_prompt, "can_prompt"),
+        "can_stream": require_bool(s.can_stream, "can_stream"),
+    }
 
 
 def _fields(record: Backend | Model | Pool) -> dict[str, Any]:

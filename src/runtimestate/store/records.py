@@ -16,12 +16,15 @@ from runtimestate.records import BackendInfo
 __all__ = [
     "MAX_PAGE_SIZE",
     "Backend",
+    "BackendSpec",
     "Job",
     "KVEntry",
     "Lease",
     "Model",
+    "ModelSpec",
     "Page",
     "Pool",
+    "PoolSpec",
 ]
 
 MAX_PAGE_SIZE = 1000
@@ -72,6 +75,39 @@ class Pool:
     purpose_type: str
     created_at: datetime
     updated_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BackendSpec:
+    """What a caller declares of a backend in a bulk operation; the store adds the id (when
+    ``None``) and the timestamps."""
+
+    name: str
+    base_url: str
+    type: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelSpec:
+    """What a caller declares of a model in a bulk operation."""
+
+    model: str
+    context_length: int = 0
+    can_chat: bool = False
+    can_embed: bool = False
+    can_prompt: bool = False
+    can_stream: bool = False
+    id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PoolSpec:
+    """What a caller declares of a pool in a bulk operation."""
+
+    name: str
+    purpose_type: str
+    id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -1,0 +1,132 @@
+"""``runtimestate apply`` and ``export`` against a real service: the printed difference, the
+round trip through a file, and errors that name the file, the line and the field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner, Result
+
+from runtimestate.cli import app
+from runtimestate.cli.client import ExitCode
+from runtimestate.settings import read_token
+from tests.cli_service import ServiceProcess, cli_env, start_service
+
+FLEET = """\
+backends:
+  - name: gpu-1
+    baseUrl: http://10.0.0.1:11434
+    type: ollama
+  - name: gpu-2
+    baseUrl: http://10.0.0.2:11434
+    type: ollama
+models:
+  - model: llama3.2:1b
+    contextLength: 8192
+    canChat: true
+pools:
+  - name: chat
+    purposeType: chat
+    backends: [gpu-1, gpu-2]
+    models: [llama3.2:1b]
+"""
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    root = tmp_path_factory.mktemp("cli-fleet")
+    data_dir = root / "data"
+    env = cli_env(url="http://unused", data_dir=data_dir)
+    proc = start_service(
+        data_dir=data_dir, log_path=root / "service.log", extra=("--interval", "60"), env=env
+    )
+    yield proc
+    assert proc.stop() == 0, proc.log_tail()
+
+
+def run(service: ServiceProcess, *args: str) -> Result:
+    env = cli_env(url=service.url, data_dir=service.data_dir)
+    return CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+
+
+def backends_of(service: ServiceProcess) -> dict[str, str]:
+    """name -> base URL, read through the CRUD route (not the fleet routes under test)."""
+    headers = {"Authorization": f"Bearer {read_token(service.data_dir)}"}
+    response = httpx.get(f"{service.url}/backends", headers=headers, params={"limit": 1000})
+    assert response.status_code == 200, response.text
+    listed = response.json()
+    return {item["name"]: item["baseUrl"] for item in listed}
+
+
+def test_dry_run_apply_again_export_and_prune(service: ServiceProcess, tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(FLEET)
+
+    dry = run(service, "apply", str(path), "--dry-run")
+    assert dry.exit_code == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert "+ backend gpu-1  baseUrl=http://10.0.0.1:11434 type=ollama" in lines
+    assert "+ pool-backend chat/gpu-2" in lines
+    assert lines[-1] == "dry run: 7 to add, 0 to change, 0 to remove, 0 unchanged; nothing applied"
+    assert backends_of(service) == {}
+
+    done = run(service, "apply", str(path))
+    assert done.exit_code == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "applied: 7 added, 0 changed, 0 removed, 0 unchanged"
+    assert done.stdout.splitlines()[:-1] == lines[:-1]
+    assert backends_of(service) == {
+        "gpu-1": "http://10.0.0.1:11434",
+        "gpu-2": "http://10.0.0.2:11434",
+    }
+
+    again = run(service, "apply", str(path))
+    assert again.stdout.splitlines() == ["no changes: 7 unchanged; nothing applied"]
+
+    exported = tmp_path / "exported.yaml"
+    assert run(service, "export", "-o", str(exported)).exit_code == 0
+    assert "name: gpu-1" in exported.read_text()
+    round_trip = run(service, "apply", str(exported), "--prune", "--json")
+    assert round_trip.exit_code == 0
+    assert json.loads(round_trip.stdout)["changes"] == []
+
+    path.write_text(FLEET.replace("http://10.0.0.2:11434", "http://10.0.0.3:11434"))
+    changed = run(service, "apply", str(path), "--dry-run")
+    assert changed.stdout.splitlines()[0] == (
+        "~ backend gpu-2  baseUrl: http://10.0.0.2:11434 -> http://10.0.0.3:11434"
+    )
+    only_one = tmp_path / "one.yaml"
+    only_one.write_text(FLEET.split("  - name: gpu-2")[0])
+    kept = run(service, "apply", str(only_one))
+    assert kept.stdout.splitlines() == [
+        "no changes: 1 unchanged; nothing applied "
+        "(6 declared in the service but not in the file, kept; --prune)"
+    ]
+    assert "gpu-2" in backends_of(service)
+    pruned = run(service, "apply", str(only_one), "--prune")
+    assert pruned.exit_code == 0, pruned.stderr
+    assert "- backend gpu-2" in pruned.stdout.splitlines()
+    assert "- model llama3.2:1b" in pruned.stdout.splitlines()
+    assert backends_of(service) == {"gpu-1": "http://10.0.0.1:11434"}
+
+
+def test_an_invalid_file_is_one_error_line_with_file_line_and_field(
+    service: ServiceProcess, tmp_path: Path
+) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(FLEET.replace("contextLength: 8192", "contextLength: lots"))
+    before = backends_of(service)
+    result = run(service, "apply", str(path))
+    assert result.exit_code == ExitCode.INVALID_INPUT
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {path}:10: models[0].contextLength: Input should be")
+    assert line.endswith("(field: models[0].contextLength)")
+    assert backends_of(service) == before
+
+    missing = run(service, "apply", str(tmp_path / "nope.yaml"))
+    assert missing.exit_code == ExitCode.USAGE
+    assert "cannot read" in missing.stderr
