@@ -42,6 +42,7 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import replace
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -163,6 +164,9 @@ class State:
             retry_after=pull_retry_after,
         )
         self._states: dict[str, LLMState] = {}
+        self._version = 0
+        self.last_cycle_at: datetime | None = None
+        self.last_cycle_seconds: float | None = None
 
     @property
     def worker_id(self) -> str:
@@ -184,6 +188,30 @@ class State:
         if self._owns_http:
             await self._http.aclose()
 
+    @property
+    def version(self) -> int:
+        """A number that grows whenever the snapshot changes, and only then: a cycle that
+        observes the same states keeps it (the API's ``ETag``)."""
+        return self._version
+
+    def _publish(self, states: dict[str, LLMState]) -> None:
+        """Replace the snapshot with ``states``, keeping the previous object of every backend
+        whose state is equal, so that readers can tell an unchanged backend by identity; bump
+        the version if anything differs."""
+        previous = self._states
+        merged: dict[str, LLMState] = {}
+        changed = previous.keys() != states.keys()
+        for backend_id, state in states.items():
+            old = previous.get(backend_id)
+            if old is not None and old == state and old.api_key == state.api_key:
+                merged[backend_id] = old
+            else:
+                merged[backend_id] = state
+                changed = True
+        self._states = merged
+        if changed:
+            self._version += 1
+
     def get(self) -> dict[str, LLMState]:
         """A snapshot of the observed state, keyed by backend id. The dict is new and the
         states are frozen: later cycles never change a snapshot already taken."""
@@ -203,11 +231,14 @@ class State:
             self._stale.pop(gone, None)
             for driver in self._drivers.values():
                 driver.forget(gone)
-        self._states = states
+        self._publish(states)
         errors = sum(1 for s in states.values() if s.error)
         BACKENDS.labels(status="error").set(errors)
         BACKENDS.labels(status="ok").set(len(states) - errors)
-        CYCLE_DURATION.labels(cycle="backend").observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        CYCLE_DURATION.labels(cycle="backend").observe(elapsed)
+        self.last_cycle_at = self._clock.now()
+        self.last_cycle_seconds = elapsed
 
     async def plan_backend_cycle(self) -> dict[str, BackendPlan]:
         """What a backend cycle would do, per backend id, without doing any of it (a dry run:

@@ -30,6 +30,7 @@ from runtimestate.store.base import Store
 from runtimestate.store.records import MAX_PAGE_SIZE, Page
 
 __all__ = [
+    "NEXT_CURSOR_HEADER",
     "PAGED",
     "ApiContext",
     "Context",
@@ -52,6 +53,10 @@ class Plan(Protocol):
 class StateView(Protocol):
     """The part of :class:`runtimestate.state.State` the API uses."""
 
+    @property
+    def version(self) -> int:
+        """Grows whenever the snapshot changes (the ETag of ``GET /state``)."""
+
     def get(self) -> Mapping[str, LLMState]: ...
 
     async def run_backend_cycle(self) -> None: ...
@@ -70,6 +75,8 @@ class ApiContext:
     # Set when the service shuts down: long-lived answers (the SSE stream) end on it.
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     heartbeat: float = 15.0
+    # How often the state event stream looks for a new snapshot version.
+    poll_interval: float = 0.25
 
 
 def context(request: Request) -> ApiContext:

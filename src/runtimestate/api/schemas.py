@@ -55,6 +55,7 @@ __all__ = [
     "ProviderKeyIn",
     "ProviderStatusOut",
     "QueueItemOut",
+    "StateSummaryOut",
     "VersionOut",
 ]
 
@@ -214,6 +215,35 @@ class LLMStateOut(_Camel):
         description="What could not be found out but does not disable the backend (a context "
         "length nobody declared and the server does not report); omitted when none.",
     )
+
+
+class StatusCountsOut(BaseModel):
+    ok: int
+    error: int
+    pulling: int
+    failing: int
+
+
+class ModelSummaryOut(_Camel):
+    model: str
+    holding: int = Field(description="Backends that hold it.")
+    pulling: int = Field(description="Backends that declare it and do not hold it yet.")
+    failed: int = Field(description="Backends whose pull of it failed.")
+
+
+class CycleOut(_Camel):
+    at: datetime
+    seconds: float
+
+
+class StateSummaryOut(_Camel):
+    """``GET /state/summary``: the fleet in numbers, for dashboards and monitoring."""
+
+    version: int = Field(description="The snapshot's version (its ETag).")
+    backends: int
+    status: StatusCountsOut
+    models: list[ModelSummaryOut]
+    last_cycle: CycleOut | None = Field(description="The last backend cycle; null before one.")
 
 
 class ActionOut(_Camel):
