@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-BENCHMARKS = ("reconcile", "resolve", "dashboard")
+BENCHMARKS = ("reconcile", "resolve", "dashboard", "fleet")
 OUTPUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
