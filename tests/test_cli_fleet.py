@@ -4,6 +4,7 @@ round trip through a file, and errors that name the file, the line and the field
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,3 +131,46 @@ def test_an_invalid_file_is_one_error_line_with_file_line_and_field(
     missing = run(service, "apply", str(tmp_path / "nope.yaml"))
     assert missing.exit_code == ExitCode.USAGE
     assert "cannot read" in missing.stderr
+
+
+def test_state_watch_prints_the_snapshot_then_each_change(service: ServiceProcess) -> None:
+    headers = {"Authorization": f"Bearer {read_token(service.data_dir)}"}
+
+    def declare_and_sync(port: int) -> None:
+        dead = f"backends:\n  - name: dead-node\n    baseUrl: http://127.0.0.1:{port}\n"
+        dead += "    type: ollama\n"
+        applied = httpx.post(
+            f"{service.url}/fleet/apply",
+            params={"prune": "true"},
+            content=dead,
+            headers=headers,
+            timeout=30,
+        )
+        assert applied.status_code == 200, applied.text
+        synced = httpx.post(f"{service.url}/state/sync", headers=headers, timeout=30)
+        assert synced.status_code == 200
+
+    declare_and_sync(9)
+    done: list[Result] = []
+    watcher = threading.Thread(
+        target=lambda: done.append(
+            run(service, "state", "--watch", "--json", "--changes", "1", "--timeout", "60")
+        )
+    )
+    watcher.start()
+    # Whenever the watch connected, a later change reaches it: keep changing the backend (its
+    # URL alternates) until the watch has seen one and returned.
+    for round_ in range(60):
+        declare_and_sync(10 + round_ % 2)
+        watcher.join(0.5)
+        if not watcher.is_alive():
+            break
+    watcher.join(60)
+    (result,) = done
+    assert result.exit_code == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [entry["name"] for entry in lines[0]["snapshot"]] == ["dead-node"]
+    assert len(lines) == 2
+    assert lines[1]["state"]["name"] == "dead-node"
+    assert lines[1]["status"] == "error"
+    assert lines[1]["state"]["backend"]["baseUrl"] in ("http://127.0.0.1:10", "http://127.0.0.1:11")

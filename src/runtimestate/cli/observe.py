@@ -37,8 +37,28 @@ def state(
     wide: Annotated[
         bool, typer.Option("--wide", help="Show names and errors whole, however wide.")
     ] = False,
+    watch_changes: Annotated[
+        bool,
+        typer.Option(
+            "--watch", help="Then follow the changes (the service's event stream), until Ctrl-C."
+        ),
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option(min=0.1, help="With --watch: stop after this many seconds.")
+    ] = None,
+    changes: Annotated[
+        int | None, typer.Option(min=1, help="With --watch: stop after this many changes.")
+    ] = None,
 ) -> None:
     """The observed state of every backend: one status word each, failed pulls, errors."""
+    if watch_changes:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with api(ctx) as client:
+                _watch_state(client, as_json=as_json, wide=wide, deadline=deadline, changes=changes)
+        except KeyboardInterrupt:
+            return
+        return
     with api(ctx) as client:
         snapshot = client.get("/state")
         if as_json:
@@ -62,6 +82,52 @@ def _leader(client: ApiClient) -> str | None:
     if isinstance(leader, dict):
         leader = leader.get("id") or leader.get("instance") or leader.get("name")
     return str(leader) if leader else None
+
+
+def _watch_state(
+    client: ApiClient, *, as_json: bool, wide: bool, deadline: float | None, changes: int | None
+) -> None:
+    """The snapshot first, then one line per backend change, from ``GET /state/events``.
+
+    The stream's events are told apart by shape: the snapshot is a list, a change has
+    ``state``, a removal only ``id``, a summary ``backends``; summaries are not printed."""
+    names: dict[str, str] = {}
+    seen = 0
+    remaining = None if deadline is None else max(0.1, deadline - time.monotonic())
+    for event in client.events("/state/events", read_timeout=remaining):
+        if isinstance(event, list):
+            names = {str(e.get("id")): str(e.get("name")) for e in event if isinstance(e, dict)}
+            if as_json:
+                typer.echo(json.dumps({"snapshot": event}, separators=(",", ":")))
+            else:
+                render.print_state(out(), event, wide=wide)
+        elif isinstance(event, dict) and isinstance(event.get("state"), dict):
+            entry = event["state"]
+            names[str(entry.get("id"))] = str(entry.get("name"))
+            if as_json:
+                typer.echo(json.dumps(event, separators=(",", ":")))
+            else:
+                error = f": {entry['error']}" if entry.get("error") else ""
+                say(
+                    "{name} {status}{error}",
+                    name=entry.get("name"),
+                    status=event.get("status"),
+                    error=error,
+                )
+            seen += 1
+        elif isinstance(event, dict) and set(event) == {"id"}:
+            name = names.pop(str(event["id"]), str(event["id"]))
+            if as_json:
+                typer.echo(json.dumps({"removed": event["id"]}, separators=(",", ":")))
+            else:
+                say("{name} removed", name=name)
+            seen += 1
+        else:
+            continue
+        if changes is not None and seen >= changes:
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            return
 
 
 def plan(ctx: typer.Context, as_json: JsonFlag = False) -> None:
