@@ -188,6 +188,12 @@ async def test_summary_counts_statuses_and_models(fleet: Fleet) -> None:
     etag = response.headers["etag"]
     again = await fleet.client.get("/state/summary", headers={"If-None-Match": etag})
     assert again.status_code == 304
+    # A steady cycle keeps the snapshot's version but moves the last cycle.
+    await fleet.state.run_backend_cycle()
+    later = await fleet.client.get("/state/summary", headers={"If-None-Match": etag})
+    assert later.status_code == 200
+    assert later.json()["version"] == summary["version"]
+    assert later.json()["lastCycle"] != summary["lastCycle"]
 
 
 # ---- the event stream ----------------------------------------------------------------------

@@ -114,20 +114,84 @@ class Event:
         return head + b"event: %s\ndata: %s\n\n" % (self.kind.encode(), self.data)
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """What the feed derives from one backend's state, computed once per new state object."""
+
+    state: LLMState
+    part: bytes
+    status: Status
+    keys: frozenset[str]  # model keys, for ?model=
+    # (declared model, 0 holding / 1 pulling / 2 failed), for the summary
+    outcomes: tuple[tuple[str, int], ...]
+
+
+def _entry(state: LLMState) -> _Entry:
+    key = _key_of(state.backend.type)
+    present = _present(state)
+    failed = {
+        key(str(_field(d, "model"))) for d in _downloads(state) if _field(d, "status") == "failed"
+    }
+    outcomes: tuple[tuple[str, int], ...] = ()
+    if not state.error:
+        # An error means not observed: nothing is known of what it holds or pulls.
+        outcomes = tuple(
+            (name, 0 if key(name) in present else 2 if key(name) in failed else 1)
+            for name in state.models
+        )
+    names = set(state.models) | {m.model or m.name for m in state.pulled_models}
+    return _Entry(
+        state=state,
+        part=state.model_dump_json().encode(),
+        status=backend_status(state),
+        keys=frozenset(key(name) for name in names),
+        outcomes=outcomes,
+    )
+
+
 @dataclass(slots=True)
 class _Built:
+    """One version's bytes and index. The containers pass from one version to the next and
+    are updated in place for the backends that changed (only synchronous code reads them)."""
+
     version: int
-    states: dict[str, LLMState]
-    parts: dict[str, bytes]
-    order: list[tuple[str, str]]  # (name, id), sorted
-    status: dict[str, Status]
-    by_status: dict[str, set[str]]
-    by_name: dict[str, str]
-    by_model: dict[str, set[str]]
-    body: bytes
-    summary: dict[str, Any]
+    entries: dict[str, _Entry] = field(default_factory=dict)
+    order: list[tuple[str, str]] = field(default_factory=list)  # (name, id), sorted
+    by_status: dict[str, set[str]] = field(default_factory=lambda: {s: set() for s in STATUSES})
+    by_name: dict[str, str] = field(default_factory=dict)
+    by_model: dict[str, set[str]] = field(default_factory=dict)
+    model_counts: dict[str, list[int]] = field(default_factory=dict)
+    body: bytes = b"[]"
+    summary: dict[str, Any] = field(default_factory=dict)
     gzipped: bytes | None = None
     etag: str = ""
+
+    def add(self, backend_id: str, entry: _Entry) -> None:
+        self.entries[backend_id] = entry
+        self.by_status[entry.status].add(backend_id)
+        self.by_name[entry.state.name] = backend_id
+        for key in entry.keys:
+            self.by_model.setdefault(key, set()).add(backend_id)
+        for name, outcome in entry.outcomes:
+            self.model_counts.setdefault(name, [0, 0, 0])[outcome] += 1
+
+    def discard(self, backend_id: str) -> _Entry:
+        entry = self.entries.pop(backend_id)
+        self.by_status[entry.status].discard(backend_id)
+        if self.by_name.get(entry.state.name) == backend_id:
+            del self.by_name[entry.state.name]
+        for key in entry.keys:
+            holders = self.by_model.get(key)
+            if holders is not None:
+                holders.discard(backend_id)
+                if not holders:
+                    del self.by_model[key]
+        for name, outcome in entry.outcomes:
+            counts = self.model_counts[name]
+            counts[outcome] -= 1
+            if not any(counts):
+                del self.model_counts[name]
+        return entry
 
 
 @dataclass(slots=True)
@@ -146,8 +210,7 @@ class SnapshotFeed:
         built = self._built
         if built is not None and built.version == version:
             return built
-        states = dict(self.source.get())
-        self._built = self._build(version, states, built)
+        self._built = self._build(version, self.source.get(), built)
         return self._built
 
     @property
@@ -155,42 +218,35 @@ class SnapshotFeed:
         return self.refresh().version
 
     # ---- building ------------------------------------------------------------------------
-    def _build(self, version: int, states: dict[str, LLMState], old: _Built | None) -> _Built:
-        parts: dict[str, bytes] = {}
+    def _build(self, version: int, states: Mapping[str, LLMState], old: _Built | None) -> _Built:
+        built = _Built(version=version, etag=f'W/"{version}"')
+        if old is not None:
+            built.entries, built.order = old.entries, old.order
+            built.by_status, built.by_name = old.by_status, old.by_name
+            built.by_model, built.model_counts = old.by_model, old.model_counts
         changed: list[str] = []
+        reorder = old is None
         for backend_id, state in states.items():
-            if old is not None and old.states.get(backend_id) is state:
-                parts[backend_id] = old.parts[backend_id]
+            previous = built.entries.get(backend_id)
+            if previous is not None and previous.state is state:
                 continue
-            part = state.model_dump_json().encode()
-            parts[backend_id] = part
-            if old is None or old.parts.get(backend_id) != part:
+            entry = _entry(state)
+            if previous is not None:
+                built.discard(backend_id)
+                reorder = reorder or previous.state.name != state.name
+            else:
+                reorder = True
+            built.add(backend_id, entry)
+            if previous is None or previous.part != entry.part:
                 changed.append(backend_id)
-        removed = [] if old is None else [i for i in old.states if i not in states]
-        order = sorted((s.name, i) for i, s in states.items())
-        status = {i: backend_status(s) for i, s in states.items()}
-        by_status: dict[str, set[str]] = {name: set() for name in STATUSES}
-        for backend_id, value in status.items():
-            by_status[value].add(backend_id)
-        by_model: dict[str, set[str]] = {}
-        for backend_id, state in states.items():
-            key = _key_of(state.backend.type)
-            names = set(state.models) | {m.model or m.name for m in state.pulled_models}
-            for name in names:
-                by_model.setdefault(key(name), set()).add(backend_id)
-        built = _Built(
-            version=version,
-            states=states,
-            parts=parts,
-            order=order,
-            status=status,
-            by_status=by_status,
-            by_name={s.name: i for i, s in states.items()},
-            by_model=by_model,
-            body=b"[" + b",".join(parts[i] for _, i in order) + b"]",
-            summary=_summary(version, states, status, self.source),
-            etag=f'W/"{version}"',
-        )
+        removed = [i for i in built.entries if i not in states]
+        for backend_id in removed:
+            built.discard(backend_id)
+        if reorder or removed:
+            built.order = sorted((e.state.name, i) for i, e in built.entries.items())
+        entries = built.entries
+        built.body = b"[" + b",".join(entries[i].part for _, i in built.order) + b"]"
+        built.summary = _summary(version, built)
         if old is None:
             self._floor = version
         else:
@@ -199,12 +255,10 @@ class SnapshotFeed:
 
     def _record(self, version: int, built: _Built, changed: list[str], removed: list[str]) -> None:
         index = 0
-        for backend_id in sorted(changed, key=lambda i: (built.states[i].name, i)):
+        for backend_id in sorted(changed, key=lambda i: (built.entries[i].state.name, i)):
             index += 1
-            data = b'{"status":"%s","state":%s}' % (
-                built.status[backend_id].encode(),
-                built.parts[backend_id],
-            )
+            entry = built.entries[backend_id]
+            data = b'{"status":"%s","state":%s}' % (entry.status.encode(), entry.part)
             self._log.append((version, index, Event(f"{version}.{index}", "backend", data)))
         for backend_id in sorted(removed):
             index += 1
@@ -236,21 +290,21 @@ class SnapshotFeed:
         """The JSON array of the backends matching every filter given, from the index; and the
         ETag, and the next page's cursor (``None`` on the last page)."""
         built = self.refresh()
+        entries = built.entries
         wanted: set[str] | None = None
         if backend is not None:
-            found = {backend} if backend in built.states else set()
+            wanted = {backend} if backend in entries else set()
             if backend in built.by_name:
-                found.add(built.by_name[backend])
-            wanted = found
+                wanted.add(built.by_name[backend])
         if model is not None:
-            ids = built.by_model.get(ollama_key(model), set()) | built.by_model.get(
+            candidates = built.by_model.get(ollama_key(model), set()) | built.by_model.get(
                 cloud_key(model), set()
             )
-            # A key only counts for backends that compare names that way.
+            # Each backend compares names its own way: keep those whose way matches.
             ids = {
                 i
-                for i in ids
-                if _key_of(built.states[i].backend.type)(model) in _names_of(built.states[i])
+                for i in candidates
+                if _key_of(entries[i].state.backend.type)(model) in entries[i].keys
             }
             wanted = ids if wanted is None else wanted & ids
         if status is not None:
@@ -258,33 +312,28 @@ class SnapshotFeed:
                 raise InvalidInput(f"status must be one of {', '.join(STATUSES)}", field="status")
             ids = built.by_status[status]
             wanted = set(ids) if wanted is None else wanted & ids
-        start = 0
-        if cursor:
-            start = bisect.bisect_right(built.order, _decode_cursor(cursor))
-        rows: list[tuple[str, str]] = []
-        next_cursor = None
-        for position in range(start, len(built.order)):
-            key = built.order[position]
-            if wanted is not None and key[1] not in wanted:
-                continue
-            if limit is not None and len(rows) == limit:
-                next_cursor = _encode_cursor(rows[-1])
-                break
-            rows.append(key)
-        body = b"[" + b",".join(built.parts[i] for _, i in rows) + b"]"
+        # A filter's few matches are sorted on their own; no filter walks the sorted order.
+        order = (
+            built.order if wanted is None else sorted((entries[i].state.name, i) for i in wanted)
+        )
+        start = bisect.bisect_right(order, _decode_cursor(cursor)) if cursor else 0
+        end = len(order) if limit is None else min(len(order), start + limit)
+        rows = order[start:end]
+        next_cursor = _encode_cursor(rows[-1]) if rows and end < len(order) else None
+        body = b"[" + b",".join(entries[i].part for _, i in rows) + b"]"
         return body, built.etag, next_cursor
 
     def summary(self) -> dict[str, Any]:
-        return self.refresh().summary
+        """Counts of this version, and the last cycle (which a steady cycle moves)."""
+        return {**self.refresh().summary, "lastCycle": _last_cycle(self.source)}
 
     def snapshot_event(self) -> Event:
         built = self.refresh()
         return Event(str(built.version), "snapshot", built.body)
 
     def summary_event(self) -> Event:
-        built = self.refresh()
         # No id: a summary is not a position in the stream of changes to resume from.
-        return Event("", "summary", json.dumps(built.summary).encode())
+        return Event("", "summary", json.dumps(self.summary()).encode())
 
     def events_after(self, last_id: str | None) -> tuple[list[Event], str]:
         """What a client that has seen ``last_id`` is missing, and the id it will then have
@@ -298,11 +347,6 @@ class SnapshotFeed:
         if not events:
             return [], last_id or str(built.version)
         return events, events[-1].id
-
-
-def _names_of(state: LLMState) -> set[str]:
-    key = _key_of(state.backend.type)
-    return {key(m) for m in state.models} | {key(m.model or m.name) for m in state.pulled_models}
 
 
 def _parse_id(value: str | None) -> tuple[int, int] | None:
@@ -330,40 +374,23 @@ def _decode_cursor(cursor: str) -> tuple[str, str]:
     return value[0], value[1]
 
 
-def _summary(
-    version: int, states: Mapping[str, LLMState], status: Mapping[str, Status], source: object
-) -> dict[str, Any]:
-    counts = dict.fromkeys(STATUSES, 0)
-    for value in status.values():
-        counts[value] += 1
-    models: dict[str, dict[str, int]] = {}
-    for state in states.values():
-        if state.error:
-            # Not observed: nothing is known of what it holds or pulls.
-            continue
-        key = _key_of(state.backend.type)
-        present = _present(state)
-        failed = {
-            key(str(_field(d, "model")))
-            for d in _downloads(state)
-            if _field(d, "status") == "failed"
-        }
-        for name in state.models:
-            entry = models.setdefault(name, {"holding": 0, "pulling": 0, "failed": 0})
-            if key(name) in present:
-                entry["holding"] += 1
-            elif key(name) in failed:
-                entry["failed"] += 1
-            else:
-                entry["pulling"] += 1
-    last_at: datetime | None = getattr(source, "last_cycle_at", None)
-    last_seconds: float | None = getattr(source, "last_cycle_seconds", None)
+def _summary(version: int, built: _Built) -> dict[str, Any]:
+    counts = {name: len(built.by_status[name]) for name in STATUSES}
     return {
         "version": version,
-        "backends": len(states),
+        "backends": len(built.entries),
         "status": counts,
-        "models": [{"model": name, **models[name]} for name in sorted(models)],
-        "lastCycle": None
-        if last_at is None
-        else {"at": last_at.isoformat(), "seconds": round(last_seconds or 0.0, 6)},
+        "models": [
+            {"model": name, "holding": c[0], "pulling": c[1], "failed": c[2]}
+            for name, c in sorted(built.model_counts.items())
+        ],
     }
+
+
+def _last_cycle(source: object) -> dict[str, Any] | None:
+    # Read at every request: a cycle that changed nothing keeps the version but not its time.
+    last_at: datetime | None = getattr(source, "last_cycle_at", None)
+    last_seconds: float | None = getattr(source, "last_cycle_seconds", None)
+    if last_at is None:
+        return None
+    return {"at": last_at.isoformat(), "seconds": round(last_seconds or 0.0, 6)}

@@ -156,10 +156,11 @@ async def get_state(
     responses={304: {"description": "Not modified since the ETag given in If-None-Match"}},
 )
 async def get_summary(request: Request, ctx: Context) -> Response:
-    feed = _feed(request, ctx)
-    built = feed.refresh()
-    body = StateSummaryOut.model_validate(built.summary).model_dump_json(by_alias=True)
-    return _answer(request, body.encode(), built.etag)
+    summary = _feed(request, ctx).summary()
+    body = StateSummaryOut.model_validate(summary).model_dump_json(by_alias=True)
+    last = summary["lastCycle"]
+    etag = f'W/"{summary["version"]}-{last["at"] if last else "none"}"'
+    return _answer(request, body.encode(), etag)
 
 
 @router.get(
