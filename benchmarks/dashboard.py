@@ -67,6 +67,10 @@ class _Snapshot:
                 error="cannot connect: connection refused" if index % 10 == 0 else "",
             )
 
+    @property
+    def version(self) -> int:
+        return 1  # the snapshot never changes
+
     def get(self) -> Mapping[str, LLMState]:
         return self._states
 

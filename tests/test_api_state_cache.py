@@ -184,7 +184,9 @@ async def test_summary_counts_statuses_and_models(fleet: Fleet) -> None:
     assert summary["models"] == [{"model": MODEL, "holding": 1, "pulling": 1, "failed": 0}]
     assert fleet.state.last_cycle_at is not None
     assert summary["lastCycle"]["at"].startswith(fleet.state.last_cycle_at.isoformat()[:19])
-    assert summary["lastCycle"]["seconds"] == round(fleet.state.last_cycle_seconds or 0.0, 6)
+    assert summary["lastCycle"]["durationSeconds"] == round(
+        fleet.state.last_cycle_seconds or 0.0, 6
+    )
     etag = response.headers["etag"]
     again = await fleet.client.get("/state/summary", headers={"If-None-Match": etag})
     assert again.status_code == 304

@@ -232,8 +232,8 @@ class ModelSummaryOut(_Camel):
 
 
 class CycleOut(_Camel):
-    at: datetime
-    seconds: float
+    at: datetime = Field(description="When the last backend cycle ended.")
+    duration_seconds: float
 
 
 class StateSummaryOut(_Camel):

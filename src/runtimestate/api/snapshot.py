@@ -393,4 +393,4 @@ def _last_cycle(source: object) -> dict[str, Any] | None:
     last_seconds: float | None = getattr(source, "last_cycle_seconds", None)
     if last_at is None:
         return None
-    return {"at": last_at.isoformat(), "seconds": round(last_seconds or 0.0, 6)}
+    return {"at": last_at.isoformat(), "durationSeconds": round(last_seconds or 0.0, 6)}
