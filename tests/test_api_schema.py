@@ -5,7 +5,8 @@ The app runs on a real uvicorn socket in a thread with its own event loop, becau
 calls synchronously: the store, bus and reconciler are opened inside that loop and closed there.
 Examples are bounded (``MAX_EXAMPLES`` per operation, fewer for invalid requests) and
 derandomized, with no example database, so that a run is repeatable. ``GET /queue/inProgress``
-is excluded: an SSE stream never ends, and its 401 is covered in ``test_api_state.py``.
+and ``GET /state/events`` are excluded: an SSE stream never ends; their 401s are covered in
+``test_api_state.py`` and ``test_api_state_cache.py``.
 """
 
 from __future__ import annotations
@@ -110,7 +111,11 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedApi]:
 def operations(api: ThreadedApi) -> list[tuple[Any, bool]]:
     """Every operation, and whether it is a paged listing (it takes a ``cursor``)."""
     raw = httpx.get(f"{api.url}/openapi.json", headers=AUTH).json()
-    loaded = schemathesis.openapi.from_dict(raw).exclude(path="/queue/inProgress")
+    loaded = (
+        schemathesis.openapi.from_dict(raw)
+        .exclude(path="/queue/inProgress")
+        .exclude(path="/state/events")
+    )
     found = []
     for result in loaded.get_all_operations():
         if isinstance(result, Err):
@@ -170,8 +175,8 @@ def test_every_operation_conforms(api: ThreadedApi) -> None:
         excluded = [positive_data_acceptance] if refusable else []
         run_examples(operation, url=api.url, excluded=excluded)
         checked.append(operation.label)
-    # The 42 operations of the API but the SSE stream.
-    assert len(checked) == 41
+    # The 44 operations of the API but the two SSE streams.
+    assert len(checked) == 42
 
 
 def test_invalid_requests_never_cause_a_server_error(api: ThreadedApi) -> None:

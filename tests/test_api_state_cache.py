@@ -340,3 +340,9 @@ async def test_gzip_body_is_the_identity_body_compressed(fleet: Fleet) -> None:
     sent = b"".join([chunk async for chunk in response.aiter_raw()])
     await response.aclose()
     assert gzip.decompress(sent) == raw.content
+
+
+async def test_the_state_routes_require_the_token(fleet: Fleet) -> None:
+    for path in ("/state", "/state/summary", "/state/events"):
+        response = await fleet.client.get(path, headers={"Authorization": "Bearer wrong"})
+        assert response.status_code == 401, path
