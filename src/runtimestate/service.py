@@ -3,7 +3,8 @@
 This is the one place where the concrete objects are built and wired (STYLE: "built in one
 place from settings and handed down"): the store from ``database_url``, the bus from
 ``nats_url``, the reconciler ``State`` on both, one backend-cycle :class:`Runner`, ``K``
-download-worker runners, and the FastAPI app on uvicorn. Nothing below reads settings.
+download-worker runners, the gateway (in front of the FastAPI app, on the same port) and its
+refresh routines, on uvicorn. Nothing below reads settings.
 
 Supervision. Every routine is a named task; the service waits for the first of: a stop request
 (SIGINT/SIGTERM, or :meth:`Service.stop`), or any routine ending. A runner never ends on its own
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -36,13 +38,15 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 
 import uvicorn
-from fastapi import FastAPI
 
 from runtimestate import kinds
 from runtimestate.api import ApiContext, create_app
 from runtimestate.bus import open_bus
 from runtimestate.clock import SYSTEM_CLOCK, Clock
+from runtimestate.downloads import MODEL_DOWNLOAD
 from runtimestate.errors import NotFound, RuntimeStateError
+from runtimestate.gateway import Gateway, GatewayConfig
+from runtimestate.gateway.app import ASGIApp
 from runtimestate.logging import configure_logging, register_secret
 from runtimestate.records import ProviderConfig
 from runtimestate.runner import CircuitBreaker, Runner, while_true
@@ -180,7 +184,23 @@ class Service:
                 worker_id=f"{socket.gethostname()}:{os.getpid()}",
             )
             stack.push_async_callback(state.aclose)
-            sync = self._build_runners(state)
+            gateway = Gateway(
+                snapshot=state,
+                store=store,
+                messenger=messenger,
+                config=GatewayConfig(
+                    policy=settings.gateway_policy,
+                    max_body_bytes=settings.gateway_max_body_bytes,
+                    request_timeout=settings.gateway_request_timeout,
+                    stream_idle_timeout=settings.gateway_stream_idle_timeout,
+                    backend_concurrency=settings.gateway_backend_concurrency,
+                    pending_retry_after=max(1, round(settings.cycle_interval)),
+                ),
+                clock=self._clock,
+            )
+            await gateway.start()
+            stack.push_async_callback(gateway.aclose)
+            sync = self._build_runners(state, gateway)
             closing = asyncio.Event()
             app = create_app(
                 ApiContext(
@@ -191,10 +211,11 @@ class Service:
                     sync=sync,
                     version=_version(),
                     closing=closing,
+                    keys_changed=gateway.keys.reload,
                 )
             )
             install_dashboard(app)
-            await self._supervise(app, closing)
+            await self._supervise(gateway.asgi(app), closing)
 
     async def _wait_stop(self) -> None:
         await self._stop.wait()
@@ -205,7 +226,7 @@ class Service:
             reset_timeout=self.settings.breaker_reset,
         )
 
-    def _build_runners(self, state: State) -> Callable[[], Awaitable[None]]:
+    def _build_runners(self, state: State, gateway: Gateway) -> Callable[[], Awaitable[None]]:
         """Create the runners; return the serialized backend cycle ``POST /state/sync`` uses."""
         lock = asyncio.Lock()
         workers = [
@@ -235,10 +256,24 @@ class Service:
             breaker=self._breaker(),
             clock=self._clock,
         )
-        self.runners = [backend, *workers]
+        refresh = Runner(
+            "gateway-refresh",
+            gateway.refresh,
+            interval=self.settings.gateway_refresh_interval,
+            breaker=self._breaker(),
+            clock=self._clock,
+        )
+        downloads = Runner(
+            "gateway-downloads",
+            functools.partial(gateway.follow_downloads, MODEL_DOWNLOAD),
+            interval=self.settings.cycle_interval,
+            breaker=self._breaker(),
+            clock=self._clock,
+        )
+        self.runners = [backend, *workers, refresh, downloads]
         return backend_cycle
 
-    async def _supervise(self, app: FastAPI, closing: asyncio.Event) -> None:
+    async def _supervise(self, app: ASGIApp, closing: asyncio.Event) -> None:
         settings = self.settings
         sock = _bind(settings.host, settings.port)
         host, port = sock.getsockname()[:2]

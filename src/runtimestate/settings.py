@@ -109,6 +109,38 @@ class Settings(BaseSettings):
     breaker_reset: float = Field(
         default=60.0, gt=0, description="Seconds an open breaker waits before one trial call."
     )
+    gateway_policy: str = Field(
+        default="least-in-flight",
+        description=(
+            "How the gateway picks among the backends holding a model: random, round-robin, "
+            "least-in-flight, lowest-latency or highest-context (per request: the "
+            "X-Runtimestate-Policy header)."
+        ),
+    )
+    gateway_max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1, description="Largest request body the gateway accepts."
+    )
+    gateway_request_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds a non-streamed gateway request may take."
+    )
+    gateway_stream_idle_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds a streamed gateway answer may go without a byte from its backend.",
+    )
+    gateway_backend_concurrency: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Gateway requests in flight per backend, at most (0: no cap). Beyond it a request "
+            "goes to another backend holding the model, else gets 429 with Retry-After."
+        ),
+    )
+    gateway_refresh_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds between two reloads of the gateway's keys and pool membership.",
+    )
     log_format: LogFormat = Field(
         default=LogFormat.TEXT, description="Log output: json (one object per line) or text."
     )

@@ -40,7 +40,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
@@ -216,6 +216,12 @@ class State:
         """A snapshot of the observed state, keyed by backend id. The dict is new and the
         states are frozen: later cycles never change a snapshot already taken."""
         return dict(self._states)
+
+    def current(self) -> Mapping[str, LLMState]:
+        """The snapshot itself, not a copy: the same object until a cycle replaces it whole, so
+        a reader that keeps something derived from it (the gateway's routing table) can tell by
+        identity whether it must rebuild. Never mutate it."""
+        return self._states
 
     async def run_backend_cycle(self) -> None:
         """Reconcile every declared backend once, then replace the snapshot."""

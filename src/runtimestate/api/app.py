@@ -14,6 +14,7 @@ from runtimestate.api import (
     associations,
     backends,
     fleet,
+    keys,
     models,
     pools,
     providers,
@@ -51,7 +52,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.sessions = Sessions(ctx.token)
     install_error_handlers(app)
     protected = [Depends(require_token)]
-    for group in (backends, models, pools, associations, state, queue, providers, fleet):
+    for group in (backends, models, pools, associations, state, queue, providers, fleet, keys):
         app.include_router(group.router, dependencies=protected)
     app.include_router(system.router)
 

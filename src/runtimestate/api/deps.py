@@ -77,6 +77,9 @@ class ApiContext:
     heartbeat: float = 15.0
     # How often the state event stream looks for a new snapshot version.
     poll_interval: float = 0.25
+    # Called after a gateway key was added or removed, so this process's gateway applies it at
+    # once (the service passes the gateway's key reload).
+    keys_changed: Callable[[], Awaitable[object]] | None = None
 
 
 def context(request: Request) -> ApiContext:

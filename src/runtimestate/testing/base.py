@@ -154,6 +154,8 @@ class EmulatedBackend(ABC):
         # Streamed answers whose client went away before their end (a cancelled pull): counted
         # here, outside the code under test, so a test can see that a cancel really closed one.
         self.streams_abandoned = 0
+        # Requests being answered right now (the dispatcher counts them, also streams).
+        self.active = 0
         self._root = root
         self._clock = clock
         self._routes: dict[tuple[str, str], Handler] = {}

@@ -34,6 +34,7 @@ class FaultKind(enum.Enum):
     BREAK_STREAM = "break_stream"
     STREAM_ERROR = "stream_error"
     STALL_STREAM = "stall_stream"
+    END_STREAM = "end_stream"
 
 
 _REQUEST_KINDS = frozenset(
@@ -157,6 +158,16 @@ class Faults:
         """Stop sending after ``after_lines`` lines but keep the connection open."""
         self._add(
             FaultRule(kind=FaultKind.STALL_STREAM, after_lines=after_lines, path=path, times=times)
+        )
+
+    def end_stream(
+        self, *, after_lines: int = 0, path: str | None = None, times: int | None = None
+    ) -> None:
+        """End a 200 stream cleanly after ``after_lines`` lines, without its terminator (no
+        ``[DONE]``, no ``finish_reason``, no ``done: true``): what some servers do when a
+        generation dies, and what a client must not take for a complete answer."""
+        self._add(
+            FaultRule(kind=FaultKind.END_STREAM, after_lines=after_lines, path=path, times=times)
         )
 
     def clear(self) -> None:

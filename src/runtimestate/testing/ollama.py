@@ -5,7 +5,7 @@ Shapes and status codes follow ``PROTOCOLS.md``: ``/api/tags`` with bare-hex dig
 per layer, ``verifying sha256 digest``, ``writing manifest``, ``removing unused layers`` only when
 something was pruned, ``success``), errors as ``{"error": ...}`` (inside a 200 stream once it has
 begun), ``/api/show``, ``/api/ps``, ``/api/delete``, and the inference endpoints ``/api/chat``,
-``/api/generate`` and ``/api/embed``.
+``/api/generate`` and ``/api/embed``, and the OpenAI-compatible ``/v1`` inference endpoints.
 
 A pull spreads its progress lines over :attr:`OllamaNode.pull_seconds` and adds the model only
 after ``writing manifest`` has been delivered: the dispatcher stops driving the generator when the
@@ -22,7 +22,6 @@ from typing import Any
 from runtimestate.clock import Clock
 from runtimestate.testing.base import (
     BodyError,
-    EmulatedBackend,
     EmuRequest,
     Reply,
     StreamReply,
@@ -38,6 +37,7 @@ from runtimestate.testing.ollama_models import (
     namespace_of,
     normalize_model_name,
 )
+from runtimestate.testing.openai import OpenAIEndpoints
 
 __all__ = ["OllamaNode"]
 
@@ -53,7 +53,7 @@ def _line(value: dict[str, Any]) -> bytes:
     return json_bytes(value) + b"\n"
 
 
-class OllamaNode(EmulatedBackend):
+class OllamaNode(OpenAIEndpoints):
     """One emulated Ollama server. ``models`` maps normalized names to :class:`OllamaModel`.
 
     ``pullable`` (normalized names) limits what a pull can fetch; None means any valid name.
@@ -93,6 +93,8 @@ class OllamaNode(EmulatedBackend):
         self.route("POST", "/api/chat", self._chat)
         self.route("POST", "/api/generate", self._generate)
         self.route("POST", "/api/embed", self._embed)
+        # Ollama's OpenAI-compatible API, as real Ollama serves it under /v1.
+        self.route_openai("/v1")
 
     def add_model(self, name: str, **attributes: Any) -> OllamaModel:
         """Put a model in the inventory as if pulled; attributes as in :func:`make_model`."""
@@ -117,6 +119,18 @@ class OllamaNode(EmulatedBackend):
 
     def error(self, status: int, message: str) -> Reply:
         return Reply(status=status, body=json_bytes({"error": message}))
+
+    def serves(self, model: str) -> bool:
+        return self._find(model) is not None
+
+    def model_not_found(self, model: str) -> Reply:
+        return self._error_object(
+            404, f'model "{model}" not found, try pulling it first', kind="api_error"
+        )
+
+    def embedding_dims(self, model: str) -> int:
+        found = self._find(model)
+        return found.embedding_length if found is not None else super().embedding_dims(model)
 
     def stream_error_chunk(self, message: str) -> bytes:
         return _line({"error": message})

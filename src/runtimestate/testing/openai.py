@@ -40,7 +40,7 @@ from runtimestate.testing.base import (
     stable_int,
 )
 
-__all__ = ["OpenAIAccount", "VLLMServer"]
+__all__ = ["OpenAIAccount", "OpenAIEndpoints", "VLLMServer"]
 
 _SSE = "text/event-stream; charset=utf-8"
 _CREATED_BASE = 1_686_935_002
@@ -65,36 +65,31 @@ def _embedding_dims(model: str) -> int:
     return 1536
 
 
-class _OpenAICompatible(EmulatedBackend):
-    """The endpoints OpenAI and vLLM share; subclasses supply auth, listing and error dialect."""
+class OpenAIEndpoints(EmulatedBackend):
+    """The OpenAI inference endpoints (chat, completions, embeddings), for any backend that
+    serves them: OpenAI and vLLM, and Ollama's OpenAI-compatible API under ``/v1``. A subclass
+    says which models it serves and how it answers for one it does not; it registers the routes
+    under its own prefix with :meth:`route_openai`."""
 
-    def __init__(self, *, name: str, root: Callable[[], str], clock: Clock) -> None:
-        super().__init__(name=name, root=root, clock=clock)
-        self.token_seconds = 0.0
-        prefix = self.api_prefix
-        self.route("GET", f"{prefix}/models", self._models)
-        self.route("POST", f"{prefix}/chat/completions", self._chat)
-        self.route("POST", f"{prefix}/completions", self._completions)
-        self.route("POST", f"{prefix}/embeddings", self._embeddings)
+    token_seconds: float
 
-    api_prefix = "/v1"
-
-    @abstractmethod
-    def model_entries(self) -> list[dict[str, Any]]:
-        """The ``data`` of ``/v1/models``."""
+    def route_openai(self, prefix: str) -> None:
+        self.route("POST", f"{prefix}/chat/completions", self._openai_chat)
+        self.route("POST", f"{prefix}/completions", self._openai_completions)
+        self.route("POST", f"{prefix}/embeddings", self._openai_embeddings)
 
     @abstractmethod
-    def unauthorized(self, request: EmuRequest) -> Reply | None:
-        """The 401 answer for this request, or None when its key is accepted."""
+    def serves(self, model: str) -> bool:
+        """Whether inference on ``model`` is answered."""
 
     @abstractmethod
     def model_not_found(self, model: str) -> Reply:
         """The answer for inference on a model this backend does not serve."""
 
-    def serves(self, model: str) -> bool:
-        return any(entry["id"] == model for entry in self.model_entries())
+    def embedding_dims(self, model: str) -> int:
+        return _embedding_dims(model)
 
-    def error(self, status: int, message: str) -> Reply:
+    def openai_error(self, status: int, message: str) -> Reply:
         if status == 429:
             return self._error_object(status, message, kind="requests", code="rate_limit_exceeded")
         kind = "invalid_request_error" if status < 500 else "server_error"
@@ -106,31 +101,11 @@ class _OpenAICompatible(EmulatedBackend):
         body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
         return Reply(status=status, body=json_bytes(body))
 
-    def stream_error_chunk(self, message: str) -> bytes:
-        return _event(
-            {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
-        )
-
-    def oversized_prefix(self) -> bytes:
-        return b'{"object":"list","data":['
-
-    async def respond(self, request: EmuRequest) -> Reply | StreamReply:
-        refusal = self.unauthorized(request)
-        if refusal is not None:
-            return refusal
-        return await super().respond(request)
-
-    def _created(self, model: str) -> int:
-        return _CREATED_BASE + stable_int(model) % 50_000_000
-
-    async def _models(self, request: EmuRequest) -> Reply:
-        return Reply(body=json_bytes({"object": "list", "data": self.model_entries()}))
-
     def _inference_body(self, request: EmuRequest, *, required: str) -> dict[str, Any] | Reply:
         try:
             body = request.json_object()
         except BodyError as exc:
-            return self.error(400, str(exc))
+            return self.openai_error(400, str(exc))
         for field in ("model", required):
             if field not in body:
                 return self._error_object(
@@ -144,7 +119,7 @@ class _OpenAICompatible(EmulatedBackend):
             return self.model_not_found(str(body["model"]))
         return body
 
-    async def _chat(self, request: EmuRequest) -> Reply | StreamReply:
+    async def _openai_chat(self, request: EmuRequest) -> Reply | StreamReply:
         body = self._inference_body(request, required="messages")
         if isinstance(body, Reply):
             return body
@@ -155,17 +130,17 @@ class _OpenAICompatible(EmulatedBackend):
             for m in messages
             if isinstance(m, dict) and m.get("role") == "user"
         ]
-        return self._answer(body, prompt=users[-1] if users else "", texts=texts, chat=True)
+        return self._openai_answer(body, prompt=users[-1] if users else "", texts=texts, chat=True)
 
-    async def _completions(self, request: EmuRequest) -> Reply | StreamReply:
+    async def _openai_completions(self, request: EmuRequest) -> Reply | StreamReply:
         body = self._inference_body(request, required="prompt")
         if isinstance(body, Reply):
             return body
         raw = body["prompt"]
         prompt = raw if isinstance(raw, str) else " ".join(str(p) for p in raw or [])
-        return self._answer(body, prompt=prompt, texts=[prompt], chat=False)
+        return self._openai_answer(body, prompt=prompt, texts=[prompt], chat=False)
 
-    def _answer(
+    def _openai_answer(
         self, body: dict[str, Any], *, prompt: str, texts: list[str], chat: bool
     ) -> Reply | StreamReply:
         model: str = body["model"]
@@ -190,7 +165,9 @@ class _OpenAICompatible(EmulatedBackend):
         if body.get("stream") is True:
             options = body.get("stream_options") or {}
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            chunks = self._stream(head, pieces, finish, usage if include_usage else None, chat=chat)
+            chunks = self._openai_stream(
+                head, pieces, finish, usage if include_usage else None, chat=chat
+            )
             return StreamReply(chunks=chunks, content_type=_SSE)
         text = "".join(pieces)
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
@@ -200,7 +177,7 @@ class _OpenAICompatible(EmulatedBackend):
             choice["text"] = text
         return Reply(body=json_bytes({**head, "choices": [choice], "usage": usage}))
 
-    async def _stream(
+    async def _openai_stream(
         self,
         head: dict[str, Any],
         pieces: list[str],
@@ -233,14 +210,16 @@ class _OpenAICompatible(EmulatedBackend):
             yield _event({**head, "choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
 
-    async def _embeddings(self, request: EmuRequest) -> Reply:
+    async def _openai_embeddings(self, request: EmuRequest) -> Reply:
         body = self._inference_body(request, required="input")
         if isinstance(body, Reply):
             return body
         raw = body["input"]
         inputs = [raw] if isinstance(raw, str) else [str(item) for item in raw or []]
         wanted = body.get("dimensions")
-        dims = wanted if isinstance(wanted, int) and wanted > 0 else _embedding_dims(body["model"])
+        dims = (
+            wanted if isinstance(wanted, int) and wanted > 0 else self.embedding_dims(body["model"])
+        )
         as_base64 = body.get("encoding_format") == "base64"
         data = []
         for index, text in enumerate(inputs):
@@ -256,6 +235,53 @@ class _OpenAICompatible(EmulatedBackend):
                 {"object": "list", "data": data, "model": body["model"], "usage": usage}
             )
         )
+
+
+class _OpenAICompatible(OpenAIEndpoints):
+    """What OpenAI and vLLM share beyond inference: auth, listing and error dialect."""
+
+    def __init__(self, *, name: str, root: Callable[[], str], clock: Clock) -> None:
+        super().__init__(name=name, root=root, clock=clock)
+        self.token_seconds = 0.0
+        prefix = self.api_prefix
+        self.route("GET", f"{prefix}/models", self._models)
+        self.route_openai(prefix)
+
+    api_prefix = "/v1"
+
+    @abstractmethod
+    def model_entries(self) -> list[dict[str, Any]]:
+        """The ``data`` of ``/v1/models``."""
+
+    @abstractmethod
+    def unauthorized(self, request: EmuRequest) -> Reply | None:
+        """The 401 answer for this request, or None when its key is accepted."""
+
+    def serves(self, model: str) -> bool:
+        return any(entry["id"] == model for entry in self.model_entries())
+
+    def error(self, status: int, message: str) -> Reply:
+        return self.openai_error(status, message)
+
+    def stream_error_chunk(self, message: str) -> bytes:
+        return _event(
+            {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+        )
+
+    def oversized_prefix(self) -> bytes:
+        return b'{"object":"list","data":['
+
+    async def respond(self, request: EmuRequest) -> Reply | StreamReply:
+        refusal = self.unauthorized(request)
+        if refusal is not None:
+            return refusal
+        return await super().respond(request)
+
+    def _created(self, model: str) -> int:
+        return _CREATED_BASE + stable_int(model) % 50_000_000
+
+    async def _models(self, request: EmuRequest) -> Reply:
+        return Reply(body=json_bytes({"object": "list", "data": self.model_entries()}))
 
 
 class OpenAIAccount(_OpenAICompatible):

@@ -239,6 +239,21 @@ class Emulator:
         if len(recorded) > self.max_recorded:
             # Halving at once keeps the trimming amortized O(1) per request.
             del recorded[: len(recorded) - self.max_recorded // 2]
+        backend.active += 1
+        try:
+            return await self._answer(request, backend, emu_request, paths)
+        finally:
+            # Also when the client went away and aiohttp cancelled the handler: ``active``
+            # is how a test sees, from outside the client, that a request was closed.
+            backend.active -= 1
+
+    async def _answer(
+        self,
+        request: web.Request,
+        backend: EmulatedBackend,
+        emu_request: EmuRequest,
+        paths: tuple[str, ...],
+    ) -> web.StreamResponse:
         latency = backend.faults.latency if backend.faults.latency is not None else self.latency
         if latency > 0:
             await self._clock.sleep(latency)
@@ -303,6 +318,8 @@ class Emulator:
                         return response
                     if rule.kind is FaultKind.STREAM_ERROR:
                         await response.write(backend.stream_error_chunk(rule.message))
+                        break
+                    if rule.kind is FaultKind.END_STREAM:
                         break
                     await backend.faults.wait_released()
                     rule = None
