@@ -23,7 +23,9 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["gateway"], responses=ERROR_RESPONSES)
 
-KeyName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\s]+$")]
+KeyName = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\s\x00-\x1f\x7f\x85]+$")
+]
 ScopeName = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=512, pattern=NON_BLANK)
 ]

@@ -284,13 +284,13 @@ class Gateway:
         )
         self._routes: dict[tuple[str, str], Callable[..., Awaitable[None]]] = {
             ("GET", "/v1/models"): self._openai_models,
-            ("POST", "/v1/chat/completions"): self._openai_inference(_OPENAI_CHAT),
-            ("POST", "/v1/completions"): self._openai_inference(_OPENAI_COMPLETIONS),
-            ("POST", "/v1/embeddings"): self._openai_inference(_OPENAI_EMBEDDINGS),
+            ("POST", "/v1/chat/completions"): self._handler(_OPENAI_CHAT),
+            ("POST", "/v1/completions"): self._handler(_OPENAI_COMPLETIONS),
+            ("POST", "/v1/embeddings"): self._handler(_OPENAI_EMBEDDINGS),
             ("GET", "/api/tags"): self._ollama_tags,
-            ("POST", "/api/chat"): self._ollama_inference(_OLLAMA_CHAT),
-            ("POST", "/api/generate"): self._ollama_inference(_OLLAMA_GENERATE),
-            ("POST", "/api/embed"): self._ollama_inference(_OLLAMA_EMBED),
+            ("POST", "/api/chat"): self._handler(_OLLAMA_CHAT),
+            ("POST", "/api/generate"): self._handler(_OLLAMA_GENERATE),
+            ("POST", "/api/embed"): self._handler(_OLLAMA_EMBED),
             ("POST", "/api/show"): self._ollama_show,
             ("GET", "/api/version"): self._ollama_version,
             ("GET", "/api/ps"): self._ollama_ps,
@@ -533,14 +533,11 @@ class Gateway:
 
     # -- inference ---------------------------------------------------------------------------
 
-    def _openai_inference(self, route: _Inference) -> Callable[..., Awaitable[None]]:
+    def _handler(self, route: _Inference) -> Callable[..., Awaitable[None]]:
         async def handle(scope: Scope, receive: Receive, send: Send) -> None:
             await self._inference(route, scope, receive, send)
 
         return handle
-
-    def _ollama_inference(self, route: _Inference) -> Callable[..., Awaitable[None]]:
-        return self._openai_inference(route)
 
     @staticmethod
     def _json(body: bytes) -> dict[str, Any]:
