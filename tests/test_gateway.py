@@ -23,7 +23,7 @@ import pytest_asyncio
 from typer.testing import CliRunner
 
 from runtimestate.cli.app import app as cli_app
-from runtimestate.records import OPENAI_KEY
+from runtimestate.kinds.openai import OPENAI_KEY
 from runtimestate.service import Service
 from runtimestate.settings import Settings
 from runtimestate.store import Store

@@ -47,8 +47,11 @@ from runtimestate.gateway.upstream import (
     open_answer,
     relay_stream,
 )
+from runtimestate.kinds import gemini as gemini_kind
+from runtimestate.kinds import ollama as ollama_kind
+from runtimestate.kinds.openai_api import openai_root as openai_api_root
 from runtimestate.providers import BackendRef, Capability, ClientPool, HealthConfig, Provider
-from runtimestate.records import BackendType, LLMState
+from runtimestate.records import LLMState
 from runtimestate.resolver.policies import POLICIES
 from runtimestate.store.base import Store
 
@@ -65,6 +68,10 @@ BACKEND_HEADER = b"x-runtimestate-backend"
 # The Ollama API level the /api routes speak (what ``/api/version`` reports to Ollama clients).
 OLLAMA_API_VERSION = "0.5.1"
 _JSON = b"application/json"
+# The two kinds the gateway treats apart: Ollama backends answer the Ollama routes natively,
+# Gemini's OpenAI-compatible API lives under its own root and names models without "models/".
+_OLLAMA = ollama_kind.KIND.name
+_GEMINI = gemini_kind.KIND.name
 
 
 class SnapshotSource(Protocol):
@@ -181,18 +188,17 @@ class _Refused(Exception):
 
 
 def openai_root(backend: BackendRef) -> str:
-    """The OpenAI-compatible API root of a backend, whatever its type."""
-    root = backend.base_url.rstrip("/")
-    if backend.type == BackendType.GEMINI:
-        if not root.endswith("/v1beta"):
-            root += "/v1beta"
+    """The OpenAI-compatible API root of a backend, whatever its type: Gemini's is under its
+    ``/v1beta`` root, every other kind's (Ollama's too) is ``/v1``."""
+    if backend.type == _GEMINI:
+        root: str = gemini_kind.KIND.api_root(backend.base_url)
         return root + "/openai"
-    return root if root.endswith("/v1") else root + "/v1"
+    return openai_api_root(backend.base_url)
 
 
 def upstream_model(provider: Provider) -> str:
     """The model name the backend wants on its OpenAI-compatible API."""
-    if provider.type == BackendType.GEMINI:
+    if provider.type == _GEMINI:
         return provider.model.removeprefix("models/")
     return provider.model
 
@@ -468,7 +474,7 @@ class Gateway:
             nodes = [
                 state.backend
                 for state in table.snapshot.values()
-                if state.backend.type == BackendType.OLLAMA
+                if state.backend.type == _OLLAMA
                 and not state.error
                 and (backends is None or state.backend.id in backends)
             ]
@@ -509,7 +515,7 @@ class Gateway:
             served = table.find(name, backends)
             if served is None:
                 raise _Refused(404, "model_not_found", f'model "{name}" not found')
-            ollama = [b for b in served.backends if b.type == BackendType.OLLAMA]
+            ollama = [b for b in served.backends if b.type == _OLLAMA]
             if ollama:
                 body = json.dumps({**payload, "model": served.name}).encode()
                 assert self._session is not None
@@ -698,7 +704,7 @@ class Gateway:
         """One attempt on one backend. :class:`Retryable` when nothing was sent to the client;
         any later failure is answered here (an error event) and counted, never raised."""
         assert self._session is not None
-        native = route.dialect is SSE or backend.type == BackendType.OLLAMA
+        native = route.dialect is SSE or backend.type == _OLLAMA
         if native:
             url, data = self._native(route, provider, backend, payload, body)
         else:
@@ -797,7 +803,7 @@ class Gateway:
         payload: dict[str, Any],
         body: bytes,
     ) -> tuple[str, bytes]:
-        if backend.type == BackendType.OLLAMA:
+        if backend.type == _OLLAMA:
             url = backend.base_url.rstrip("/") + route.ollama_path
             name = provider.model
         else:
