@@ -289,6 +289,8 @@ async def test_pools_and_workers_settings_reach_the_reconciler(tmp_path: Path) -
                 "download-1",
                 "download-2",
                 "download-3",
+                "gateway-refresh",
+                "gateway-downloads",
             ]
             synced = (await client.post("/state/sync")).json()
             # Pool mode: the backend in no pool is not managed, so it is not in the state.
