@@ -559,3 +559,17 @@ async def test_bad_policy_and_unknown_pool_are_clear_errors(fleet: Fleet) -> Non
         await fleet.openai(**{"X-Runtimestate-Pool": "nope"}).chat.completions.create(
             model=CHAT, messages=[{"role": "user", "content": "x"}]
         )
+
+
+async def test_a_context_limit_400_is_relayed_as_it_is_and_not_retried(fleet: Fleet) -> None:
+    fleet.vllm.context_limit = 3
+    before = _chat_posts(fleet.vllm)
+    try:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await fleet.openai().chat.completions.create(
+                model=VLLM, messages=[{"role": "user", "content": "far too many words"}]
+            )
+    finally:
+        fleet.vllm.context_limit = None
+    assert caught.value.code == "context_length_exceeded"
+    assert _chat_posts(fleet.vllm) - before == 1

@@ -35,10 +35,11 @@ class FaultKind(enum.Enum):
     STREAM_ERROR = "stream_error"
     STALL_STREAM = "stall_stream"
     END_STREAM = "end_stream"
+    DROP = "drop"
 
 
 _REQUEST_KINDS = frozenset(
-    {FaultKind.FAIL, FaultKind.HANG, FaultKind.MALFORMED, FaultKind.OVERSIZED}
+    {FaultKind.FAIL, FaultKind.HANG, FaultKind.MALFORMED, FaultKind.OVERSIZED, FaultKind.DROP}
 )
 
 
@@ -114,6 +115,11 @@ class Faults:
     def hang(self, *, path: str | None = None, times: int | None = None) -> None:
         """Never answer, until :meth:`clear` (or the client gives up and disconnects)."""
         self._add(FaultRule(kind=FaultKind.HANG, path=path, times=times))
+
+    def drop(self, *, path: str | None = None, times: int | None = None) -> None:
+        """Close the connection without sending a byte of an answer: what a client sees when it
+        reuses a pooled keep-alive connection the server has just closed."""
+        self._add(FaultRule(kind=FaultKind.DROP, path=path, times=times))
 
     def malformed(self, *, path: str | None = None, times: int | None = None) -> None:
         """Answer 200 with a JSON content type and a body that is not valid JSON."""

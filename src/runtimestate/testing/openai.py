@@ -72,6 +72,15 @@ class OpenAIEndpoints(EmulatedBackend):
     under its own prefix with :meth:`route_openai`."""
 
     token_seconds: float
+    # Switchable behaviours of real OpenAI-compatible servers other than the reference ones:
+    # ``context_limit`` refuses a request whose prompt plus ``max_tokens`` exceeds it, with the
+    # real 400 ``context_length_exceeded`` answer; ``sse_pings`` sends ``: ping`` comment lines
+    # between stream events (as llama.cpp's server and proxies do to keep a connection alive);
+    # ``per_token_embeddings`` answers an embedding as one vector per token of the input (what a
+    # server with pooling switched off returns) instead of one flat vector.
+    context_limit: int | None = None
+    sse_pings: bool = False
+    per_token_embeddings: bool = False
 
     def route_openai(self, prefix: str) -> None:
         self.route("POST", f"{prefix}/chat/completions", self._openai_chat)
@@ -149,6 +158,18 @@ class OpenAIEndpoints(EmulatedBackend):
             model, prompt, max_tokens=limit if isinstance(limit, int) else None
         )
         prompt_tokens = sum(count_tokens(t) for t in texts)
+        wanted = prompt_tokens + (limit if isinstance(limit, int) else 0)
+        if self.context_limit is not None and wanted > self.context_limit:
+            return self._error_object(
+                400,
+                f"This model's maximum context length is {self.context_limit} tokens. However, "
+                f"you requested {wanted} tokens ({prompt_tokens} in the messages, "
+                f"{wanted - prompt_tokens} in the completion). Please reduce the length of the "
+                "messages or completion.",
+                kind="invalid_request_error",
+                param="messages",
+                code="context_length_exceeded",
+            )
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": len(pieces),
@@ -204,6 +225,8 @@ class OpenAIEndpoints(EmulatedBackend):
         for piece in pieces:
             if self.token_seconds > 0:
                 await self._clock.sleep(self.token_seconds)
+            if self.sse_pings:
+                yield b": ping\n\n"
             yield _event({**head, "choices": [choice(piece, None)]})
         yield _event({**head, "choices": [choice(None, finish)]})
         if usage is not None:
@@ -225,6 +248,8 @@ class OpenAIEndpoints(EmulatedBackend):
         for index, text in enumerate(inputs):
             vector = embed_text(text, dims)
             encoded: Any = vector
+            if self.per_token_embeddings:
+                encoded = [embed_text(token, dims) for token in text.split() or [text]]
             if as_base64:
                 encoded = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
             data.append({"object": "embedding", "index": index, "embedding": encoded})

@@ -262,6 +262,9 @@ class Emulator:
             log.debug("fault %s on %s %s", rule.kind.value, request.method, request.path)
             if rule.kind is FaultKind.HANG:
                 await backend.faults.wait_released()
+            elif rule.kind is FaultKind.DROP:
+                _abort(request)
+                return web.Response(status=500)
             else:
                 return await self._request_fault(request, backend, rule)
         reply = await backend.respond(emu_request)
