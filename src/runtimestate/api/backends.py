@@ -1,6 +1,6 @@
 """``/backends``: declare, list, read, change and remove LLM backends.
 
-A backend's type is one of :class:`runtimestate.records.BackendType` (the 422 for any other
+A backend's type is one of :class:`runtimestate.kinds.BackendType` (the 422 for any other
 lists them) and its base URL must be http(s) with a host; both checks live in the schemas. Name
 and URL uniqueness is the store's job: its ``Conflict`` becomes a 409 in :mod:`.errors`.
 """
