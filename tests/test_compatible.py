@@ -6,7 +6,9 @@ server that dies while its list would still be cached)."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -128,6 +130,43 @@ async def test_the_optional_key_is_the_backends_credential(
         f"Bearer {KEY}",  # /v1/models
         f"Bearer {KEY}",  # /props, for the context length nobody declared
     ]
+
+
+class CountingStore:
+    """A store that counts the calls made to it, and otherwise is the store it wraps."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.inner, name)
+        if not callable(value):
+            return value
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return value(*args, **kwargs)
+
+        return counted
+
+
+async def test_a_cycle_reads_the_backend_credentials_once_not_per_backend(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    servers = [emu.add_openai_compatible(f"lm-{i}", models=["m"], api_key=KEY) for i in range(5)]
+    for server in servers:
+        backend_id = await declare(store, server)
+        await store.set_kv(
+            f"backend-credential:{backend_id}", {"APIKey": KEY, "Type": "openai-compatible"}
+        )
+    await store.append_model(model="m", context_length=4096)
+    counting = CountingStore(store)
+    async with State(cast(Store, counting), bus) as state:
+        await state.run_backend_cycle()
+        assert all(not s.error for s in state.get().values())
+    assert counting.calls["list_kv_prefix"] == 1
+    assert counting.calls["get_kv"] == 0
 
 
 async def test_every_cycle_asks_the_server_and_a_dead_one_drops_out_at_once(
