@@ -70,8 +70,9 @@ async def test_every_route_but_health_requires_the_token(client: httpx.AsyncClie
 
 async def test_backend_crud_and_shape(client: httpx.AsyncClient) -> None:
     created = await backend(client, "node-1")
-    assert set(created) == {"id", "name", "baseUrl", "type", "createdAt", "updatedAt"}
+    assert set(created) == {"id", "name", "baseUrl", "type", "createdAt", "updatedAt", "apiKey"}
     assert created["type"] == "ollama"
+    assert created["apiKey"] is None
     fetched = (await client.get(f"/backends/{created['id']}")).json()
     assert fetched == created
     response = await client.put(
@@ -108,7 +109,7 @@ async def test_duplicates_are_409_with_the_field(client: httpx.AsyncClient) -> N
         ({"name": "n", "baseUrl": "http://h", "type": "llamafile"}, "type", "'gemini'"),
         ({"name": "n", "baseUrl": "ftp://h", "type": "ollama"}, "baseUrl", "http"),
         ({"name": "n", "baseUrl": "http://", "type": "ollama"}, "baseUrl", "host"),
-        ({"name": "  ", "baseUrl": "http://h", "type": "ollama"}, "name", "at least 1"),
+        ({"name": "  ", "baseUrl": "http://h", "type": "ollama"}, "name", "must not be empty"),
         ({"baseUrl": "http://h", "type": "ollama"}, "name", "required"),
         ({"name": "n", "baseURL": "http://h", "type": "ollama"}, "baseUrl", "required"),
     ],

@@ -183,7 +183,10 @@ async def test_token_is_generated_once_with_owner_only_permissions(
     token_file = tmp_path / "token"
     token = token_file.read_text().strip()
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-    assert token in capsys.readouterr().out
+    # Not a terminal (captured): the start message says where the token is, never the token.
+    printed = capsys.readouterr()
+    assert token not in printed.out + printed.err
+    assert str(token_file) in printed.err
     async with httpx.AsyncClient(base_url=url) as client:
         assert (await client.get("/version")).status_code == 401
         headers = {"Authorization": f"Bearer {token}"}
@@ -196,7 +199,8 @@ async def test_token_is_generated_once_with_owner_only_permissions(
     again.stop()
     await task
     assert token_file.read_text().strip() == token
-    assert token not in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert token not in printed.out + printed.err
 
 
 @pytest.mark.usefixtures("root_handlers")

@@ -240,7 +240,8 @@ async def test_a_database_from_a_newer_release_is_refused(store_url: str) -> Non
             await conn.execute(
                 text(
                     "INSERT INTO schema_migrations (version, name, applied_at) "
-                    "SELECT 999, 'from the future', applied_at FROM schema_migrations"
+                    "SELECT 999, 'from the future', applied_at FROM schema_migrations "
+                    "WHERE version = 1"
                 )
             )
     finally:

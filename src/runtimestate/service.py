@@ -32,27 +32,36 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Generator
 from contextlib import AsyncExitStack
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
+from pathlib import Path
 
 import uvicorn
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from runtimestate import kinds
 from runtimestate.api import ApiContext, create_app
+from runtimestate.api.limits import Limits
 from runtimestate.bus import open_bus
 from runtimestate.clock import SYSTEM_CLOCK, Clock
 from runtimestate.downloads import MODEL_DOWNLOAD
 from runtimestate.errors import NotFound, RuntimeStateError
+from runtimestate.files import private_dir, private_file, tighten
 from runtimestate.gateway import Gateway, GatewayConfig
 from runtimestate.gateway.app import ASGIApp
 from runtimestate.logging import configure_logging, register_secret
+from runtimestate.masterkey import MasterKeyError, load_master_keys
 from runtimestate.records import ProviderConfig
 from runtimestate.runner import CircuitBreaker, Runner, while_true
 from runtimestate.settings import Settings, load_or_create_token, token_path
 from runtimestate.state import State
 from runtimestate.store import Store, open_store
+from runtimestate.store.secrets import SecretsUnreadable
+from runtimestate.urls import UrlPolicy
 from runtimestate.web import install_dashboard
 
 __all__ = ["OnStartup", "RoutineCrashed", "Service", "serve"]
@@ -124,6 +133,51 @@ async def _register_provider_keys(store: Store) -> None:
         register_secret(config.api_key.get_secret_value())
 
 
+def _announce_token(token: str, path: Path) -> None:
+    """Say where the generated token is; show the token itself only to a person at a terminal.
+
+    On stderr, never through logging: stdout and the logs of a service are collected and kept,
+    and a token there is a token anyone with the log store can use.
+    """
+    if sys.stderr.isatty():
+        message = f"runtimestate: generated an API token (saved to {path}):\n  {token}"
+    else:
+        message = f"runtimestate: generated an API token; read it from {path} (mode 0600)"
+    print(message, file=sys.stderr, flush=True)
+
+
+def _sqlite_file(database_url: str) -> Path | None:
+    try:
+        url = make_url(database_url)
+    except ArgumentError:
+        return None
+    if not url.drivername.startswith("sqlite") or url.database in {None, "", ":memory:"}:
+        return None
+    return Path(str(url.database))
+
+
+async def _open_sealed_store(settings: Settings, clock: Clock) -> Store:
+    """The store, its files owner-only and its secrets sealed with the master key."""
+    private_dir(settings.data_dir)
+    database = _sqlite_file(settings.database_url)
+    if database is not None:
+        private_dir(database.parent)
+        private_file(database)
+        for suffix in ("-wal", "-shm"):
+            tighten(database.with_name(database.name + suffix))
+    from_env = settings.master_key.get_secret_value() if settings.master_key else None
+    keys, source = load_master_keys(settings.data_dir, from_env)
+    for key in keys:
+        register_secret(key)
+    try:
+        return await open_store(settings.database_url, clock=clock, master_keys=keys)
+    except SecretsUnreadable as exc:
+        raise MasterKeyError(
+            f"{exc}. The master key in use came from {source}; the service will not start "
+            "with a key that cannot open the stored secrets."
+        ) from exc
+
+
 class Service:
     """The whole service for one ``Settings``; :meth:`run` until :meth:`stop` or a crash."""
 
@@ -141,6 +195,7 @@ class Service:
         self._started = asyncio.Event()
         self.url: str | None = None
         self.runners: list[Runner] = []
+        self.url_policy = UrlPolicy()
 
     def stop(self) -> None:
         """Ask :meth:`run` to shut down (safe to call from a signal handler, twice)."""
@@ -157,16 +212,9 @@ class Service:
         token, generated = load_or_create_token(settings)
         register_secret(token)
         if generated:
-            # Printed, not logged: the log filter would mask it, and it is shown exactly once.
-            print(
-                f"runtimestate: generated an API token (saved to {token_path(settings.data_dir)}):"
-                f"\n  {token}",
-                flush=True,
-            )
+            _announce_token(token, token_path(settings.data_dir))
         async with AsyncExitStack() as stack:
-            if settings.database_url.startswith("sqlite"):
-                settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            store = await open_store(settings.database_url, clock=self._clock)
+            store = await _open_sealed_store(settings, self._clock)
             stack.push_async_callback(store.close)
             messenger = await open_bus(settings.nats_url, name="runtimestate")
             stack.push_async_callback(messenger.close)
@@ -202,6 +250,9 @@ class Service:
             stack.push_async_callback(gateway.aclose)
             sync = self._build_runners(state, gateway)
             closing = asyncio.Event()
+            self.url_policy = UrlPolicy(
+                allowed=settings.backend_networks_allow, denied=settings.backend_networks_deny
+            )
             app = create_app(
                 ApiContext(
                     store=store,
@@ -212,6 +263,8 @@ class Service:
                     version=_version(),
                     closing=closing,
                     keys_changed=gateway.keys.reload,
+                    url_policy=self.url_policy,
+                    limits=Limits(max_body=settings.max_body_bytes),
                 )
             )
             install_dashboard(app)
@@ -277,6 +330,7 @@ class Service:
         settings = self.settings
         sock = _bind(settings.host, settings.port)
         host, port = sock.getsockname()[:2]
+        self.url_policy.serving_at(host, port)
         display = f"[{host}]" if ":" in host else host
         self.url = f"http://{display}:{port}"
         config = uvicorn.Config(

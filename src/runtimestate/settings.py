@@ -19,13 +19,15 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from platformdirs import user_data_dir
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from runtimestate.errors import InvalidInput
 from runtimestate.logging import LogFormat
+from runtimestate.urls import DEFAULT_DENIED_NETWORKS, Network, parse_networks
 
 __all__ = [
     "ENV_PREFIX",
@@ -88,6 +90,14 @@ class Settings(BaseSettings):
             "saved to <data_dir>/token (mode 0600) and printed once."
         ),
     )
+    master_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Key that seals the stored provider keys and backend credentials (Fernet: 32 bytes "
+            "of URL-safe base64). Several, comma-separated: the first seals, all open. Default: "
+            "<data_dir>/master.key, generated on first start (mode 0600)."
+        ),
+    )
     cycle_interval: float = Field(
         default=10.0, gt=0, description="Seconds between two backend reconciliation cycles."
     )
@@ -145,6 +155,37 @@ class Settings(BaseSettings):
         default=LogFormat.TEXT, description="Log output: json (one object per line) or text."
     )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    backend_networks_allow: Annotated[tuple[Network, ...], NoDecode] = Field(
+        default=(),
+        description=(
+            "Comma-separated networks (CIDR) backend URLs must resolve into; empty: any network "
+            "not denied."
+        ),
+    )
+    backend_networks_deny: Annotated[tuple[Network, ...], NoDecode] = Field(
+        default=parse_networks(DEFAULT_DENIED_NETWORKS, "backend_networks_deny"),
+        description=(
+            "Comma-separated networks (CIDR) backend URLs must not resolve into. Default: "
+            "link-local (169.254.0.0/16, fe80::/10), where cloud metadata services live."
+        ),
+    )
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest request body the admin API reads, in bytes (larger: 413).",
+    )
+
+    @field_validator("backend_networks_allow", "backend_networks_deny", mode="before")
+    @classmethod
+    def _networks(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            try:
+                return parse_networks((str(item) for item in value), info.field_name or "")
+            except InvalidInput as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="before")
     @classmethod

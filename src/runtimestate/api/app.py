@@ -22,8 +22,10 @@ from runtimestate.api import (
     state,
     system,
 )
+from runtimestate.api.audit import AuditMiddleware
 from runtimestate.api.deps import ApiContext, require_token
 from runtimestate.api.errors import install_error_handlers
+from runtimestate.api.limits import LimitsMiddleware
 from runtimestate.api.session import Sessions
 
 __all__ = ["create_app"]
@@ -51,6 +53,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.ctx = ctx
     app.state.sessions = Sessions(ctx.token)
     install_error_handlers(app)
+    app.add_middleware(AuditMiddleware)
+    # Outermost (added last): an oversized request is refused before routing, authentication
+    # or parsing - and before the audit log, which records changes, not refused requests.
+    app.add_middleware(LimitsMiddleware, limits=ctx.limits)
     protected = [Depends(require_token)]
     for group in (backends, models, pools, associations, state, queue, providers, fleet, keys):
         app.include_router(group.router, dependencies=protected)

@@ -21,13 +21,16 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from runtimestate.api.audit import CALLER_SCOPE_KEY, token_id
 from runtimestate.api.errors import ApiError, Responses, errors_doc
+from runtimestate.api.limits import Limits
 from runtimestate.api.schemas import NON_BLANK
 from runtimestate.api.session import COOKIE, CSRF_HEADER, Sessions
 from runtimestate.bus.base import Messenger
 from runtimestate.records import LLMState
 from runtimestate.store.base import Store
 from runtimestate.store.records import MAX_PAGE_SIZE, Page
+from runtimestate.urls import UrlPolicy
 
 __all__ = [
     "NEXT_CURSOR_HEADER",
@@ -38,6 +41,7 @@ __all__ = [
     "PageQuery",
     "StateView",
     "context",
+    "created_links",
     "require_token",
     "sessions",
     "set_next_cursor",
@@ -80,6 +84,9 @@ class ApiContext:
     # Called after a gateway key was added or removed, so this process's gateway applies it at
     # once (the service passes the gateway's key reload).
     keys_changed: Callable[[], Awaitable[object]] | None = None
+    # Where backend URLs may point, and how large a request may be (see .limits).
+    url_policy: UrlPolicy = field(default_factory=UrlPolicy)
+    limits: Limits = field(default_factory=Limits)
 
 
 def context(request: Request) -> ApiContext:
@@ -123,10 +130,13 @@ def require_token(
             session, request.headers.get(CSRF_HEADER)
         ):
             raise ApiError(403, "unauthorized", f"the {CSRF_HEADER} header does not match")
+        # A session stands for the admin token it was issued for.
+        request.scope[CALLER_SCOPE_KEY] = token_id(ctx.token)
         return
     # Constant-time comparison: the token must not leak one character at a time.
     if not secrets.compare_digest(credentials.credentials.encode(), ctx.token.encode()):
         raise ApiError(401, "unauthorized", "the API token is not valid")
+    request.scope[CALLER_SCOPE_KEY] = token_id(ctx.token)
 
 
 # An id or name in a path: the store refuses blank ones, so the schema says "some non-blank
@@ -165,6 +175,20 @@ PAGED: Responses = {
     },
     **errors_doc((400, "Malformed or foreign cursor")),
 }
+
+
+def created_links(path: str, parameter: str, *, methods: tuple[str, ...]) -> Responses:
+    """The OpenAPI links of a ``201``: the created entity's ``id`` names it in ``path`` for
+    each of ``methods`` (what stateful schemathesis follows from create to read and delete)."""
+    ref = "#/paths/" + path.replace("~", "~0").replace("/", "~1")
+    links = {
+        f"{method.capitalize()}Created": {
+            "operationRef": f"{ref}/{method}",
+            "parameters": {parameter: "$response.body#/id"},
+        }
+        for method in methods
+    }
+    return {201: {"links": links}}
 
 
 def set_next_cursor(response: Response, page: Page[Any]) -> None:

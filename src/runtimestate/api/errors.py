@@ -34,7 +34,11 @@ from runtimestate.errors import (
     redact,
 )
 
+# Where the limits middleware keeps the (bounded) request body for the JSON error message.
+BODY_SCOPE_KEY = "runtimestate.body"
+
 __all__ = [
+    "BODY_SCOPE_KEY",
     "ERROR_RESPONSES",
     "STATUS",
     "ApiError",
@@ -63,7 +67,10 @@ _HTTP_CODES: dict[int, ErrorCode] = {
     404: "not_found",
     405: "unsupported",
     409: "conflict",
+    413: "too_large",
+    414: "too_large",
     422: "invalid_input",
+    431: "too_large",
     503: "unavailable",
 }
 
@@ -130,12 +137,32 @@ def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
     return ".".join(parts) or None
 
 
-def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+def _json_syntax_error(request: Request, error: dict[str, Any]) -> JSONResponse:
+    # FastAPI reports a body that is not JSON as loc ("body", <character offset>) and the
+    # message "JSON decode error"; the offset alone means nothing to a person. The limits
+    # middleware kept the body, so the offset becomes a line and a column.
+    loc = error.get("loc", ())
+    offset = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    reason = str((error.get("ctx") or {}).get("error", "invalid JSON"))
+    body = request.scope.get(BODY_SCOPE_KEY)
+    if offset is not None and isinstance(body, bytes | bytearray):
+        text = bytes(body).decode("utf-8", errors="replace")[:offset]
+        line = text.count("\n") + 1
+        column = offset - (text.rfind("\n") + 1) + 1
+        message = f"the request body is not valid JSON: {reason} at line {line}, column {column}"
+    else:
+        message = f"the request body is not valid JSON: {reason}"
+    return error_response(422, "invalid_input", message)
+
+
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
     if not errors:
         return error_response(422, "invalid_input", "invalid request")
     first = errors[0]
+    if first.get("type") == "json_invalid":
+        return _json_syntax_error(request, first)
     field = _field_of(first.get("loc", ()))
     message = str(first.get("msg", "invalid input"))
     if field:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from runtimestate.api.deps import PAGED, Context, Key, PageQuery, set_next_cursor
+from runtimestate.api.deps import PAGED, Context, Key, PageQuery, created_links, set_next_cursor
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import ModelIn, ModelOut, ModelUpdate
 
@@ -18,11 +18,20 @@ __all__ = ["router"]
 router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 
 _NOT_FOUND = errors_doc((404, "No such model"))
+# Changed by id, removed by name: two links.
+_CREATED = created_links("/models/{model_id}", "model_id", methods=("put",))
+_CREATED[201]["links"]["DeleteCreated"] = {
+    "operationRef": "#/paths/~1models~1{model}/delete",
+    "parameters": {"model": "$response.body#/model"},
+}
 _CONFLICT = errors_doc((409, "Model name already declared"))
 
 
 @router.post(
-    "/models", status_code=status.HTTP_201_CREATED, response_model=ModelOut, responses=_CONFLICT
+    "/models",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ModelOut,
+    responses={**_CONFLICT, **_CREATED},
 )
 async def create_model(body: ModelIn, ctx: Context) -> ModelOut:
     model = await ctx.store.append_model(

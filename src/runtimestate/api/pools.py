@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from runtimestate.api.deps import PAGED, Context, Key, PageQuery, set_next_cursor
+from runtimestate.api.deps import PAGED, Context, Key, PageQuery, created_links, set_next_cursor
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import PoolIn, PoolOut, PoolUpdate
 
@@ -17,11 +17,15 @@ __all__ = ["router"]
 router = APIRouter(tags=["pools"], responses=ERROR_RESPONSES)
 
 _NOT_FOUND = errors_doc((404, "No such pool"))
+_CREATED = created_links("/pools/{pool_id}", "pool_id", methods=("get", "put", "delete"))
 _CONFLICT = errors_doc((409, "Pool name already declared"))
 
 
 @router.post(
-    "/pools", status_code=status.HTTP_201_CREATED, response_model=PoolOut, responses=_CONFLICT
+    "/pools",
+    status_code=status.HTTP_201_CREATED,
+    response_model=PoolOut,
+    responses={**_CONFLICT, **_CREATED},
 )
 async def create_pool(body: PoolIn, ctx: Context) -> PoolOut:
     pool = await ctx.store.create_pool(name=body.name, purpose_type=body.purpose_type, id=body.id)

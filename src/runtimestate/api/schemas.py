@@ -12,28 +12,46 @@ into these response models without a hand-written copy per route.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
+    StrictBool,
     StringConstraints,
     WithJsonSchema,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
+from runtimestate.errors import InvalidInput
+from runtimestate.identifiers import (
+    ID_PATTERN,
+    MAX_ID_LENGTH,
+    MAX_MODEL_NAME_LENGTH,
+    MAX_NAME_LENGTH,
+    MODEL_NAME_PATTERN,
+    NAME_PATTERN,
+    check_id,
+    check_model_name,
+    check_name,
+)
 from runtimestate.kinds import BackendType
 from runtimestate.logging import MIN_SECRET_LENGTH
 from runtimestate.records import BackendInfo, ListModelResponse
+from runtimestate.urls import MAX_URL_LENGTH, URL_PATTERN, check_backend_url
 
 __all__ = [
     "NON_BLANK",
     "URL_PATTERN",
     "ActionOut",
+    "ApiKey",
     "BackendIn",
     "BackendOut",
     "BackendUpdate",
@@ -42,8 +60,10 @@ __all__ = [
     "ErrorResponse",
     "HealthOut",
     "HttpUrl",
+    "Id",
     "LLMStateOut",
     "ModelIn",
+    "ModelName",
     "ModelOut",
     "ModelUpdate",
     "Name",
@@ -60,7 +80,13 @@ __all__ = [
 ]
 
 ErrorCode = Literal[
-    "not_found", "conflict", "invalid_input", "unauthorized", "unsupported", "unavailable"
+    "not_found",
+    "conflict",
+    "invalid_input",
+    "unauthorized",
+    "unsupported",
+    "unavailable",
+    "too_large",
 ]
 
 # "Contains a character that is whitespace by no one's definition": JSON Schema's (ECMAScript)
@@ -72,38 +98,76 @@ ErrorCode = Literal[
 # would answer 405); and none belongs in a name printed in a table. Said here, each is a 422.
 NON_BLANK = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f\x85][^\x00-\x1f\x7f]*$"
 
-# Names are trimmed and must keep at least one character; the upper bound keeps a typo'd
-# megabyte of text out of the database.
+
+def _checked(check: Callable[[object, str], str]) -> Callable[[object], str]:
+    # The shared checks raise InvalidInput (a 400 from the store); inside a schema the same
+    # refusal is a ValueError, which pydantic turns into a 422 naming the field.
+    def validate(value: object) -> str:
+        try:
+            return check(value, "value")
+        except InvalidInput as exc:
+            message = str(exc).removeprefix("value ").removeprefix("value: ")
+            raise PydanticCustomError("invalid_value", message) from None
+
+    return validate
+
+
+# Backend and pool names (and a pool's purpose): printable, bounded, trimmed.
 Name = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=512, pattern=NON_BLANK),
+    Strict(),
+    AfterValidator(_checked(check_name)),
+    WithJsonSchema({"type": "string", "maxLength": MAX_NAME_LENGTH, "pattern": NAME_PATTERN}),
 ]
 
+# Ids chosen by the client: a path segment and a key suffix, so [A-Za-z0-9._-] only.
+Id = Annotated[
+    str,
+    Strict(),
+    AfterValidator(_checked(check_id)),
+    WithJsonSchema({"type": "string", "maxLength": MAX_ID_LENGTH, "pattern": ID_PATTERN}),
+]
 
-# Published in the OpenAPI schema so that clients (and schemathesis) know what is accepted. The
-# validator below accepts every string this matches, and also bracketed IPv6 literals, which a
-# readable pattern cannot describe exactly.
-_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
-URL_PATTERN = rf"^https?://[A-Za-z0-9][A-Za-z0-9.\-]*(?::{_PORT})?(?:[/?#][!-~]*)?$"
-
-
-def _http_url(value: str) -> str:
-    try:
-        split = urlsplit(value)
-        # .port raises ValueError past 65535.
-        valid = split.scheme in {"http", "https"} and bool(split.hostname) and split.port != 0
-    except ValueError:
-        valid = False
-    if not valid or any(c.isspace() for c in value):
-        raise ValueError("must be an http:// or https:// URL with a host")
-    return value.rstrip("/")
-
+ModelName = Annotated[
+    str,
+    Strict(),
+    AfterValidator(_checked(check_model_name)),
+    WithJsonSchema(
+        {"type": "string", "maxLength": MAX_MODEL_NAME_LENGTH, "pattern": MODEL_NAME_PATTERN}
+    ),
+]
 
 HttpUrl = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, max_length=2048),
-    AfterValidator(_http_url),
-    WithJsonSchema({"type": "string", "maxLength": 2048, "pattern": URL_PATTERN}),
+    Strict(),
+    AfterValidator(_checked(check_backend_url)),
+    WithJsonSchema({"type": "string", "maxLength": MAX_URL_LENGTH, "pattern": URL_PATTERN}),
+]
+
+
+def _number_only(value: object) -> object:
+    # JSON's true is not the number 1, nor "8192": pydantic's lax mode would take both. An
+    # integral 8192.0 is an integer to JSON Schema, so it stays accepted.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PydanticCustomError("int_type", "Input should be an integer, not a boolean or text")
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_number_only)]
+
+
+# No control characters: a key travels in an HTTP header, where none is allowed, and a NUL
+# cannot be stored on PostgreSQL. Real keys are dozens of characters; a shorter value is a typo,
+# and the log filter could not mask it without mangling the logs.
+ApiKey = Annotated[
+    str,
+    Strict(),
+    StringConstraints(
+        strip_whitespace=True,
+        min_length=MIN_SECRET_LENGTH,
+        max_length=4096,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+    ),
 ]
 
 
@@ -139,10 +203,19 @@ class BackendUpdate(_Input):
     name: Name
     base_url: HttpUrl
     type: BackendType = Field(description="One of: " + ", ".join(t.value for t in BackendType))
+    api_key: ApiKey | None = Field(
+        default=None,
+        description=(
+            "Write-only credential of this backend (a vLLM server's --api-key, an "
+            "OpenAI-compatible server's key): stored sealed, sent only to this backend, shown "
+            "masked. On PUT: absent keeps the stored one, null removes it."
+        ),
+        json_schema_extra={"writeOnly": True},
+    )
 
 
 class BackendIn(BackendUpdate):
-    id: Name | None = Field(default=None, description="Optional id; generated when absent.")
+    id: Id | None = Field(default=None, description="Optional id; generated when absent.")
 
 
 class BackendOut(_Camel):
@@ -152,19 +225,22 @@ class BackendOut(_Camel):
     type: str
     created_at: datetime
     updated_at: datetime
+    api_key: str | None = Field(
+        default=None, description="The backend's credential, masked (****abcd); null if none."
+    )
 
 
 class ModelUpdate(_Input):
-    model: Name
-    context_length: int = Field(default=0, ge=0, le=2**31 - 1)
-    can_chat: bool = False
-    can_embed: bool = False
-    can_prompt: bool = False
-    can_stream: bool = False
+    model: ModelName
+    context_length: Integer = Field(default=0, ge=0, le=2**31 - 1)
+    can_chat: StrictBool = False
+    can_embed: StrictBool = False
+    can_prompt: StrictBool = False
+    can_stream: StrictBool = False
 
 
 class ModelIn(ModelUpdate):
-    id: Name | None = Field(default=None, description="Optional id; generated when absent.")
+    id: Id | None = Field(default=None, description="Optional id; generated when absent.")
 
 
 class ModelOut(_Camel):
@@ -185,7 +261,7 @@ class PoolUpdate(_Input):
 
 
 class PoolIn(PoolUpdate):
-    id: Name | None = Field(default=None, description="Optional id; generated when absent.")
+    id: Id | None = Field(default=None, description="Optional id; generated when absent.")
 
 
 class PoolOut(_Camel):
@@ -271,18 +347,7 @@ class QueueItemOut(_Camel):
 
 
 class ProviderKeyIn(_Input):
-    # No control characters: a key travels in an HTTP header, where none is allowed, and a NUL
-    # cannot be stored on PostgreSQL. Real OpenAI and Gemini keys are dozens of characters; a
-    # shorter value is a typo, and the log filter could not mask it without mangling the logs.
-    api_key: Annotated[
-        str,
-        StringConstraints(
-            strip_whitespace=True,
-            min_length=MIN_SECRET_LENGTH,
-            max_length=4096,
-            pattern=r"^[^\x00-\x1f\x7f]+$",
-        ),
-    ]
+    api_key: ApiKey
 
 
 class ProviderStatusOut(_Camel):

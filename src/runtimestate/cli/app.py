@@ -29,6 +29,7 @@ from runtimestate.cli import fleetfile, observe
 from runtimestate.cli.common import GlobalOptions
 from runtimestate.cli.fleet import backend_app, model_app, pool_app, provider_app
 from runtimestate.cli.keys import key_app
+from runtimestate.cli.secrets import secrets_app
 from runtimestate.cli.serve import serve_command
 
 __all__ = ["app", "main"]
@@ -53,6 +54,7 @@ app.add_typer(pool_app, name="pool")
 app.add_typer(provider_app, name="provider")
 app.add_typer(key_app, name="key")
 app.add_typer(observe.queue_app, name="queue")
+app.add_typer(secrets_app, name="secrets")
 
 
 @app.callback()

@@ -4,8 +4,9 @@ Each command is one operator intent turned into one to three API calls. Entities
 way operators think of them - a backend by name, id or base URL, a model by name or id, a pool
 by name or id - and resolved to ids here, because the API's routes take ids.
 
-Secrets never travel through argv: ``provider configure`` reads the key from a no-echo prompt
-on a terminal, or from stdin when piped, and prints only its masked form.
+Secrets never travel through argv: ``provider configure`` and ``backend add --api-key-stdin``
+read the key from a no-echo prompt on a terminal, or from stdin when piped, and print only its
+masked form.
 """
 
 from __future__ import annotations
@@ -58,13 +59,24 @@ def backend_add(
     type_: Annotated[
         str, typer.Option("--type", "-t", help=f"One of: {_BACKEND_TYPES}.")
     ] = kinds.KINDS[0].name,
+    api_key_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--api-key-stdin",
+            help="Read the backend's credential (a vLLM --api-key, say) from stdin or a prompt.",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Declare a backend."""
+    body = {"name": name, "baseUrl": base_url, "type": type_}
+    if api_key_stdin:
+        key = _read_key(name)
+        if not key:
+            raise fail("no API key given on stdin", ExitCode.USAGE)
+        body["apiKey"] = key
     with api(ctx) as client:
-        created = client.json(
-            "POST", "/backends", json_body={"name": name, "baseUrl": base_url, "type": type_}
-        )
+        created = client.json("POST", "/backends", json_body=body)
     if as_json:
         render.print_json(out(), created)
     else:

@@ -132,6 +132,9 @@ def _sqlite_engine(url: URL) -> AsyncEngine:
         try:
             cursor.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys = ON")
+            # Deleted and overwritten content is zeroed, not left in free pages: a key-value
+            # row rewritten sealed must not leave its clear predecessor in the file.
+            cursor.execute("PRAGMA secure_delete = ON")
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
         finally:
@@ -304,6 +307,10 @@ def _integrity_error(exc: IntegrityError) -> Exception:
     if code == "23505" or "UNIQUE constraint failed" in message:
         table, field = _unique_target(message)
         entity = _ENTITY.get(table or "", "a row")
+        if table == "models" and field == "model_key":
+            return Conflict(
+                "a model with this name, in another spelling, already exists", field="model"
+            )
         if field is None:
             return Conflict(f"{entity} already exists")
         return Conflict(f"{entity} with this {field} already exists", field=field)

@@ -15,7 +15,8 @@ that ``NotFound`` names the first missing one; the caller's transaction undoes t
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtimestate.clock import Clock
 from runtimestate.errors import Conflict, NotFound
+from runtimestate.identifiers import check_id, check_model_name, check_name, model_key
 from runtimestate.store.engine import Database
 from runtimestate.store.paging import (
     INT32_MAX,
@@ -45,6 +47,7 @@ from runtimestate.store.records import (
 from runtimestate.store.schema import (
     backend_from_row,
     backends,
+    kv,
     model_from_row,
     models,
     pool_backends,
@@ -52,6 +55,7 @@ from runtimestate.store.schema import (
     pool_models,
     pools,
 )
+from runtimestate.store.secrets import BACKEND_CREDENTIAL_PREFIX
 
 __all__ = ["EntityOps"]
 
@@ -69,7 +73,7 @@ class EntityOps:
 
     @staticmethod
     def _new_id(id: str | None) -> str:
-        return str(uuid.uuid4()) if id is None else require_text(id, "id")
+        return str(uuid.uuid4()) if id is None else check_id(id, "id")
 
     async def _get_one(self, table: Table, column: str, value: str) -> Row[Any]:
         async with self._db.connect(write=False) as conn:
@@ -108,7 +112,7 @@ class EntityOps:
         now = self._now()
         record = Backend(
             id=self._new_id(id),
-            name=require_text(name, "name"),
+            name=check_name(name, "name"),
             base_url=require_text(base_url, "base_url"),
             type=require_text(type, "type"),
             created_at=now,
@@ -130,7 +134,7 @@ class EntityOps:
         self, backend_id: str, *, name: str, base_url: str, type: str
     ) -> Backend:
         values = {
-            "name": require_text(name, "name"),
+            "name": check_name(name, "name"),
             "base_url": require_text(base_url, "base_url"),
             "type": require_text(type, "type"),
             "updated_at": self._now(),
@@ -139,7 +143,14 @@ class EntityOps:
         return backend_from_row(await self._update_one(backends, row_id, values))
 
     async def delete_backend(self, backend_id: str) -> None:
-        await self._delete_one(backends, require_text(backend_id, "backend_id"))
+        """Remove the backend, its pool assignments and its credential (one transaction: a
+        backend declared later with the same id must not inherit the old one's key)."""
+        row_id = require_text(backend_id, "backend_id")
+        async with self._db.connect(write=True) as conn:
+            result = await conn.execute(delete(backends).where(backends.c.id == row_id))
+            if result.rowcount == 0:
+                raise NotFound(f"no backend with id {row_id!r}")
+            await conn.execute(delete(kv).where(kv.c.key == BACKEND_CREDENTIAL_PREFIX + row_id))
 
     async def list_all_backends(self) -> list[Backend]:
         return [backend_from_row(row) for row in await self._list_all(backends)]
@@ -174,7 +185,7 @@ class EntityOps:
         now = self._now()
         record = Model(
             id=self._new_id(id),
-            model=require_text(model, "model"),
+            model=check_model_name(model, "model"),
             context_length=require_int(context_length, "context_length", maximum=INT32_MAX),
             can_chat=require_bool(can_chat, "can_chat"),
             can_embed=require_bool(can_embed, "can_embed"),
@@ -183,8 +194,12 @@ class EntityOps:
             created_at=now,
             updated_at=now,
         )
-        async with self._db.connect(write=True) as conn:
-            await conn.execute(insert(models).values(**_fields(record)))
+        values = {**_fields(record), "model_key": model_key(record.model)}
+        async with (
+            self._same_model_refused(record.model, record.id),
+            self._db.connect(write=True) as conn,
+        ):
+            await conn.execute(insert(models).values(**values))
         return record
 
     async def get_model(self, model_id: str) -> Model:
@@ -193,7 +208,74 @@ class EntityOps:
 
     async def get_model_by_name(self, model: str) -> Model:
         require_text(model, "model")
-        return model_from_row(await self._get_one(models, "model", model))
+        # The exact spelling first (a row declared before names were normalized may share its
+        # key with another), then any spelling of the same model.
+        query = select(models).where(
+            (models.c.model == model) | (models.c.model_key == model_key(model))
+        )
+        async with self._db.connect(write=False) as conn:
+            rows = (await conn.execute(query)).all()
+        for row in sorted(rows, key=lambda row: row.model != model):
+            return model_from_row(row)
+        raise NotFound(f"no model with model {model!r}")
+
+    @asynccontextmanager
+    async def _same_model_refused(self, name: str, row_id: str) -> AsyncIterator[None]:
+        """Turn the unique index's refusal of a second spelling of a declared model into a
+        ``Conflict`` that names the model already declared."""
+        try:
+            yield
+        except Conflict as exc:
+            if exc.field not in {"model", "model_key"}:
+                raise
+            query = select(models.c.model, models.c.id).where(
+                (models.c.model_key == model_key(name)) & (models.c.id != row_id)
+            )
+            async with self._db.connect(write=False) as conn:
+                existing = (await conn.execute(query)).first()
+            if existing is None:
+                raise
+            raise Conflict(
+                f"model {name!r} is already declared as {existing.model!r} (id {existing.id})",
+                field="model",
+            ) from exc
+
+    async def fill_model_keys(self) -> list[tuple[str, str]]:
+        """Give every model declared before names were normalized its normalized name.
+
+        Run by :func:`runtimestate.store.open_store` after the migrations (the normalization is
+        Python, not SQL), idempotent, one transaction. When several old rows name one model,
+        the oldest gets the key and each later one a key of its own (the normalized name plus
+        ``#`` and its id, which no valid name can produce), so no row is lost and the operator
+        decides which to delete. Returns ``(kept, duplicate)`` model names for the warning.
+        """
+        pending = (
+            select(models.c.id, models.c.model)
+            .where(models.c.model_key.is_(None))
+            .order_by(models.c.created_at, models.c.id)
+        )
+        duplicates: list[tuple[str, str]] = []
+        async with self._db.connect(write=True) as conn:
+            rows = (await conn.execute(pending)).all()
+            if not rows:
+                return duplicates
+            taken = {
+                row.model_key: row.model
+                for row in await conn.execute(
+                    select(models.c.model_key, models.c.model).where(
+                        models.c.model_key.is_not(None)
+                    )
+                )
+            }
+            for row in rows:
+                key = model_key(row.model)
+                if key in taken:
+                    duplicates.append((taken[key], row.model))
+                    key = f"{key}#{row.id}"
+                taken[key] = row.model
+                fill = update(models).where(models.c.id == row.id).values(model_key=key)
+                await conn.execute(fill)
+        return duplicates
 
     async def update_model(
         self,
@@ -206,8 +288,10 @@ class EntityOps:
         can_prompt: bool,
         can_stream: bool,
     ) -> Model:
+        name = check_model_name(model, "model")
         values = {
-            "model": require_text(model, "model"),
+            "model": name,
+            "model_key": model_key(name),
             "context_length": require_int(context_length, "context_length", maximum=INT32_MAX),
             "can_chat": require_bool(can_chat, "can_chat"),
             "can_embed": require_bool(can_embed, "can_embed"),
@@ -216,7 +300,8 @@ class EntityOps:
             "updated_at": self._now(),
         }
         row_id = require_text(model_id, "model_id")
-        return model_from_row(await self._update_one(models, row_id, values))
+        async with self._same_model_refused(name, row_id):
+            return model_from_row(await self._update_one(models, row_id, values))
 
     async def delete_model(self, model_id: str) -> None:
         await self._delete_one(models, require_text(model_id, "model_id"))
@@ -244,8 +329,8 @@ class EntityOps:
         now = self._now()
         record = Pool(
             id=self._new_id(id),
-            name=require_text(name, "name"),
-            purpose_type=require_text(purpose_type, "purpose_type"),
+            name=check_name(name, "name"),
+            purpose_type=check_name(purpose_type, "purpose_type"),
             created_at=now,
             updated_at=now,
         )
@@ -263,8 +348,8 @@ class EntityOps:
 
     async def update_pool(self, pool_id: str, *, name: str, purpose_type: str) -> Pool:
         values = {
-            "name": require_text(name, "name"),
-            "purpose_type": require_text(purpose_type, "purpose_type"),
+            "name": check_name(name, "name"),
+            "purpose_type": check_name(purpose_type, "purpose_type"),
             "updated_at": self._now(),
         }
         row_id = require_text(pool_id, "pool_id")
@@ -402,7 +487,7 @@ class EntityOps:
         records = [
             Backend(
                 id=self._new_id(s.id),
-                name=require_text(s.name, "name"),
+                name=check_name(s.name, "name"),
                 base_url=require_text(s.base_url, "base_url"),
                 type=require_text(s.type, "type"),
                 created_at=now,
@@ -417,7 +502,7 @@ class EntityOps:
         now = self._now()
         values: dict[str, dict[str, Any]] = {
             require_text(row_id, "backend_id"): {
-                "name": require_text(s.name, "name"),
+                "name": check_name(s.name, "name"),
                 "base_url": require_text(s.base_url, "base_url"),
                 "type": require_text(s.type, "type"),
                 "updated_at": now,
@@ -431,7 +516,14 @@ class EntityOps:
         ]
 
     async def delete_backends(self, ids: Sequence[str]) -> None:
-        await self._delete_many(backends, [require_text(i, "backend_id") for i in ids])
+        checked = [require_text(i, "backend_id") for i in ids]
+        # One transaction: the backends and their credentials go together (see delete_backend).
+        async with self._db.connect(write=True) as conn:
+            await self._existing(conn, backends, checked)
+            for chunk in _chunks(checked):
+                await conn.execute(delete(backends).where(backends.c.id.in_(chunk)))
+                keys = [BACKEND_CREDENTIAL_PREFIX + backend_id for backend_id in chunk]
+                await conn.execute(delete(kv).where(kv.c.key.in_(keys)))
 
     async def create_models(self, specs: Sequence[ModelSpec]) -> list[Model]:
         now = self._now()
@@ -439,7 +531,8 @@ class EntityOps:
             Model(id=self._new_id(s.id), created_at=now, updated_at=now, **_model_values(s))
             for s in specs
         ]
-        await self._insert_many(models, [_fields(r) for r in records])
+        rows = [{**_fields(r), "model_key": model_key(r.model)} for r in records]
+        await self._insert_many(models, rows)
         return records
 
     async def update_models(self, specs: Mapping[str, ModelSpec]) -> list[Model]:
@@ -448,7 +541,13 @@ class EntityOps:
             require_text(row_id, "model_id"): {**_model_values(s), "updated_at": now}
             for row_id, s in specs.items()
         }
-        created = await self._update_many(models, values)
+        created = await self._update_many(
+            models,
+            {
+                row_id: {**fields, "model_key": model_key(fields["model"])}
+                for row_id, fields in values.items()
+            },
+        )
         return [
             Model(id=row_id, created_at=created[row_id], **fields)
             for row_id, fields in values.items()
@@ -462,8 +561,8 @@ class EntityOps:
         records = [
             Pool(
                 id=self._new_id(s.id),
-                name=require_text(s.name, "name"),
-                purpose_type=require_text(s.purpose_type, "purpose_type"),
+                name=check_name(s.name, "name"),
+                purpose_type=check_name(s.purpose_type, "purpose_type"),
                 created_at=now,
                 updated_at=now,
             )
@@ -476,8 +575,8 @@ class EntityOps:
         now = self._now()
         values: dict[str, dict[str, Any]] = {
             require_text(row_id, "pool_id"): {
-                "name": require_text(s.name, "name"),
-                "purpose_type": require_text(s.purpose_type, "purpose_type"),
+                "name": check_name(s.name, "name"),
+                "purpose_type": check_name(s.purpose_type, "purpose_type"),
                 "updated_at": now,
             }
             for row_id, s in specs.items()
@@ -599,7 +698,7 @@ def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
 
 def _model_values(s: ModelSpec) -> dict[str, Any]:
     return {
-        "model": require_text(s.model, "model"),
+        "model": check_model_name(s.model, "model"),
         "context_length": require_int(s.context_length, "context_length", maximum=INT32_MAX),
         "can_chat": require_bool(s.can_chat, "can_chat"),
         "can_embed": require_bool(s.can_embed, "can_embed"),

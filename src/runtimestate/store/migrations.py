@@ -137,6 +137,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        version=30,
+        name="models: normalized name, unique",
+        statements=(
+            # Filled by the store when it opens (the normalization is Python, not SQL): NULL
+            # until then, and NULLs do not collide in a unique index on either engine.
+            "ALTER TABLE models ADD COLUMN model_key TEXT",
+            "CREATE UNIQUE INDEX models_model_key_key ON models (model_key)",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

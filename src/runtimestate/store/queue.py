@@ -38,6 +38,13 @@ from runtimestate.store.paging import (
 )
 from runtimestate.store.records import Job, JSONValue, KVEntry, Lease, Page
 from runtimestate.store.schema import job_from_row, jobs, kv, kv_from_row, lease_from_row, leases
+from runtimestate.store.secrets import (
+    SECRET_PREFIXES,
+    SecretBox,
+    is_sealed,
+    is_secret_key,
+    refuse_without_box,
+)
 
 __all__ = ["QueueOps"]
 
@@ -47,6 +54,7 @@ _JOB_ORDER = (jobs.c.created_at, jobs.c.seq)
 class QueueOps:
     _db: Database
     _clock: Clock
+    _box: SecretBox | None
 
     def _now(self) -> datetime:
         return self._clock.now().astimezone(UTC)
@@ -146,31 +154,78 @@ class QueueOps:
             return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
 
     # ---- key-value -------------------------------------------------------------------------
+    # Secret entries (.secrets.SECRET_PREFIXES) are sealed on the way in and opened on the way
+    # out, so every caller sees plain values and the database never holds a key in clear.
+    def _stored(self, key: str, value: JSONValue) -> str:
+        dumped = _dump(value)
+        if not is_secret_key(key):
+            return dumped
+        if self._box is None:
+            raise refuse_without_box(key)
+        return _dump(self._box.seal(json.loads(dumped)))
+
+    def _opened(self, entry: KVEntry) -> KVEntry:
+        if not is_sealed(entry.value):
+            return entry
+        if self._box is None:
+            raise refuse_without_box(entry.key)
+        return replace(entry, value=self._box.open(entry.key, entry.value))
+
+    async def seal_secrets(self) -> int:
+        """Seal every secret entry that is in clear or sealed with an older master key, with
+        the current one; the number re-sealed. Idempotent, one transaction.
+
+        Run by :func:`runtimestate.store.open_store` after the migrations: sealing needs the
+        master key, which a migration (plain SQL, the same for every installation) does not
+        have. A secret no given key opens fails the whole pass with ``StoreError``, so a wrong
+        master key stops the service at start instead of at its first provider call.
+        """
+        box = self._box
+        if box is None:
+            return 0
+        query = select(kv.c.key, kv.c.value).where(
+            or_(*(kv.c.key.startswith(prefix, autoescape=True) for prefix in SECRET_PREFIXES))
+        )
+        resealed = 0
+        async with self._db.connect(write=True) as conn:
+            for row in (await conn.execute(query)).all():
+                stored = json.loads(row.value)
+                if box.is_current(stored):
+                    continue
+                plain = box.open(row.key, stored)
+                await conn.execute(
+                    update(kv).where(kv.c.key == row.key).values(value=_dump(box.seal(plain)))
+                )
+                resealed += 1
+        return resealed
+
     async def set_kv(self, key: str, value: JSONValue) -> KVEntry:
         now = self._now()
+        key = require_text(key, "key")
         values = {
-            "key": require_text(key, "key"),
-            "value": _dump(value),
+            "key": key,
+            "value": self._stored(key, value),
             "created_at": now,
             "updated_at": now,
         }
         async with self._db.connect(write=True) as conn:
             stmt = _upsert(conn, kv, values, update=("value", "updated_at"))
             row = (await conn.execute(stmt.returning(kv))).one()
-        return kv_from_row(row)
+        return self._opened(kv_from_row(row))
 
     async def update_kv(self, key: str, value: JSONValue) -> KVEntry:
+        key = require_text(key, "key")
         stmt = (
             update(kv)
-            .where(kv.c.key == require_text(key, "key"))
-            .values(value=_dump(value), updated_at=self._now())
+            .where(kv.c.key == key)
+            .values(value=self._stored(key, value), updated_at=self._now())
             .returning(kv)
         )
         async with self._db.connect(write=True) as conn:
             row = (await conn.execute(stmt)).first()
         if row is None:
             raise NotFound(f"no key-value entry {key!r}")
-        return kv_from_row(row)
+        return self._opened(kv_from_row(row))
 
     async def get_kv(self, key: str) -> KVEntry:
         query = select(kv).where(kv.c.key == require_text(key, "key"))
@@ -178,7 +233,7 @@ class QueueOps:
             row = (await conn.execute(query)).first()
         if row is None:
             raise NotFound(f"no key-value entry {key!r}")
-        return kv_from_row(row)
+        return self._opened(kv_from_row(row))
 
     async def delete_kv(self, key: str) -> None:
         stmt = delete(kv).where(kv.c.key == require_text(key, "key"))
@@ -209,7 +264,7 @@ class QueueOps:
                 key=kv.c.key,
                 cursor=cursor,
                 limit=limit,
-                to_record=kv_from_row,
+                to_record=lambda row: self._opened(kv_from_row(row)),
             )
 
     # ---- leases ----------------------------------------------------------------------------

@@ -109,6 +109,8 @@ models = Table(
     metadata,
     Column("id", Text, primary_key=True),
     Column("model", Text, nullable=False, unique=True),
+    # The normalized name (runtimestate.identifiers.model_key), unique: one model, one row.
+    Column("model_key", Text, unique=True),
     Column("context_length", Integer, nullable=False),
     Column("can_chat", Boolean, nullable=False),
     Column("can_embed", Boolean, nullable=False),

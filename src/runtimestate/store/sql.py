@@ -15,27 +15,39 @@ block is open lands inside that block's savepoint. While a transaction is open o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from sqlalchemy import text
 
 from runtimestate.clock import SYSTEM_CLOCK, Clock
 from runtimestate.store.base import Store
-from runtimestate.store.engine import Database, create_engine_for_url, safe_url
+from runtimestate.store.engine import (
+    Database,
+    create_engine_for_url,
+    safe_url,
+    translate_errors,
+)
 from runtimestate.store.entities import EntityOps
 from runtimestate.store.migrations import current_version, migrate
 from runtimestate.store.queue import QueueOps
+from runtimestate.store.secrets import SecretBox
 
 __all__ = ["SqlStore", "open_store"]
+
+logger = logging.getLogger(__name__)
 
 
 class SqlStore(EntityOps, QueueOps, Store):
     """The declared state in SQLite or PostgreSQL. Build it with :func:`open_store`."""
 
-    def __init__(self, db: Database, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self, db: Database, *, clock: Clock = SYSTEM_CLOCK, box: SecretBox | None = None
+    ) -> None:
         self._db = db
         self._clock = clock
+        self._box = box
 
     async def __aenter__(self) -> SqlStore:
         return self
@@ -62,7 +74,7 @@ class SqlStore(EntityOps, QueueOps, Store):
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Store]:
         async with self._db.transaction() as bound:
-            yield self if bound is self._db else SqlStore(bound, clock=self._clock)
+            yield self if bound is self._db else SqlStore(bound, clock=self._clock, box=self._box)
 
     async def ping(self) -> None:
         async with self._db.connect(write=False) as conn:
@@ -73,12 +85,39 @@ class SqlStore(EntityOps, QueueOps, Store):
         async with self._db.connect(write=False) as conn:
             return await current_version(conn)
 
+    async def reseal(self, master_keys: Sequence[str]) -> int:
+        """Use ``master_keys`` from now on (the first seals) and re-seal every secret not
+        sealed with the first; the number re-sealed (``runtimestate secrets rotate``)."""
+        self._box = SecretBox(master_keys)
+        resealed = await self.seal_secrets()
+        await self.checkpoint()
+        return resealed
+
+    async def checkpoint(self) -> None:
+        """On SQLite, move the write-ahead log into the database file and truncate it.
+
+        After secrets were re-sealed, the log still holds the frames of their earlier versions
+        (in clear, for entries from before sealing existed) until the next checkpoint; this one
+        removes them at once. With ``secure_delete`` on, the database file keeps no copy either.
+        PostgreSQL keeps dead row versions until vacuum: they are in no dump, but in its data
+        files until autovacuum runs.
+        """
+        if self.dialect != "sqlite" or self._db.bound is not None or self._db.gate is not None:
+            return
+        async with translate_errors(), self._db.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            await driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     async def _migrate(self) -> list[int]:
         async with self._db.connect(write=True) as conn:
             return await migrate(conn, clock=self._clock)
 
 
-async def open_store(url: str, *, clock: Clock = SYSTEM_CLOCK) -> SqlStore:
+async def open_store(
+    url: str, *, clock: Clock = SYSTEM_CLOCK, master_keys: Sequence[str] = ()
+) -> SqlStore:
     """Open the store at ``url`` and bring its schema up to date.
 
     ``sqlite:///<path>`` (the file and its directories are created on first use),
@@ -86,12 +125,30 @@ async def open_store(url: str, *, clock: Clock = SYSTEM_CLOCK) -> SqlStore:
     ``postgresql://user:password@host:port/db`` (``postgres://`` and ``postgresql+asyncpg://``
     too). Any other URL is ``InvalidInput(field="url")``; an unreachable database is
     ``StoreError``.
+
+    ``master_keys`` seal the secret key-value entries (provider keys, backend credentials):
+    the first seals, all open (see :mod:`.secrets`). Opening seals any secret still in clear or
+    under an older key; a secret none of them opens is ``StoreError`` here, at open. Without
+    keys the store refuses to write secrets and to read sealed ones.
     """
+    box = SecretBox(master_keys) if master_keys else None
     engine = create_engine_for_url(url)
     memory = engine.dialect.name == "sqlite" and engine.url.database == ":memory:"
-    store = SqlStore(Database(engine, gate=asyncio.Lock() if memory else None), clock=clock)
+    database = Database(engine, gate=asyncio.Lock() if memory else None)
+    store = SqlStore(database, clock=clock, box=box)
     try:
         await store._migrate()
+        resealed = await store.seal_secrets()
+        if resealed:
+            logger.info("sealed %d stored secret(s) with the current master key", resealed)
+            await store.checkpoint()
+        for kept, duplicate in await store.fill_model_keys():
+            logger.warning(
+                "models %r and %r name the same model; both are kept, declaring it again is "
+                "refused, and one of them should be deleted",
+                kept,
+                duplicate,
+            )
     except BaseException:
         await engine.dispose()
         raise
