@@ -23,6 +23,7 @@ from runtimestate.metrics import QUEUE_DEPTH, REGISTRY
 from runtimestate.state import State
 from runtimestate.store import Store
 from runtimestate.testing import Emulator, OllamaNode
+from tests.fixtures.common import EMULATOR_KEY_HOSTS
 
 TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -44,7 +45,7 @@ async def fleet(store: Store, messenger: Messenger) -> AsyncIterator[Fleet]:
     async with Emulator(latency=0.0) as emu:
         node = emu.add_ollama("node-1", models=["tinyllama"])
         node.pull_seconds = 0.2
-        state = State(store, bus, backend_timeout=5.0)
+        state = State(store, bus, backend_timeout=5.0, key_hosts=EMULATOR_KEY_HOSTS)
         ctx = ApiContext(store=store, messenger=bus, token=TOKEN, state=state, heartbeat=0.05)
         transport = httpx.ASGITransport(app=create_app(ctx))
         async with httpx.AsyncClient(

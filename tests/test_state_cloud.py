@@ -21,6 +21,7 @@ from runtimestate.records import ProviderConfig
 from runtimestate.state import State
 from runtimestate.store import Store
 from runtimestate.testing import Emulator, GeminiModel
+from tests.fixtures.common import EMULATOR_KEY_HOSTS
 
 OPENAI_SECRET = "sk-test-0123456789abcdef"
 GEMINI_SECRET = "AIzaTest0123456789abcdef"
@@ -48,7 +49,7 @@ async def test_missing_key_is_reported(store: Store, bus: Messenger, emu: Emulat
     gemini = emu.add_gemini("acct", api_key=GEMINI_SECRET, models=["gemini-2.0-flash"])
     await store.create_backend(name="oa", base_url=account.base_url, type="openai")
     await store.create_backend(name="gm", base_url=gemini.base_url, type="gemini")
-    async with State(store, bus) as state:
+    async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS) as state:
         await state.run_backend_cycle()
         errors = {s.name: s.error for s in state.get().values()}
     assert errors == {"oa": "API key not configured", "gm": "API key not configured"}
@@ -66,7 +67,7 @@ async def test_a_malformed_key_entry_is_reported_without_the_key(
     await store.set_kv(OPENAI_KEY, OPENAI_SECRET)
     await store.set_kv(GEMINI_KEY, {"APIKey": GEMINI_SECRET})
     with caplog.at_level(logging.DEBUG, logger="runtimestate"):
-        async with State(store, bus) as state:
+        async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS) as state:
             await state.run_backend_cycle()
             snapshot = state.get()
     errors = {s.name: s.error for s in snapshot.values()}
@@ -92,7 +93,7 @@ async def test_openai_drift_is_not_an_error_and_listing_is_cached_a_day(
     await store.append_model(model="text-embedding-3-small")
     await set_key(store, OPENAI_KEY, OPENAI_SECRET, "openai")
     clock = FakeClock()
-    async with State(store, bus, clock=clock) as state:
+    async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS, clock=clock) as state:
         await state.run_backend_cycle()
         observed = state.get()[backend.id]
         assert observed.error == ""
@@ -132,7 +133,7 @@ async def test_a_declared_model_the_account_lacks_is_logged_once_not_an_error(
 
     clock = FakeClock()
     with caplog.at_level(logging.INFO, logger="runtimestate"):
-        async with State(store, bus, clock=clock) as state:
+        async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS, clock=clock) as state:
             await state.run_backend_cycle()
             observed = state.get()[backend.id]
             assert observed.error == ""
@@ -164,7 +165,7 @@ async def test_key_change_drops_the_cache_and_rejection_names_no_key(
     # Our own loggers, at every level. (aiosqlite's DEBUG log quotes the SQL parameters of the
     # store's own write of the key: that is the store's business, not a log line of ours.)
     with caplog.at_level(logging.DEBUG, logger="runtimestate"):
-        async with State(store, bus, clock=FakeClock()) as state:
+        async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS, clock=FakeClock()) as state:
             await state.run_backend_cycle()
             assert state.get()[backend.id].error == ""
             await set_key(store, OPENAI_KEY, wrong, "openai")
@@ -208,7 +209,7 @@ async def test_gemini_pages_and_takes_limits_from_the_listing(
     await store.append_model(model="models/text-embedding-004")
     await store.append_model(model="aqa")
     await set_key(store, GEMINI_KEY, GEMINI_SECRET, "gemini")
-    async with State(store, bus) as state:
+    async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS) as state:
         await state.run_backend_cycle()
         observed = state.get()[backend.id]
     assert observed.error == ""
@@ -236,7 +237,7 @@ async def test_gemini_bad_key_is_rejected_without_the_key(
     backend = await store.create_backend(name="gm", base_url=account.base_url, type="gemini")
     wrong = "AIzaWrong0123456789abcdef"
     await set_key(store, GEMINI_KEY, wrong, "gemini")
-    async with State(store, bus) as state:
+    async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS) as state:
         await state.run_backend_cycle()
         observed = state.get()[backend.id]
     assert observed.error == "API key rejected by Gemini (HTTP 400)"
@@ -250,7 +251,7 @@ async def test_cloud_server_errors_keep_their_cause(
     account.faults.fail(status=503, body=b'{"error":{"message":"overloaded"}}')
     backend = await store.create_backend(name="oa", base_url=account.base_url, type="openai")
     await set_key(store, OPENAI_KEY, OPENAI_SECRET, "openai")
-    async with State(store, bus) as state:
+    async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS) as state:
         await state.run_backend_cycle()
         observed = state.get()[backend.id]
     assert observed.error.startswith("HTTP 503 from ")

@@ -230,6 +230,7 @@ class Service:
                 delete_undeclared=settings.delete_undeclared,
                 clock=self._clock,
                 worker_id=f"{socket.gethostname()}:{os.getpid()}",
+                key_hosts=settings.cloud_key_hosts,
             )
             stack.push_async_callback(state.aclose)
             gateway = Gateway(

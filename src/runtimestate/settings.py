@@ -174,6 +174,29 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest request body the admin API reads, in bytes (larger: 413).",
     )
+    cloud_key_hosts: Annotated[dict[str, tuple[str, ...]], NoDecode] = Field(
+        default_factory=dict,
+        description=(
+            "Hosts besides the provider's own API host that a cloud key may be sent to, per "
+            "kind: 'openai=proxy.internal,10.0.0.9;gemini=...'. Default: none - a cloud key "
+            "goes only to the provider."
+        ),
+    )
+
+    @field_validator("cloud_key_hosts", mode="before")
+    @classmethod
+    def _key_hosts(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        hosts: dict[str, tuple[str, ...]] = {}
+        for part in value.split(";"):
+            if not part.strip():
+                continue
+            kind, sep, names = part.partition("=")
+            if not sep or not kind.strip():
+                raise ValueError(f"{part.strip()!r} is not <kind>=<host>[,<host>...]")
+            hosts[kind.strip()] = tuple(n.strip() for n in names.split(",") if n.strip())
+        return hosts
 
     @field_validator("backend_networks_allow", "backend_networks_deny", mode="before")
     @classmethod

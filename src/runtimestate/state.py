@@ -80,6 +80,21 @@ def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def _key_hosts(given: Mapping[str, Iterable[str]]) -> dict[str, frozenset[str]]:
+    """The extra hosts per cloud kind its key may be sent to, checked: only cloud kinds have a
+    key to send."""
+    hosts: dict[str, frozenset[str]] = {}
+    for name, names in given.items():
+        kind = kinds.find(name)
+        if kind is None or not kind.cloud:
+            cloud = ", ".join(k.name for k in kinds.cloud_kinds())
+            raise InvalidInput(
+                f"key_hosts: {name!r} is not a cloud kind (one of: {cloud})", field="key_hosts"
+            )
+        hosts[name] = frozenset(host.strip().lower() for host in names if host.strip())
+    return hosts
+
+
 class State:
     """Reconciles the declared fleet with the real one. See the module docstring.
 
@@ -105,6 +120,7 @@ class State:
         lease_ttl: float = 60.0,
         pull_retry_after: float = 300.0,
         max_stale_cycles: int = 3,
+        key_hosts: Mapping[str, Iterable[str]] | None = None,
     ) -> None:
         if store is None:
             raise InvalidInput("State needs a store", field="store")
@@ -144,7 +160,10 @@ class State:
         # Room for every backend in flight plus a few long-running pulls.
         self._http = http or HttpClient(max_connections=concurrency + 64)
         options = DriverOptions(
-            clock=clock, delete_undeclared=delete_undeclared, list_cache_ttl=list_cache_ttl
+            clock=clock,
+            delete_undeclared=delete_undeclared,
+            list_cache_ttl=list_cache_ttl,
+            key_hosts=_key_hosts(key_hosts or {}),
         )
         self._drivers: dict[str, Driver[Any]] = {
             kind.name: kind.driver(options) for kind in kinds.KINDS

@@ -161,6 +161,9 @@ class DriverOptions:
     clock: Clock
     delete_undeclared: bool = True
     list_cache_ttl: float = 24 * 3600.0
+    # Per kind, hosts besides the provider's own API host that its cloud key may be sent to
+    # (an operator's proxy in front of the provider; the emulators in tests). Empty: none.
+    key_hosts: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)

@@ -2,7 +2,10 @@
 
 The key lives in the key-value table (``OPENAI_KEY`` / ``GEMINI_KEY``, the seed's
 ``{"APIKey","Type"}``) and is read once per cycle (memoized by the cycle context). Without it
-the backend's error is ``API key not configured``.
+the backend's error is ``API key not configured``. It is sent only to the provider's own API
+host over https (``key_hosts`` of each driver, plus the hosts the operator adds): a backend of
+a cloud type declared at any other address uses its own credential
+(``backend-credential:<id>``), or has an error saying it needs one.
 
 An account's model list changes rarely and listing it costs a request against a rate-limited
 API, so it is cached per backend for ``list_cache_ttl`` (24 h) on the injected clock. The cache
@@ -32,6 +35,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -42,9 +46,16 @@ from runtimestate.backends.base import (
     Declared,
     Driver,
     DriverOptions,
+    backend_credential,
 )
 from runtimestate.backends.names import cloud_key
-from runtimestate.records import ListModelResponse, LLMState, ProviderConfig
+from runtimestate.records import (
+    BACKEND_CREDENTIAL_PREFIX,
+    ListModelResponse,
+    LLMState,
+    ProviderConfig,
+)
+from runtimestate.store.records import Backend
 
 __all__ = ["KEY_MALFORMED", "KEY_MISSING", "CloudDriver", "CloudListing", "CloudModel"]
 
@@ -87,6 +98,45 @@ class CloudDriver(Driver[CloudListing]):
     """A hosted account: read the key, list (cached), report declared models and drift."""
 
     kv_key: ClassVar[str]
+    key_hosts: ClassVar[frozenset[str]]
+    """The provider's own API hosts: the only ones its key is sent to (over https), besides
+    the hosts the operator adds in ``DriverOptions.key_hosts``."""
+
+    def _key_may_go_to(self, backend: Backend) -> bool:
+        split = urlsplit(backend.base_url)
+        host = (split.hostname or "").lower()
+        if host in self.options.key_hosts.get(backend.type, frozenset()):
+            return True
+        return host in self.key_hosts and split.scheme == "https"
+
+    async def _api_key(self, ctx: CycleContext, backend: Backend) -> tuple[str | None, str]:
+        """The key to send to ``backend`` and, when there is none, why.
+
+        The cloud key goes to the provider's API host only: any token holder can declare a
+        backend of a cloud type at an address of their own, and the service must not hand
+        them the account's key. A backend anywhere else - a proxy, a self-hosted server
+        speaking the provider's protocol - uses its own credential (``apiKey`` on the
+        backend) or none.
+        """
+        if not self._key_may_go_to(backend):
+            credential = await backend_credential(ctx, BACKEND_CREDENTIAL_PREFIX + backend.id)
+            if credential is None:
+                hosts = ", ".join(sorted(self.key_hosts))
+                return None, (
+                    f"the {backend.type} key is sent only to https://{hosts}; a backend at "
+                    f"{urlsplit(backend.base_url).hostname} needs a credential of its own "
+                    "(apiKey)"
+                )
+            return credential, ""
+        entry = await ctx.kv(self.kv_key)
+        if entry is None:
+            return None, KEY_MISSING
+        try:
+            api_key = ProviderConfig.from_storage(entry.value).api_key.get_secret_value()
+        except ValidationError:
+            # The validation error quotes its input, which would be the key: not chained.
+            return None, KEY_MALFORMED
+        return (api_key, "") if api_key else (None, KEY_MISSING)
 
     def __init__(self, options: DriverOptions) -> None:
         super().__init__(options)
@@ -102,17 +152,10 @@ class CloudDriver(Driver[CloudListing]):
 
     async def observe(self, ctx: CycleContext, declared: Declared) -> CloudListing:
         backend = declared.backend
-        entry = await ctx.kv(self.kv_key)
-        if entry is None:
+        api_key, problem = await self._api_key(ctx, backend)
+        if api_key is None:
             self._cache.pop(backend.id, None)
-            return CloudListing(api_key=None, key_problem=KEY_MISSING)
-        try:
-            api_key = ProviderConfig.from_storage(entry.value).api_key.get_secret_value()
-        except ValidationError:
-            # The validation error quotes its input, which would be the key: not chained.
-            return CloudListing(api_key=None, key_problem=KEY_MALFORMED)
-        if not api_key:
-            return CloudListing(api_key=None, key_problem=KEY_MISSING)
+            return CloudListing(api_key=None, key_problem=problem)
         key_hash = _hash(api_key)
         now = self.options.clock.monotonic()
         cached = self._cache.get(backend.id)

@@ -31,6 +31,7 @@ _EMBED = Capabilities(flags=EMBEDDING)
 
 class OpenAIDriver(CloudDriver):
     kv_key = PROVIDER_KEY_PREFIX + _NAME
+    key_hosts = frozenset({"api.openai.com"})
 
     async def list_models(
         self, ctx: CycleContext, base_url: str, api_key: str

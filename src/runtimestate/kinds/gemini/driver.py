@@ -52,6 +52,7 @@ def parse_model(item: Any, url: str) -> CloudModel:
 
 class GeminiDriver(CloudDriver):
     kv_key = PROVIDER_KEY_PREFIX + NAME
+    key_hosts = frozenset({"generativelanguage.googleapis.com"})
     # The API's maximum: the fewest requests. A class attribute so tests can force paging.
     page_size: ClassVar[int] = 1000
 
