@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,13 @@ def dump(store_url: str) -> bytes:
     return subprocess.run(
         [str(bin_dir / "pg_dump"), "--dbname", url], check=True, capture_output=True
     ).stdout
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[SqlStore]:
+    """A store on ``store_url`` (these tests read the database files under it)."""
+    async with await open_store(store_url, master_keys=(TEST_MASTER_KEY,)) as opened:
+        yield opened
 
 
 async def test_no_key_in_the_database_files(store: SqlStore, store_url: str) -> None:
