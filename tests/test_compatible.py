@@ -21,13 +21,15 @@ from runtimestate.resolver import Resolver, ResolveRequest
 from runtimestate.state import State
 from runtimestate.store import Store, open_store
 from runtimestate.testing import CompatibleServer, Emulator
+from tests.fixtures.common import EMULATOR_KEY_HOSTS
+from tests.fixtures.postgres import TEST_MASTER_KEY
 
 KEY = "local-secret-0123456789"
 
 
 @pytest.fixture
 async def store() -> AsyncIterator[Store]:
-    opened = await open_store("sqlite:///:memory:")
+    opened = await open_store("sqlite:///:memory:", master_keys=(TEST_MASTER_KEY,))
     try:
         yield opened
     finally:
@@ -54,7 +56,7 @@ async def test_models_drift_and_an_unknown_context_length(
 ) -> None:
     server = emu.add_openai_compatible("lm", models=["qwen2.5-7b", "phi-4", "nomic-embedding"])
     backend_id = await declare(store, server, "qwen2.5-7b", "nomic-embedding")
-    async with State(store, bus) as state:
+    async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS) as state:
         await state.run_backend_cycle()
         observed = state.get()[backend_id]
     assert observed.error == ""
@@ -82,7 +84,7 @@ async def test_the_context_llama_cpp_reports_in_props_is_used_and_remembered(
 ) -> None:
     server = emu.add_openai_compatible("llama", models=["qwen2.5-7b"], n_ctx=16384)
     backend_id = await declare(store, server, "qwen2.5-7b")
-    async with State(store, bus) as state:
+    async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS) as state:
         for _ in range(3):
             await state.run_backend_cycle()
         observed = state.get()[backend_id]
@@ -99,7 +101,7 @@ async def test_a_declared_context_length_is_used_and_no_warning_is_given(
 ) -> None:
     server = emu.add_openai_compatible("lm", models=["qwen2.5-7b"])
     backend_id = await declare(store, server, "qwen2.5-7b", context_length=32768)
-    async with State(store, bus) as state:
+    async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS) as state:
         await state.run_backend_cycle()
         observed = state.get()[backend_id]
     assert [m.context_length for m in observed.pulled_models] == [32768]
@@ -112,7 +114,7 @@ async def test_the_optional_key_is_the_backends_credential(
 ) -> None:
     server = emu.add_openai_compatible("locked", models=["m"], api_key=KEY)
     backend_id = await declare(store, server, "m")
-    async with State(store, bus) as state:
+    async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS) as state:
         await state.run_backend_cycle()
         assert state.get()[backend_id].error == (
             "the backend credential is required and none is stored (HTTP 401)"
@@ -175,7 +177,7 @@ async def test_every_cycle_asks_the_server_and_a_dead_one_drops_out_at_once(
     async with Emulator(latency=0.0) as emu:
         server = emu.add_openai_compatible("lm", models=["m"])
         backend_id = await declare(store, server, "m")
-        async with State(store, bus) as state:
+        async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS) as state:
             for _ in range(3):
                 await state.run_backend_cycle()
             assert listings(server) == 3  # no cache: asked on every cycle
@@ -197,7 +199,7 @@ async def test_a_server_declared_as_openai_is_cached_but_checked_on_every_cycle(
         )
         await store.append_model(model="m")
         await store.set_kv(OPENAI_KEY, {"APIKey": KEY, "Type": "openai"})
-        async with State(store, bus) as state:
+        async with State(store, bus, key_hosts=EMULATOR_KEY_HOSTS) as state:
             for _ in range(3):
                 await state.run_backend_cycle()
             assert [r.path for r in account.requests if r.path == "/models"] == ["/models"]
@@ -224,7 +226,9 @@ async def test_a_listing_stuck_behind_a_generation_keeps_the_inventory_for_a_bou
 ) -> None:
     server = emu.add_openai_compatible("llama", models=["m"], listing_waits_for_generation=True)
     backend_id = await declare(store, server, "m", context_length=8192)
-    async with State(store, bus, backend_timeout=0.2, max_stale_cycles=2) as state:
+    async with State(
+        store, bus, key_hosts=EMULATOR_KEY_HOSTS, backend_timeout=0.2, max_stale_cycles=2
+    ) as state:
         await state.run_backend_cycle()
         fresh = state.get()[backend_id]
         assert [m.model for m in fresh.pulled_models] == ["m"]

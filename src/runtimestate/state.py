@@ -85,8 +85,7 @@ def _key_hosts(given: Mapping[str, Iterable[str]]) -> dict[str, frozenset[str]]:
     key to send."""
     hosts: dict[str, frozenset[str]] = {}
     for name, names in given.items():
-        kind = kinds.find(name)
-        if kind is None or not kind.cloud:
+        if name not in {kind.name for kind in kinds.cloud_kinds()}:
             cloud = ", ".join(k.name for k in kinds.cloud_kinds())
             raise InvalidInput(
                 f"key_hosts: {name!r} is not a cloud kind (one of: {cloud})", field="key_hosts"
