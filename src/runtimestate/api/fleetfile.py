@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from runtimestate.api.schemas import BackendIn, ModelIn, Name, PoolIn
 from runtimestate.errors import InvalidInput
@@ -105,7 +107,21 @@ class _Loader(_Base):  # type: ignore[valid-type,misc]
 
 # ---- the document ------------------------------------------------------------------------
 class FleetBackend(BackendIn):
-    """A backend: the fields ``POST /backends`` takes."""
+    """A backend: the fields ``POST /backends`` takes but its credential - a file under
+    version control is no place for a key."""
+
+    api_key: SkipJsonSchema[None] = Field(default=None, exclude=True)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _no_secret(cls, value: object) -> None:
+        if value is not None:
+            raise PydanticCustomError(
+                "secret_in_file",
+                "a fleet file holds no secrets: give the backend its apiKey with "
+                "`runtimestate backend add --api-key-stdin` or PUT /backends/{id}",
+            )
+        return None
 
 
 class FleetModel(ModelIn):
