@@ -161,10 +161,19 @@ class _Built:
     by_name: dict[str, str] = field(default_factory=dict)
     by_model: dict[str, set[str]] = field(default_factory=dict)
     model_counts: dict[str, list[int]] = field(default_factory=dict)
-    body: bytes = b"[]"
+    # The whole array, joined on first demand: a change read only by the event stream does not
+    # pay for copying every backend's bytes.
+    joined: bytes | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     gzipped: bytes | None = None
     etag: str = ""
+
+    @property
+    def body(self) -> bytes:
+        if self.joined is None:
+            entries = self.entries
+            self.joined = b"[" + b",".join(entries[i].part for _, i in self.order) + b"]"
+        return self.joined
 
     def add(self, backend_id: str, entry: _Entry) -> None:
         self.entries[backend_id] = entry
@@ -244,8 +253,6 @@ class SnapshotFeed:
             built.discard(backend_id)
         if reorder or removed:
             built.order = sorted((e.state.name, i) for i, e in built.entries.items())
-        entries = built.entries
-        built.body = b"[" + b",".join(entries[i].part for _, i in built.order) + b"]"
         built.summary = _summary(version, built)
         if old is None:
             self._floor = version
