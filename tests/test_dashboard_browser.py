@@ -30,7 +30,9 @@ import pytest
 from selenium import webdriver
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service as ChromeService
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 from runtimestate.demo import DOWN_NODE, REFUSED_MODEL, REFUSING_NODE
 from tests.cli_service import ServiceProcess, cli_env, restartable_port, start_service
@@ -222,13 +224,16 @@ def test_overview_numbers_equal_the_apis(demo: Demo, browser: WebDriver) -> None
         state = demo.api("/state").json()
         queue = demo.api("/queue").json()
         declared = {m for entry in state for m in entry.get("models", ())}
-        running = sum(1 for item in queue if item["running"])
+        # Newer services list every pull task with its status; older ones what waits or runs.
+        statuses = [
+            item.get("status") or ("running" if item["running"] else "queued") for item in queue
+        ]
         expected = {
             "ov-backends": str(len(state)),
             "ov-models": str(len(declared)),
             "ov-health-error": str(sum(1 for entry in state if entry.get("error"))),
-            "ov-running": str(running),
-            "ov-queued": str(len(queue) - running),
+            "ov-running": str(statuses.count("running")),
+            "ov-queued": str(statuses.count("queued")),
         }
         shown = {key: text_of(browser, key) for key in expected}
         return (shown, expected) if shown == expected else None
@@ -333,6 +338,35 @@ def test_every_page_shows_the_demo_fleet(demo: Demo, browser: WebDriver) -> None
         ),
         "the refused model failing on its node",
         timeout=60,
+    )
+    # The down node's cells say why its models are not there: the node, not the models.
+    down_cells = browser.find_elements(By.CSS_SELECTOR, f'td.cell[data-backend="{DOWN_NODE}"]')
+    assert down_cells
+    assert {cell.get_attribute("data-status") for cell in down_cells} == {"unreachable"}
+    # Dark mode: the page follows the system's colour scheme.
+    browser.execute_cdp_cmd(
+        "Emulation.setEmulatedMedia",
+        {"features": [{"name": "prefers-color-scheme", "value": "dark"}]},
+    )
+    try:
+        background = browser.execute_script(
+            "return getComputedStyle(document.body).backgroundColor"
+        )
+        assert background == "rgb(20, 20, 23)", background
+        browser.save_screenshot(str(SCREENSHOTS / "page-matrix-dark.png"))
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+    # Keyboard: the skip link first, then the pages; Enter opens one.
+    visit(browser, "overview")
+    browser.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
+    keys = ActionChains(browser)
+    keys.send_keys(Keys.TAB).perform()
+    assert browser.switch_to.active_element.text == "Skip to content"
+    keys.send_keys(Keys.TAB, Keys.TAB).perform()
+    assert browser.switch_to.active_element.get_attribute("data-page") == "backends"
+    ActionChains(browser).send_keys(Keys.ENTER).perform()
+    eventually(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "table#backends"), "the backends page"
     )
     browser.set_window_size(390, 844)
     browser.execute_cdp_cmd(

@@ -261,23 +261,30 @@ def _follow(
             time.sleep(min(1.0, left))
 
 
+def _queue_status(item: dict[str, Any]) -> str:
+    # Newer services list every pull task with its status; older ones only what waits or runs.
+    return str(item.get("status") or ("running" if item.get("running") else "queued"))
+
+
 def _snapshot_counts(client: ApiClient) -> tuple[int, int | None, dict[tuple[str, str], str]]:
     """Queued pulls, failed pulls (when the service reports pull tasks) and their next tries."""
-    queue = client.get("/queue")
-    queued = sum(1 for item in queue if isinstance(item, dict) and not item.get("running"))
-    entries = render.state_entries(client.get("/state"))
-    if not any(isinstance(entry.get("downloads"), list) for entry in entries):
-        return queued, None, {}
+    queue = [item for item in client.get("/queue") or () if isinstance(item, dict)]
+    queued = sum(1 for item in queue if _queue_status(item) == "queued")
+    tasks = [(str(item.get("url", "")), item) for item in queue if "status" in item]
+    if not tasks:
+        for entry in render.state_entries(client.get("/state")):
+            url = str(render.mapping(entry.get("backend")).get("baseUrl", ""))
+            tasks.extend((url, t) for t in entry.get("downloads") or () if isinstance(t, dict))
+        if not tasks:
+            return queued, None, {}
     failed = 0
     next_tries: dict[tuple[str, str], str] = {}
-    for entry in entries:
-        url = str(render.mapping(entry.get("backend")).get("baseUrl", ""))
-        for task in entry.get("downloads") or ():
-            if isinstance(task, dict) and task.get("status") == "failed":
-                failed += 1
-                when = render.clock_time(task.get("nextAttemptAt"))
-                if when:
-                    next_tries[(url, str(task.get("model", "")))] = when
+    for url, task in tasks:
+        if task.get("status") == "failed":
+            failed += 1
+            when = render.clock_time(task.get("nextAttemptAt"))
+            if when:
+                next_tries[(url, str(task.get("model", "")))] = when
     return queued, failed, next_tries
 
 

@@ -154,6 +154,12 @@ function indexOf(entry) {
   return found;
 }
 
+// A queue item's status: newer services list every pull task with its own status (queued,
+// running, failed, cancelled); older ones list only what waits or runs, with "running".
+function queueStatus(item) {
+  return item.status || (item.running ? "running" : "queued");
+}
+
 function queueItem(url, model) {
   if (indexes.queueOf !== data.queue) {
     indexes.queue = new Map(data.queue.map((item) => [urlKey(item.url) + "|" + item.model, item]));
@@ -174,6 +180,7 @@ function cellStatus(entry, model) {
   const url = entry.backend && entry.backend.baseUrl;
   if (present) return { word: declared ? "present" : "undeclared" };
   if (!declared) return { word: "none" };
+  if (entry.error) return { word: "unreachable", reason: entry.error };
   const tasks = downloadsOf(entry);
   const task = tasks.length ? tasks.find((d) => normalized(d.model || "") === normalized(model)) : null;
   const live = liveProgress(url, model);
@@ -192,7 +199,17 @@ function cellStatus(entry, model) {
     if (task.status === "queued" || task.status === "cancelled") return { word: task.status };
   }
   const queued = queueItem(url, model);
-  if (queued) return queued.running ? { word: "pulling", percent: null } : { word: "queued" };
+  if (queued) {
+    const word = queueStatus(queued);
+    if (word === "running") {
+      const pct = queued.total ? Math.floor((100 * (queued.completed || 0)) / queued.total) : null;
+      return { word: "pulling", percent: pct };
+    }
+    if (word === "failed") {
+      return { word, attempts: queued.attempts, reason: queued.lastError, next: queued.nextAttemptAt };
+    }
+    return { word };
+  }
   if (live && live.state === "failed") return { word: "failed", reason: live.status };
   return { word: "missing" };
 }
@@ -448,18 +465,17 @@ function counts() {
   let running = 0;
   let queued = 0;
   let failed = 0;
-  const haveTasks = entries().some((e) => Array.isArray(e.downloads));
-  if (haveTasks) {
-    for (const entry of entries()) {
-      for (const task of downloadsOf(entry)) {
-        if (task.status === "running") running += 1;
-        else if (task.status === "queued") queued += 1;
-        else if (task.status === "failed") failed += 1;
-      }
-    }
+  const tally = (word) => {
+    if (word === "running") running += 1;
+    else if (word === "queued") queued += 1;
+    else if (word === "failed") failed += 1;
+  };
+  if (data.queue.some((item) => item.status)) {
+    for (const item of data.queue) tally(item.status);
+  } else if (entries().some((e) => Array.isArray(e.downloads))) {
+    for (const entry of entries()) for (const task of downloadsOf(entry)) tally(task.status);
   } else {
-    running = data.queue.filter((i) => i.running).length;
-    queued = data.queue.length - running;
+    for (const item of data.queue) tally(queueStatus(item));
     for (const p of data.progress.values()) if (p.state === "failed") failed += 1;
   }
   return { running, queued, failed };
@@ -620,6 +636,7 @@ function cellText(cell) {
     case "failed": return "failed" + (cell.attempts ? " after " + cell.attempts + " attempts" : "") +
       (cell.reason ? ": " + cell.reason : "") + (cell.next ? "; next try " + new Date(cell.next).toLocaleTimeString() : "");
     case "none": return "not declared here";
+    case "unreachable": return "backend unreachable: " + cell.reason;
     default: return cell.word;
   }
 }
@@ -664,7 +681,12 @@ function downloadRows() {
     Object.assign(row, fill);
     rows.set(key, row);
   };
-  for (const item of data.queue) add(item.url, item.model, { status: item.running ? "running" : "queued" });
+  for (const item of data.queue) {
+    add(item.url, item.model, {
+      status: queueStatus(item), attempts: item.attempts, reason: item.lastError || undefined,
+      next: item.nextAttemptAt, total: item.total, completed: item.completed,
+    });
+  }
   for (const entry of entries()) {
     for (const task of downloadsOf(entry)) {
       add(entry.backend.baseUrl, task.model, {
