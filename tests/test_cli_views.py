@@ -53,19 +53,19 @@ def test_one_line_per_pull_with_the_whole_models_bytes_speed_and_eta() -> None:
     ticks = Ticks()
     board = WatchBoard(backend_names={URL_A: "node-a"}, clock=ticks)
     board.update({"status": "pulling manifest", "model": "llama3.2:1b", "baseUrl": URL_A})
-    # A small layer finishes first; the big one then moves. A per-layer bar would show
-    # "1.7/1.7 kB"; the line must show the model's bytes.
-    board.update(layer("llama3.2:1b", URL_A, "aaaa", 1_700, 1_700))
-    board.update(layer("llama3.2:1b", URL_A, "bbbb", 600_000_000, 0))
+    # One layer finishes first; the next one then moves. A per-layer bar would restart at 0
+    # and show only the current layer; the line must show the whole model's bytes.
+    board.update(layer("llama3.2:1b", URL_A, "aaaa", 100_000_000, 100_000_000))
+    board.update(layer("llama3.2:1b", URL_A, "bbbb", 500_000_000, 0))
     ticks.now += 10
-    board.update(layer("llama3.2:1b", URL_A, "bbbb", 600_000_000, 300_000_000))
+    board.update(layer("llama3.2:1b", URL_A, "bbbb", 500_000_000, 200_000_000))
     lines = render(board)
     assert len(lines) == 1, lines
     line = lines[0]
     assert line.startswith("llama3.2:1b on node-a")
     assert "300 MB/600 MB" in line
-    assert "30 MB/s" in line
-    assert "ETA 10 s" in line
+    assert "20 MB/s" in line
+    assert "ETA 15 s" in line
     assert len(line) <= 80
 
 
