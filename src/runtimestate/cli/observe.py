@@ -75,7 +75,8 @@ def _leader(client: ApiClient) -> str | None:
     try:
         cluster = client.get("/cluster")
     except ApiError as exc:
-        if exc.code == ExitCode.NOT_FOUND:
+        # No such route (an older service), or one that runs without cluster membership.
+        if exc.code in (ExitCode.NOT_FOUND, ExitCode.UNAVAILABLE):
             return None
         raise
     leader = render.mapping(cluster).get("leader")

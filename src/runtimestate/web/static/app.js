@@ -117,7 +117,8 @@ async function optionalGet(name, path) {
   try {
     return await api("GET", path);
   } catch (error) {
-    if (error instanceof ApiFailure && (error.status === 404 || error.status === 405)) {
+    // 404: the service has no such route; 503: it has, but runs without that part.
+    if (error instanceof ApiFailure && [404, 405, 503].includes(error.status)) {
       optional[name] = false;
       return null;
     }
@@ -493,7 +494,10 @@ pages.overview = {
     const c = counts();
     const s = data.summary || {};
     const cycle = s.lastCycle || s.cycle || null;
-    const cycleText = cycle
+    const snapshotAge = data.cluster && data.cluster.snapshot ? data.cluster.snapshot.age : null;
+    const cycleText = !cycle && typeof snapshotAge === "number"
+      ? "confirmed by the leader " + esc(duration(snapshotAge)) + " ago"
+      : cycle
       ? esc(age(cycle.endedAt || cycle.finishedAt || cycle.at)) + ", took " +
         esc(duration(cycle.durationSeconds ?? (cycle.durationMs ?? NaN) / 1000))
       : "snapshot read " + esc(duration((Date.now() - data.fetchedAt) / 1000)) + " ago";
@@ -523,7 +527,8 @@ pages.overview = {
         const id = r.id || r.instance || r.name;
         return "<tr><td>" + esc(id) + "</td><td>" + (id === leader ? "leader" : "replica") +
           "</td><td>" + (r.alive === false ? "no" : "yes") + "</td><td>" +
-          esc(age(r.lastSeen || r.heartbeatAt)) + "</td></tr>";
+          esc(typeof r.heartbeatAge === "number" ? duration(r.heartbeatAge) + " ago"
+            : age(r.lastSeen || r.heartbeatAt)) + "</td></tr>";
       }).join("") + "</tbody></table>");
   },
 };
