@@ -79,7 +79,12 @@ def _login_page(error: str | None = None) -> str:
 
 # Routes other parts of the service may add; the page reads them only when the app has them, so
 # it never asks for what would be a 404 (a console error in the browser).
-OPTIONAL_ROUTES = {"summary": "/state/summary", "cluster": "/cluster", "retry": "/queue/retry"}
+OPTIONAL_ROUTES = {
+    "summary": "/state/summary",
+    "events": "/state/events",
+    "cluster": "/cluster",
+    "retry": "/queue/retry",
+}
 
 
 def _features(app: FastAPI) -> str:

@@ -324,6 +324,54 @@ function reconnectLater() {
   }, delay);
 }
 
+// ---- the snapshot as a stream (when the service has /state/events) ---------------------------
+// The service sends the whole snapshot on connect, then one event per changed backend and a
+// summary with each heartbeat; while this stream is open the page does not poll /state.
+const stateStream = { source: null, attempt: 0, connected: false };
+
+function replaceEntry(state) {
+  if (!state || !state.id || !Array.isArray(data.state)) return;
+  const next = data.state.filter((entry) => entry.id !== state.id);
+  next.push(state);
+  next.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  data.state = next;
+}
+
+function onStateEvent(kind, handle) {
+  stateStream.source.addEventListener(kind, (message) => {
+    let value;
+    try { value = JSON.parse(message.data); } catch (_) { return; }
+    handle(value);
+    data.fetchedAt = Date.now();
+    noteErrors();
+    redraw();
+  });
+}
+
+function openStateStream() {
+  if (!FEATURES.has("events") || stateStream.source) return;
+  stateStream.source = new EventSource("/state/events");
+  onStateEvent("snapshot", (value) => {
+    data.state = Array.isArray(value) ? value : value.backends || [];
+  });
+  onStateEvent("backend", (value) => replaceEntry(value.state || value));
+  onStateEvent("removed", (value) => {
+    if (Array.isArray(data.state)) data.state = data.state.filter((e) => e.id !== value.id);
+  });
+  onStateEvent("summary", (value) => { data.summary = value; });
+  stateStream.source.onopen = () => {
+    stateStream.connected = true;
+    stateStream.attempt = 0;
+  };
+  stateStream.source.onerror = () => {
+    stateStream.source.close();
+    stateStream.source = null;
+    stateStream.connected = false;
+    stateStream.attempt += 1;
+    setTimeout(openStateStream, Math.min(MAX_BACKOFF_MS, 500 * 2 ** Math.min(stateStream.attempt, 5)));
+  };
+}
+
 // ---- reading the snapshot ------------------------------------------------------------------
 let refreshTimer = null;
 let refreshing = false;
@@ -337,9 +385,11 @@ async function refresh() {
   if (refreshing) return scheduleRefresh(500);
   refreshing = true;
   try {
+    const streamed = stateStream.connected && data.state !== null;
     const [state, queue, summary, cluster] = await Promise.all([
-      api("GET", "/state"), api("GET", "/queue"),
-      optionalGet("summary", "/state/summary"), optionalGet("cluster", "/cluster"),
+      streamed ? data.state : api("GET", "/state"), api("GET", "/queue"),
+      streamed ? data.summary : optionalGet("summary", "/state/summary"),
+      optionalGet("cluster", "/cluster"),
     ]);
     data.state = state;
     data.queue = Array.isArray(queue) ? queue : [];
@@ -352,6 +402,7 @@ async function refresh() {
     if (page === "providers") data.providers = await readProviders();
     forgetFinished();
     if (!live.source && !live.timer) openStream();
+    openStateStream();
     redraw();
   } catch (error) {
     if (error instanceof TypeError) {
