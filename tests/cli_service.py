@@ -29,7 +29,7 @@ __all__ = [
     "start_service",
 ]
 
-STARTUP_TIMEOUT = 30.0
+STARTUP_TIMEOUT = 60.0  # a loaded machine (2 cores, many test runs) starts slowly
 
 
 def free_port() -> int:

@@ -43,7 +43,7 @@ WebDriver = webdriver.Chrome
 
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
 WAIT = 30.0
-PULL_SECONDS = "8"
+PULL_SECONDS = "12"
 
 
 def _browser_binaries() -> tuple[str, str]:
@@ -247,29 +247,32 @@ def test_the_cancel_button_stops_a_running_pull(demo: Demo, browser: WebDriver) 
     visit(browser, "downloads")
     running = "li.download.running"
 
-    def a_running_pull() -> str | None:
+    def an_early_pull() -> str | None:
+        # A pull in its first half, so that the cancel reaches it before it ends by itself.
         for row in browser.find_elements(By.CSS_SELECTOR, running):
-            if row.find_elements(By.CSS_SELECTOR, "progress[value]"):
-                return str(row.get_attribute("data-backend"))
+            for bar in row.find_elements(By.CSS_SELECTOR, "progress[value]"):
+                value, top = bar.get_attribute("value"), bar.get_attribute("max")
+                if value is not None and top and float(value) < float(top) / 2:
+                    return str(row.get_attribute("data-backend"))
         return None
 
-    node = eventually(a_running_pull, "a running pull with progress")
-    before = demo.emulator()[node]["streams_abandoned"]
-    button = f'{running}[data-backend="{node}"] button[data-act="cancel"]'
-
-    def click() -> bool:
-        # The list is redrawn as progress arrives; a button replaced mid-click is clicked again.
+    def cancel_one() -> bool:
+        node = eventually(an_early_pull, "a running pull in its first half", timeout=60)
+        before = demo.emulator()[node]["streams_abandoned"]
+        button = f'{running}[data-backend="{node}"] button[data-act="cancel"]'
         try:
             browser.find_element(By.CSS_SELECTOR, button).click()
-        except NoSuchElementException:
-            return False
-        return True
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False  # redrawn under the pointer, or ended: take the next one
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if demo.emulator()[node]["streams_abandoned"] > before:
+                return True
+            time.sleep(0.2)
+        return False
 
-    eventually(click, f"the cancel button of the pull on {node}")
-    eventually(
-        lambda: demo.emulator()[node]["streams_abandoned"] > before,
-        f"the emulator to see the pull's stream on {node} closed",
-    )
+    # Ground truth at the emulator: the pull's stream was closed by its client.
+    assert any(cancel_one() for _ in range(3)), "no cancel closed a pull's stream"
 
 
 def test_a_pull_moves_from_queued_to_a_percent_to_present_in_the_matrix(
@@ -279,7 +282,9 @@ def test_a_pull_moves_from_queued_to_a_percent_to_present_in_the_matrix(
 
     def queued_cell() -> tuple[str, str] | None:
         for cell in browser.find_elements(By.CSS_SELECTOR, 'td.cell[data-status="queued"]'):
-            return str(cell.get_attribute("data-backend")), str(cell.get_attribute("data-model"))
+            pair = str(cell.get_attribute("data-backend")), str(cell.get_attribute("data-model"))
+            if pair != (REFUSING_NODE, REFUSED_MODEL):  # that one goes from queued to failed
+                return pair
         return None
 
     node, model = eventually(queued_cell, "a queued pull")
