@@ -18,6 +18,8 @@ from runtimestate.store.records import (
     Page,
     Pool,
     PoolSpec,
+    PullStatus,
+    PullTask,
 )
 from runtimestate.store.sql import SqlStore, open_store
 
@@ -34,6 +36,8 @@ __all__ = [
     "Page",
     "Pool",
     "PoolSpec",
+    "PullStatus",
+    "PullTask",
     "SqlStore",
     "Store",
     "open_store",

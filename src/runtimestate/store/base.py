@@ -12,6 +12,12 @@ are neither skipped nor repeated.
 Jobs: ``pop_*`` are atomic - a job is returned to exactly one caller even with many workers and
 several processes on one PostgreSQL.
 
+Pull tasks: one row per (backend, model) with at most one ``running`` per backend, both kept
+by the database. ``claim_pull_task`` takes a due task and makes the caller its owner in one
+statement; every later write of the owner is fenced by ``(owner, attempt)`` and answers False
+once the task is no longer the caller's (reclaimed after a stale heartbeat, cancelled, deleted).
+Times on tasks are the database's where it has a shared clock.
+
 Leases: ``acquire_lease`` grants a named claim to one holder until it expires; the same holder
 may renew it. They serialize downloads per backend across workers and processes, and will elect
 the leader of several replicas.
@@ -46,6 +52,7 @@ from runtimestate.store.records import (
     Page,
     Pool,
     PoolSpec,
+    PullTask,
 )
 
 __all__ = ["Store"]
@@ -394,3 +401,83 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_leases(self, prefix: str = "") -> list[Lease]:
         """Unexpired leases whose name starts with ``prefix`` (literally)."""
+
+    # ---- pull tasks ------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def add_pull_tasks(self, pairs: Sequence[tuple[str, str]]) -> list[PullTask]:
+        """Queue a task for each ``(backend_id, model)`` that has none (any status); return
+        the tasks added. Existing tasks are left exactly as they are. A pair whose backend no
+        longer exists is skipped."""
+
+    @abc.abstractmethod
+    async def list_pull_tasks(
+        self, *, backend_id: str | None = None, model: str | None = None
+    ) -> list[PullTask]:
+        """Every task (or those of ``backend_id`` and/or ``model``), by backend."""
+
+    @abc.abstractmethod
+    async def claim_pull_task(self, *, owner: str, stale_after: timedelta) -> PullTask | None:
+        """Make ``owner`` the owner of one due task and return it running (``attempt`` one
+        higher); ``None`` when nothing is due. Due: queued, or failed and past its
+        ``next_attempt_at``, on a backend with nothing running; or running with a heartbeat
+        older than ``stale_after``. One statement, atomic across processes."""
+
+    @abc.abstractmethod
+    async def heartbeat_pull_task(
+        self,
+        *,
+        backend_id: str,
+        model: str,
+        owner: str,
+        attempt: int,
+        completed: int = 0,
+        total: int = 0,
+    ) -> bool:
+        """Record that the pull is alive (and its progress); False if the task is no longer
+        this owner's."""
+
+    @abc.abstractmethod
+    async def finish_pull_task(
+        self, *, backend_id: str, model: str, owner: str, attempt: int
+    ) -> bool:
+        """The pull landed: delete the task. False if it was no longer this owner's."""
+
+    @abc.abstractmethod
+    async def fail_pull_task(
+        self,
+        *,
+        backend_id: str,
+        model: str,
+        owner: str,
+        attempt: int,
+        error: str,
+        retry_in: timedelta,
+    ) -> bool:
+        """The pull failed: ``failed`` with ``error``, due again ``retry_in`` from now, one
+        more failure counted. False if it was no longer this owner's."""
+
+    @abc.abstractmethod
+    async def release_pull_task(
+        self, *, backend_id: str, model: str, owner: str, attempt: int, cancelled: bool = False
+    ) -> bool:
+        """Give the task up unfailed: ``queued`` and due now (a worker shutting down), or
+        ``cancelled``. False if it was no longer this owner's."""
+
+    @abc.abstractmethod
+    async def cancel_pull_tasks(
+        self, *, backend_id: str | None = None, model: str | None = None
+    ) -> list[PullTask]:
+        """Mark the queued, running and failed tasks (of ``backend_id`` and/or ``model``)
+        ``cancelled``; return them as they are now."""
+
+    @abc.abstractmethod
+    async def retry_pull_tasks(
+        self, *, backend_id: str | None = None, model: str | None = None
+    ) -> list[PullTask]:
+        """Queue the cancelled and failed tasks (of ``backend_id`` and/or ``model``) again,
+        due now and with their failure count reset; return them."""
+
+    @abc.abstractmethod
+    async def delete_pull_tasks(self, pairs: Sequence[tuple[str, str]]) -> list[PullTask]:
+        """Delete the tasks of these ``(backend_id, model)`` pairs, whatever their status;
+        return them as they were."""

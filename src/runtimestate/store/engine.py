@@ -54,6 +54,7 @@ _PRIMARY_KEY_FIELD = {
     "jobs": "seq",
     "kv": "key",
     "leases": "name",
+    "pull_tasks": "seq",
     "pool_backends": None,
     "pool_models": None,
     "schema_migrations": "version",
@@ -64,6 +65,7 @@ _ENTITY = {
     "pools": "a pool",
     "jobs": "a job",
     "kv": "a key-value entry",
+    "pull_tasks": "a pull task",
     "pool_backends": "this pool assignment",
     "pool_models": "this pool assignment",
 }

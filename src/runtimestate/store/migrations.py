@@ -138,6 +138,35 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(
+        version=10,
+        name="pull tasks: one row per (backend, model), at most one running per backend",
+        statements=(
+            """CREATE TABLE pull_tasks (
+                seq {seq_pk},
+                backend_id TEXT NOT NULL REFERENCES backends (id) ON DELETE CASCADE,
+                model TEXT NOT NULL,
+                status TEXT NOT NULL CONSTRAINT pull_tasks_status_check
+                    CHECK (status IN ('queued', 'running', 'failed', 'cancelled')),
+                attempt INTEGER NOT NULL DEFAULT 0,
+                failures INTEGER NOT NULL DEFAULT 0,
+                owner TEXT,
+                last_error TEXT NOT NULL DEFAULT '',
+                next_attempt_at {ts} NOT NULL,
+                heartbeat_at {ts},
+                started_at {ts},
+                completed BIGINT NOT NULL DEFAULT 0,
+                total BIGINT NOT NULL DEFAULT 0,
+                created_at {ts} NOT NULL,
+                updated_at {ts} NOT NULL,
+                CONSTRAINT pull_tasks_backend_model_key UNIQUE (backend_id, model)
+            )""",
+            # The rule "one pull at a time per backend", kept by the database itself.
+            """CREATE UNIQUE INDEX pull_tasks_one_running_idx ON pull_tasks (backend_id)
+                WHERE status = 'running'""",
+            "CREATE INDEX pull_tasks_due_idx ON pull_tasks (status, next_attempt_at)",
+        ),
+    ),
+    Migration(
         version=30,
         name="models: normalized name, unique",
         statements=(

@@ -2,8 +2,13 @@
 
 A mixin of :class:`~runtimestate.store.sql.SqlStore`, like :mod:`.entities`.
 
-Popping is one statement on both engines: ``DELETE ... WHERE id IN (SELECT ... ORDER BY
-created_at, seq LIMIT n FOR UPDATE SKIP LOCKED) RETURNING ...``. On PostgreSQL, ``SKIP LOCKED``
+Popping is one statement on both engines: ``DELETE ... WHERE seq = (SELECT ... ORDER BY
+created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING ...`` for one job. The subquery must
+run exactly once: written ``seq IN (SELECT ... LIMIT n ...)``, PostgreSQL plans it, once it has
+statistics of a small table, as a join that evaluates the subquery again per row, and a pop of
+one job deleted every job. A scalar subquery (``=``) is an InitPlan, run once; ``n`` jobs on
+PostgreSQL go through a ``MATERIALIZED`` CTE, which is also evaluated once. On PostgreSQL,
+``SKIP LOCKED``
 lets concurrent workers take disjoint jobs without waiting on each other; SQLite ignores the
 locking clause, and the ``BEGIN IMMEDIATE`` of the write transaction serializes poppers instead.
 ``RETURNING`` gives no order guarantee, so the popped jobs are sorted afterwards.
@@ -93,14 +98,22 @@ class QueueOps:
         return [replace(job, created_at=now) for job in jobs_]
 
     async def _pop(self, task_type: str | None, n: int | None) -> list[Job]:
-        candidates = select(jobs.c.id).order_by(*_JOB_ORDER)
+        candidates = select(jobs.c.seq).order_by(*_JOB_ORDER)
         if task_type is not None:
             candidates = candidates.where(jobs.c.task_type == require_text(task_type, "task_type"))
         if n is not None:
             candidates = candidates.limit(require_int(n, "n", minimum=1))
         candidates = candidates.with_for_update(skip_locked=True)
-        stmt = delete(jobs).where(jobs.c.id.in_(candidates.scalar_subquery())).returning(jobs)
+        if n == 1:
+            # ``=`` a scalar subquery: PostgreSQL runs it once. ``IN (subquery)`` may become a
+            # join that runs the LIMIT again for each row and deletes every job.
+            where = jobs.c.seq == candidates.scalar_subquery()
+        else:
+            where = jobs.c.seq.in_(candidates.scalar_subquery())
+        stmt = delete(jobs).where(where).returning(jobs)
         async with self._db.connect(write=True) as conn:
+            if n is not None and n > 1 and conn.dialect.name == "postgresql":
+                stmt = _pop_n_postgres(candidates)
             rows = (await conn.execute(stmt)).all()
         ordered = sorted(rows, key=lambda row: (row.created_at, row.seq))
         return [job_from_row(row) for row in ordered]
@@ -346,3 +359,10 @@ def _upsert(
         set_={name: lite_stmt.excluded[name] for name in update},
         where=None if where is None else where(lite_stmt.excluded),
     )
+
+
+def _pop_n_postgres(candidates: Any) -> Any:
+    """``WITH picked AS MATERIALIZED (<candidates>) DELETE ... USING picked``: the CTE runs once
+    whatever the plan, so at most ``n`` jobs go."""
+    picked = candidates.cte("picked").prefix_with("MATERIALIZED")
+    return delete(jobs).where(jobs.c.seq == picked.c.seq).returning(jobs)

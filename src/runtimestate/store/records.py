@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Generic, TypeVar
 
 from runtimestate.records import BackendInfo
@@ -25,6 +26,8 @@ __all__ = [
     "Page",
     "Pool",
     "PoolSpec",
+    "PullStatus",
+    "PullTask",
 ]
 
 MAX_PAGE_SIZE = 1000
@@ -140,6 +143,41 @@ class Lease:
     name: str
     holder: str
     expires_at: datetime
+
+
+class PullStatus(StrEnum):
+    """Where a pull task stands. A task that lands is deleted, so there is no "done"."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    FAILED = "failed"  # waiting for ``next_attempt_at``
+    CANCELLED = "cancelled"  # by an operator; not queued again until retried
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PullTask:
+    """The pull of one model onto one backend, as the whole fleet sees it.
+
+    ``attempt`` counts claims and never goes down: with ``owner`` it fences every write of the
+    worker that claimed it (a worker that lost the task cannot change it any more).
+    ``failures`` counts failed attempts since the task was queued or retried, and sets the
+    back-off. Times are the database's (see :meth:`Store.claim_pull_task`).
+    """
+
+    backend_id: str
+    model: str
+    status: PullStatus
+    attempt: int
+    failures: int
+    owner: str | None
+    last_error: str
+    next_attempt_at: datetime
+    heartbeat_at: datetime | None
+    started_at: datetime | None
+    completed: int
+    total: int
+    created_at: datetime
+    updated_at: datetime
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

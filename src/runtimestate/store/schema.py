@@ -33,7 +33,16 @@ from sqlalchemy import (
 from sqlalchemy.engine import Row
 from sqlalchemy.types import TypeEngine
 
-from runtimestate.store.records import Backend, Job, KVEntry, Lease, Model, Pool
+from runtimestate.store.records import (
+    Backend,
+    Job,
+    KVEntry,
+    Lease,
+    Model,
+    Pool,
+    PullStatus,
+    PullTask,
+)
 
 __all__ = [
     "backends",
@@ -45,6 +54,7 @@ __all__ = [
     "pool_backends",
     "pool_models",
     "pools",
+    "pull_tasks",
     "schema_migrations",
 ]
 
@@ -177,6 +187,26 @@ leases = Table(
     Column("expires_at", UTCTimestamp, nullable=False),
 )
 
+pull_tasks = Table(
+    "pull_tasks",
+    metadata,
+    Column("seq", BigInteger, Identity(always=True), primary_key=True),
+    Column("backend_id", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("failures", Integer, nullable=False),
+    Column("owner", Text, nullable=True),
+    Column("last_error", Text, nullable=False),
+    Column("next_attempt_at", UTCTimestamp, nullable=False),
+    Column("heartbeat_at", UTCTimestamp, nullable=True),
+    Column("started_at", UTCTimestamp, nullable=True),
+    Column("completed", BigInteger, nullable=False),
+    Column("total", BigInteger, nullable=False),
+    Column("created_at", UTCTimestamp, nullable=False),
+    Column("updated_at", UTCTimestamp, nullable=False),
+)
+
 schema_migrations = Table(
     "schema_migrations",
     metadata,
@@ -244,3 +274,22 @@ def kv_from_row(row: Row[Any]) -> KVEntry:
 
 def lease_from_row(row: Row[Any]) -> Lease:
     return Lease(name=row.name, holder=row.holder, expires_at=row.expires_at)
+
+
+def pull_task_from_row(row: Row[Any]) -> PullTask:
+    return PullTask(
+        backend_id=row.backend_id,
+        model=row.model,
+        status=PullStatus(row.status),
+        attempt=row.attempt,
+        failures=row.failures,
+        owner=row.owner,
+        last_error=row.last_error,
+        next_attempt_at=row.next_attempt_at,
+        heartbeat_at=row.heartbeat_at,
+        started_at=row.started_at,
+        completed=row.completed,
+        total=row.total,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )

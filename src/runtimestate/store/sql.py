@@ -1,8 +1,9 @@
 """The SQL store: one SQLAlchemy Core implementation of :class:`Store` for SQLite and PostgreSQL.
 
-The queries live in two mixins (:mod:`.entities` for the declared fleet, :mod:`.queue` for
-jobs, key-value and leases); this module adds the lifecycle - opening (engine, migrations),
-transactions, ping and close - and :func:`open_store`, the one entry point.
+The queries live in three mixins (:mod:`.entities` for the declared fleet, :mod:`.queue` for
+jobs, key-value and leases, :mod:`.tasks` for pull tasks); this module adds the lifecycle -
+opening (engine, migrations), transactions, ping and close - and :func:`open_store`, the one
+entry point.
 
 A store from :meth:`SqlStore.transaction` is the same class bound to one connection: every
 operation through it joins that transaction. Nesting ``transaction()`` on it opens a savepoint,
@@ -33,13 +34,14 @@ from runtimestate.store.entities import EntityOps
 from runtimestate.store.migrations import current_version, migrate
 from runtimestate.store.queue import QueueOps
 from runtimestate.store.secrets import SecretBox
+from runtimestate.store.tasks import PullTaskOps
 
 __all__ = ["SqlStore", "open_store"]
 
 logger = logging.getLogger(__name__)
 
 
-class SqlStore(EntityOps, QueueOps, Store):
+class SqlStore(EntityOps, QueueOps, PullTaskOps, Store):
     """The declared state in SQLite or PostgreSQL. Build it with :func:`open_store`."""
 
     def __init__(
