@@ -59,9 +59,9 @@ async def test_every_route_but_health_requires_the_token(client: httpx.AsyncClie
                 assert TOKEN not in response.text
                 assert "token" in error["message"]
                 checked += 1
-    # Every operation but /health: the 38 of issue 6 §3, the fleet file's five and the gateway
-    # keys' three, each tried without and with a wrong token.
-    assert checked == 2 * 46
+    # Every operation but /health: the 38 of issue 6 §3, the fleet file's five, the gateway
+    # keys' three and the queue's retry, each tried without and with a wrong token.
+    assert checked == 2 * 47
     # The schema itself too; the browser UIs, which could not send the token, are not served.
     error_of(await client.get("/openapi.json", headers={"Authorization": ""}), 401, "unauthorized")
     for ui in ("/docs", "/redoc"):

@@ -18,7 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from runtimestate import downloads
 from runtimestate.api import ApiContext, create_app
 from runtimestate.bus import Messenger
-from runtimestate.errors import BackendError
 from runtimestate.metrics import QUEUE_DEPTH, REGISTRY
 from runtimestate.state import State
 from runtimestate.store import Store
@@ -79,23 +78,38 @@ async def test_sync_returns_the_new_state_and_plan_lists_actions(fleet: Fleet) -
     assert "tinyllama:latest" not in fleet.node.models
     assert (await fleet.client.get("/state")).json() == response.json()
     queue = (await fleet.client.get("/queue")).json()
-    assert [(q["url"], q["model"], q["running"]) for q in queue] == [
-        (fleet.node.base_url, MODEL, False)
+    assert [(q["url"], q["model"], q["status"], q["running"]) for q in queue] == [
+        (fleet.node.base_url, MODEL, "queued", False)
     ]
+    assert [(d["model"], d["status"]) for d in entry["downloads"]] == [(MODEL, "queued")]
 
 
-async def test_removing_a_queued_model(fleet: Fleet) -> None:
+async def statuses(fleet: Fleet) -> list[tuple[str, str]]:
+    return [(q["model"], q["status"]) for q in (await fleet.client.get("/queue")).json()]
+
+
+async def test_cancelling_and_retrying_a_queued_model(fleet: Fleet) -> None:
     await fleet.client.post("/state/sync")
     cancels = await fleet.bus.stream(downloads.QUEUE_CANCEL)
     assert (await fleet.client.delete(f"/queue/{MODEL}")).status_code == 204
-    assert (await fleet.client.get("/queue")).json() == []
+    assert await statuses(fleet) == [(MODEL, "cancelled")]
     async with asyncio.timeout(5):
         message = await anext(aiter(cancels))
     assert json.loads(message.data) == {"id": MODEL}
     await cancels.unsubscribe()
+    # The next cycle leaves it cancelled, and a second cancel says there is nothing to cancel.
+    await fleet.client.post("/state/sync")
+    assert await statuses(fleet) == [(MODEL, "cancelled")]
     missing = await fleet.client.delete(f"/queue/{MODEL}")
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "not_found"
+    retried = await fleet.client.post("/queue/retry", json={"model": MODEL})
+    assert retried.status_code == 200
+    assert [(q["model"], q["status"]) for q in retried.json()["retried"]] == [(MODEL, "queued")]
+    assert await statuses(fleet) == [(MODEL, "queued")]
+    nothing = await fleet.client.post("/queue/retry", json={"model": MODEL})
+    assert nothing.status_code == 404
+    assert (await fleet.client.post("/queue/retry", json={"modle": MODEL})).status_code == 422
 
 
 async def test_cancel_on_a_backend(fleet: Fleet) -> None:
@@ -107,7 +121,12 @@ async def test_cancel_on_a_backend(fleet: Fleet) -> None:
         message = await anext(aiter(cancels))
     assert json.loads(message.data) == {"id": fleet.node.base_url}
     await cancels.unsubscribe()
-    assert (await fleet.client.get("/queue")).json() == []
+    assert await statuses(fleet) == [(MODEL, "cancelled")]
+    # Nothing queued or running there any more: a cancel says so instead of "done".
+    again = await fleet.client.delete("/queue/cancel", params={"url": fleet.node.base_url})
+    assert again.status_code == 404
+    elsewhere = await fleet.client.delete("/queue/cancel", params={"url": "http://nowhere:1"})
+    assert elsewhere.status_code == 404
     for params in ({}, {"url": "not a url"}, {"url": "file:///etc"}):
         bad = await fleet.client.delete("/queue/cancel", params=params)
         assert bad.status_code == 422
@@ -166,17 +185,25 @@ async def test_metrics_report_every_figure_an_operator_watches(fleet: Fleet) -> 
     count = "runtimestate_cycle_duration_seconds_count"
     assert _sample(synced, count, cycle="backend") == _sample(before, count, cycle="backend") + 1
 
-    # A pull the node refuses is a download failure; the next cycle queues it again, and the
-    # second pull lands, with its bytes counted.
+    # A pull the node refuses is a download failure recorded on its task; retried, the second
+    # pull lands, with its bytes counted.
     fleet.node.pullable = set()
-    with pytest.raises(BackendError):
-        await fleet.state.run_download_cycle()
+    assert await fleet.state.run_download_cycle() is True
+    failed = await _scrape(fleet.client)
+    assert _sample(failed, "runtimestate_pull_tasks", status="failed") == 1
     fleet.node.pullable = None
-    await fleet.client.post("/state/sync")
+    assert (await fleet.client.post("/queue/retry", json={})).status_code == 200
     assert await fleet.state.run_download_cycle() is True
     after = await _scrape(fleet.client)
     failures = "runtimestate_download_failures_total"
-    assert _sample(after, failures) == _sample(before, failures) + 1
+    assert _sample(after, failures, reason="refused") == (
+        _sample(before, failures, reason="refused") + 1
+    )
+    durations = "runtimestate_pull_duration_seconds_count"
+    for outcome in ("failed", "succeeded"):
+        assert _sample(after, durations, outcome=outcome) == (
+            _sample(before, durations, outcome=outcome) + 1
+        )
     pulled = "runtimestate_models_pulled_total"
     assert _sample(after, pulled) == _sample(before, pulled) + 1
     size = sum(layer.size for layer in fleet.node.models[MODEL].layers)
@@ -184,6 +211,7 @@ async def test_metrics_report_every_figure_an_operator_watches(fleet: Fleet) -> 
     assert _sample(after, downloaded) == _sample(before, downloaded) + size
     assert _sample(after, count, cycle="download") == _sample(before, count, cycle="download") + 2
     assert _sample(after, "runtimestate_queue_depth") == 0
+    assert _sample(after, "runtimestate_pull_tasks", status="queued") == 0
 
 
 async def _serve(ctx: ApiContext) -> tuple[uvicorn.Server, asyncio.Task[None], str]:

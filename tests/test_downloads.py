@@ -1,16 +1,18 @@
-"""The download queue and cycle: real pulls from the Ollama emulator, on both stores and buses.
+"""Pull tasks and the download worker: real pulls from the Ollama emulator, on both stores.
 
-Covers issue 4 §3: progress on ``model_download`` in the seed's JSON, throttled byte progress
-(fake clock), cancel by URL and by model, errors inside the stream, broken and stalled streams,
-the per-backend lease across workers, a crash mid-download, and the queue helpers.
+Each numbered failure the download engine had gets a test named after it (``test_fN_...``);
+the fault matrix over every kind of failing node is in ``test_download_faults.py``. Timeouts,
+heartbeats and back-off run on a :class:`FakeClock` shared by the store and the worker, so a
+test moves time instead of sleeping; pulls are counted at the emulator.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -18,28 +20,49 @@ from typing import Any
 import pytest
 
 from runtimestate import downloads
-from runtimestate.bus import Messenger, Subscription
+from runtimestate.backends.http import HttpClient
+from runtimestate.bus import Messenger, Subscription, open_bus
 from runtimestate.clock import FakeClock
 from runtimestate.downloads import (
     MODEL_DOWNLOAD,
     QUEUE_CANCEL,
-    Downloader,
+    Backoff,
     DownloadOutcome,
     DownloadStatus,
+    PullWorker,
 )
-from runtimestate.errors import BackendError, BackendUnreachable
-from runtimestate.metrics import DOWNLOAD_FAILURES, MODELS_PULLED
+from runtimestate.errors import NotFound
+from runtimestate.kinds.ollama.driver import open_pull
+from runtimestate.metrics import REGISTRY
+from runtimestate.runner import CircuitBreaker, Runner, while_true
+from runtimestate.settings import Settings
 from runtimestate.state import State
-from runtimestate.store import Store
+from runtimestate.store import PullStatus, SqlStore, Store
 from runtimestate.testing import Emulator, OllamaNode
 from tests.fixtures.postgres import StoreFactory
 
+STALE = timedelta(seconds=15)
 
-async def setup_node(store: Store, emu: Emulator, **kwargs: Any) -> OllamaNode:
-    node = emu.add_ollama("n1", **kwargs)
-    await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
-    await store.append_model(model="phi3:mini", can_chat=True, context_length=4096)
-    return node
+
+async def until(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
+    """Wait for ``predicate`` to hold, checking between event-loop turns."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = predicate()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.005)
+
+
+def pulls(node: OllamaNode, model: str | None = None) -> int:
+    """Pull requests the node received (for ``model``): the ground truth."""
+    return sum(
+        1
+        for r in node.requests
+        if r.path == "/api/pull" and (model is None or r.json.get("model") == model)
+    )
 
 
 async def statuses_until(sub: Subscription, final: str, timeout: float = 10.0) -> list[Any]:
@@ -52,27 +75,84 @@ async def statuses_until(sub: Subscription, final: str, timeout: float = 10.0) -
     return seen
 
 
-async def test_empty_queue_returns_at_once(store: Store, bus: Messenger) -> None:
-    async with State(store, bus) as state:
-        assert await state.run_download_cycle() is False
+def failures(reason: str) -> float:
+    value = REGISTRY.get_sample_value("runtimestate_download_failures_total", {"reason": reason})
+    return value or 0.0
 
 
-async def test_pull_publishes_progress_and_lands_the_model(
+class Fleet:
+    """A store, a bus, the emulator and a State whose worker and store share one FakeClock."""
+
+    def __init__(self, store: SqlStore, bus: Messenger, emu: Emulator, clock: FakeClock) -> None:
+        self.store, self.bus, self.emu, self.clock = store, bus, emu, clock
+        self.http = HttpClient()
+
+    async def node(self, name: str, **kwargs: Any) -> OllamaNode:
+        """A node, declared after the ones before it: the declaration lists the newest backend
+        first, so its tasks are queued (and claimed) first."""
+        self.clock.advance(0.001)
+        node = self.emu.add_ollama(name, **kwargs)
+        await self.store.create_backend(name=name, base_url=node.base_url, type="ollama")
+        return node
+
+    async def model(self, name: str) -> None:
+        self.clock.advance(0.001)  # declaration order is creation order
+        await self.store.append_model(model=name, can_chat=True, context_length=4096)
+
+    def state(self, *, worker_id: str = "w1", **kwargs: Any) -> State:
+        """A State on the shared HTTP client with a worker named ``worker_id`` (``kwargs``:
+        the worker's bounds); no jitter, so back-off times are exact."""
+        worker = PullWorker(
+            self.store,
+            self.bus,
+            functools.partial(open_pull, self.http),
+            worker_id=worker_id,
+            clock=self.clock,
+            rand=lambda: 0.0,
+            **kwargs,
+        )
+        return State(self.store, self.bus, clock=self.clock, http=self.http, worker=worker)
+
+    async def tasks(self) -> dict[tuple[str, str], PullStatus]:
+        names = {b.id: b.name for b in await self.store.list_all_backends()}
+        return {
+            (names[t.backend_id], t.model): t.status for t in await self.store.list_pull_tasks()
+        }
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+@pytest.fixture
+async def fleet(store_factory: StoreFactory, bus: Messenger, emu: Emulator) -> AsyncIterator[Fleet]:
+    clock = FakeClock()
+    store = await store_factory(clock=clock)
+    fleet = Fleet(store, bus, emu, clock)
+    yield fleet
+    await fleet.aclose()
+
+
+async def test_a_pull_publishes_progress_lands_the_model_and_removes_its_task(
     store: Store, messenger: Messenger, emu: Emulator
 ) -> None:
-    node = await setup_node(store, emu, pull_seconds=0.2)
-    pulled_before = MODELS_PULLED._value.get()
+    node = emu.add_ollama("n1", pull_seconds=0.2)
+    await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await store.append_model(model="phi3:mini", can_chat=True, context_length=4096)
+    pulled_before = REGISTRY.get_sample_value("runtimestate_models_pulled_total") or 0.0
     async with State(store, messenger) as state:
         await state.run_backend_cycle()
+        (queued,) = state.get().values()
+        assert [(d.model, d.status) for d in queued.downloads] == [("phi3:mini", "queued")]
         async with await messenger.stream(MODEL_DOWNLOAD) as sub:
             assert await state.run_download_cycle() is True
             published = await statuses_until(sub, "success")
-        assert await downloads.list_running(store) == []
+        assert await store.list_pull_tasks() == []
         assert await state.run_download_cycle() is False
         await state.run_backend_cycle()
         (observed,) = state.get().values()
-    assert "phi3:mini" in node.models
     assert [m.name for m in observed.pulled_models] == ["phi3:mini"]
+    assert observed.downloads == ()
+    assert "downloads" not in observed.model_dump(mode="json")
     assert published[0] == {
         "status": "pulling manifest",
         "digest": "",
@@ -81,78 +161,111 @@ async def test_pull_publishes_progress_and_lands_the_model(
         "model": "phi3:mini",
         "baseUrl": node.base_url,
     }
-    assert published[-1]["status"] == "success"
     statuses = [p["status"] for p in published]
+    assert statuses[-1] == "success"
     assert "verifying sha256 digest" in statuses
-    assert "writing manifest" in statuses
-    assert MODELS_PULLED._value.get() == pulled_before + 1
+    assert REGISTRY.get_sample_value("runtimestate_models_pulled_total") == pulled_before + 1
+    assert pulls(node) == 1
 
 
-async def test_byte_progress_is_throttled(store: Store, bus: Messenger) -> None:
-    clock = FakeClock()
-    digest = "sha256:" + "ab" * 32
+async def test_byte_progress_is_throttled_and_heartbeats_carry_whole_model_bytes(
+    fleet: Fleet,
+) -> None:
+    clock = fleet.clock
+    backend = await fleet.store.create_backend(name="n", base_url="http://node", type="ollama")
+    digests = ["sha256:" + "ab" * 32, "sha256:" + "cd" * 32]
+    heartbeats: list[tuple[int, int]] = []
 
     @asynccontextmanager
     async def scripted(url: str, model: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         async def lines() -> AsyncIterator[dict[str, Any]]:
+            # The deadline and heartbeat watchers start their sleeps first.
+            await until(lambda: clock.sleepers >= 2)
             yield {"status": "pulling manifest"}
+            yield {"status": "pulling cdcdcdcdcdcd", "digest": digests[1], "total": 500}
             for completed in range(0, 10_001, 5):
                 clock.advance(0.005)
                 yield {
                     "status": "pulling abababababab",
-                    "digest": digest,
+                    "digest": digests[0],
                     "total": 10_000,
                     "completed": completed,
                 }
+            # The heartbeats (every 5 s of the fake clock) record what the task has.
+            clock.advance(5)
+
+            async def recorded() -> bool:
+                (task,) = await fleet.store.list_pull_tasks()
+                return task.completed == 10_000
+
+            await until(recorded)
+            (task,) = await fleet.store.list_pull_tasks()
+            heartbeats.append((task.completed, task.total))
             yield {"status": "verifying sha256 digest"}
             yield {"status": "success"}
 
         yield lines()
 
-    await downloads.queue_download(store, "http://node", "phi3:mini")
-    worker = Downloader(store, bus, scripted, worker_id="w1", clock=clock, progress_interval=0.25)
-    async with await bus.stream(MODEL_DOWNLOAD) as sub:
+    await fleet.store.add_pull_tasks([(backend.id, "phi3:mini")])
+    worker = PullWorker(
+        fleet.store, fleet.bus, scripted, worker_id="w1", clock=clock, progress_interval=0.25
+    )
+    async with await fleet.bus.stream(MODEL_DOWNLOAD) as sub:
         assert await worker.run_cycle() is True
         published = await statuses_until(sub, "success")
-    progress = [p for p in published if p["digest"]]
+    progress = [p for p in published if p["digest"] == digests[0]]
     # 2001 progress lines over 10 s: at most one per 0.25 s, each on a new whole percent.
     assert 30 <= len(progress) <= 42
     percents = [p["completed"] * 100 // p["total"] for p in progress]
     assert percents == sorted(set(percents))
-    assert [p["status"] for p in published if not p["digest"]] == [
-        "pulling manifest",
-        "verifying sha256 digest",
-        "success",
-    ]
+    # The heartbeat has the whole model: both layers' sizes, not the current layer's.
+    assert heartbeats == [(10_000, 10_500)]
 
 
 @pytest.mark.parametrize("by", ["url", "model"])
-async def test_cancel_stops_the_pull_at_once(
-    store: Store, messenger: Messenger, emu: Emulator, by: str
+async def test_f9_a_cancel_stops_the_pull_sticks_and_lasts_until_retried(
+    fleet: Fleet, by: str
 ) -> None:
-    node = await setup_node(store, emu, pull_seconds=30.0)
-    async with State(store, messenger) as state:
+    node = await fleet.node("n1", pull_seconds=30.0)
+    await fleet.model("phi3:mini")
+    state = fleet.state()
+    await state.run_backend_cycle()
+    async with await fleet.bus.stream(MODEL_DOWNLOAD) as sub:
+        cycle = asyncio.create_task(state.run_download_cycle())
+        await statuses_until(sub, "pulling ")
+        target = {"url": node.base_url} if by == "url" else {"model": "phi3:mini"}
+        (cancelled,) = await downloads.cancel(fleet.store, fleet.bus, **target)
+        assert cancelled.status is PullStatus.CANCELLED
+        async with asyncio.timeout(5):
+            assert await cycle is True
+        await statuses_until(sub, "cancelled")
+    # The operator's cancel changed the task first: the worker found it no longer its own.
+    assert state.worker.last_outcome is DownloadOutcome.LOST
+    # The next cycles leave it cancelled: not queued, not pulled, visible in the state.
+    for _ in range(2):
+        fleet.clock.advance(60)
         await state.run_backend_cycle()
-        async with await messenger.stream(MODEL_DOWNLOAD) as sub:
-            cycle = asyncio.create_task(state.run_download_cycle())
-            await statuses_until(sub, "pulling ")
-            running = await downloads.list_running(store)
-            assert [(r.url, r.model, r.worker) for r in running] == [
-                (node.base_url, "phi3:mini", state.worker_id)
-            ]
-            await downloads.request_cancel(messenger, node.base_url if by == "url" else "phi3:mini")
-            async with asyncio.timeout(5):
-                assert await cycle is True
-            published = await statuses_until(sub, "cancelled")
-    assert published[-1]["status"] == "cancelled"
-    assert "phi3:mini" not in node.models
-    assert await downloads.list_running(store) == []
+        assert await state.run_download_cycle() is False
+    assert await fleet.tasks() == {("n1", "phi3:mini"): PullStatus.CANCELLED}
+    (observed,) = state.get().values()
+    assert [(d.model, d.status) for d in observed.downloads] == [("phi3:mini", "cancelled")]
+    assert pulls(node) == 1
+    # Nothing left to cancel says so.
+    with pytest.raises(NotFound):
+        await downloads.cancel(fleet.store, fleet.bus, **target)
+    (retried,) = await downloads.retry(fleet.store, fleet.bus, model="phi3:mini")
+    assert retried.status is PullStatus.QUEUED
+    node.pull_seconds = 0.01
+    assert await state.run_download_cycle() is True
+    assert "phi3:mini" in node.models
+    with pytest.raises(NotFound):
+        await downloads.retry(fleet.store, fleet.bus, model="phi3:mini")
 
 
-async def test_a_cancel_sent_as_the_pull_opens_is_not_missed(
-    store: Store, messenger: Messenger
+async def test_a_raw_queue_cancel_message_marks_the_running_task_cancelled(
+    fleet: Fleet,
 ) -> None:
-    opened: list[str] = []
+    backend = await fleet.store.create_backend(name="n", base_url="http://node", type="ollama")
 
     @asynccontextmanager
     async def cancelled_at_once(
@@ -160,8 +273,7 @@ async def test_a_cancel_sent_as_the_pull_opens_is_not_missed(
     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         # The cancel goes out before the first line: only a subscription taken before the
         # pull started can see it.
-        opened.append(url)
-        await downloads.request_cancel(messenger, model)
+        await downloads.request_cancel(fleet.bus, model)
 
         async def lines() -> AsyncIterator[dict[str, Any]]:
             yield {"status": "pulling manifest"}
@@ -169,256 +281,375 @@ async def test_a_cancel_sent_as_the_pull_opens_is_not_missed(
 
         yield lines()
 
-    await downloads.queue_download(store, "http://node", "phi3:mini")
-    worker = Downloader(store, messenger, cancelled_at_once, worker_id="w1")
+    await fleet.store.add_pull_tasks([(backend.id, "phi3:mini")])
+    worker = PullWorker(fleet.store, fleet.bus, cancelled_at_once, worker_id="w1")
     async with asyncio.timeout(5):
         assert await worker.run_cycle() is True
-    assert opened == ["http://node"]
     assert worker.last_outcome is DownloadOutcome.CANCELLED
-    assert await downloads.list_running(store) == []
+    assert await fleet.tasks() == {("n", "phi3:mini"): PullStatus.CANCELLED}
 
 
-async def test_a_cancel_for_another_backend_is_ignored(
-    store: Store, bus: Messenger, emu: Emulator
-) -> None:
-    node = await setup_node(store, emu, pull_seconds=0.3)
-    async with State(store, bus) as state:
-        await state.run_backend_cycle()
-        async with await bus.stream(MODEL_DOWNLOAD) as sub:
-            cycle = asyncio.create_task(state.run_download_cycle())
-            await statuses_until(sub, "pulling ")
-            await downloads.request_cancel(bus, "http://elsewhere")
-            await downloads.request_cancel(bus, "llama3")
-            assert await cycle is True
+async def test_a_cancel_for_another_backend_or_model_is_ignored(fleet: Fleet) -> None:
+    node = await fleet.node("n1", pull_seconds=0.3)
+    await fleet.model("phi3:mini")
+    state = fleet.state()
+    await state.run_backend_cycle()
+    async with await fleet.bus.stream(MODEL_DOWNLOAD) as sub:
+        cycle = asyncio.create_task(state.run_download_cycle())
+        await statuses_until(sub, "pulling ")
+        await downloads.request_cancel(fleet.bus, "http://elsewhere")
+        await downloads.request_cancel(fleet.bus, "llama3")
+        # A pair naming this model on another backend does not match either.
+        await fleet.bus.publish(
+            QUEUE_CANCEL, json.dumps({"id": "phi3:mini", "url": "http://other"}).encode()
+        )
+        assert await cycle is True
+    assert state.worker.last_outcome is DownloadOutcome.SUCCEEDED
     assert "phi3:mini" in node.models
 
 
-async def test_error_line_raises_naming_model_and_backend(
-    store: Store, bus: Messenger, emu: Emulator
+async def test_f1_a_node_that_never_sends_headers_frees_the_worker_at_its_bound(
+    fleet: Fleet,
 ) -> None:
-    node = await setup_node(store, emu, pullable=())
-    failures = DOWNLOAD_FAILURES._value.get()
-    async with State(store, bus) as state:
-        await state.run_backend_cycle()
-        async with await bus.stream(MODEL_DOWNLOAD) as sub:
-            with pytest.raises(BackendError) as raised:
-                await state.run_download_cycle()
-            published = await statuses_until(sub, "error")
-    message = str(raised.value)
-    assert "phi3:mini" in message
-    assert node.base_url in message
-    assert "file does not exist" in message
-    assert published[-1]["status"].startswith("error: ")
-    assert DOWNLOAD_FAILURES._value.get() == failures + 1
-    assert await downloads.list_running(store) == []
+    hung = await fleet.node("hung")
+    hung.faults.hang(path="/api/pull")
+    await fleet.model("phi3:mini")
+    state = fleet.state(header_timeout=30.0)
+    await state.run_backend_cycle()
+    cycle = asyncio.create_task(state.run_download_cycle())
+    await until(lambda: pulls(hung) == 1 and fleet.clock.sleepers >= 2)
+    fleet.clock.advance(29)
+    await asyncio.sleep(0)
+    assert not cycle.done()
+    fleet.clock.advance(2)
+    async with asyncio.timeout(5):
+        assert await cycle is True
+    (task,) = await fleet.store.list_pull_tasks()
+    assert task.status is PullStatus.FAILED
+    assert "no response headers within 30 s" in task.last_error
+    hung.faults.clear()
 
 
-async def test_broken_stream_raises(store: Store, bus: Messenger, emu: Emulator) -> None:
-    node = await setup_node(store, emu, pull_seconds=0.5)
-    node.faults.break_stream(after_lines=3, path="/api/pull")
-    async with State(store, bus) as state:
-        await state.run_backend_cycle()
-        with pytest.raises(BackendUnreachable, match="phi3:mini"):
-            await state.run_download_cycle()
-        # The node went away, not the model: it is not held back, the next cycle retries it.
-        assert await downloads.list_held_back(store) == {}
-        await state.run_backend_cycle()
-        assert [p.model for p in await downloads.list_pending(store)] == ["phi3:mini"]
-    assert await downloads.list_running(store) == []
-
-
-async def test_stalled_stream_raises_after_the_stall_timeout(
-    store: Store, bus: Messenger, emu: Emulator
+async def test_f2_refusals_are_results_and_never_open_the_workers_breaker(
+    fleet: Fleet,
 ) -> None:
-    node = await setup_node(store, emu)
-    node.faults.stall_stream(after_lines=2, path="/api/pull")
-    async with State(store, bus, stall_timeout=0.3) as state:
-        await state.run_backend_cycle()
-        with pytest.raises(BackendUnreachable, match=r"stalled: no progress for 0\.3 s"):
-            await state.run_download_cycle()
-    node.faults.clear()
-    assert await downloads.list_running(store) == []
+    healthy = await fleet.node("healthy")
+    refusing = await fleet.node("refusing", pullable=())
+    await fleet.model("phi3:mini")
+    state = fleet.state(backoff=Backoff(initial=10, maximum=10))
+    await state.run_backend_cycle()
+    idle = 0
 
+    def went_idle(seen: int) -> Callable[[], bool]:
+        return lambda: idle > seen and fleet.clock.sleepers >= 1
 
-async def test_a_refused_pull_goes_to_the_back_of_the_line(
-    store_factory: StoreFactory, bus: Messenger, emu: Emulator
-) -> None:
-    clock = FakeClock()
-    store = await store_factory(clock=clock)
-    node = await setup_node(store, emu, pullable=["m2", "m3"])
-    for name in ("m2", "m3"):
-        clock.advance(1)
-        await store.append_model(model=name, can_chat=True, context_length=2048)
+    async def cycle() -> bool:
+        nonlocal idle
+        result = await state.run_download_cycle()
+        idle += not result
+        return result
 
-    async def pending() -> list[str]:
-        return [p.model for p in await downloads.list_pending(store)]
-
-    async with State(store, bus, clock=clock, pull_retry_after=600) as state:
-        await state.run_backend_cycle()
-        assert await pending() == ["phi3:mini"]
-        with pytest.raises(BackendError, match="file does not exist"):
-            await state.run_download_cycle()
-        assert await downloads.list_held_back(store) == {node.base_url: frozenset({"phi3:mini"})}
-        # Without the hold, phi3:mini would be queued (and refused) forever, the rest never.
-        for expected in ("m2", "m3"):
-            await state.run_backend_cycle()
-            assert await pending() == [expected]
-            assert await state.run_download_cycle() is True
-        # Nothing else missing: the refused model is tried again at once.
-        await state.run_backend_cycle()
-        assert await pending() == ["phi3:mini"]
-        clock.advance(601)
-        assert await downloads.list_held_back(store) == {}
-    assert {"m2:latest", "m3:latest"} <= set(node.models)
-
-
-async def test_a_leased_backend_is_never_pulled_twice(
-    store: Store, store_factory: StoreFactory, bus: Messenger, emu: Emulator
-) -> None:
-    node = await setup_node(store, emu, pull_seconds=30.0)
-    # The second worker has its own connections to the same database, as another process would.
-    elsewhere = await store_factory()
-    async with (
-        State(store, bus, worker_id="first") as first,
-        State(elsewhere, bus, worker_id="second") as second,
-    ):
-        await first.run_backend_cycle()
-        async with await bus.stream(MODEL_DOWNLOAD) as sub:
-            pulling = asyncio.create_task(first.run_download_cycle())
-            await statuses_until(sub, "pulling ")
-            # Popping freed the job id, but the lease keeps the model from being queued again.
-            await second.run_backend_cycle()
-            assert await downloads.list_pending(store) == []
-            # A job that does get through is put back by the worker that cannot take the lease.
-            await downloads.queue_download(store, node.base_url, "phi3:mini")
-            assert await second.run_download_cycle() is False
-            assert [p.model for p in await downloads.list_pending(store)] == ["phi3:mini"]
-            await downloads.request_cancel(bus, node.base_url)
-            assert await pulling is True
-    assert len([r for r in node.requests if r.path == "/api/pull"]) == 1
-
-
-async def test_a_crash_mid_download_is_requeued_by_the_next_backend_cycle(
-    store_factory: StoreFactory, bus: Messenger, emu: Emulator
-) -> None:
-    clock = FakeClock()
-    store = await store_factory(clock=clock)
-    node = await setup_node(store, emu, pull_seconds=0.3)
-    # A worker died holding the lease: its job is gone and its lease has not expired yet.
-    crashed = await store.acquire_lease(
-        downloads.lease_name(node.base_url), holder="dead|phi3:mini", ttl=timedelta(seconds=60)
+    runner = Runner(
+        "download-1",
+        cycle,
+        interval=1.0,
+        breaker=CircuitBreaker(failure_threshold=2, reset_timeout=600),
+        rerun_when=while_true,
+        clock=fleet.clock,
     )
-    assert crashed is not None
-    async with State(store, bus, clock=clock) as state:
-        await state.run_backend_cycle()
-        assert await downloads.list_pending(store) == []
-        clock.advance(61)
-        await state.run_backend_cycle()
-        assert [p.model for p in await downloads.list_pending(store)] == ["phi3:mini"]
-        # This worker crashes too, mid-pull: cancelled from outside.
-        async with await bus.stream(MODEL_DOWNLOAD) as sub:
-            cycle = asyncio.create_task(state.run_download_cycle())
-            await statuses_until(sub, "pulling ")
-            cycle.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await cycle
-        assert await downloads.list_pending(store) == []
-        assert "phi3:mini" not in node.models
-        await state.run_backend_cycle()
-        assert await state.run_download_cycle() is True
-    assert "phi3:mini" in node.models
+    refused_before = failures("refused")
+    routine = asyncio.create_task(runner.run())
+    try:
+        for attempt in range(1, 6):
+            # Wait for the runner to find nothing due and go to sleep, then pass the back-off.
+            await until(went_idle(idle))
+            assert pulls(refusing) == attempt
+            fleet.clock.advance(11)
+        await until(went_idle(idle))
+    finally:
+        routine.cancel()
+        await asyncio.gather(routine, return_exceptions=True)
+    assert pulls(refusing) == 6
+    assert pulls(healthy) == 1
+    assert "phi3:mini" in healthy.models
+    assert runner.failures == 0
+    assert runner.breaker_state == "closed"
+    assert failures("refused") >= refused_before + 5
+    assert await fleet.tasks() == {("refusing", "phi3:mini"): PullStatus.FAILED}
 
 
-async def test_a_second_cycle_of_one_worker_defers_while_the_lease_is_being_taken(
-    store: Store, bus: Messenger, emu: Emulator, monkeypatch: pytest.MonkeyPatch
+async def test_f3_removing_a_model_removes_its_queued_tasks(fleet: Fleet) -> None:
+    nodes = [await fleet.node(f"n{i}") for i in range(2)]
+    await fleet.model("phi3:mini")
+    await fleet.model("llama3")
+    state = fleet.state()
+    await state.run_backend_cycle()
+    assert len(await fleet.tasks()) == 4
+    model = await fleet.store.get_model_by_name("phi3:mini")
+    await fleet.store.delete_model(model.id)
+    await state.run_backend_cycle()
+    assert await fleet.tasks() == {
+        ("n0", "llama3"): PullStatus.QUEUED,
+        ("n1", "llama3"): PullStatus.QUEUED,
+    }
+    while await state.run_download_cycle():
+        pass
+    assert [pulls(node, "phi3:mini") for node in nodes] == [0, 0]
+    assert [pulls(node, "llama3") for node in nodes] == [1, 1]
+
+
+async def test_f4_a_failure_is_in_the_backends_state(fleet: Fleet) -> None:
+    await fleet.node("n1", pullable=())
+    await fleet.model("phi3:mini")
+    state = fleet.state(backoff=Backoff(initial=240, maximum=240))
+    await state.run_backend_cycle()
+    assert await state.run_download_cycle() is True
+    await state.run_backend_cycle()
+    (observed,) = state.get().values()
+    (download,) = observed.downloads
+    assert download.model == "phi3:mini"
+    assert download.status == "failed"
+    assert download.attempts == 1
+    assert "file does not exist" in download.last_error
+    assert download.next_attempt_at == fleet.clock.now() + timedelta(seconds=240)
+    shown = observed.model_dump(mode="json")["downloads"][0]
+    assert set(shown) == {
+        "model",
+        "status",
+        "attempts",
+        "lastError",
+        "nextAttemptAt",
+        "completed",
+        "total",
+        "startedAt",
+        "worker",
+    }
+
+
+async def test_f5_a_stalled_pull_waits_its_backoff_and_never_delays_other_nodes(
+    fleet: Fleet,
 ) -> None:
-    node = await setup_node(store, emu, pull_seconds=0.2)
-    entered, gate = asyncio.Event(), asyncio.Event()
-    acquire = store.acquire_lease
-    calls = 0
+    healthy = await fleet.node("healthy")
+    stalling = await fleet.node("stalling")
+    stalling.faults.stall_stream(after_lines=2, path="/api/pull")
+    await fleet.model("phi3:mini")
+    state = fleet.state(stall_timeout=60.0, backoff=Backoff(initial=120, maximum=120))
+    await state.run_backend_cycle()
+    async with await fleet.bus.stream(MODEL_DOWNLOAD) as sub:
+        stalled = asyncio.create_task(state.run_download_cycle())
+        # Both lines before the stall are in ("pulling manifest", the first layer): from now
+        # on the node sends nothing.
+        await statuses_until(sub, "pulling manifest")
+        await statuses_until(sub, "pulling ")
+    # The other node's pull goes ahead while the first worker waits on the stalled node.
+    other = fleet.state(worker_id="w2")
+    assert await other.run_download_cycle() is True
+    assert "phi3:mini" in healthy.models
+    await until(lambda: fleet.clock.sleepers >= 2)
+    fleet.clock.advance(61)
+    async with asyncio.timeout(5):
+        assert await stalled is True
+    (task,) = await fleet.store.list_pull_tasks()
+    assert task.status is PullStatus.FAILED
+    assert "stalled" in task.last_error
+    # Not queued again at once: no worker takes it before its back-off has passed.
+    await state.run_backend_cycle()
+    assert await state.run_download_cycle() is False
+    assert pulls(stalling) == 1
+    stalling.faults.clear()
+    fleet.clock.advance(120)
+    assert await state.run_download_cycle() is True
+    assert "phi3:mini" in stalling.models
 
-    async def slow_first_acquire(name: str, *, holder: str, ttl: timedelta) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            entered.set()
-            await gate.wait()
-        return await acquire(name, holder=holder, ttl=ttl)
 
-    monkeypatch.setattr(store, "acquire_lease", slow_first_acquire)
-    async with State(store, bus) as state:
+async def test_f6_a_dead_workers_task_is_claimed_again_after_the_heartbeat_timeout(
+    fleet: Fleet,
+) -> None:
+    node = await fleet.node("n1")
+    await fleet.model("phi3:mini")
+    state = fleet.state(heartbeat_timeout=15.0)
+    await state.run_backend_cycle()
+    # A worker claims the task and dies (kill -9: no release, no heartbeat).
+    dead = await fleet.store.claim_pull_task(owner="dead-process", stale_after=STALE)
+    assert dead is not None
+    (entry,) = await downloads.list_queue(fleet.store)
+    assert (entry.task.status, entry.task.owner) == (PullStatus.RUNNING, "dead-process")
+    assert await state.run_download_cycle() is False
+    fleet.clock.advance(16)
+    assert await state.run_download_cycle() is True
+    assert "phi3:mini" in node.models
+    assert pulls(node) == 1
+    assert await fleet.store.list_pull_tasks() == []
+    # A cancel of what is not there any more is NotFound, not a silent success.
+    with pytest.raises(NotFound):
+        await downloads.cancel(fleet.store, fleet.bus, url=node.base_url)
+
+
+async def test_f7_a_backend_cycle_during_a_pull_never_queues_it_twice(fleet: Fleet) -> None:
+    node = await fleet.node("n1", pull_seconds=0.5)
+    await fleet.model("phi3:mini")
+    state = fleet.state()
+    await state.run_backend_cycle()
+    async with await fleet.bus.stream(MODEL_DOWNLOAD) as sub:
+        pulling = asyncio.create_task(state.run_download_cycle())
+        await statuses_until(sub, "pulling manifest")
+        # A restarted process's first cycle: the model is still missing on the node.
+        restarted = fleet.state(worker_id="w2")
+        await restarted.run_backend_cycle()
+        assert await fleet.tasks() == {("n1", "phi3:mini"): PullStatus.RUNNING}
+        assert await restarted.run_download_cycle() is False
+        assert await pulling is True
+    await restarted.run_backend_cycle()
+    assert await restarted.run_download_cycle() is False
+    assert pulls(node) == 1
+
+
+async def test_f10_undeclaring_a_model_stops_its_running_pull(fleet: Fleet) -> None:
+    node = await fleet.node("n1", pull_seconds=30.0)
+    await fleet.model("phi3:mini")
+    state = fleet.state()
+    await state.run_backend_cycle()
+    async with await fleet.bus.stream(MODEL_DOWNLOAD) as sub:
+        pulling = asyncio.create_task(state.run_download_cycle())
+        await statuses_until(sub, "pulling ")
+        model = await fleet.store.get_model_by_name("phi3:mini")
+        await fleet.store.delete_model(model.id)
         await state.run_backend_cycle()
-        first = asyncio.create_task(state.run_download_cycle())
-        await entered.wait()
-        # The job again (its id was freed by the pop) while the first cycle takes the lease.
-        await downloads.queue_download(store, node.base_url, "phi3:mini")
-        assert await state.run_download_cycle() is False
-        gate.set()
-        assert await first is True
-    assert len([r for r in node.requests if r.path == "/api/pull"]) == 1
+        async with asyncio.timeout(5):
+            assert await pulling is True
+    assert state.worker.last_outcome is DownloadOutcome.LOST
+    assert "phi3:mini" not in node.models
+    assert await fleet.store.list_pull_tasks() == []
+
+
+async def test_f10_a_worker_that_missed_the_notice_stops_at_its_next_heartbeat(
+    store_factory: StoreFactory, emu: Emulator
+) -> None:
+    clock = FakeClock()
+    store = await store_factory(clock=clock)
+    # Two buses: the worker listens on one, the backend cycle publishes on the other.
+    worker_bus, cycle_bus = await open_bus(None), await open_bus(None)
+    fleet = Fleet(store, cycle_bus, emu, clock)
+    node = await fleet.node("n1", pull_seconds=30.0)
+    await fleet.model("phi3:mini")
+    try:
+        planner = fleet.state()
+        await planner.run_backend_cycle()
+        worker_fleet = Fleet(store, worker_bus, emu, clock)
+        worker = worker_fleet.state(worker_id="w2", heartbeat_timeout=15.0)
+        pulling = asyncio.create_task(worker.run_download_cycle())
+        await until(lambda: pulls(node) == 1 and clock.sleepers >= 2)
+        model = await store.get_model_by_name("phi3:mini")
+        await store.delete_model(model.id)
+        await planner.run_backend_cycle()
+        assert not pulling.done()
+        clock.advance(5)
+        async with asyncio.timeout(5):
+            assert await pulling is True
+        assert worker.worker.last_outcome is DownloadOutcome.LOST
+        assert "phi3:mini" not in node.models
+        await worker_fleet.aclose()
+    finally:
+        await fleet.aclose()
+        await worker_bus.close()
+        await cycle_bus.close()
+
+
+async def test_f11_heartbeats_go_at_a_fixed_period_without_progress_lines(
+    fleet: Fleet,
+) -> None:
+    node = await fleet.node("n1")
+    node.faults.stall_stream(after_lines=2, path="/api/pull")
+    await fleet.model("phi3:mini")
+    state = fleet.state(heartbeat_timeout=15.0, stall_timeout=3600.0)
+    await state.run_backend_cycle()
+    pulling = asyncio.create_task(state.run_download_cycle())
+    await until(lambda: pulls(node) == 1 and fleet.clock.sleepers >= 2)
+    claimed_at = (await fleet.store.list_pull_tasks())[0].heartbeat_at
+    assert claimed_at is not None
+    beats = []
+    for _ in range(4):
+        fleet.clock.advance(5)
+        expected = fleet.clock.now()
+        await until(functools.partial(_heartbeat_is, fleet.store, expected))
+        beats.append(expected - claimed_at)
+    # Four heartbeats in 20 s without a line: another worker still finds nothing to claim.
+    assert beats == [timedelta(seconds=s) for s in (5, 10, 15, 20)]
+    assert await fleet.state(worker_id="w2").run_download_cycle() is False
+    assert Settings(heartbeat_timeout=7).heartbeat_timeout == 7
+    assert Settings().heartbeat_timeout == 15
+    node.faults.clear()
+    async with asyncio.timeout(5):
+        assert await pulling is True
+
+
+async def _heartbeat_is(store: Store, expected: object) -> bool:
+    (task,) = await store.list_pull_tasks()
+    return task.heartbeat_at == expected
+
+
+async def test_several_cycles_pull_on_different_backends_at_once_never_twice_on_one(
+    fleet: Fleet,
+) -> None:
+    nodes = [await fleet.node(f"n{i}", pull_seconds=0.3) for i in range(2)]
+    await fleet.model("phi3:mini")
+    await fleet.model("llama3")
+    state = fleet.state()
+    await state.run_backend_cycle()
+    async with asyncio.timeout(10):
+        results = await asyncio.gather(*(state.run_download_cycle() for _ in range(3)))
+    # Two backends: two pulls at once; the third cycle found both backends busy.
+    assert sorted(results) == [False, True, True]
+    assert [len(node.models) for node in nodes] == [1, 1]
+    while await state.run_download_cycle():
+        pass
+    assert [pulls(node) for node in nodes] == [2, 2]
 
 
 async def test_every_download_log_line_names_the_backend(
-    store: Store, bus: Messenger, emu: Emulator, caplog: pytest.LogCaptureFixture
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
-    node = await setup_node(store, emu)
-    (backend,) = await store.list_all_backends()
-    broken = emu.add_ollama("n2", pullable=())
-    other = await store.create_backend(name="n2", base_url=broken.base_url, type="ollama")
+    await fleet.node("n1")
+    await fleet.node("n2", pullable=())
+    await fleet.model("phi3:mini")
+    ids = {b.name: b.id for b in await fleet.store.list_all_backends()}
     with caplog.at_level(logging.INFO, logger="runtimestate"):
-        async with State(store, bus) as planner:
-            await planner.run_backend_cycle()
-        # A worker that never ran a backend cycle finds the ids in the store.
-        async with State(store, bus) as worker:
-            outcomes = []
-            for _ in range(2):
-                try:
-                    outcomes.append(await worker.run_download_cycle())
-                except BackendError:
-                    outcomes.append(False)
-    assert sorted(outcomes) == [False, True]
-    assert "phi3:mini" in node.models
-    ids: dict[str, set[object]] = {}
+        await fleet.state().run_backend_cycle()
+        worker = fleet.state(worker_id="w2")
+        assert await worker.run_download_cycle() is True
+        assert await worker.run_download_cycle() is True
+    seen: dict[str, set[object]] = {}
     for record in caplog.records:
-        ids.setdefault(record.getMessage().split(":")[0], set()).add(
-            getattr(record, "backend_id", None)
-        )
-    assert ids["download queued"] == {backend.id, other.id}
-    assert ids["download started"] == {backend.id, other.id}
-    assert ids["model pulled"] == {backend.id}
-    assert ids["pull failed"] == {other.id}
+        key = record.getMessage().split(":")[0].split(" (")[0].split(";")[0]
+        if key.startswith("pull of"):
+            key = "pull failed"
+        seen.setdefault(key, set()).add(getattr(record, "backend_id", None))
+    assert seen["download queued"] == {ids["n1"], ids["n2"]}
+    assert seen["download started"] == {ids["n1"], ids["n2"]}
+    assert seen["model pulled"] == {ids["n1"]}
+    assert seen["pull failed"] == {ids["n2"]}
 
 
-async def test_queue_helpers(store: Store, bus: Messenger) -> None:
-    assert await downloads.queue_download(store, "http://a", "llama3") is True
-    assert await downloads.queue_download(store, "http://a", "phi3") is False
-    assert await downloads.queue_download(store, "http://b", "phi3") is True
-    assert await downloads.queue_download(store, "http://c", "phi3") is True
-    pending = await downloads.list_pending(store)
-    assert [(p.url, p.model) for p in pending] == [
-        ("http://a", "llama3"),
-        ("http://b", "phi3"),
-        ("http://c", "phi3"),
-    ]
-    assert await downloads.remove_pending(store, url="http://a") == 1
-    assert await downloads.remove_pending(store, model="phi3", url="http://b") == 1
-    assert await downloads.remove_pending(store, model="llama3") == 0
-    assert await downloads.remove_pending(store) == 1
-    assert await downloads.list_pending(store) == []
-    lease = await store.acquire_lease(
-        downloads.lease_name("http://a"), holder="w-1|llama3", ttl=timedelta(minutes=1)
-    )
-    assert lease is not None
-    (running,) = await downloads.list_running(store)
-    assert (running.url, running.model, running.worker) == ("http://a", "llama3", "w-1")
-    async with await bus.stream(QUEUE_CANCEL) as sub:
-        await downloads.request_cancel(bus, "http://a")
+async def test_queue_helpers_take_keyword_arguments(fleet: Fleet) -> None:
+    await fleet.store.create_backend(name="a", base_url="http://a", type="ollama")
+    await fleet.store.create_backend(name="b", base_url="http://b", type="ollama")
+    assert await downloads.queue_download(fleet.store, url="http://a", model="llama3") is True
+    assert await downloads.queue_download(fleet.store, url="http://a", model="llama3") is False
+    assert await downloads.queue_download(fleet.store, url="http://b", model="phi3") is True
+    with pytest.raises(NotFound):
+        await downloads.queue_download(fleet.store, url="http://c", model="phi3")
+    assert await downloads.remove_pending(fleet.store, model="phi3", url="http://a") == 0
+    assert await downloads.remove_pending(fleet.store, url="http://a") == 1
+    assert await downloads.remove_pending(fleet.store) == 1
+    assert await fleet.tasks() == {}
+    async with await fleet.bus.stream(QUEUE_CANCEL) as sub:
+        await downloads.request_cancel(fleet.bus, "http://a")
         async with asyncio.timeout(5):
             message = await anext(aiter(sub))
     assert json.loads(message.data) == {"id": "http://a"}
 
 
-def test_download_status_has_the_seed_shape() -> None:
+def test_download_status_has_the_go_packages_shape() -> None:
     status = DownloadStatus(status="success", model="m", base_url="http://n")
     assert json.loads(status.model_dump_json()) == {
         "status": "success",
@@ -431,62 +662,13 @@ def test_download_status_has_the_seed_shape() -> None:
     assert DownloadStatus.model_validate_json(status.model_dump_json()) == status
 
 
-async def test_the_lease_is_renewed_while_progress_flows(
-    store_factory: StoreFactory, bus: Messenger
-) -> None:
-    clock = FakeClock()
-    store = await store_factory(clock=clock)
-    still_held: list[bool] = []
-
-    @asynccontextmanager
-    async def slow(url: str, model: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
-        async def lines() -> AsyncIterator[dict[str, Any]]:
-            for step in range(20):
-                clock.advance(1.0)
-                still_held.append(bool(await downloads.list_running(store)))
-                yield {"status": f"step {step}"}
-            yield {"status": "success"}
-
-        yield lines()
-
-    await downloads.queue_download(store, "http://node", "phi3:mini")
-    worker = Downloader(store, bus, slow, worker_id="w1", clock=clock, lease_ttl=3.0)
-    assert await worker.run_cycle() is True
-    # 20 s of pulling under a 3 s lease: it never lapsed, and it is released at the end.
-    assert all(still_held)
-    assert len(still_held) == 20
-    assert await downloads.list_running(store) == []
-
-
-async def test_download_cycles_run_concurrently_on_different_backends(
-    store: Store, bus: Messenger, emu: Emulator
-) -> None:
-    nodes = [emu.add_ollama(f"n{i}", pull_seconds=0.3) for i in range(2)]
-    for node in nodes:
-        await store.create_backend(name=node.name, base_url=node.base_url, type="ollama")
-    await store.append_model(model="phi3:mini", can_chat=True, context_length=4096)
-    async with State(store, bus) as state:
-        await state.run_backend_cycle()
-        assert len(await downloads.list_pending(store)) == 2
-        async with asyncio.timeout(5):
-            results = await asyncio.gather(state.run_download_cycle(), state.run_download_cycle())
-    assert list(results) == [True, True]
-    assert all("phi3:mini" in node.models for node in nodes)
-
-
-async def test_one_worker_never_pulls_twice_on_one_backend(
-    store: Store, bus: Messenger, emu: Emulator
-) -> None:
-    node = await setup_node(store, emu, pull_seconds=30.0)
-    async with State(store, bus) as state:
-        await state.run_backend_cycle()
-        async with await bus.stream(MODEL_DOWNLOAD) as sub:
-            pulling = asyncio.create_task(state.run_download_cycle())
-            await statuses_until(sub, "pulling ")
-            # The same job again, e.g. from an operator: the lease would be a renewal for this
-            # worker, so the worker itself must refuse it.
-            await downloads.queue_download(store, node.base_url, "phi3:mini")
-            assert await state.run_download_cycle() is False
-            await downloads.request_cancel(bus, "phi3:mini")
-            assert await pulling is True
-    assert len([r for r in node.requests if r.path == "/api/pull"]) == 1
+def test_backoff_doubles_with_jitter_up_to_its_maximum() -> None:
+    backoff = Backoff(initial=15, maximum=1800, jitter=0.2)
+    assert [backoff.delay(n, rand=lambda: 0.0).total_seconds() for n in (1, 2, 3, 8, 9)] == [
+        15,
+        30,
+        60,
+        1800,
+        1800,
+    ]
+    assert backoff.delay(1, rand=lambda: 1.0).total_seconds() == pytest.approx(12)

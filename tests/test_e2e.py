@@ -8,14 +8,16 @@ The story, run once on SQLite with the in-process bus and once on PostgreSQL wit
 2. declare two nodes and two models with the CLI;
 3. follow the downloads with ``runtimestate watch --json`` (the SSE stream) until the fast node
    holds both models;
-4. cancel the slow node's running download with ``queue cancel --backend`` and see it stop
-   (the cycle then queues it again, which proves the cancelled pull released its backend),
-   then cancel the re-queued one by model name with ``queue cancel MODEL``;
-5. stop the service with SIGTERM: it exits 0 and the running download lands nothing;
+4. cancel the slow node's downloads with ``queue cancel --backend``: the running one stops,
+   and both stay ``cancelled`` in ``queue list`` through later cycles (a cancel sticks); queue
+   them again with ``queue retry --backend``, then cancel the running one by model name with
+   ``queue cancel MODEL`` - the other one then runs;
+5. stop the service with SIGTERM: it exits 0, the running download lands nothing and its task
+   is given back;
 6. start it again on the same data and port: every declaration is still there under the same
-   ids, the cancelled model is queued again, and the ``watch`` left running across the restart
-   reconnects; once it has, the slow node's (still slow) pull is cancelled so that the next
-   ones, now fast, land while the ``watch`` reports them.
+   ids, the download given back at shutdown runs again, and the ``watch`` left running across
+   the restart reconnects; once it has, everything is retried with the node now fast, and both
+   models land while the ``watch`` reports them.
 
 Every wait is on an observable event with a generous deadline, never on a fixed sleep, and no
 step depends on one process being quicker than another: CI runs this on two loaded cores.
@@ -230,21 +232,25 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
                 10,
                 f"no 'cancelled' status for the slow node: {watcher.of(slow.base_url)[-3:]}",
             )
-            # Events after the cancellation belong to the pull the next cycle queues again.
+            # Cycles run every 0.5 s: after a few, the cancel still holds and nothing was pulled.
+            await cli.ok("sync")
+            await cli.ok("sync")
+            listed = await cli.json("queue", "list")
+            assert {(item["url"], item["status"]) for item in listed} == {
+                (slow.base_url, "cancelled")
+            }, listed
+            assert pulls(slow) == started
+            # Events after the cancellation belong to the pulls queued again by the retry.
             seen = 1 + next(
                 i for i, e in enumerate(watcher.of(slow.base_url)) if e["status"] == "cancelled"
             )
+            await cli.ok("queue", "retry", "--backend", "slow")
             await wait_for(
-                lambda: pulls(slow) > started,
+                lambda: pulls(slow) > started and len(watcher.of(slow.base_url)) > seen,
                 10,
-                "the cancelled model was not queued again by the next cycle",
+                "the retried downloads on the slow node never started",
             )
-            # Then by model name: the re-queued pull is running, and naming its model stops it.
-            await wait_for(
-                lambda: len(watcher.of(slow.base_url)) > seen,
-                10,
-                "the re-queued pull on the slow node never reported a status",
-            )
+            # Then by model name: the retried pull is running, and naming its model stops it.
             running = watcher.of(slow.base_url)[-1]["model"]
             queued = await cli.json("queue", "list")
             assert any(item["model"] == running and item["running"] for item in queued), queued
@@ -256,6 +262,14 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
                 ),
                 10,
                 f"cancelling {running} by name did not stop its pull",
+            )
+            (other,) = [m for m in MODELS if norm(m) != norm(running)]
+            await wait_for(
+                lambda: any(
+                    norm(e["model"]) == norm(other) for e in watcher.of(slow.base_url)[seen:]
+                ),
+                10,
+                f"the slow node's other model {other} never started after the cancel",
             )
             nothing = await cli.run("queue", "cancel", "never-declared:1b")
             assert nothing.returncode == 5, nothing.stderr
@@ -287,11 +301,12 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
             await wait_for(
                 lambda: pulls(slow) > before_restart,
                 20,
-                f"the restarted service never queued the cancelled model again\n"
+                f"the restarted service never pulled the download given back at shutdown\n"
                 f"{service.log_tail()}",
             )
             slow.pull_seconds = 2.5
             await cli.ok("queue", "cancel", "--backend", "slow")
+            await cli.ok("queue", "retry")
             await wait_for(
                 lambda: set(slow.models) >= set(MODELS),
                 30,

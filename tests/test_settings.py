@@ -34,7 +34,9 @@ def test_defaults() -> None:
     assert settings.token is None
     assert settings.pools is False
     assert settings.cycle_interval == 10.0
-    assert settings.download_workers == 1
+    assert settings.download_workers == 2
+    assert settings.heartbeat_timeout == 15.0
+    assert (settings.pull_header_timeout, settings.stall_timeout) == (30.0, 60.0)
     assert settings.delete_undeclared is True
     assert settings.log_format is LogFormat.TEXT
     assert settings.log_level == "INFO"

@@ -19,13 +19,12 @@ import pytest
 
 from runtimestate.backends import HttpClient
 from runtimestate.bus import Messenger
-from runtimestate.downloads import MODEL_DOWNLOAD, lease_name
 from runtimestate.errors import InvalidInput, StoreError
 from runtimestate.kinds.vllm import VllmDriver
 from runtimestate.metrics import BACKEND_FAILURES, MODELS_DELETED
 from runtimestate.records import LLMState
 from runtimestate.state import State
-from runtimestate.store import Job, Store
+from runtimestate.store import PullTask, Store
 from runtimestate.testing import Emulator, OllamaNode
 
 
@@ -40,8 +39,9 @@ def paths(node: OllamaNode, method: str, path: str) -> list[object]:
     return [r.json for r in node.requests if r.method == method and r.path == path]
 
 
-async def jobs(store: Store) -> list[Job]:
-    return await store.get_jobs_for_type(MODEL_DOWNLOAD)
+async def jobs(store: Store) -> list[tuple[str, str]]:
+    """The pull tasks, as (backend id, model)."""
+    return [(t.backend_id, t.model) for t in await store.list_pull_tasks()]
 
 
 async def test_construction_refuses_missing_store_or_messenger(
@@ -60,11 +60,7 @@ async def test_construction_refuses_missing_store_or_messenger(
     [
         ("concurrency", 0),
         ("backend_timeout", 0.0),
-        ("stall_timeout", 0.0),
-        ("lease_ttl", -1.0),
-        ("progress_interval", -0.1),
         ("list_cache_ttl", -1.0),
-        ("pull_retry_after", 0.0),
     ],
 )
 async def test_construction_refuses_nonsense_options(
@@ -139,39 +135,42 @@ async def test_steady_state_compares_normalized_names(
     assert all(m.context_length == 4096 and m.can_chat for m in observed.pulled_models)
 
 
-async def test_missing_models_queue_one_job_per_backend(
+async def test_missing_models_queue_one_task_each_once(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:
     node = emu.add_ollama("n1", models=["llama3"])
-    await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
     await declare_chat(store, "llama3", "phi3:mini", "gemma2:2b")
     async with State(store, bus) as state:
         await state.run_backend_cycle()
+        first = await store.list_pull_tasks()
         await state.run_backend_cycle()
         (observed,) = state.get().values()
-    queued = await jobs(store)
-    assert [j.id for j in queued] == [node.base_url]
-    assert json.loads(queued[0].payload) == {"url": node.base_url, "model": "phi3:mini"}
-    # A second cycle finds the job pending (Conflict): not an error.
+    assert await jobs(store) == [(backend.id, "phi3:mini"), (backend.id, "gemma2:2b")]
+    # The second cycle found both tasks and left them exactly as they were.
+    assert await store.list_pull_tasks() == first
     assert observed.error == ""
+    assert [(d.model, d.status) for d in observed.downloads] == [
+        ("phi3:mini", "queued"),
+        ("gemma2:2b", "queued"),
+    ]
     assert paths(node, "POST", "/api/pull") == []
 
 
-async def test_no_queueing_while_a_pull_holds_the_lease(
+async def test_no_queueing_while_a_pull_of_the_model_runs(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:
     node = emu.add_ollama("n1")
-    await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
     await declare_chat(store, "phi3:mini")
-    lease = await store.acquire_lease(
-        lease_name(node.base_url), holder="other|phi3:mini", ttl=timedelta(minutes=5)
-    )
-    assert lease is not None
+    await store.add_pull_tasks([(backend.id, "phi3:mini")])
+    claimed = await store.claim_pull_task(owner="other", stale_after=timedelta(minutes=5))
+    assert claimed is not None
     async with State(store, bus) as state:
         await state.run_backend_cycle()
-        plans = await state.plan_backend_cycle()
-    assert await jobs(store) == []
-    assert [p.actions for p in plans.values()] == [()]
+        (observed,) = state.get().values()
+    assert await store.list_pull_tasks() == [claimed]
+    assert [(d.status, d.worker) for d in observed.downloads] == [("running", "other")]
 
 
 async def test_undeclared_models_are_deleted_then_listed_again(
@@ -260,15 +259,15 @@ async def test_failed_queue_insert_is_logged_and_shown(
     backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
     await declare_chat(store, "phi3:mini")
 
-    async def broken_append(jobs: Sequence[Job]) -> list[Job]:
+    async def broken_add(pairs: Sequence[tuple[str, str]]) -> list[PullTask]:
         raise StoreError("database is locked")
 
-    monkeypatch.setattr(store, "append_jobs", broken_append)
+    monkeypatch.setattr(store, "add_pull_tasks", broken_add)
     with caplog.at_level(logging.INFO, logger="runtimestate"):
         async with State(store, bus) as state:
             await state.run_backend_cycle()
             observed = state.get()[backend.id]
-    assert observed.error == "queue download of phi3:mini failed: database is locked"
+    assert observed.error == "queueing downloads failed: database is locked"
     assert any(
         getattr(r, "backend_id", None) == backend.id and r.levelno >= logging.WARNING
         for r in caplog.records
@@ -614,8 +613,8 @@ async def test_every_declared_model_is_considered_beyond_one_page(
         plans = await state.plan_backend_cycle()
     (plan,) = plans.values()
     assert sorted(plan.state.models) == names
-    # The oldest declared model is queued first.
-    assert [a.model for a in plan.actions] == ["model000:1b"]
+    # Every missing model is to be pulled, the oldest declared first.
+    assert [a.model for a in plan.actions] == names
 
 
 async def test_cycles_do_not_leave_tasks_behind(

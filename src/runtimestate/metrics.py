@@ -18,6 +18,8 @@ __all__ = [
     "DOWNLOAD_FAILURES",
     "MODELS_DELETED",
     "MODELS_PULLED",
+    "PULL_DURATION",
+    "PULL_TASKS",
     "QUEUE_DEPTH",
     "REGISTRY",
     "ROUTINE_FAILURES",
@@ -58,10 +60,29 @@ DOWNLOAD_BYTES = Counter(
     registry=REGISTRY,
 )
 DOWNLOAD_FAILURES = Counter(
-    "runtimestate_download_failures_total", "Model pulls that failed.", registry=REGISTRY
+    "runtimestate_download_failures_total",
+    "Model pulls that failed, by reason (no_headers, stalled, timeout, dropped, unreachable, "
+    "refused, http_error, protocol).",
+    ["reason"],
+    registry=REGISTRY,
 )
 QUEUE_DEPTH = Gauge(
-    "runtimestate_queue_depth", "Download jobs waiting in the queue.", registry=REGISTRY
+    "runtimestate_queue_depth",
+    "Pull tasks waiting for a worker (queued, or failed and waiting for their next attempt).",
+    registry=REGISTRY,
+)
+PULL_TASKS = Gauge(
+    "runtimestate_pull_tasks",
+    "Pull tasks by status (queued, running, failed, cancelled), as of the last backend cycle.",
+    ["status"],
+    registry=REGISTRY,
+)
+PULL_DURATION = Histogram(
+    "runtimestate_pull_duration_seconds",
+    "Wall time of one pull attempt, by outcome (succeeded, failed, cancelled, lost).",
+    ["outcome"],
+    registry=REGISTRY,
+    buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 7200, 21600),
 )
 ROUTINE_FAILURES = Counter(
     "runtimestate_routine_failures_total",

@@ -46,6 +46,7 @@ __all__ = [
     "BackendInfo",
     "Capability",
     "CapabilityFlags",
+    "Download",
     "LLMState",
     "ListModelResponse",
     "ModelDetails",
@@ -169,6 +170,24 @@ class BackendInfo(_SeedModel):
     updated_at: datetime = _EPOCH
 
 
+class Download(_SeedModel):
+    """One pull task of a backend as its state shows it: why a declared model is not there yet.
+
+    ``status`` is ``queued``, ``running``, ``failed`` (waiting for ``next_attempt_at``) or
+    ``cancelled``; ``completed``/``total`` are the whole model's bytes, summed over its layers,
+    as of the worker's last heartbeat; ``worker`` is who runs it."""
+
+    model: str
+    status: str
+    attempts: int = 0
+    last_error: str = ""
+    next_attempt_at: datetime | None = None
+    completed: int = 0
+    total: int = 0
+    started_at: datetime | None = None
+    worker: str = ""
+
+
 class LLMState(_SeedModel):
     """The observed state of one backend. Built by the reconciler, read through snapshots."""
 
@@ -180,13 +199,15 @@ class LLMState(_SeedModel):
     error: str = ""
     undeclared_models: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    downloads: tuple[Download, ...] = ()
 
     _api_key: str | None = PrivateAttr(default=None)
 
     @model_serializer(mode="wrap")
     def _omit_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        for key in ("error", "undeclaredModels", "undeclared_models", "warnings"):
+        # ``downloads`` is an addition to the Go package's shape: absent when there are none.
+        for key in ("error", "undeclaredModels", "undeclared_models", "warnings", "downloads"):
             if key in data and not data[key]:
                 del data[key]
         return data

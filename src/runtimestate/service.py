@@ -46,9 +46,10 @@ from sqlalchemy.exc import ArgumentError
 from runtimestate import kinds
 from runtimestate.api import ApiContext, create_app
 from runtimestate.api.limits import Limits
-from runtimestate.bus import open_bus
+from runtimestate.backends.http import HttpClient
+from runtimestate.bus import Messenger, open_bus
 from runtimestate.clock import SYSTEM_CLOCK, Clock
-from runtimestate.downloads import MODEL_DOWNLOAD
+from runtimestate.downloads import MODEL_DOWNLOAD, TASKS_NOTICE, Backoff, PullWorker
 from runtimestate.errors import NotFound, RuntimeStateError
 from runtimestate.files import private_dir, private_file, tighten
 from runtimestate.gateway import Gateway, GatewayConfig
@@ -196,6 +197,8 @@ class Service:
         self.url: str | None = None
         self.runners: list[Runner] = []
         self.url_policy = UrlPolicy()
+        self._workers: list[Runner] = []
+        self._messenger: Messenger | None = None
 
     def stop(self) -> None:
         """Ask :meth:`run` to shut down (safe to call from a signal handler, twice)."""
@@ -221,6 +224,9 @@ class Service:
             if self._on_startup is not None:
                 await self._on_startup(store)
             await _register_provider_keys(store)
+            # Room for every backend in flight plus every worker's pull.
+            http = HttpClient(max_connections=settings.concurrency + 64)
+            stack.push_async_callback(http.aclose)
             state = State(
                 store,
                 messenger,
@@ -229,8 +235,9 @@ class Service:
                 backend_timeout=settings.backend_timeout,
                 delete_undeclared=settings.delete_undeclared,
                 clock=self._clock,
-                worker_id=f"{socket.gethostname()}:{os.getpid()}",
                 key_hosts=settings.cloud_key_hosts,
+                http=http,
+                worker=self._worker(store, messenger, http),
             )
             stack.push_async_callback(state.aclose)
             gateway = Gateway(
@@ -250,6 +257,7 @@ class Service:
             await gateway.start()
             stack.push_async_callback(gateway.aclose)
             sync = self._build_runners(state, gateway)
+            self._messenger = messenger
             closing = asyncio.Event()
             self.url_policy = UrlPolicy(
                 allowed=settings.backend_networks_allow, denied=settings.backend_networks_deny
@@ -270,6 +278,26 @@ class Service:
             )
             install_dashboard(app)
             await self._supervise(gateway.asgi(app), closing)
+
+    def _worker(self, store: Store, messenger: Messenger, http: HttpClient) -> PullWorker:
+        settings = self.settings
+        open_pull = kinds.pull_stream()
+        if open_pull is None:
+            raise RuntimeStateError("no backend kind pulls models")
+        return PullWorker(
+            store,
+            messenger,
+            functools.partial(open_pull, http),
+            worker_id=f"{socket.gethostname()}:{os.getpid()}",
+            clock=self._clock,
+            header_timeout=settings.pull_header_timeout,
+            stall_timeout=settings.stall_timeout,
+            total_timeout=settings.pull_timeout,
+            heartbeat_timeout=settings.heartbeat_timeout,
+            backoff=Backoff(
+                initial=settings.pull_backoff_initial, maximum=settings.pull_backoff_max
+            ),
+        )
 
     async def _wait_stop(self) -> None:
         await self._stop.wait()
@@ -325,7 +353,23 @@ class Service:
             clock=self._clock,
         )
         self.runners = [backend, *workers, refresh, downloads]
+        self._workers = workers
         return backend_cycle
+
+    async def _wake_workers(self) -> None:
+        """Trigger the download workers whenever any process queues pull tasks (the bus
+        notice), so that they need not wait for their next poll. A lost subscription is opened
+        again; the workers' own polling covers the gap."""
+        assert self._messenger is not None
+        while True:
+            try:
+                async with await self._messenger.stream(TASKS_NOTICE) as notices:
+                    async for _ in notices:
+                        for worker in self._workers:
+                            worker.trigger()
+            except RuntimeStateError as exc:
+                logger.warning("download notices unavailable: %s", exc)
+            await self._clock.sleep(self.settings.cycle_interval)
 
     async def _supervise(self, app: ASGIApp, closing: asyncio.Event) -> None:
         settings = self.settings
@@ -346,6 +390,9 @@ class Service:
             asyncio.create_task(runner.run(), name=runner.name): runner.name
             for runner in self.runners
         }
+        if self._workers:
+            wake = asyncio.create_task(self._wake_workers(), name="download-notices")
+            tasks[wake] = "download-notices"
         http = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         tasks[http] = "http"
         stop = asyncio.create_task(self._wait_stop(), name="stop")

@@ -102,7 +102,35 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="Seconds between two backend reconciliation cycles."
     )
     download_workers: int = Field(
-        default=1, ge=0, le=64, description="Download workers (0 disables downloads)."
+        default=2,
+        ge=0,
+        le=64,
+        description="Download workers in this process (0 disables downloads here). Several "
+        "processes on one database share the work through claims.",
+    )
+    heartbeat_timeout: float = Field(
+        default=15.0,
+        gt=0,
+        description="Seconds without a heartbeat after which a running pull counts as dead and "
+        "any worker may claim it again (heartbeats go every third of it).",
+    )
+    pull_header_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a node may take to answer a pull's request."
+    )
+    stall_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds a pull may go without a progress line."
+    )
+    pull_timeout: float = Field(
+        default=6 * 3600.0, gt=0, description="Seconds one pull attempt may take in all."
+    )
+    pull_backoff_initial: float = Field(
+        default=15.0,
+        gt=0,
+        description="Seconds a failed pull waits before its next attempt; doubled per failure "
+        "in a row (with up to 20% jitter) up to pull_backoff_max.",
+    )
+    pull_backoff_max: float = Field(
+        default=1800.0, gt=0, description="The longest wait between two attempts of a pull."
     )
     backend_timeout: float = Field(
         default=10.0, gt=0, description="Seconds allowed for one backend's observation per cycle."
@@ -219,6 +247,12 @@ class Settings(BaseSettings):
             data_dir = Path(data.get("data_dir") or default_data_dir())
             data = {**data, "database_url": f"sqlite:///{data_dir / DATABASE_FILE}"}
         return data
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Settings:
+        if self.pull_backoff_max < self.pull_backoff_initial:
+            raise ValueError("pull_backoff_max must not be below pull_backoff_initial")
+        return self
 
     @field_validator("log_level")
     @classmethod

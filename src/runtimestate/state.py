@@ -4,8 +4,7 @@ Each cycle is one unit of work that returns; scheduling, retries and circuit bre
 the caller (see :mod:`runtimestate.runner`), so the library works under any scheduler.
 
 A backend cycle reads the declaration once (all backends and models, or the pools with their
-backends and models), reads the download leases, the pending jobs and the held-back pulls once
-(``pull_retry_after``: see :mod:`runtimestate.downloads`), then reconciles **every backend
+backends and models) and the pull tasks once, then reconciles **every backend
 concurrently**: at most ``concurrency`` at a time, each under its own ``backend_timeout``, so a
 dead backend costs the cycle at most that timeout and never delays the others (the Go
 runtimestate package went one backend after another). Each backend goes through its kind's
@@ -13,11 +12,16 @@ driver (observe, plan, act; see :mod:`runtimestate.backends.base` and :mod:`runt
 
 **The failure contract of both cycles.** A cycle never raises for a peer's failure: an unknown
 type, a timeout, a refused key, a malformed answer or any other error of one backend (or of one
-pull) becomes that backend's ``error`` (or that job's outcome), a log line on
-``runtimestate.state`` and a metric, and the cycle goes on with the others. A cycle raises only
-when it cannot do its own work at all - reading the declaration, the leases or the queue from
-the store - so that its caller (:mod:`runtimestate.runner`) backs off and retries the whole
-cycle.
+pull) becomes that backend's ``error`` (or, for a pull, a failure recorded on its task, with
+a next attempt after back-off), a log line on ``runtimestate.state`` and a metric, and the
+cycle goes on with the others. A cycle raises only when it cannot do its own work at all -
+reading the declaration or the pull tasks from the store - so that its caller
+(:mod:`runtimestate.runner`) backs off and retries the whole cycle.
+
+The declared models a backend lacks become pull tasks, and tasks nobody wants any more go (see
+:mod:`runtimestate.downloads.tasks`); each backend's tasks are its state's ``downloads``. A
+download cycle is one cycle of the :class:`~runtimestate.downloads.PullWorker` the State was
+handed (or built with defaults): claim one task, pull it, record the outcome.
 
 A backend whose listing was *slow* (the cycle's deadline or the request's timeout passed) is
 not dropped at once: its last inventory is kept, with a warning saying it is stale, for up to
@@ -58,18 +62,12 @@ from runtimestate.backends import (
 from runtimestate.backends.http import HttpClient
 from runtimestate.bus.base import Messenger
 from runtimestate.clock import SYSTEM_CLOCK, Clock
-from runtimestate.downloads import (
-    LEASE_PREFIX,
-    Downloader,
-    list_held_back,
-    list_pending,
-    queue_downloads,
-)
+from runtimestate.downloads import PullWorker, download_of, reconcile_tasks
 from runtimestate.errors import BackendTimeout, InvalidInput, RuntimeStateError
 from runtimestate.metrics import BACKEND_FAILURES, BACKENDS, CYCLE_DURATION
 from runtimestate.records import LLMState
 from runtimestate.store.base import Store
-from runtimestate.store.records import Backend, Model
+from runtimestate.store.records import Backend, Model, PullTask
 
 __all__ = ["State"]
 
@@ -98,7 +96,8 @@ class State:
     """Reconciles the declared fleet with the real one. See the module docstring.
 
     ``http`` lets several States (or tests) share one HTTP client; a State closes only the
-    client it created. ``worker_id`` names this worker in download leases.
+    client it created. ``worker`` is the configured download worker; without one, a worker
+    with default bounds is built on this State's HTTP client, named ``worker_id``.
     """
 
     def __init__(
@@ -114,12 +113,9 @@ class State:
         worker_id: str | None = None,
         http: HttpClient | None = None,
         list_cache_ttl: float = 24 * 3600.0,
-        progress_interval: float = 0.25,
-        stall_timeout: float = 60.0,
-        lease_ttl: float = 60.0,
-        pull_retry_after: float = 300.0,
         max_stale_cycles: int = 3,
         key_hosts: Mapping[str, Iterable[str]] | None = None,
+        worker: PullWorker | None = None,
     ) -> None:
         if store is None:
             raise InvalidInput("State needs a store", field="store")
@@ -131,21 +127,8 @@ class State:
             raise InvalidInput("max_stale_cycles must not be negative", field="max_stale_cycles")
         if backend_timeout <= 0:
             raise InvalidInput("backend_timeout must be positive", field="backend_timeout")
-        # Zero or negative here would fail every pull at its first line (stall), let every
-        # lease lapse at once (two pulls on one backend), or make no sense as a cache age.
-        for name, value in (
-            ("stall_timeout", stall_timeout),
-            ("lease_ttl", lease_ttl),
-            ("pull_retry_after", pull_retry_after),
-        ):
-            if value <= 0:
-                raise InvalidInput(f"{name} must be positive", field=name)
-        for name, value in (
-            ("progress_interval", progress_interval),
-            ("list_cache_ttl", list_cache_ttl),
-        ):
-            if value < 0:
-                raise InvalidInput(f"{name} must not be negative", field=name)
+        if list_cache_ttl < 0:
+            raise InvalidInput("list_cache_ttl must not be negative", field="list_cache_ttl")
         self._store = store
         self._messenger = messenger
         self._with_pools = with_pools
@@ -170,16 +153,12 @@ class State:
         open_pull = kinds.pull_stream()
         if open_pull is None:
             raise RuntimeError("no backend kind pulls models")
-        self._downloader = Downloader(
+        self._worker = worker or PullWorker(
             store,
             messenger,
             functools.partial(open_pull, self._http),
             worker_id=worker_id or _default_worker_id(),
             clock=clock,
-            progress_interval=progress_interval,
-            stall_timeout=stall_timeout,
-            lease_ttl=lease_ttl,
-            retry_after=pull_retry_after,
         )
         self._states: dict[str, LLMState] = {}
         self._version = 0
@@ -188,7 +167,11 @@ class State:
 
     @property
     def worker_id(self) -> str:
-        return self._downloader.worker_id
+        return self._worker.worker_id
+
+    @property
+    def worker(self) -> PullWorker:
+        return self._worker
 
     async def __aenter__(self) -> State:
         return self
@@ -245,11 +228,11 @@ class State:
         """Reconcile every declared backend once, then replace the snapshot."""
         started = time.perf_counter()
         declared = await self._declared()
-        self._downloader.know_backends(
-            {item.backend.base_url: item.backend.id for item in declared}
-        )
-        results = await self._run_all(declared, act=True)
-        results = await self._queue_pulls(declared, results)
+        tasks = await self._store.list_pull_tasks()
+        outcomes = await self._run_all(declared, act=True)
+        results = [plan for plan, _ in outcomes]
+        observed = {plan.backend_id for plan, ok in outcomes if ok}
+        results = await self._sync_tasks(declared, results, tasks, observed)
         states = {item.backend.id: plan.state for item, plan in zip(declared, results, strict=True)}
         for gone in self._states.keys() - states.keys():
             self._stale.pop(gone, None)
@@ -268,15 +251,16 @@ class State:
         """What a backend cycle would do, per backend id, without doing any of it (a dry run:
         observe and plan only; the snapshot is not changed)."""
         declared = await self._declared()
-        plans = await self._run_all(declared, act=False)
-        return {plan.backend_id: plan for plan in plans}
+        outcomes = await self._run_all(declared, act=False)
+        return {plan.backend_id: plan for plan, _ in outcomes}
 
     async def run_download_cycle(self) -> bool:
-        """Pull one queued model; True if a job was processed, False if there was none (or its
-        backend is busy with another worker's pull). See :mod:`runtimestate.downloads`."""
+        """Claim one due pull task and carry it out; True if one was processed, False if none
+        was due. A backend's failure is recorded on its task; this raises only when the store
+        cannot be reached (or for a bug). See :mod:`runtimestate.downloads.worker`."""
         started = time.perf_counter()
         try:
-            return await self._downloader.run_cycle()
+            return await self._worker.run_cycle()
         finally:
             CYCLE_DURATION.labels(cycle="download").observe(time.perf_counter() - started)
 
@@ -299,23 +283,13 @@ class State:
             for backend, wanted in managed.values()
         ]
 
-    async def _context(self) -> CycleContext:
-        leases = await self._store.list_leases(LEASE_PREFIX)
-        pending = await list_pending(self._store)
-        held_back = await list_held_back(self._store)
-        return CycleContext(
-            http=self._http,
-            store=self._store,
-            clock=self._clock,
-            downloading=frozenset(lease.name[len(LEASE_PREFIX) :] for lease in leases),
-            queued=frozenset(p.url for p in pending),
-            held_back=held_back,
-        )
-
-    async def _run_all(self, declared: list[Declared], *, act: bool) -> list[BackendPlan]:
-        """Every backend concurrently, ``concurrency`` at a time. Backend failures are results;
-        only a bug escapes, and then no backend task is left running behind the cycle."""
-        ctx = await self._context()
+    async def _run_all(
+        self, declared: list[Declared], *, act: bool
+    ) -> list[tuple[BackendPlan, bool]]:
+        """Every backend concurrently, ``concurrency`` at a time: each plan, and whether the
+        backend was observed (False: its failure is the plan's error). Backend failures are
+        results; only a bug escapes, and then no backend task is left running behind it."""
+        ctx = CycleContext(http=self._http, store=self._store, clock=self._clock)
         semaphore = asyncio.Semaphore(self._concurrency)
         tasks = [
             asyncio.create_task(
@@ -332,49 +306,78 @@ class State:
                 await asyncio.wait(tasks)
             raise
 
-    async def _queue_pulls(
-        self, declared: list[Declared], results: list[BackendPlan]
+    async def _sync_tasks(
+        self,
+        declared: list[Declared],
+        results: list[BackendPlan],
+        tasks: list[PullTask],
+        observed: set[str],
     ) -> list[BackendPlan]:
-        """Queue the pulls the drivers planned, for all backends in one batch; a failed insert
-        lands in the error of every backend it concerned, a log line and a metric."""
-        pulls = [
-            (index, action.model)
-            for index, plan in enumerate(results)
-            for action in plan.actions
-            if action.kind is ActionKind.PULL
-        ]
-        if not pulls:
-            return results
-        requests = [(declared[index].backend.base_url, model) for index, model in pulls]
+        """Turn the planned pulls into pull tasks and drop unwanted tasks (one read before the
+        cycle, writes only for what changed); put each backend's tasks into its state. A failed
+        write lands in the error of every backend it concerned, a log line and a metric."""
+        # In declaration order (backends, then models oldest first): tasks are claimed in the
+        # order they were queued.
+        missing = list(
+            dict.fromkeys(
+                (plan.backend_id, action.model)
+                for plan in results
+                for action in plan.actions
+                if action.kind is ActionKind.PULL
+            )
+        )
+        wanted = {(item.backend.id, m.model) for item in declared for m in item.models}
+        urls = {item.backend.id: item.backend.base_url for item in declared}
         try:
-            queued = await queue_downloads(self._store, requests)
+            changes = await reconcile_tasks(
+                self._store,
+                self._messenger,
+                tasks=tasks,
+                missing=missing,
+                declared=wanted,
+                observed=observed,
+                urls=urls,
+            )
         except RuntimeStateError as exc:
             failed = list(results)
-            for index, model in pulls:
-                backend = declared[index].backend
-                message = f"queue download of {model} failed: {exc}"
-                self._record_failure(backend, message)
+            concerned = {backend_id for backend_id, _ in missing}
+            for index, item in enumerate(declared):
+                if item.backend.id not in concerned:
+                    continue
+                message = f"queueing downloads failed: {exc}"
+                self._record_failure(item.backend, message)
                 state = failed[index].state
                 error = "; ".join(filter(None, (state.error, message)))
                 failed[index] = replace(
                     failed[index], state=state.model_copy(update={"error": error})
                 )
             return failed
-        for (index, model), was_queued in zip(pulls, queued, strict=True):
-            if was_queued:
-                logger.info(
-                    "download queued",
-                    extra={"backend_id": declared[index].backend.id, "model": model},
+        for task in changes.added:
+            logger.info(
+                "download queued", extra={"backend_id": task.backend_id, "model": task.model}
+            )
+        by_backend: dict[str, list[PullTask]] = {}
+        for task in changes.tasks:
+            by_backend.setdefault(task.backend_id, []).append(task)
+        synced = list(results)
+        for index, plan in enumerate(results):
+            own = by_backend.get(plan.backend_id, [])
+            own.sort(key=lambda t: t.created_at)  # stable: queued order within a batch
+            downloads = tuple(download_of(t) for t in own)
+            # A stale inventory kept from an earlier cycle carries that cycle's downloads.
+            if downloads != plan.state.downloads:
+                synced[index] = replace(
+                    plan, state=plan.state.model_copy(update={"downloads": downloads})
                 )
-        return results
+        return synced
 
     async def _run_one(
         self, ctx: CycleContext, semaphore: asyncio.Semaphore, declared: Declared, *, act: bool
-    ) -> BackendPlan:
+    ) -> tuple[BackendPlan, bool]:
         backend = declared.backend
         driver = self._drivers.get(backend.type)
         if driver is None:
-            return self._failed(declared, f"Unsupported backend type: {backend.type}")
+            return self._failed(declared, f"Unsupported backend type: {backend.type}"), False
         async with semaphore:
             deadline = asyncio.timeout(self._backend_timeout)
             try:
@@ -387,20 +390,20 @@ class State:
                 if not deadline.expired():
                     raise
                 message = f"timed out after {self._backend_timeout:g} s"
-                return self._stale_or_failed(declared, message, act=act)
+                return self._stale_or_failed(declared, message, act=act), False
             except BackendTimeout as exc:
-                return self._stale_or_failed(declared, str(exc), act=act)
+                return self._stale_or_failed(declared, str(exc), act=act), False
             except RuntimeStateError as exc:
                 if act:
                     self._stale.pop(backend.id, None)
-                return self._failed(declared, str(exc))
+                return self._failed(declared, str(exc)), False
         if act:
             self._stale.pop(backend.id, None)
         if plan.state.error:
             # A failure the driver kept inside the state (a served model nobody declared, a
             # failed delete) is still a failure: the same log line and metric as a raised one.
             self._record_failure(backend, plan.state.error)
-        return plan
+        return plan, True
 
     @staticmethod
     def _record_failure(backend: Backend, error: str) -> None:

@@ -1,9 +1,12 @@
-"""``/queue``: the download queue, its cancellation, and live progress as Server-Sent Events.
+"""``/queue``: the pull tasks, cancelling and retrying them, and live progress as Server-Sent
+Events.
 
-``GET /queue`` lists what waits (from the job table) and what runs (from the per-backend
-download leases), so an operator sees both without asking every worker. Cancelling removes the
-pending job and publishes on ``queue_cancel``; every worker listens there and stops a pull whose
-backend URL or model matches, wherever it runs (one process or several on NATS).
+``GET /queue`` lists every pull task with its status (queued, running, failed and waiting for
+its next attempt, cancelled), so an operator sees the whole fleet's downloads without asking
+every worker. A cancel marks the matching tasks ``cancelled`` - they stay so until retried
+(``POST /queue/retry``) - and publishes on ``queue_cancel`` so that a running pull stops at once
+wherever it runs; a worker that missed the message stops at its next heartbeat. A cancel that
+matches nothing queued, running or failed is a 404, never a false success.
 
 ``GET /queue/inProgress`` relays the bus subject ``model_download``: one ``data: <json>`` event
 per published status, a comment line as heartbeat so that proxies keep an idle stream open, and
@@ -26,9 +29,9 @@ from starlette.background import BackgroundTask
 from runtimestate import downloads
 from runtimestate.api.deps import ApiContext, Context, Key
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
-from runtimestate.api.schemas import HttpUrl, QueueItemOut
+from runtimestate.api.schemas import HttpUrl, QueueItemOut, QueueRetryIn, QueueRetryOut
 from runtimestate.bus.base import Message, Subscription
-from runtimestate.errors import NotFound
+from runtimestate.store.records import PullStatus, PullTask
 
 __all__ = ["router"]
 
@@ -37,17 +40,39 @@ router = APIRouter(tags=["queue"], responses=ERROR_RESPONSES)
 HEARTBEAT = b": heartbeat\n\n"
 
 
+def _item(task: PullTask, url: str) -> QueueItemOut:
+    view = downloads.download_of(task)
+    return QueueItemOut(
+        url=url,
+        model=task.model,
+        backend_id=task.backend_id,
+        status=task.status.value,
+        running=task.status is PullStatus.RUNNING,
+        attempts=view.attempts,
+        last_error=view.last_error,
+        next_attempt_at=view.next_attempt_at,
+        completed=view.completed,
+        total=view.total,
+        started_at=view.started_at,
+        created_at=task.created_at,
+        worker=view.worker or None,
+    )
+
+
 @router.get("/queue", response_model=list[QueueItemOut])
 async def list_queue(ctx: Context) -> list[QueueItemOut]:
-    running = [
-        QueueItemOut(url=item.url, model=item.model, running=True, worker=item.worker)
-        for item in await downloads.list_running(ctx.store)
-    ]
-    pending = [
-        QueueItemOut(url=item.url, model=item.model, created_at=item.created_at)
-        for item in await downloads.list_pending(ctx.store)
-    ]
-    return running + pending
+    return [_item(entry.task, entry.url) for entry in await downloads.list_queue(ctx.store)]
+
+
+@router.post(
+    "/queue/retry",
+    response_model=QueueRetryOut,
+    responses=errors_doc((404, "No cancelled or failed download matches")),
+)
+async def retry_queue(body: QueueRetryIn, ctx: Context) -> QueueRetryOut:
+    retried = await downloads.retry(ctx.store, ctx.messenger, model=body.model, url=body.url)
+    urls = {b.id: b.base_url for b in await ctx.store.list_all_backends()}
+    return QueueRetryOut(retried=[_item(t, urls.get(t.backend_id, "")) for t in retried])
 
 
 @router.get(
@@ -106,22 +131,18 @@ async def _events(ctx: ApiContext, subscription: Subscription) -> AsyncIterator[
 @router.delete(
     "/queue/cancel",
     status_code=status.HTTP_204_NO_CONTENT,
+    responses=errors_doc((404, "Nothing is queued, running or failed on that backend")),
 )
 async def cancel_on_backend(
     url: Annotated[HttpUrl, Query(description="The backend's base URL.")], ctx: Context
 ) -> None:
-    await downloads.remove_pending(ctx.store, url=url)
-    await downloads.request_cancel(ctx.messenger, url)
+    await downloads.cancel(ctx.store, ctx.messenger, url=url)
 
 
 @router.delete(
     "/queue/{model:path}",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=errors_doc((404, "The model is neither queued nor downloading")),
+    responses=errors_doc((404, "The model is neither queued, running nor failed anywhere")),
 )
 async def remove_model(model: Key, ctx: Context) -> None:
-    removed = await downloads.remove_pending(ctx.store, model=model)
-    running = [item for item in await downloads.list_running(ctx.store) if item.model == model]
-    if not removed and not running:
-        raise NotFound(f"no download of {model!r} is queued or running")
-    await downloads.request_cancel(ctx.messenger, model)
+    await downloads.cancel(ctx.store, ctx.messenger, model=model)

@@ -75,6 +75,8 @@ __all__ = [
     "ProviderKeyIn",
     "ProviderStatusOut",
     "QueueItemOut",
+    "QueueRetryIn",
+    "QueueRetryOut",
     "StateSummaryOut",
     "VersionOut",
 ]
@@ -337,13 +339,34 @@ class PlanOut(_Camel):
 
 
 class QueueItemOut(_Camel):
-    """A download waiting in the queue (``running`` false) or in progress on a worker."""
+    """One pull task: ``status`` is queued, running, failed (waiting for ``nextAttemptAt``) or
+    cancelled; ``completed``/``total`` are the whole model's bytes as of the last heartbeat."""
 
     url: str
     model: str
+    backend_id: str
+    status: str
     running: bool = False
+    attempts: int = 0
+    last_error: str = ""
+    next_attempt_at: datetime | None = None
+    completed: int = 0
+    total: int = 0
+    started_at: datetime | None = None
     created_at: datetime | None = None
     worker: str | None = None
+
+
+class QueueRetryIn(_Input):
+    """Which cancelled or failed downloads to queue again: of a model, on a backend (its base
+    URL), both, or (neither given) all of them."""
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = None
+    url: HttpUrl | None = None
+
+
+class QueueRetryOut(_Camel):
+    retried: list[QueueItemOut]
 
 
 class ProviderKeyIn(_Input):

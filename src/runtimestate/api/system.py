@@ -81,6 +81,6 @@ async def version(ctx: Context) -> VersionOut:
     },
 )
 async def metrics(ctx: Context) -> Response:
-    # Listing the queue refreshes the QUEUE_DEPTH gauge.
-    await downloads.list_pending(ctx.store)
+    # The task gauges as of now, not as of the last backend cycle (which may run elsewhere).
+    await downloads.refresh_task_metrics(ctx.store)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -168,18 +167,12 @@ class DriverOptions:
 
 @dataclass(kw_only=True)
 class CycleContext:
-    """What one cycle shares between its backends: the I/O handles; the base URLs with a pull
-    in progress (``downloading``, from the leases) and with a download job pending (``queued``),
-    and per base URL the models whose pull the backend refused lately (``held_back``), all read
-    once per cycle; and key-value reads memoized per cycle (one read of ``OPENAI_KEY`` for a
-    hundred OpenAI backends)."""
+    """What one cycle shares between its backends: the I/O handles, and key-value reads
+    memoized per cycle (one read of ``OPENAI_KEY`` for a hundred OpenAI backends)."""
 
     http: HttpClient
     store: Store
     clock: Clock
-    downloading: frozenset[str]
-    queued: frozenset[str]
-    held_back: Mapping[str, frozenset[str]] = field(default_factory=dict)
     _kv_values: dict[str, KVEntry | None] = field(default_factory=dict)
     _kv_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _kv_prefixed: dict[str, dict[str, KVEntry]] = field(default_factory=dict)

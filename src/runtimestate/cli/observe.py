@@ -27,7 +27,10 @@ from runtimestate.cli.live import WatchBoard, is_failure_status
 
 __all__ = ["BACKOFF", "INTERRUPTED", "plan", "queue_app", "state", "sync", "watch"]
 
-queue_app = typer.Typer(help="Pending and running model downloads.", no_args_is_help=True)
+queue_app = typer.Typer(
+    help="Model downloads: queued, running, failed (waiting to retry) and cancelled.",
+    no_args_is_help=True,
+)
 
 
 # ---- state ---------------------------------------------------------------------------------
@@ -154,7 +157,7 @@ def sync(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 # ---- queue ---------------------------------------------------------------------------------
 @queue_app.command("list")
 def queue_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """Downloads queued or running, with the worker that runs each."""
+    """Every download with its status, attempts, last error and the worker that runs it."""
     with api(ctx) as client:
         pending = client.get("/queue")
     if as_json:
@@ -164,9 +167,11 @@ def queue_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     columns = (
         ("model", "model"),
         ("url", "backend URL"),
-        ("running", "running"),
+        ("status", "status"),
+        ("attempts", "attempts"),
         ("worker", "worker"),
-        ("createdAt", "queued at"),
+        ("nextAttemptAt", "next try"),
+        ("lastError", "last error"),
     )
     render.print_records(out(), records, columns, empty="no downloads queued")
 
@@ -195,6 +200,34 @@ def queue_cancel(
             client.request("DELETE", "/queue/cancel", params={"url": url})
             what = f"the download on {backend}"
     say("cancelled {what}", what=what)
+
+
+@queue_app.command("retry")
+def queue_retry(
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Argument(help="Model whose downloads to retry.")] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option("--backend", "-b", help="Retry the downloads on this backend (name/URL)."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Queue cancelled or failed downloads again, now: of a MODEL, on a --backend, or all."""
+    body: dict[str, str] = {}
+    with api(ctx) as client:
+        if model is not None:
+            body["model"] = model
+        if backend is not None:
+            url = backend
+            if not backend.startswith(("http://", "https://")):
+                url = str(client.find_backend(backend)["baseUrl"])
+            body["url"] = url
+        answer = client.json("POST", "/queue/retry", json_body=body)
+    if as_json:
+        render.print_json(out(), answer)
+        return
+    retried = answer.get("retried", []) if isinstance(answer, dict) else []
+    say("queued {count} download(s) again", count=len(retried))
 
 
 # ---- watch ---------------------------------------------------------------------------------

@@ -1,40 +1,34 @@
-"""The download queue and the download cycle: pull one queued model, report its progress.
+"""The download worker: claim one pull task, pull it within explicit bounds, record the outcome.
 
-The queue is the store's job table: jobs of type :data:`MODEL_DOWNLOAD`, id = the backend's
-base URL (so at most one download is pending per backend), payload ``{"url","model"}``. The
-backend cycle is the source of truth: it re-detects missing models each pass, so a lost job (a
-crash mid-pull) is simply queued again by the next pass.
+One :meth:`PullWorker.run_cycle` is one unit of work: claim a due task (one statement, the
+caller becomes its owner: see :meth:`~runtimestate.store.Store.claim_pull_task`), stream the
+pull, and write what happened on the task - deleted when the model landed, ``failed`` with the
+reason and a next attempt after back-off, ``cancelled``, or given back ``queued`` when the
+worker itself is being stopped. A backend's failure is a result recorded on its task, never an
+exception: ``run_cycle`` raises only when the store cannot be reached, or for a bug, so one
+(backend, model) that keeps failing never reaches a circuit breaker nor delays anything else.
 
-Popping a job frees its id, so the backend cycle could queue the model again while it is being
-pulled, and a second worker could pull it too. A **lease** ``download:<url>`` closes that gap:
-the puller holds it (renewed while progress flows, released in ``finally``), the backend cycle
-does not queue for a backend whose lease is held, and a worker that pops a job for a leased
-backend puts it back. Leases live in the store, so this holds across workers and processes on
-one PostgreSQL; a crashed worker's lease simply expires. The lease holder is
-``<worker id>|<model>`` so that :func:`list_running` can say what is being pulled (``|`` is not
-allowed in Ollama model names).
+While the pull runs, three watchers race it, each on the injected :class:`Clock` (so a
+``FakeClock`` drives every timeout in tests):
+
+* **deadlines** - response headers within ``header_timeout``, then a line at least every
+  ``stall_timeout``, and the whole pull within ``total_timeout``; the connect phase is bounded
+  by the HTTP client as well. No await on the network is left without a bound;
+* **heartbeat** - every ``heartbeat_timeout / 3`` the worker records, fenced by owner and
+  attempt, that it is alive and how far it got (whole-model bytes, summed over the layers). A
+  write that finds the task no longer this worker's (cancelled, deleted because the model was
+  un-declared, or reclaimed by another worker after this one stalled) stops the pull: that is
+  how a cancel reaches a worker that missed the bus message;
+* **cancel notices** on ``queue_cancel`` - ``{"id"}`` naming the backend URL or the model (the
+  Go package's message), or ``{"id": model, "url"}`` naming one pair. The worker stops the pull
+  and marks its task ``cancelled`` if it is still its own.
+
+Progress goes out on ``model_download`` in the Go package's JSON: every status change, byte
+progress at most every ``progress_interval`` and only on a new whole percent, and the final
+``success`` always.
 
 The pull itself (the HTTP stream) belongs to the Ollama driver; this module receives it as a
-:data:`Puller` so that it stays free of HTTP. It publishes the seed's status JSON on
-:data:`MODEL_DOWNLOAD`: every status change, byte progress at most every ``progress_interval``
-seconds and only on a new whole percent (Ollama emits progress many times a second), and the
-final ``success`` always. A message on :data:`QUEUE_CANCEL` whose ``id`` is the job's URL or
-model closes the stream at once.
-
-A pull the backend refuses (an ``{"error"}`` line such as ``file does not exist``, or an error
-status) is **held back** for ``retry_after`` seconds: a ``pull-failed:<url>|<model>`` lease
-that the backend cycle reads, so that it queues the node's other missing models first (one job
-per node means that one model that cannot be pulled - a typo, or a cloud model name declared for
-every backend without pools - would otherwise be queued again and again and block every model
-after it). When nothing else is missing it is queued again at once, as before. A pull that
-failed because the node itself went away (refused, dropped, stalled) is not held back: nothing
-else could be pulled there either.
-
-Every log line of a download (started, deferred, cancelled, failed, pulled) carries the
-``backend_id`` of the backend at the job's URL, like the backend cycle's lines. The payload has
-only the URL (the seed's shape), so the id comes from the URL-to-id map the backend cycle hands
-over (:meth:`Downloader.know_backends`), else from one listing of the declared backends; a URL no
-backend has any more logs an empty id. A failed lookup never fails a pull.
+:data:`Puller` so that it stays free of HTTP.
 """
 
 from __future__ import annotations
@@ -43,10 +37,12 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import random
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -54,44 +50,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runtimestate.bus.base import Messenger, Subscription
 from runtimestate.clock import SYSTEM_CLOCK, Clock
+from runtimestate.downloads.tasks import MODEL_DOWNLOAD, QUEUE_CANCEL, Backoff
 from runtimestate.errors import (
     BackendError,
     BackendUnreachable,
-    Conflict,
     InvalidInput,
     NotFound,
-    RuntimeStateError,
+    ProtocolError,
+    StoreError,
     redact,
 )
-from runtimestate.metrics import DOWNLOAD_BYTES, DOWNLOAD_FAILURES, MODELS_PULLED, QUEUE_DEPTH
+from runtimestate.metrics import DOWNLOAD_BYTES, DOWNLOAD_FAILURES, MODELS_PULLED, PULL_DURATION
 from runtimestate.store.base import Store
-from runtimestate.store.records import Job
+from runtimestate.store.records import PullTask
 
-__all__ = [
-    "FAILED_PREFIX",
-    "LEASE_PREFIX",
-    "MODEL_DOWNLOAD",
-    "QUEUE_CANCEL",
-    "DownloadOutcome",
-    "DownloadStatus",
-    "Downloader",
-    "PendingDownload",
-    "Puller",
-    "RunningDownload",
-    "lease_name",
-    "list_held_back",
-    "list_pending",
-    "list_running",
-    "queue_download",
-    "queue_downloads",
-    "remove_pending",
-    "request_cancel",
-]
-
-MODEL_DOWNLOAD = "model_download"
-QUEUE_CANCEL = "queue_cancel"
-LEASE_PREFIX = "download:"
-FAILED_PREFIX = "pull-failed:"
+__all__ = ["DownloadOutcome", "DownloadStatus", "PullWorker", "Puller"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,16 +72,8 @@ logger = logging.getLogger(__name__)
 Puller = Callable[[str, str], AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]]
 
 
-def lease_name(url: str) -> str:
-    return LEASE_PREFIX + url
-
-
-def _held_back_name(url: str, model: str) -> str:
-    return f"{FAILED_PREFIX}{url}|{model}"
-
-
 class DownloadStatus(BaseModel):
-    """One progress event, in the seed's JSON: ``{"status","digest","total","completed",
+    """One progress event, in the Go package's JSON: ``{"status","digest","total","completed",
     "model","baseUrl"}``."""
 
     model_config = ConfigDict(frozen=True, validate_by_name=True, serialize_by_alias=True)
@@ -121,135 +86,43 @@ class DownloadStatus(BaseModel):
     base_url: str = Field(alias="baseUrl")
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PendingDownload:
-    url: str
-    model: str
-    created_at: datetime | None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RunningDownload:
-    url: str
-    model: str
-    worker: str
-    expires_at: datetime
-
-
 class DownloadOutcome(StrEnum):
-    """How the last download cycle ended (the cycle returns a bool; tests and logs use it)."""
+    """How the last cycle of a worker ended."""
 
-    EMPTY = "empty"
-    DEFERRED = "deferred"
-    CANCELLED = "cancelled"
+    EMPTY = "empty"  # nothing was due
     SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    LOST = "lost"  # the task stopped being this worker's (reclaimed, removed, cancelled)
 
 
-def _payload(job: Job) -> tuple[str, str]:
-    try:
-        data = json.loads(job.payload)
-        url, model = data["url"], data["model"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidInput(f"download job {job.id!r} has a malformed payload") from exc
-    if not isinstance(url, str) or not isinstance(model, str) or not url or not model:
-        raise InvalidInput(f"download job {job.id!r} has a malformed payload")
-    return url, model
+class _PullFailed(Exception):
+    """A failure of the peer, with the reason it is counted under."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
-def _job(url: str, model: str) -> Job:
-    payload = json.dumps({"url": url, "model": model}).encode()
-    return Job(id=url, task_type=MODEL_DOWNLOAD, payload=payload)
+@dataclass(kw_only=True)
+class _Progress:
+    started: float
+    opened: bool = False
+    last_line: float = 0.0
+    layers: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def completed(self) -> int:
+        return sum(done for done, _ in self.layers.values())
+
+    @property
+    def total(self) -> int:
+        return sum(size for _, size in self.layers.values())
 
 
-async def queue_download(store: Store, url: str, model: str) -> bool:
-    """Queue a pull of ``model`` on the backend at ``url``; False if one is already pending
-    for that backend (the job id is the URL). Store failures propagate."""
-    try:
-        await store.append_job(_job(url, model))
-    except Conflict:
-        return False
-    return True
-
-
-async def queue_downloads(store: Store, requests: Sequence[tuple[str, str]]) -> list[bool]:
-    """Queue several ``(url, model)`` pulls; for each, whether it was queued (False: one was
-    already pending for that URL). One transaction when no job is pending for any of them -
-    the common case, and the difference between one commit and a thousand in a cycle over a
-    large fleet; one by one otherwise. Store failures propagate."""
-    if not requests:
-        return []
-    try:
-        await store.append_jobs([_job(url, model) for url, model in requests])
-    except Conflict:
-        return [await queue_download(store, url, model) for url, model in requests]
-    return [True] * len(requests)
-
-
-async def request_cancel(messenger: Messenger, id: str) -> None:
-    """Ask every worker to stop the pull whose backend URL or model is ``id``."""
-    await messenger.publish(QUEUE_CANCEL, json.dumps({"id": id}).encode())
-
-
-async def list_pending(store: Store) -> list[PendingDownload]:
-    """Queued downloads, oldest first. A job with a malformed payload is listed with an empty
-    model so that an operator can see and remove it."""
-    pending = []
-    for job in await store.get_jobs_for_type(MODEL_DOWNLOAD):
-        try:
-            url, model = _payload(job)
-        except InvalidInput:
-            url, model = job.id, ""
-        pending.append(PendingDownload(url=url, model=model, created_at=job.created_at))
-    QUEUE_DEPTH.set(len(pending))
-    return pending
-
-
-async def list_running(store: Store) -> list[RunningDownload]:
-    """Pulls in progress, from the unexpired ``download:<url>`` leases."""
-    running = []
-    for lease in await store.list_leases(LEASE_PREFIX):
-        worker, _, model = lease.holder.rpartition("|")
-        running.append(
-            RunningDownload(
-                url=lease.name[len(LEASE_PREFIX) :],
-                model=model,
-                worker=worker,
-                expires_at=lease.expires_at,
-            )
-        )
-    return running
-
-
-async def list_held_back(store: Store) -> dict[str, frozenset[str]]:
-    """Per backend URL, the models whose last pull the backend refused and that are not to be
-    queued again yet (from the unexpired ``pull-failed:`` leases)."""
-    held: dict[str, set[str]] = {}
-    for lease in await store.list_leases(FAILED_PREFIX):
-        url, _, model = lease.name[len(FAILED_PREFIX) :].rpartition("|")
-        held.setdefault(url, set()).add(model)
-    return {url: frozenset(models) for url, models in held.items()}
-
-
-async def remove_pending(store: Store, model: str | None = None, url: str | None = None) -> int:
-    """Remove queued downloads of ``model`` and/or on ``url`` (all of them when neither is
-    given); return how many were removed. A job popped meanwhile is simply not counted."""
-    removed = 0
-    for pending in await list_pending(store):
-        if model is not None and pending.model != model:
-            continue
-        if url is not None and pending.url != url:
-            continue
-        try:
-            await store.delete_job(pending.url)
-        except NotFound:
-            continue
-        removed += 1
-    return removed
-
-
-class Downloader:
-    """Runs download cycles for one worker. Holds no background task: each call of
-    :meth:`run_cycle` is one unit of work that ends before it returns."""
+class PullWorker:
+    """Carries out pull tasks for one process. Several cycles may run at once (one per worker
+    routine): each claims its own task, and the database keeps them on different backends."""
 
     def __init__(
         self,
@@ -260,195 +133,208 @@ class Downloader:
         worker_id: str,
         clock: Clock = SYSTEM_CLOCK,
         progress_interval: float = 0.25,
+        header_timeout: float = 30.0,
         stall_timeout: float = 60.0,
-        lease_ttl: float = 60.0,
-        retry_after: float = 300.0,
+        total_timeout: float = 6 * 3600.0,
+        heartbeat_timeout: float = 15.0,
+        backoff: Backoff | None = None,
+        rand: Callable[[], float] = random.random,
     ) -> None:
-        if "|" in worker_id:
-            raise InvalidInput("worker id must not contain '|'", field="worker_id")
+        if not isinstance(worker_id, str) or not worker_id:
+            raise InvalidInput("worker id must be a non-empty string", field="worker_id")
+        for name, value in (
+            ("header_timeout", header_timeout),
+            ("stall_timeout", stall_timeout),
+            ("total_timeout", total_timeout),
+            ("heartbeat_timeout", heartbeat_timeout),
+        ):
+            if value <= 0:
+                raise InvalidInput(f"{name} must be positive", field=name)
+        if progress_interval < 0:
+            raise InvalidInput("progress_interval must not be negative", field="progress_interval")
         self._store = store
         self._messenger = messenger
         self._puller = puller
         self.worker_id = worker_id
         self._clock = clock
         self._progress_interval = progress_interval
+        self._header_timeout = header_timeout
         self._stall_timeout = stall_timeout
-        self._lease_ttl = timedelta(seconds=lease_ttl)
-        self._retry_after = timedelta(seconds=retry_after)
-        # A lease held by this worker would be granted again (a renewal), so concurrent cycles
-        # of one worker also check the URLs it is pulling right now.
-        self._pulling: set[str] = set()
-        self._backend_ids: dict[str, str] = {}
+        self._total_timeout = total_timeout
+        self.heartbeat_timeout = heartbeat_timeout
+        self._backoff = backoff or Backoff()
+        self._rand = rand
         self.last_outcome = DownloadOutcome.EMPTY
 
-    def know_backends(self, backend_ids: Mapping[str, str]) -> None:
-        """Remember which backend id each base URL belongs to (for log lines)."""
-        self._backend_ids = dict(backend_ids)
-
-    async def _backend_id(self, url: str) -> str:
-        """The id of the backend at ``url``; "" when none has it or the store cannot say."""
-        known = self._backend_ids.get(url)
-        if known is not None:
-            return known
-        try:
-            backends = await self._store.list_all_backends()
-        except RuntimeStateError:
-            return ""
-        self._backend_ids = {b.base_url: b.id for b in backends}
-        # Remembered as "" too, so a job for a removed backend does not list them all again.
-        return self._backend_ids.setdefault(url, "")
-
     async def run_cycle(self) -> bool:
-        """Pop one job and pull it. True if a job was processed (pulled or cancelled), False
-        if the queue was empty or the backend is busy with another worker's pull (the job is
-        then queued again, and returning False keeps a drain loop from spinning on it)."""
-        try:
-            job = await self._store.pop_job_for_type(MODEL_DOWNLOAD)
-        except NotFound:
+        """Claim one due task and carry it out; False when nothing was due. Raises only for
+        the store (or a bug), never for the backend's failure."""
+        task = await self._store.claim_pull_task(
+            owner=self.worker_id, stale_after=timedelta(seconds=self.heartbeat_timeout)
+        )
+        if task is None:
             self.last_outcome = DownloadOutcome.EMPTY
             return False
-        url, model = _payload(job)
-        holder = f"{self.worker_id}|{model}"
-        # Claimed before the first await: another cycle of this worker popping a job for the
-        # same URL meanwhile would get the lease as a renewal (same holder) and pull too.
-        claimed = url not in self._pulling
-        if claimed:
-            self._pulling.add(url)
+        log_extra = {"backend_id": task.backend_id, "model": task.model}
         try:
-            log_extra = {"backend_id": await self._backend_id(url), "url": url, "model": model}
-            lease = None
-            if claimed:
-                lease = await self._store.acquire_lease(
-                    lease_name(url), holder=holder, ttl=self._lease_ttl
-                )
-            if lease is None:
-                with contextlib.suppress(Conflict):
-                    # Conflict: the backend cycle already queued it again. Either way it is.
-                    await self._store.append_job(_job(url, model))
-                logger.info("download deferred: backend busy", extra=log_extra)
-                self.last_outcome = DownloadOutcome.DEFERRED
-                return False
-            logger.info("download started", extra=log_extra)
-            try:
-                async with await self._messenger.stream(QUEUE_CANCEL) as cancels:
-                    self.last_outcome = await self._pull_or_cancel(
-                        url, model, holder, cancels, log_extra
-                    )
-            finally:
-                await asyncio.shield(self._store.release_lease(lease_name(url), holder=holder))
+            backend = await self._store.get_backend(task.backend_id)
+        except NotFound:
+            # Deleted since the claim; its tasks went with it.
+            self.last_outcome = DownloadOutcome.LOST
             return True
-        finally:
-            if claimed:
-                self._pulling.discard(url)
+        started = time.perf_counter()
+        outcome = await self._carry_out(task, backend.base_url, log_extra)
+        PULL_DURATION.labels(outcome=outcome.value).observe(time.perf_counter() - started)
+        self.last_outcome = outcome
+        return True
 
-    async def _pull_or_cancel(
+    async def _carry_out(
+        self, task: PullTask, url: str, log_extra: dict[str, str]
+    ) -> DownloadOutcome:
+        logger.info("download started (attempt %d)", task.attempt, extra=log_extra)
+        progress = _Progress(started=self._clock.monotonic())
+        fence: dict[str, Any] = {
+            "backend_id": task.backend_id,
+            "model": task.model,
+            "owner": self.worker_id,
+            "attempt": task.attempt,
+        }
+        try:
+            async with await self._messenger.stream(QUEUE_CANCEL) as cancels:
+                watchers = {
+                    "pull": self._pull(url, task.model, progress),
+                    "deadline": self._deadlines(progress),
+                    "heartbeat": self._heartbeat(fence, progress),
+                    "cancel": self._watch(cancels, url, task.model),
+                }
+                first, result = await _race(watchers, name=f"{task.model} on {redact(url)}")
+        except asyncio.CancelledError:
+            # The worker is being stopped: give the task back, due now, for whoever is next.
+            with contextlib.suppress(StoreError):
+                await asyncio.shield(self._store.release_pull_task(**fence))
+            raise
+        if first == "pull" and not isinstance(result, BaseException):
+            MODELS_PULLED.inc()
+            logger.info("model pulled", extra=log_extra)
+            if not await self._store.finish_pull_task(**fence):
+                logger.info("pulled, but the task had been taken over", extra=log_extra)
+            return DownloadOutcome.SUCCEEDED
+        if isinstance(result, _PullFailed):
+            return await self._fail(task, fence, url, result, log_extra)
+        if isinstance(result, BaseException):
+            raise result
+        if first == "cancel" and await self._store.release_pull_task(**fence, cancelled=True):
+            # A bare cancel message: this worker marks the task, so that it stays cancelled.
+            logger.info("download cancelled", extra=log_extra)
+            await self._publish(DownloadStatus(status="cancelled", model=task.model, base_url=url))
+            return DownloadOutcome.CANCELLED
+        logger.info("download stopped: the task is no longer this worker's", extra=log_extra)
+        await self._publish(DownloadStatus(status="cancelled", model=task.model, base_url=url))
+        return DownloadOutcome.LOST
+
+    async def _fail(
         self,
+        task: PullTask,
+        fence: dict[str, Any],
         url: str,
-        model: str,
-        holder: str,
-        cancels: Subscription,
+        failure: _PullFailed,
         log_extra: dict[str, str],
     ) -> DownloadOutcome:
-        pull = asyncio.create_task(
-            self._pull(url, model, holder, log_extra), name=f"pull {model} on {redact(url)}"
+        DOWNLOAD_FAILURES.labels(reason=failure.reason).inc()
+        message = redact(f"pull of {task.model} on {url} failed: {failure}")
+        retry_in = self._backoff.delay(task.failures + 1, rand=self._rand)
+        logger.warning("%s; next try in %.0f s", message, retry_in.total_seconds(), extra=log_extra)
+        await self._store.fail_pull_task(**fence, error=message, retry_in=retry_in)
+        await self._publish(
+            DownloadStatus(status=f"error: {message}", model=task.model, base_url=url)
         )
-        watch = asyncio.create_task(self._watch(cancels, url, model), name=f"cancel {url}")
-        try:
-            await asyncio.wait({pull, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (pull, watch):
-                task.cancel()
-            await asyncio.wait({pull, watch})
-        if pull.done() and not pull.cancelled():
-            # The pull ended first (or together with a cancel): its outcome stands.
-            pull.result()
-            return DownloadOutcome.SUCCEEDED
-        # Otherwise the watcher ended it: a cancel message, or a bus failure that result() raises.
-        watch.result()
-        logger.info("download cancelled", extra=log_extra)
-        await self._publish(DownloadStatus(status="cancelled", model=model, base_url=url))
-        return DownloadOutcome.CANCELLED
+        return DownloadOutcome.FAILED
+
+    async def _deadlines(self, progress: _Progress) -> _PullFailed:
+        """Return the failure once a bound is passed: headers, stall between lines, total."""
+        total_at = progress.started + self._total_timeout
+        while True:
+            if progress.opened:
+                at = progress.last_line + self._stall_timeout
+                failure = _PullFailed(
+                    "stalled", f"stalled: no progress for {self._stall_timeout:g} s"
+                )
+            else:
+                at = progress.started + self._header_timeout
+                failure = _PullFailed(
+                    "no_headers", f"no response headers within {self._header_timeout:g} s"
+                )
+            if total_at <= at:
+                at = total_at
+                failure = _PullFailed("timeout", f"not finished within {self._total_timeout:g} s")
+            now = self._clock.monotonic()
+            if now >= at:
+                return failure
+            await self._clock.sleep(at - now)
+
+    async def _heartbeat(self, fence: dict[str, Any], progress: _Progress) -> None:
+        """Return once a heartbeat finds the task no longer this worker's."""
+        while True:
+            await self._clock.sleep(self.heartbeat_timeout / 3)
+            try:
+                mine = await self._store.heartbeat_pull_task(
+                    **fence, completed=progress.completed, total=progress.total
+                )
+            except StoreError as exc:
+                # The pull goes on; if the store stays away past heartbeat_timeout, another
+                # worker may claim the task and the next heartbeat says so.
+                logger.warning("heartbeat not recorded: %s", exc, extra={"model": fence["model"]})
+                continue
+            if not mine:
+                return
 
     async def _watch(self, cancels: Subscription, url: str, model: str) -> None:
         async for message in cancels:
             try:
-                target = json.loads(message.data).get("id")
+                body = json.loads(message.data)
+                target, pair_url = body.get("id"), body.get("url")
             except (ValueError, AttributeError):
                 logger.warning("ignored malformed cancel message")
                 continue
-            if target in (url, model):
+            if pair_url is not None:
+                if pair_url == url and target == model:
+                    return
+            elif target in (url, model):
                 return
-        # The subscription ended (bus closed): never return, the pull decides the outcome.
+        # The subscription ended (bus closed): the heartbeat still carries cancels.
         await asyncio.Event().wait()
 
-    async def _pull(self, url: str, model: str, holder: str, log_extra: dict[str, str]) -> None:
+    async def _pull(self, url: str, model: str, progress: _Progress) -> None:
         try:
-            await self._consume(url, model, holder, log_extra)
+            await self._consume(url, model, progress)
+        except BackendUnreachable as exc:
+            reason = "dropped" if progress.opened else "unreachable"
+            raise _PullFailed(reason, str(exc)) from exc
+        except ProtocolError as exc:
+            raise _PullFailed("protocol", str(exc)) from exc
         except BackendError as exc:
-            # Same class (so callers can tell a broken stream from a refused pull), but a
-            # message that always names the model and the backend.
-            failure = type(exc)(
-                f"pull of {model} on {redact(url)} failed: {exc}", backend=redact(url)
-            )
-            failure.__cause__ = exc
-        else:
-            return
-        DOWNLOAD_FAILURES.inc()
-        logger.error("pull failed: %s", failure, extra=log_extra)
-        if not isinstance(failure, BackendUnreachable):
-            await self._hold_back(url, model, log_extra)
-        await self._publish(DownloadStatus(status=f"error: {failure}", model=model, base_url=url))
-        raise failure
+            reason = "refused" if progress.opened else "http_error"
+            raise _PullFailed(reason, str(exc)) from exc
 
-    async def _hold_back(self, url: str, model: str, log_extra: dict[str, str]) -> None:
-        """Keep the backend cycle from queueing a refused pull again for ``retry_after``."""
-        try:
-            await self._store.acquire_lease(
-                _held_back_name(url, model), holder=self.worker_id, ttl=self._retry_after
-            )
-        except RuntimeStateError as exc:
-            # The pull's own failure is what the caller must see; this only costs a retry.
-            logger.warning("could not hold back the failed pull: %s", exc, extra=log_extra)
-            return
-        logger.info(
-            "model held back from the queue for %g s",
-            self._retry_after.total_seconds(),
-            extra=log_extra,
-        )
-
-    async def _consume(self, url: str, model: str, holder: str, log_extra: dict[str, str]) -> None:
+    async def _consume(self, url: str, model: str, progress: _Progress) -> None:
         """Read the pull stream to its ``success`` line, publishing throttled progress."""
         last_status = ""
         last_percent = -1
         last_publish = float("-inf")
-        last_renew = self._clock.monotonic()
-        completed_by_digest: dict[str, int] = {}
         async with self._puller(url, model) as lines:
-            iterator = aiter(lines)
-            while True:
-                try:
-                    async with asyncio.timeout(self._stall_timeout):
-                        line = await anext(iterator)
-                except StopAsyncIteration:
-                    raise BackendUnreachable(
-                        "the stream ended before success", backend=url
-                    ) from None
-                except TimeoutError as exc:
-                    raise BackendUnreachable(
-                        f"stalled: no progress for {self._stall_timeout:g} s", backend=url
-                    ) from exc
+            progress.opened = True
+            progress.last_line = self._clock.monotonic()
+            async for line in lines:
+                now = progress.last_line = self._clock.monotonic()
                 if "error" in line:
-                    raise BackendError(str(line["error"]), backend=url)
+                    raise BackendError(str(line["error"]), backend=redact(url))
                 status = _status(line, model, url)
-                now = self._clock.monotonic()
-                if now - last_renew >= self._lease_ttl.total_seconds() / 3:
-                    await self._renew(url, holder)
-                    last_renew = now
-                if status.digest:
-                    previous = completed_by_digest.get(status.digest, 0)
+                if status.digest and status.total:
+                    previous, _ = progress.layers.get(status.digest, (0, 0))
                     if status.completed > previous:
                         DOWNLOAD_BYTES.inc(status.completed - previous)
-                        completed_by_digest[status.digest] = status.completed
+                    completed = max(previous, status.completed)
+                    progress.layers[status.digest] = (completed, status.total)
                 percent = status.completed * 100 // status.total if status.total else -1
                 changed = status.status != last_status
                 progressed = percent > last_percent and (
@@ -458,17 +344,29 @@ class Downloader:
                     await self._publish(status)
                     last_status, last_percent, last_publish = status.status, percent, now
                 if status.status == "success":
-                    MODELS_PULLED.inc()
-                    logger.info("model pulled", extra=log_extra)
                     return
-
-    async def _renew(self, url: str, holder: str) -> None:
-        lease = await self._store.acquire_lease(lease_name(url), holder=holder, ttl=self._lease_ttl)
-        if lease is None:
-            raise BackendError(f"lost the download lease of {url}", backend=url)
+        raise BackendUnreachable("the stream ended before success", backend=redact(url))
 
     async def _publish(self, status: DownloadStatus) -> None:
         await self._messenger.publish(MODEL_DOWNLOAD, status.model_dump_json().encode())
+
+
+async def _race(coros: dict[str, Any], *, name: str) -> tuple[str, object]:
+    """Run the named coroutines until the first ends; cancel and reap the others. The first's
+    name and its result (or the exception it raised)."""
+    tasks = {asyncio.create_task(coro, name=f"{key} {name}"): key for key, coro in coros.items()}
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+    # "pull" wins a tie, so a pull that ended together with a cancel keeps its outcome.
+    first = min(done, key=lambda t: tasks[t] != "pull")
+    if first.cancelled():
+        raise asyncio.CancelledError
+    error = first.exception()
+    return tasks[first], error if error is not None else first.result()
 
 
 def _status(line: dict[str, Any], model: str, url: str) -> DownloadStatus:

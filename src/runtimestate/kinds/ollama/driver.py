@@ -5,11 +5,8 @@ are not declared, asks ``/api/show`` - once per digest, since a digest names imm
 a steady cycle costs one request per node. ``plan`` compares **normalized** names
 (:func:`~runtimestate.backends.names.ollama_key`) and decides:
 
-* the first declared model that is missing is queued for download - one job per node, its id the
-  node's base URL, so the next missing model is queued after this one lands - unless a job is
-  already pending for the node, or a download lease on the node says a pull is running (popping
-  a job frees its id, so without that check a model being pulled would be queued again). A
-  model whose pull the node refused lately goes to the back of the line (see
+* every declared model that is missing is to be pulled; the cycle turns these into pull tasks,
+  one per (node, model), which the database runs one at a time per node (see
   :mod:`runtimestate.downloads`), so one model that cannot be pulled never blocks the rest;
 * models present but not declared are deleted (unless ``delete_undeclared`` is off, in which case
   they are reported as drift in ``undeclared_models``).
@@ -68,10 +65,7 @@ class OllamaInventory:
 
     models: tuple[ListModelResponse, ...]
     discovered: Mapping[str, Capabilities]
-    downloading: bool
-    queued: bool
     problems: tuple[str, ...] = ()
-    held_back: frozenset[str] = frozenset()  # normalized names of refused pulls
 
 
 def parse_show(body: Any) -> Capabilities:
@@ -183,10 +177,7 @@ class OllamaDriver(Driver[OllamaInventory]):
         return OllamaInventory(
             models=listed,
             discovered=discovered,
-            downloading=url in ctx.downloading,
-            queued=url in ctx.queued,
             problems=tuple(problems),
-            held_back=frozenset(ollama_key(m) for m in ctx.held_back.get(url, ())),
         )
 
     async def _show(self, ctx: CycleContext, url: str, name: str) -> Capabilities:
@@ -207,12 +198,11 @@ class OllamaDriver(Driver[OllamaInventory]):
         wanted = {ollama_key(m.model): m for m in declared.models}
         present = {ollama_key(m.name) for m in observed.models}
         actions: list[Action] = []
-        missing = [m.model for m in declared.models if ollama_key(m.model) not in present]
-        # Refused pulls go to the back of the line (stable sort): tried again at once only when
-        # nothing else is missing, as before.
-        missing.sort(key=lambda name: ollama_key(name) in observed.held_back)
-        if missing and not observed.downloading and not observed.queued:
-            actions.append(Action(kind=ActionKind.PULL, model=missing[0]))
+        actions.extend(
+            Action(kind=ActionKind.PULL, model=m.model)
+            for m in declared.models
+            if ollama_key(m.model) not in present
+        )
         pulled: list[ListModelResponse] = []
         drift: list[str] = []
         for listed in observed.models:
