@@ -21,6 +21,7 @@ import contextlib
 
 from fastapi import APIRouter, Response, status
 
+from runtimestate import downloads
 from runtimestate.api.deps import (
     PAGED,
     ApiContext,
@@ -148,5 +149,8 @@ async def update_backend(backend_id: Key, body: BackendUpdate, ctx: Context) -> 
     "/backends/{backend_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND
 )
 async def delete_backend(backend_id: Key, ctx: Context) -> None:
+    backend = await ctx.store.get_backend(backend_id)
+    # Its running pulls stop now (its tasks go with it in the database either way).
+    await downloads.forget(ctx.store, ctx.messenger, backend=backend)
     # The store removes the backend's credential with it.
     await ctx.store.delete_backend(backend_id)

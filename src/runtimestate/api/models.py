@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
+from runtimestate import downloads
 from runtimestate.api.deps import PAGED, Context, Key, PageQuery, created_links, set_next_cursor
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import ModelIn, ModelOut, ModelUpdate
@@ -71,3 +72,5 @@ async def update_model(model_id: Key, body: ModelUpdate, ctx: Context) -> ModelO
 async def delete_model(model: Key, ctx: Context) -> None:
     declared = await ctx.store.get_model_by_name(model)
     await ctx.store.delete_model(declared.id)
+    # Its queued pulls go now and its running ones stop, not at the next cycle.
+    await downloads.forget(ctx.store, ctx.messenger, model=declared.model)

@@ -8,10 +8,14 @@ every observed backend and hands the pairs to :func:`reconcile_tasks`, which
   task has (running, failed and waiting, cancelled by an operator) it is left alone, so a
   restart or a second replica never queues what is already being pulled, and a cancel sticks;
 * **removes** tasks that are not wanted any more: a model no longer declared for the backend
-  (un-declared, the backend deleted or taken out of the pools that wanted the model) at once,
-  running or not - the worker sees its task gone at its next heartbeat, and sooner through a
+  (un-declared, the backend deleted or taken out of the pools that wanted the model), running
+  or not - the worker sees its task gone at its next heartbeat, and sooner through a
   ``queue_cancel`` notice naming the pair; and, for a backend observed this cycle, a task that
   is not running whose model is already there.
+
+Un-declaring a model or deleting a backend does not wait for the next cycle: the API calls
+:func:`forget` at once (a deleted backend's tasks also go with it in the database). A change of
+pools is left to the next cycle.
 
 A steady cycle (nothing missing, nothing to remove) reads the task table once and writes
 nothing. After adding, a notice on :data:`TASKS_NOTICE` wakes idle workers in every process.
@@ -49,6 +53,7 @@ __all__ = [
     "TaskChanges",
     "cancel",
     "download_of",
+    "forget",
     "list_queue",
     "notify_workers",
     "queue_download",
@@ -172,6 +177,28 @@ def _count(tasks: Iterable[PullTask]) -> None:
     for status, count in counts.items():
         PULL_TASKS.labels(status=status.value).set(count)
     QUEUE_DEPTH.set(counts[PullStatus.QUEUED] + counts[PullStatus.FAILED])
+
+
+async def forget(
+    store: Store, messenger: Messenger, *, model: str | None = None, backend: Backend | None = None
+) -> list[PullTask]:
+    """Un-declaring ``model`` (everywhere) or deleting ``backend``: remove their tasks at once,
+    whatever their status, and stop their running pulls - through the bus now, and through the
+    task's absence at the worker's next heartbeat if the message is missed."""
+    if model is None and backend is None:
+        raise InvalidInput("name a model or a backend to forget", field="model")
+    tasks = await store.list_pull_tasks(
+        backend_id=None if backend is None else backend.id, model=model
+    )
+    removed = await store.delete_pull_tasks([(t.backend_id, t.model) for t in tasks])
+    running = [t for t in removed if t.status is PullStatus.RUNNING]
+    if running:
+        urls = {b.id: b.base_url for b in await store.list_all_backends()}
+        if backend is not None:
+            urls[backend.id] = backend.base_url
+        for task in running:
+            await _publish_cancel(messenger, model=task.model, url=urls.get(task.backend_id))
+    return removed
 
 
 async def refresh_task_metrics(store: Store) -> None:
