@@ -8,7 +8,7 @@ Scenarios, each timed around one ``run_backend_cycle()``:
 * **one backend** - the baseline every ratio is divided by (warm: connections open);
 * **steady, cold / warm** - 1,000 nodes x 10 declared models, nothing to change; the first
   cycle opens 1,000 connections, the warm ones reuse them (median of three);
-* **changes** - each node lacks one declared model and has one undeclared: a download job is
+* **changes** - each node lacks one declared model and has one undeclared: a pull task is
   queued for each, the stray model deleted, the node listed again;
 * **50 hanging** - 1,000 nodes of which 50 never answer, ``backend_timeout=2``;
 * **get()** - a snapshot of 10,000 backends x 20 models, median of 100 calls.
@@ -178,7 +178,7 @@ async def cycle_rows(workdir: Path) -> tuple[list[Row], list[str]]:
         async with State(store, bus, concurrency=CONCURRENCY) as state:
             seconds = await timed(state.run_backend_cycle)
             errors = sum(1 for s in state.get().values() if s.error)
-        queued = len(await store.get_jobs_for_type("model_download"))
+        queued = len(await store.list_pull_tasks())
         await store.close()
         rows.append(
             Row(
@@ -187,7 +187,7 @@ async def cycle_rows(workdir: Path) -> tuple[list[Row], list[str]]:
                 ratio=seconds / baseline,
                 target="",
                 rss=peak_rss_mib(),
-                note=f"{queued} jobs queued, {errors} errors",
+                note=f"{queued} pull tasks queued, {errors} errors",
             )
         )
 
