@@ -29,6 +29,7 @@ from runtimestate.settings import Settings
 from runtimestate.store import Store
 from runtimestate.testing import Emulator, OllamaNode, OpenAIAccount, VLLMServer
 from runtimestate.testing.base import EmulatedBackend
+from tests.fixtures.common import EMULATOR_KEY_HOSTS
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -134,6 +135,7 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
             gateway_max_body_bytes=BODY_LIMIT,
             gateway_backend_concurrency=2,
             gateway_refresh_interval=3600,
+            cloud_key_hosts=EMULATOR_KEY_HOSTS,  # the OpenAI key may go to the emulator's host
         )
         service = Service(settings, on_startup=_declare(a, b, vllm, account))
         task = asyncio.create_task(service.run())
