@@ -360,7 +360,11 @@ def _with_litellm(
     ]
     with _process(argv, env=litellm_env, log=root / "litellm.log") as proxy:
         url = f"http://127.0.0.1:{port}"
-        _wait_http(url + "/health/liveliness", seconds=180)
+        try:
+            _wait_http(url + "/health/liveliness", seconds=300)
+        except RuntimeError:
+            _measure(targets, results)
+            return "LiteLLM was not measured: its proxy did not start within 300 s."
         targets.append(
             Target(
                 name=f"litellm {LITELLM_VERSION}", url=url + "/v1", key=LITELLM_KEY, pid=proxy.pid
