@@ -6,13 +6,15 @@ cause. The emulator's request log is the ground truth for what was sent."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
-from runtimestate.errors import BackendUnreachable, BadRequest, ProtocolError
+from runtimestate.errors import BackendUnreachable, BadRequest, InvalidInput, ProtocolError
 from runtimestate.providers import BackendRef, Capability, ClientPool, ModelClient, Provider
 from runtimestate.testing import Emulator
 from runtimestate.testing.compatible import CompatibleServer
@@ -112,3 +114,44 @@ async def test_connection_errors_name_their_cause_and_the_backend(lm: Server) ->
         await _collect(lm.client())
     assert lm.server.base_url in str(broken.value)
     assert "Connection error." not in str(broken.value)
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai-compatible", "gemini"])
+async def test_chat_passes_generation_parameters_and_says_why_it_ended(kind: str) -> None:
+    async with Emulator() as emu, ClientPool(timeout=10) as pool:
+        if kind == "ollama":
+            server: Any = emu.add_ollama("n", models=["llama3"])
+            model, key, sent = "llama3:latest", None, "/api/chat"
+        elif kind == "gemini":
+            server = emu.add_gemini("g", api_key="AIzaTest0123456789", models=["gemini-2.0-flash"])
+            model, key, sent = "models/gemini-2.0-flash", "AIzaTest0123456789", "generateContent"
+        else:
+            server = emu.add_openai_compatible("lm", models=[MODEL])
+            model, key, sent = MODEL, None, "/chat/completions"
+        backend = BackendRef(id="b", name="b", base_url=server.base_url, type=kind, api_key=key)
+        provider = Provider(
+            type=kind,
+            model=model,
+            context_length=4096,
+            capabilities=frozenset(Capability),
+            backends=(backend,),
+        )
+        client = pool.client(provider, backend)
+        full = await client.chat([{"role": "user", "content": "tell me more"}])
+        assert full.finish_reason == "stop"
+        cut = await client.chat(
+            [{"role": "user", "content": "tell me more"}],
+            max_tokens=2,
+            temperature=0.5,
+            top_p=0.9,
+            stop=["END"],
+            seed=3,
+        )
+        assert cut.finish_reason == "length"
+        assert len(cut.message.content.split()) == 2
+        body = next(r.json for r in reversed(server.requests) if r.path.endswith(sent))
+        text = json.dumps(body)
+        for value in ("0.5", "0.9", "END", "3"):
+            assert value in text, value
+        with pytest.raises(InvalidInput):
+            await client.chat([{"role": "user", "content": "x"}], max_tokens=0)

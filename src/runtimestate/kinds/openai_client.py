@@ -37,7 +37,14 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from runtimestate.errors import BackendError, BackendUnreachable, ProtocolError, ServerError
 from runtimestate.kinds.openai_api import openai_root
-from runtimestate.providers.base import BackendRef, ChatMessage, ChatResult, ModelClient, Usage
+from runtimestate.providers.base import (
+    BackendRef,
+    ChatMessage,
+    ChatResult,
+    ModelClient,
+    Sampling,
+    Usage,
+)
 from runtimestate.providers.limits import bounded_transport
 from runtimestate.status import status_error_class
 
@@ -47,6 +54,7 @@ __all__ = ["OpenAIClient"]
 _PLACEHOLDER_KEY = "no-key"
 
 _T = TypeVar("_T")
+_DEFAULTS = Sampling()
 
 # What the HTTP layer's exceptions mean, most specific first (the SDK wraps them all in one
 # APIConnectionError whose text is "Connection error.").
@@ -148,10 +156,23 @@ class OpenAIClient(ModelClient):
                 raise
         return await call()
 
-    async def _completion(self, messages: list[ChatMessage]) -> ChatResult:
+    async def _completion(
+        self, messages: list[ChatMessage], sampling: Sampling = _DEFAULTS
+    ) -> ChatResult:
+        params: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("max_tokens", sampling.max_tokens),
+                ("temperature", sampling.temperature),
+                ("top_p", sampling.top_p),
+                ("seed", sampling.seed),
+                ("stop", list(sampling.stop) or None),
+            )
+            if value is not None
+        }
         response: Any = await self._once_more_if_stale(
             lambda: self._client().chat.completions.create(
-                model=self.provider.model, messages=_wire(messages), stream=False
+                model=self.provider.model, messages=_wire(messages), stream=False, **params
             )
         )
         if not isinstance(response, ChatCompletion) or not response.choices:
@@ -164,10 +185,11 @@ class OpenAIClient(ModelClient):
                 prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,
             ),
+            finish_reason=response.choices[0].finish_reason,
         )
 
-    async def _chat(self, messages: list[ChatMessage]) -> ChatResult:
-        return await self._completion(messages)
+    async def _chat(self, messages: list[ChatMessage], sampling: Sampling) -> ChatResult:
+        return await self._completion(messages, sampling)
 
     async def _prompt(self, prompt: str, system: str | None) -> str:
         messages = [ChatMessage(role="user", content=prompt)]

@@ -40,6 +40,7 @@ __all__ = [
     "ModelClient",
     "Provider",
     "ProviderFromRuntimeState",
+    "Sampling",
     "SdkSource",
     "Usage",
     "build_providers",

@@ -56,6 +56,7 @@ __all__ = [
     "ChatResult",
     "ModelClient",
     "Provider",
+    "Sampling",
     "SdkSource",
     "Usage",
 ]
@@ -149,6 +150,36 @@ class Usage:
 class ChatResult:
     message: ChatMessage
     usage: Usage
+    # Why the answer ended, in OpenAI's words ("stop", "length", ...); None when not reported.
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Sampling:
+    """The generation parameters a caller may set on a chat; None (or no stop) means the
+    backend's default. Each client maps them to its protocol's names."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "seed"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise InvalidInput(f"{name} must be an integer", field=name)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidInput("max_tokens must be at least 1", field="max_tokens")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int | float) or isinstance(value, bool)
+            ):
+                raise InvalidInput(f"{name} must be a number", field=name)
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise InvalidInput("stop is a sequence of strings", field="stop")
 
 
 def _messages(messages: Sequence[ChatMessage | Mapping[str, str]]) -> list[ChatMessage]:
@@ -217,12 +248,29 @@ class ModelClient(ABC):
 
     # -- public API -------------------------------------------------------------------------
 
-    async def chat(self, messages: Sequence[ChatMessage | Mapping[str, str]]) -> ChatResult:
-        """Send a conversation; return the assistant's message and the token usage."""
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, str]],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> ChatResult:
+        """Send a conversation; return the assistant's message, the token usage and why the
+        answer ended. The keyword arguments are passed to the backend when given."""
         self._require(Capability.CHAT)
         msgs = _messages(messages)
+        sampling = Sampling(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            seed=seed,
+        )
         async with self._call():
-            return await self._chat(msgs)
+            return await self._chat(msgs, sampling)
 
     async def prompt(self, prompt: str, *, system: str | None = None) -> str:
         """Complete a single prompt (with optional system text); return the generated text."""
@@ -358,7 +406,7 @@ class ModelClient(ABC):
         """The project error class for an SDK exception and a short detail text."""
 
     @abstractmethod
-    async def _chat(self, messages: list[ChatMessage]) -> ChatResult: ...
+    async def _chat(self, messages: list[ChatMessage], sampling: Sampling) -> ChatResult: ...
 
     @abstractmethod
     async def _prompt(self, prompt: str, system: str | None) -> str: ...

@@ -45,7 +45,14 @@ from runtimestate.errors import (
     ProtocolError,
 )
 from runtimestate.kinds.gemini.api import VERSION, gemini_root, rejects_key
-from runtimestate.providers.base import BackendRef, ChatMessage, ChatResult, ModelClient, Usage
+from runtimestate.providers.base import (
+    BackendRef,
+    ChatMessage,
+    ChatResult,
+    ModelClient,
+    Sampling,
+    Usage,
+)
 from runtimestate.providers.limits import bounded_transport
 from runtimestate.status import status_error_class
 
@@ -68,6 +75,8 @@ def _config(system: str | None) -> types.GenerateContentConfig | None:
     return None if system is None else types.GenerateContentConfig(system_instruction=system)
 
 
+_DEFAULTS = Sampling()
+
 # Request header that tags a streaming request so its response can be closed deterministically.
 _STREAM_TAG = "x-runtimestate-stream"
 
@@ -78,6 +87,16 @@ class _Sdk:
     http: httpx2.AsyncClient
     # Open streaming responses by tag, filled by the response hook, emptied by the stream.
     streams: dict[str, httpx2.Response]
+
+
+def _finish_reason(response: types.GenerateContentResponse) -> str | None:
+    """Gemini's finish reason in OpenAI's words (STOP -> stop, MAX_TOKENS -> length)."""
+    candidates = response.candidates or []
+    reason = candidates[0].finish_reason if candidates else None
+    if reason is None:
+        return None
+    name = str(getattr(reason, "value", reason)).lower()
+    return {"max_tokens": "length"}.get(name, name)
 
 
 class GeminiClient(ModelClient):
@@ -152,9 +171,25 @@ class GeminiClient(ModelClient):
         sdk: _Sdk = self._sdk()
         return sdk
 
-    async def _generate(self, system: str | None, contents: list[types.Content]) -> ChatResult:
+    async def _generate(
+        self,
+        system: str | None,
+        contents: list[types.Content],
+        sampling: Sampling | None = None,
+    ) -> ChatResult:
+        config = _config(system)
+        if sampling is not None and sampling != _DEFAULTS:
+            config = (config or types.GenerateContentConfig()).model_copy(
+                update={
+                    "max_output_tokens": sampling.max_tokens,
+                    "temperature": sampling.temperature,
+                    "top_p": sampling.top_p,
+                    "seed": sampling.seed,
+                    "stop_sequences": list(sampling.stop) or None,
+                }
+            )
         response = await self._models().generate_content(
-            model=self.provider.model, contents=contents, config=_config(system)
+            model=self.provider.model, contents=contents, config=config
         )
         if not isinstance(response, types.GenerateContentResponse):
             raise self._malformed("generateContent response")
@@ -165,11 +200,12 @@ class GeminiClient(ModelClient):
                 prompt_tokens=(usage.prompt_token_count or 0) if usage else 0,
                 completion_tokens=(usage.candidates_token_count or 0) if usage else 0,
             ),
+            finish_reason=_finish_reason(response),
         )
 
-    async def _chat(self, messages: list[ChatMessage]) -> ChatResult:
+    async def _chat(self, messages: list[ChatMessage], sampling: Sampling) -> ChatResult:
         system, contents = _split(messages)
-        return await self._generate(system, contents)
+        return await self._generate(system, contents, sampling)
 
     async def _prompt(self, prompt: str, system: str | None) -> str:
         contents = [types.Content(role="user", parts=[types.Part(text=prompt)])]

@@ -28,7 +28,14 @@ import ollama
 import pydantic
 
 from runtimestate.errors import BackendError, BackendUnreachable, ProtocolError, ServerError
-from runtimestate.providers.base import BackendRef, ChatMessage, ChatResult, ModelClient, Usage
+from runtimestate.providers.base import (
+    BackendRef,
+    ChatMessage,
+    ChatResult,
+    ModelClient,
+    Sampling,
+    Usage,
+)
 from runtimestate.providers.limits import bounded_transport
 from runtimestate.status import status_error_class
 
@@ -75,11 +82,23 @@ class OllamaClient(ModelClient):
         sdk: ollama.AsyncClient = self._sdk()
         return sdk
 
-    async def _chat(self, messages: list[ChatMessage]) -> ChatResult:
+    async def _chat(self, messages: list[ChatMessage], sampling: Sampling) -> ChatResult:
+        options = {
+            name: value
+            for name, value in (
+                ("num_predict", sampling.max_tokens),
+                ("temperature", sampling.temperature),
+                ("top_p", sampling.top_p),
+                ("seed", sampling.seed),
+                ("stop", list(sampling.stop) or None),
+            )
+            if value is not None
+        }
         response = await self._client().chat(
             model=self.provider.model,
             messages=[{"role": m.role, "content": m.content} for m in messages],
             stream=False,
+            options=options or None,
         )
         return ChatResult(
             message=ChatMessage(
@@ -90,6 +109,7 @@ class OllamaClient(ModelClient):
                 prompt_tokens=response.prompt_eval_count or 0,
                 completion_tokens=response.eval_count or 0,
             ),
+            finish_reason=response.done_reason,
         )
 
     async def _prompt(self, prompt: str, system: str | None) -> str:
