@@ -59,7 +59,7 @@ async def test_every_route_but_health_requires_the_token(client: httpx.AsyncClie
                 assert TOKEN not in response.text
                 assert "token" in error["message"]
                 checked += 1
-    # Every operation but /health: the 38 of issue 6 §3, the fleet file's five, the gateway
+    # Every operation but /health: the 38 admin operations, the fleet file's five, the gateway
     # keys' three and the queue's retry, each tried without and with a wrong token.
     assert checked == 2 * 47
     # The schema itself too; the browser UIs, which could not send the token, are not served.
@@ -321,7 +321,7 @@ async def test_provider_keys_are_stored_but_only_shown_masked(
     assert configs.json() == [{"APIKey": "****WXYZ", "Type": "openai"}]
     for answer in (response, shown, configs):
         assert key not in answer.text
-    # The reconciler reads the key from the store in the seed's shape, in clear.
+    # The reconciler reads the key from the store in the Go package's shape, in clear.
     assert (await store.get_kv(OPENAI_KEY)).value == {"APIKey": key, "Type": "openai"}
     assert (await client.delete("/providers/openai/config")).status_code == 204
     assert (await client.get("/providers/openai/status")).json()["configured"] is False

@@ -132,7 +132,7 @@ async def test_etag_304_and_gzip_come_from_one_serialization_per_change(
     assert changed.headers["etag"] != etag
     assert dumps[0] == 4
     assert [e.get("error", "") != "" for e in changed.json()] == [True, False, True]
-    # The seed's JSON, as LLMState serializes itself.
+    # The Go package's JSON, as LLMState serializes itself.
     expected = sorted(fleet.state.get().values(), key=lambda s: s.name)
     assert changed.json() == [s.model_dump(mode="json") for s in expected]
 

@@ -1,6 +1,6 @@
 """The backend cycle end to end: real drivers over sockets against the emulators, on both stores.
 
-Covers issue 4 §1-§2 and the seed weaknesses of DESIGN.md §4 that live in the backend cycle
+Covers the backend cycle and the weaknesses of the Go runtimestate package that live in it
 (sequential I/O, tag normalization, silent failures). Cloud drivers have their own file,
 ``test_state_cloud.py``.
 """

@@ -1,7 +1,7 @@
 """The OpenAI and Gemini drivers in a backend cycle, against the emulators, on both stores.
 
 Covers the key from the key-value table, the 24 h listing cache on a fake clock and its
-invalidation on a key change, drift reported apart from errors (the seed disabled real
+invalidation on a key change, drift reported apart from errors (the Go package disabled real
 accounts), Gemini paging without a request per model, rejected keys, and that no key ever
 reaches a log record, a state's JSON or a plan.
 """
@@ -63,7 +63,7 @@ async def test_a_malformed_key_entry_is_reported_without_the_key(
     gemini = emu.add_gemini("acct", api_key=GEMINI_SECRET, models=["gemini-2.0-flash"])
     await store.create_backend(name="oa", base_url=account.base_url, type="openai")
     await store.create_backend(name="gm", base_url=gemini.base_url, type="gemini")
-    # Rows another tool wrote: a bare key, and the seed's shape without its type.
+    # Rows another tool wrote: a bare key, and the Go package's shape without its type.
     await store.set_kv(OPENAI_KEY, OPENAI_SECRET)
     await store.set_kv(GEMINI_KEY, {"APIKey": GEMINI_SECRET})
     with caplog.at_level(logging.DEBUG, logger="runtimestate"):

@@ -1,6 +1,6 @@
 """runtimestate: keeps a fleet of LLM backends in line with what its operator declared.
 
-The public API is exactly ``__all__`` (a test checks it). The seed's names come first; the
+The public API is exactly ``__all__`` (a test checks it). The Go package's names come first; the
 store, bus and resolver entry points follow so that an application needs one import.
 
 Heavy names are imported lazily (PEP 562): ``State`` pulls in the drivers' HTTP stack and

@@ -1,17 +1,17 @@
-"""The seed's public value types, with the seed's exact JSON.
+"""The Go runtimestate package's public value types, with the Go package's exact JSON.
 
-These cross boundaries (the HTTP API, the bus, other tools that read the seed's JSON), so they
-are pydantic models whose aliases are the seed's camelCase names. They are **frozen** and hold
+These cross boundaries (the HTTP API, the bus, other tools that read the Go package's JSON), so they
+are pydantic models whose aliases are the Go package's camelCase names. They are **frozen** and hold
 tuples, not lists: :meth:`runtimestate.State.get` can then hand out a snapshot by copying one
 dict of references instead of deep-copying every model of every backend, and no reader can
 change what another sees.
 
-Differences from the seed, each deliberate:
+Differences from the Go runtimestate package, each deliberate:
 
 * ``LLMState.undeclared_models`` (``undeclaredModels``) reports drift - models a cloud account
   or server has that nobody declared - apart from ``error``, so that drift never disables a
   backend. Like ``error``, it is omitted from the JSON when empty, so a clean state serializes
-  exactly as the seed's.
+  exactly as the Go package's.
 * ``LLMState.warnings`` says what the reconciler could not find out but that does not disable
   the backend (a context length no one declared and the server does not report). Omitted when
   empty, like ``error``.
@@ -160,7 +160,7 @@ class ListModelResponse(_SeedModel):
 
 
 class BackendInfo(_SeedModel):
-    """The declared backend as it appears inside an ``LLMState`` (the seed's ``backend``)."""
+    """The declared backend as it appears inside an ``LLMState`` (the Go package's ``backend``)."""
 
     id: str
     name: str
@@ -230,7 +230,7 @@ class LLMState(_SeedModel):
 class ProviderConfig(BaseModel):
     """A key as stored under ``cloud-provider:<kind>`` or ``backend-credential:<backend id>``.
 
-    ``to_storage()`` is the seed's stored shape ``{"APIKey", "Type"}`` with the key in clear -
+    ``to_storage()`` is the Go package's stored shape ``{"APIKey", "Type"}`` with the key in clear -
     only the store sees it. ``model_dump()`` / ``display()`` mask the key.
     """
 

@@ -2,9 +2,10 @@
 stop calling it for a while when it keeps failing.
 
 ``State.run_backend_cycle`` and ``State.run_download_cycle`` each do one unit of work and return
-(DESIGN §1); a :class:`Runner` is what turns one of them into a routine. It is deliberately small
-and knows nothing about ``State``: it takes any ``async () -> object``, so the same class drives
-the backend cycle, every download worker, and whatever a library user schedules.
+(docs/architecture.md); a :class:`Runner` is what turns one of them into a routine. It is
+deliberately small and knows nothing about ``State``: it takes any ``async () -> object``, so
+the same class drives the backend cycle, every download worker, and whatever a library user
+schedules.
 
 * **Interval and trigger.** After each call the runner waits ``interval`` seconds of its clock,
   or less if :meth:`Runner.trigger` is called (``POST /state/sync`` does that). A trigger that

@@ -1,4 +1,4 @@
-"""The HTTP API (FastAPI): the seed's routes over the store, the reconciler and the queue.
+"""The HTTP API (FastAPI): the Go package's routes over the store, the reconciler and the queue.
 
 Build it with :func:`create_app` from an :class:`ApiContext`; :mod:`runtimestate.service` does
 that from settings and runs it on uvicorn.

@@ -1,6 +1,6 @@
 """``/backend-associations`` and ``/model-associations``: which backends and models a pool holds.
 
-The seed's routes, kept as they are: ``POST``/``DELETE .../{poolID}/backends/{backendID}`` to
+The Go package's routes, kept as they are: ``POST``/``DELETE .../{poolID}/backends/{backendID}`` to
 assign and unassign, ``GET .../{poolID}/backends`` for a pool's members and
 ``GET .../{backendID}/pools`` for a member's pools; the same four for models. Assigning twice is
 a 409 and removing an absent assignment a 404, both decided by the store; so is the 404 for

@@ -1,6 +1,6 @@
 """``/models``: the declared models and their capabilities.
 
-As in the seed, a model is changed by id (``PUT /models/{id}``) but removed by its name
+As in the Go package, a model is changed by id (``PUT /models/{id}``) but removed by its name
 (``DELETE /models/{model}``), the name an operator types. Names such as ``library/llama3:8b``
 contain slashes, so that parameter is a path converter.
 """

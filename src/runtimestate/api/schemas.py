@@ -1,7 +1,7 @@
 """The JSON that crosses the HTTP API: request bodies, responses, and the one error shape.
 
-Field names are the seed's camelCase (``baseUrl``, ``contextLength``, ``purposeType``) because
-the seed's clients read and write them; request bodies also accept the snake_case names so that
+Field names are the Go package's camelCase (``baseUrl``, ``contextLength``, ``purposeType``) because
+its clients read and write them; request bodies also accept the snake_case names so that
 Python callers can post ``model_dump()`` output unchanged. Validation lives in these models, not
 in the routes: a bad field becomes a 422 that names it (see :mod:`.errors`), and the OpenAPI
 schema FastAPI derives from them is the one the tests check responses against.
@@ -275,7 +275,7 @@ class PoolOut(_Camel):
 
 
 class LLMStateOut(_Camel):
-    """The seed's ``LLMState`` JSON, as ``GET /state`` returns it (documentation only: the
+    """The Go package's ``LLMState`` JSON, as ``GET /state`` returns it (documentation only: the
     route serializes :class:`runtimestate.records.LLMState` itself)."""
 
     id: str
@@ -387,7 +387,7 @@ class ProviderStatusOut(_Camel):
 
 
 class ProviderConfigOut(BaseModel):
-    """The stored shape ``{"APIKey", "Type"}`` of the seed, with the key masked."""
+    """The stored shape ``{"APIKey", "Type"}`` of the Go package, with the key masked."""
 
     model_config = ConfigDict(populate_by_name=True)
 

@@ -1,6 +1,6 @@
 """``/state`` and its companions: the observed fleet, now, summarized, as a stream, after a cycle.
 
-``GET /state`` is the reconciler's snapshot in the seed's JSON (``LLMState`` with camelCase
+``GET /state`` is the reconciler's snapshot in the Go package's JSON (``LLMState`` with camelCase
 fields), as an array ordered by backend name. It is served from the :class:`.snapshot.SnapshotFeed`
 - bytes serialized once per change - with the snapshot's version as a weak ``ETag``:
 ``If-None-Match`` answers ``304`` without a body, and a client that accepts gzip gets the body

@@ -1,6 +1,6 @@
 """What the OpenAI and Gemini drivers share: the API key, the 24 h listing cache, drift.
 
-The key lives in the key-value table (``OPENAI_KEY`` / ``GEMINI_KEY``, the seed's
+The key lives in the key-value table (``OPENAI_KEY`` / ``GEMINI_KEY``, the Go package's
 ``{"APIKey","Type"}``) and is read once per cycle (memoized by the cycle context). Without it
 the backend's error is ``API key not configured``. It is sent only to the provider's own API
 host over https (``key_hosts`` of each driver, plus the hosts the operator adds): a backend of
@@ -17,7 +17,7 @@ remembers a SHA-256 of the key it was fetched with - never the key - and is drop
 the stored key changes, so a rotated key is tried at once.
 
 Models the account has but nobody declared are *drift*: reported in ``undeclared_models``, never
-in ``error``, so that a real account with dozens of models stays usable (the seed disabled it).
+in ``error``, so that a real account with dozens of models stays usable (the Go code disabled it).
 A rejected key is an error that says so and never repeats the key.
 
 The other direction - a declared model the account does not offer - is not an error either: the

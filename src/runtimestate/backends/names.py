@@ -1,6 +1,6 @@
 """Model-name normalization, so that declared and observed names compare as their backends do.
 
-The seed compared raw strings, and Ollama lists ``llama3`` as ``llama3:latest``: every cycle
+The Go package compared raw strings, and Ollama lists ``llama3`` as ``llama3:latest``: every cycle
 pulled the "missing" ``llama3`` and deleted the "undeclared" ``llama3:latest``, forever. Ollama
 names are ``[host/][namespace/]model[:tag]`` with host ``registry.ollama.ai``, namespace
 ``library`` and tag ``latest`` by default, and Ollama compares every part case-insensitively

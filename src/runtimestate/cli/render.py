@@ -2,7 +2,7 @@
 
 Rendering is kept apart from the commands so that every command has two outputs from one
 fetch: ``--json`` prints the API's JSON unchanged (scripts get exactly the service's contract),
-and the default prints a rich table built here. The tables read only the seed-compatible
+and the default prints a rich table built here. The tables read only the Go-package-compatible
 camelCase fields of the contract and tolerate missing ones, so a newer service with more fields
 never breaks an older CLI.
 

@@ -1,6 +1,6 @@
 """``local_provider_adapter``: from an observed snapshot to ready :class:`Provider` values.
 
-The seed's adapter made one provider per model per backend and skipped any backend whose state
+The Go package's adapter made one provider per model per backend and skipped any backend whose state
 had an error - including the "undeclared models" drift it wrote there, which left a real cloud
 account with no providers at all. Here:
 

@@ -2,7 +2,7 @@
 
 A :class:`Provider` is one model of one backend type together with **every backend that serves
 it**, so that a resolver policy can choose among backends instead of among copies of the same
-model (the seed made one provider per model per backend). Providers are frozen, hashable values
+model (the Go code made one provider per model per backend). Providers are frozen, hashable values
 built from a snapshot; they hold no connection.
 
 :class:`ModelClient` is the per-(provider, backend) client handed out by the resolver. The

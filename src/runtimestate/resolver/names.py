@@ -2,7 +2,7 @@
 
 The same model is spelled differently by every backend type: Ollama adds tags and quantization
 (``llama3.1:8b-instruct-q4_K_M``), vLLM serves Hugging Face ids with an organisation prefix
-(``meta-llama/Llama-3.1-8B-Instruct``), Gemini prefixes ``models/``. Like the seed's
+(``meta-llama/Llama-3.1-8B-Instruct``), Gemini prefixes ``models/``. Like the Go package's
 ``NormalizeModelName``, matching ignores case, separators, the organisation prefix,
 quantization suffixes and the ``latest`` tag. Two keys come out of a name:
 

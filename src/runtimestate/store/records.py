@@ -47,7 +47,7 @@ class Backend:
     updated_at: datetime
 
     def info(self) -> BackendInfo:
-        """This backend as the seed's JSON shape inside an ``LLMState``."""
+        """This backend as the Go package's JSON shape inside an ``LLMState``."""
         return BackendInfo(
             id=self.id,
             name=self.name,
@@ -116,7 +116,7 @@ class PoolSpec:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Job:
     """A queued unit of work. ``scheduled_for`` and ``valid_until`` are Unix seconds (0 = none),
-    as in the seed."""
+    as in the Go runtimestate package."""
 
     id: str
     task_type: str

@@ -1,6 +1,6 @@
 """An emulated Gemini API account (``v1beta``): model listing with paging, and inference.
 
-Follows ``PROTOCOLS.md``: ``GET /v1beta/models`` pages with ``pageSize`` (default 50, at most
+Follows docs/protocols.md: ``GET /v1beta/models`` pages with ``pageSize`` (default 50, at most
 1000) and ``pageToken``/``nextPageToken`` (absent on the last page); ``GET /v1beta/models/{id}``
 returns one model; the key travels in ``x-goog-api-key`` or ``?key=``, and a wrong key is **400**
 ``INVALID_ARGUMENT`` with reason ``API_KEY_INVALID`` (no key at all is 403, as on the real API).

@@ -1,6 +1,6 @@
 """An emulated Ollama server (the parts of its API that runtimestate and its clients use).
 
-Shapes and status codes follow ``PROTOCOLS.md``: ``/api/tags`` with bare-hex digests and
+Shapes and status codes follow docs/protocols.md: ``/api/tags`` with bare-hex digests and
 ``:latest`` tags, the NDJSON pull stream (``pulling manifest``, one ``pulling <12 hex>`` series
 per layer, ``verifying sha256 digest``, ``writing manifest``, ``removing unused layers`` only when
 something was pruned, ``success``), errors as ``{"error": ...}`` (inside a 200 stream once it has

@@ -2,7 +2,7 @@
 
 Both serve ``/v1/models``, ``/v1/chat/completions`` (a JSON object with ``usage``, or SSE
 ``data: {chat.completion.chunk}`` events ended by ``data: [DONE]``), ``/v1/completions`` and
-``/v1/embeddings``. They differ where the real servers differ (``PROTOCOLS.md``):
+``/v1/embeddings``. They differ where the real servers differ (docs/protocols.md):
 
 - OpenAI always wants ``Authorization: Bearer <key>`` and refuses a bad one with 401 and an error
   object whose code is ``invalid_api_key``; its model entries are ``owned_by: "system"``; a model
