@@ -5,6 +5,18 @@ The contract is the in-process bus's (see :mod:`.base`); what it takes to hold i
 * **Subscribing waits for the server.** ``stream`` and ``serve`` flush the connection (a
   PING/PONG round trip) before returning, so a message published afterwards, from any
   connection, reaches the new subscription.
+* **Leaving never touches the connection.** nats-py pairs each PING with the next PONG through a
+  future, and its reader dies (``InvalidStateError``) when a PONG arrives for a future that was
+  cancelled - which is what cancelling a caller inside ``flush`` did, and what nats-py's own
+  flush timeout does. One SSE client disconnecting while its subscription was being set up or
+  torn down made the whole replica deaf until nats-py's idle check reconnected, minutes later.
+  So: a round trip runs in a task of the messenger's, which a cancelled caller abandons without
+  cancelling (:meth:`NatsMessenger._round_trip`); a subscription is closed by unsubscribing only,
+  with no round trip at all; and the client tolerates a PONG whose waiter has gone
+  (:class:`_Client`).
+* **Health proves delivery.** ``ping`` sends a message through the server to a subscription of
+  this connection and waits for it to come back: a connection whose reader has stopped still
+  "flushes" (nats-py then just writes its buffer) but no longer delivers, and ``ping`` says so.
 * **Our buffer, not nats-py's.** nats-py drops the *newest* messages of a slow consumer. Each
   subscription here is fed by a callback that only appends to a :class:`BufferedSubscription`,
   which drops the *oldest*, exactly like the in-process bus, and never blocks the read loop.
@@ -22,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from urllib.parse import urlsplit
 
 import nats.errors
@@ -69,6 +82,19 @@ def display_servers(servers: list[str]) -> str:
         port = f":{parts.port}" if parts.port else ""
         shown.append(f"{parts.scheme}://{host}{port}")
     return ",".join(shown)
+
+
+class _Client(Client):
+    """nats-py's client, except that a PONG for a PING whose waiter is gone is consumed quietly
+    instead of killing the reader (PINGs and PONGs pair in order, so dropping it is right)."""
+
+    async def _process_pong(self) -> None:
+        if self._pongs:
+            future = self._pongs.pop(0)
+            if not future.done():
+                future.set_result(True)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
 
 
 def _translate(exc: nats.errors.Error | OSError, action: str) -> BusError:
@@ -144,13 +170,18 @@ class NatsMessenger(Messenger):
         self._servers = servers
         self._streams: set[_NatsStream] = set()
         self._closed = False
+        self._round_trips: set[asyncio.Task[None]] = set()
+        # ping's echo: a subscription of this connection that resolves the waiting probes.
+        self._echo_subject = client.new_inbox()
+        self._echoes: dict[bytes, asyncio.Future[None]] = {}
+        self._echo_sub: NatsSubscription | None = None
 
     @classmethod
     async def connect(
         cls, servers: list[str], *, connect_timeout: float, name: str | None = None
     ) -> NatsMessenger:
         shown = display_servers(servers)
-        client = Client()
+        client = _Client()
         connected = False
         last_error: list[BaseException] = []
 
@@ -189,7 +220,39 @@ class NatsMessenger(Messenger):
                 f"cannot connect to NATS at {shown} within {connect_timeout:g}s: {reason}"
             ) from exc
         connected = True
-        return cls(client, servers=shown)
+        messenger = cls(client, servers=shown)
+        try:
+            await messenger._start_echo()
+        except (nats.errors.Error, OSError) as exc:
+            await _abandon(client)
+            raise _translate(exc, f"subscribe at NATS {shown}") from exc
+        return messenger
+
+    async def _start_echo(self) -> None:
+        async def on_echo(msg: Msg) -> None:
+            waiter = self._echoes.pop(msg.data, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        self._echo_sub = await self.client.subscribe(self._echo_subject, cb=on_echo)
+        await self._round_trip()
+
+    async def _round_trip(self) -> None:
+        """A PING/PONG with the server, in a task of ours: a caller cancelled meanwhile stops
+        waiting, but the PING's own future is left to its PONG (see the module docstring)."""
+        task = asyncio.get_running_loop().create_task(
+            self.client.flush(timeout=_FLUSH_TIMEOUT), name="runtimestate.bus nats round trip"
+        )
+        self._round_trips.add(task)
+        task.add_done_callback(self._round_trip_done)
+        await asyncio.shield(task)
+
+    def _round_trip_done(self, task: asyncio.Task[None]) -> None:
+        self._round_trips.discard(task)
+        if not task.cancelled():
+            # Retrieved so that an abandoned round trip's failure is not reported as never
+            # retrieved; a caller still waiting got the same exception through the shield.
+            task.exception()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -221,7 +284,12 @@ class NatsMessenger(Messenger):
             sub = await self.client.subscribe(stream.subject, queue=queue, cb=stream.on_message)
             stream.attach(sub)
             self._streams.add(stream)
-            await self.client.flush(timeout=_FLUSH_TIMEOUT)
+            await self._round_trip()
+        except asyncio.CancelledError:
+            # The caller left while the server confirmed: the subscription must not outlive it.
+            # Unsubscribing does not wait on the network, so it finishes before we re-raise.
+            await asyncio.shield(stream.unsubscribe())
+            raise
         except (nats.errors.Error, OSError) as exc:
             # The connection is failing; telling the server to forget the subscription would
             # fail the same way, so only our side is cleaned up.
@@ -231,15 +299,14 @@ class NatsMessenger(Messenger):
         return stream
 
     async def _detach(self, stream: _NatsStream, sub: NatsSubscription | None) -> None:
+        """Unsubscribe, and nothing else: no round trip that a cancelled caller could break.
+        nats-py forgets the subscription at once and queues the UNSUB for its writer; a message
+        still on its way is dropped, because the stream has ended."""
         self._streams.discard(stream)
         if sub is None or self._closed or self.client.is_closed:
             return
         try:
             await sub.unsubscribe()
-            # While reconnecting there is no server to confirm with; the subscription is gone
-            # from the client, so it is not replayed when the connection returns.
-            if self.client.is_connected:
-                await self.client.flush(timeout=_FLUSH_TIMEOUT)
         except nats.errors.BadSubscriptionError:
             # Already unsubscribed on the server side (auto-unsubscribe or a reconnect race).
             return
@@ -264,18 +331,26 @@ class NatsMessenger(Messenger):
         return msg.data
 
     async def ping(self) -> None:
+        """A message through the server and back to this connection within ``_PING_TIMEOUT``;
+        ``BusError`` when it does not come back (see "Health proves delivery" above)."""
         self._check_open()
         if not self.client.is_connected:
             raise BusError(f"not connected to NATS at {self._servers}")
+        token = secrets.token_hex(8).encode()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._echoes[token] = waiter
         try:
+            await self.client.publish(self._echo_subject, token)
             async with asyncio.timeout(_PING_TIMEOUT):
-                await self.client.flush(timeout=_FLUSH_TIMEOUT)
+                await waiter
         except TimeoutError as exc:
             raise BusError(
-                f"NATS at {self._servers} did not answer a ping within {_PING_TIMEOUT:g}s"
+                f"NATS at {self._servers} did not deliver a message back within {_PING_TIMEOUT:g}s"
             ) from exc
         except (nats.errors.Error, OSError) as exc:
             raise _translate(exc, f"reach NATS at {self._servers}") from exc
+        finally:
+            self._echoes.pop(token, None)
 
     async def close(self) -> None:
         if self._closed:
@@ -285,6 +360,9 @@ class NatsMessenger(Messenger):
         # drain: pending publishes are flushed to the server before the socket closes.
         for stream in list(self._streams):
             await stream.unsubscribe()
+        for waiter in self._echoes.values():
+            waiter.cancel()
+        self._echoes.clear()
         if self.client.is_connected:
             try:
                 await self.client.drain()
