@@ -42,6 +42,7 @@ __all__ = [
     "BadRequest",
     "BusError",
     "Conflict",
+    "Fenced",
     "InvalidInput",
     "KeyRejected",
     "NoProvider",
@@ -102,6 +103,11 @@ class Conflict(RuntimeStateError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class Fenced(Conflict):
+    """A write of a backend cycle carried a leadership term that is no longer current: another
+    replica has become leader since, so this (deposed) leader's late write is refused."""
 
 
 class InvalidInput(RuntimeStateError):

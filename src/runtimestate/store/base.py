@@ -19,8 +19,12 @@ once the task is no longer the caller's (reclaimed after a stale heartbeat, canc
 Times on tasks are the database's where it has a shared clock.
 
 Leases: ``acquire_lease`` grants a named claim to one holder until it expires; the same holder
-may renew it. They serialize downloads per backend across workers and processes, and will elect
-the leader of several replicas.
+may renew it. They serialize downloads per backend across workers and processes.
+
+Several replicas: ``claim_leadership`` elects one leader per role in database time, with a
+term that increases on every change of holder; ``check_fence`` (inside a transaction) refuses
+a deposed leader's writes with ``Fenced``; replicas register with a heartbeat; the leader keeps
+the shared snapshot (``write_snapshot``, fenced) that every replica reads.
 
 ``transaction()`` yields a store bound to one database transaction: every operation through it
 commits together or not at all.
@@ -35,7 +39,7 @@ store overrides them with one statement per batch, which is what makes applying 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from types import TracebackType
@@ -43,9 +47,11 @@ from types import TracebackType
 from runtimestate.store.records import (
     Backend,
     BackendSpec,
+    Fence,
     Job,
     JSONValue,
     KVEntry,
+    Leadership,
     Lease,
     Model,
     ModelSpec,
@@ -53,6 +59,8 @@ from runtimestate.store.records import (
     Pool,
     PoolSpec,
     PullTask,
+    Replica,
+    StoredSnapshot,
 )
 
 __all__ = ["Store"]
@@ -481,3 +489,62 @@ class Store(abc.ABC):
     async def delete_pull_tasks(self, pairs: Sequence[tuple[str, str]]) -> list[PullTask]:
         """Delete the tasks of these ``(backend_id, model)`` pairs, whatever their status;
         return them as they were."""
+    # ---- several replicas ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def claim_leadership(
+        self,
+        name: str,
+        *,
+        holder: str,
+        ttl: timedelta,
+        cycle_age: float | None = None,
+    ) -> Leadership:
+        """Take or renew the lease ``name`` for ``holder`` until database now + ``ttl``.
+
+        Renewed (same term) when ``holder`` holds it, taken with the next term when it is free
+        or lapsed; otherwise the current holder's lease is returned unchanged, so the caller is
+        leader exactly when ``result.holder == holder``. ``cycle_age`` (seconds since the
+        holder's last completed cycle) sets ``cycle_at`` on a lease it holds."""
+
+    @abc.abstractmethod
+    async def resign_leadership(self, name: str, *, holder: str) -> None:
+        """End ``holder``'s lease ``name`` now, if it holds it."""
+
+    @abc.abstractmethod
+    async def get_leadership(self, name: str) -> Leadership | None:
+        """The lease ``name`` (lapsed or not); ``None`` if nobody ever held it."""
+
+    @abc.abstractmethod
+    async def check_fence(self, fence: Fence) -> None:
+        """Raise ``Fenced`` unless ``fence.holder`` holds ``fence.name`` under ``fence.term``
+        now. Inside ``transaction()`` the writes that follow commit only while that holds."""
+
+    @abc.abstractmethod
+    async def heartbeat_replica(self, instance: str, *, info: Mapping[str, object]) -> Replica:
+        """Register ``instance`` or renew its heartbeat in database time."""
+
+    @abc.abstractmethod
+    async def list_replicas(self) -> list[Replica]:
+        """Every registered replica with the age of its last heartbeat."""
+
+    @abc.abstractmethod
+    async def remove_replica(self, instance: str) -> None:
+        """Forget ``instance`` (a clean shutdown); absent is not an error."""
+
+    @abc.abstractmethod
+    async def write_snapshot(
+        self,
+        *,
+        fence: Fence,
+        changed: Mapping[str, Mapping[str, object]],
+        removed: Collection[str] = (),
+    ) -> int:
+        """Store changed backend states and drop removed ones, fenced; the new version."""
+
+    @abc.abstractmethod
+    async def snapshot_version(self) -> int:
+        """The stored snapshot's version (0 before the first write)."""
+
+    @abc.abstractmethod
+    async def read_snapshot(self) -> StoredSnapshot:
+        """The stored snapshot: every backend's entry and their version."""

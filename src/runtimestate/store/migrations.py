@@ -167,6 +167,35 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(
+        version=20,
+        name="leader lease with terms, replica registry, shared snapshot",
+        statements=(
+            """CREATE TABLE cluster_leader (
+                name TEXT PRIMARY KEY,
+                holder TEXT NOT NULL,
+                term BIGINT NOT NULL,
+                expires_at {ts} NOT NULL,
+                cycle_at {ts}
+            )""",
+            """CREATE TABLE cluster_replicas (
+                instance TEXT PRIMARY KEY,
+                info TEXT NOT NULL,
+                started_at {ts} NOT NULL,
+                heartbeat_at {ts} NOT NULL
+            )""",
+            """CREATE TABLE snapshot_entries (
+                backend_id TEXT PRIMARY KEY,
+                state TEXT NOT NULL,
+                observed_at {ts} NOT NULL,
+                term BIGINT NOT NULL
+            )""",
+            """CREATE TABLE snapshot_version (
+                name TEXT PRIMARY KEY,
+                version BIGINT NOT NULL
+            )""",
+        ),
+    ),
+    Migration(
         version=30,
         name="models: normalized name, unique",
         statements=(

@@ -18,8 +18,10 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "Backend",
     "BackendSpec",
+    "Fence",
     "Job",
     "KVEntry",
+    "Leadership",
     "Lease",
     "Model",
     "ModelSpec",
@@ -28,6 +30,9 @@ __all__ = [
     "PoolSpec",
     "PullStatus",
     "PullTask",
+    "Replica",
+    "SnapshotEntry",
+    "StoredSnapshot",
 ]
 
 MAX_PAGE_SIZE = 1000
@@ -186,3 +191,72 @@ class Page(Generic[T]):
 
     items: list[T] = field(default_factory=list)
     next_cursor: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Leadership:
+    """The leader lease of one role (``name``): who holds it, under which term, until when.
+
+    Times are the database's. ``term`` increases every time the lease changes hands (or is
+    taken again after it lapsed), so a write carrying an older term is recognisably late.
+    ``cycle_at`` is when the holder last completed a backend cycle (as it reported at its
+    last renewal), ``now`` the database time at which this row was read."""
+
+    name: str
+    holder: str
+    term: int
+    expires_at: datetime
+    cycle_at: datetime | None
+    now: datetime
+
+    @property
+    def live(self) -> bool:
+        """Whether the lease was held (not expired) when read."""
+        return bool(self.holder) and self.expires_at > self.now
+
+    def held_by(self, holder: str) -> bool:
+        return self.live and self.holder == holder
+
+    def fence(self) -> Fence:
+        """The fence a write of this term's holder carries."""
+        return Fence(name=self.name, holder=self.holder, term=self.term)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Fence:
+    """What a leader's write proves: it still holds ``name`` under ``term``."""
+
+    name: str
+    holder: str
+    term: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Replica:
+    """One service process known to the store, with the database time of its last heartbeat
+    and its age at the time of reading (seconds)."""
+
+    instance: str
+    info: dict[str, object]
+    started_at: datetime
+    heartbeat_at: datetime
+    age: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SnapshotEntry:
+    """One backend's observed state as the leader stored it (JSON), and since when."""
+
+    backend_id: str
+    state: dict[str, object]
+    observed_at: datetime
+    term: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StoredSnapshot:
+    """The shared snapshot: every backend's entry and the version of this content (a counter
+    bumped by every change, so equal versions mean equal content)."""
+
+    version: int
+    entries: tuple[SnapshotEntry, ...]

@@ -46,6 +46,8 @@ from runtimestate.store.records import (
 
 __all__ = [
     "backends",
+    "cluster_leader",
+    "cluster_replicas",
     "jobs",
     "kv",
     "leases",
@@ -56,6 +58,8 @@ __all__ = [
     "pools",
     "pull_tasks",
     "schema_migrations",
+    "snapshot_entries",
+    "snapshot_version",
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -205,6 +209,41 @@ pull_tasks = Table(
     Column("total", BigInteger, nullable=False),
     Column("created_at", UTCTimestamp, nullable=False),
     Column("updated_at", UTCTimestamp, nullable=False),
+)
+
+cluster_leader = Table(
+    "cluster_leader",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("holder", Text, nullable=False),
+    Column("term", BigInteger, nullable=False),
+    Column("expires_at", UTCTimestamp, nullable=False),
+    Column("cycle_at", UTCTimestamp, nullable=True),
+)
+
+cluster_replicas = Table(
+    "cluster_replicas",
+    metadata,
+    Column("instance", Text, primary_key=True),
+    Column("info", Text, nullable=False),
+    Column("started_at", UTCTimestamp, nullable=False),
+    Column("heartbeat_at", UTCTimestamp, nullable=False),
+)
+
+snapshot_entries = Table(
+    "snapshot_entries",
+    metadata,
+    Column("backend_id", Text, primary_key=True),
+    Column("state", Text, nullable=False),
+    Column("observed_at", UTCTimestamp, nullable=False),
+    Column("term", BigInteger, nullable=False),
+)
+
+snapshot_version = Table(
+    "snapshot_version",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("version", BigInteger, nullable=False),
 )
 
 schema_migrations = Table(

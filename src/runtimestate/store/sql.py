@@ -24,6 +24,7 @@ from sqlalchemy import text
 
 from runtimestate.clock import SYSTEM_CLOCK, Clock
 from runtimestate.store.base import Store
+from runtimestate.store.cluster import ClusterOps
 from runtimestate.store.engine import (
     Database,
     create_engine_for_url,
@@ -41,7 +42,7 @@ __all__ = ["SqlStore", "open_store"]
 logger = logging.getLogger(__name__)
 
 
-class SqlStore(EntityOps, QueueOps, PullTaskOps, Store):
+class SqlStore(EntityOps, QueueOps, PullTaskOps, ClusterOps, Store):
     """The declared state in SQLite or PostgreSQL. Build it with :func:`open_store`."""
 
     def __init__(
