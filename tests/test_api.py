@@ -60,7 +60,7 @@ async def test_every_route_but_health_requires_the_token(client: httpx.AsyncClie
                 assert "token" in error["message"]
                 checked += 1
     # Every operation but /health: the 38 admin operations, the fleet file's five, the gateway
-    # keys' three and the queue's retry, each tried without and with a wrong token.
+    # keys' three, the queue's retry and GET /cluster, each tried without and with a wrong token.
     assert checked == 2 * 47
     # The schema itself too; the browser UIs, which could not send the token, are not served.
     error_of(await client.get("/openapi.json", headers={"Authorization": ""}), 401, "unauthorized")
@@ -349,7 +349,7 @@ async def test_unknown_route_and_method_use_the_error_shape(client: httpx.AsyncC
 async def test_version_and_health(client: httpx.AsyncClient) -> None:
     assert (await client.get("/version")).json() == {"version": "9.9", "api": "1"}
     health = await client.get("/health", headers={"Authorization": ""})
-    assert health.json() == {"status": "ok", "store": "ok", "bus": "ok"}
+    assert health.json() == {"status": "ok", "store": "ok", "bus": "ok", "reasons": []}
 
 
 async def test_health_is_503_when_the_store_is_closed(
@@ -359,7 +359,12 @@ async def test_health_is_503_when_the_store_is_closed(
     response = await client.get("/health")
     assert response.status_code == 503
     body = response.json()
-    assert body == {"status": "unavailable", "store": "error", "bus": "ok"}
+    assert body == {
+        "status": "unavailable",
+        "store": "error",
+        "bus": "ok",
+        "reasons": ["store error"],
+    }
 
 
 async def test_health_is_503_when_the_bus_is_closed(
@@ -368,4 +373,9 @@ async def test_health_is_503_when_the_bus_is_closed(
     await bus.close()
     response = await client.get("/health")
     assert response.status_code == 503
-    assert response.json() == {"status": "unavailable", "store": "ok", "bus": "error"}
+    assert response.json() == {
+        "status": "unavailable",
+        "store": "ok",
+        "bus": "error",
+        "reasons": ["bus error"],
+    }

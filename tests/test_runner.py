@@ -268,3 +268,73 @@ async def test_failed_cycles_are_counted_per_runner() -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     assert count() - before == 4
+
+
+async def test_a_breaker_opened_by_a_store_outage_probes_and_resumes_when_it_answers() -> None:
+    clock = FakeClock()
+    cycle = Cycle()
+    cycle.failing = True
+    store_up = False
+
+    async def ping() -> None:
+        if not store_up:
+            raise StoreError("still down")
+
+    runner = Runner(
+        "backend",
+        cycle,
+        interval=10.0,
+        breaker=CircuitBreaker(failure_threshold=1, reset_timeout=60.0),
+        clock=clock,
+        probe=ping,
+        probe_interval=1.0,
+    )
+    task = asyncio.create_task(runner.run())
+    await until(lambda: cycle.calls == 1 and clock.sleepers == 1)
+    assert runner.breaker_state is BreakerState.OPEN
+    for probes in (1, 2, 3):
+        clock.advance(1.0)
+        await until(lambda p=probes: runner.probes == p and clock.sleepers == 1)  # type: ignore[misc]
+    assert cycle.calls == 1
+    # The database is back: the next probe (1 s later, not the 60 s reset) lets a cycle run.
+    store_up = True
+    cycle.failing = False
+    clock.advance(1.0)
+    await until(lambda: cycle.calls == 2 and clock.sleepers == 1)
+    assert state_of(runner.breaker) is BreakerState.CLOSED
+    assert runner.probes == 4
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_breaker_opened_by_another_failure_waits_out_its_reset() -> None:
+    clock = FakeClock()
+    probed = 0
+
+    async def ping() -> None:
+        nonlocal probed
+        probed += 1
+
+    async def buggy() -> None:
+        raise ValueError("a bug, not an outage")
+
+    runner = Runner(
+        "backend",
+        buggy,
+        interval=10.0,
+        breaker=CircuitBreaker(failure_threshold=1, reset_timeout=60.0),
+        clock=clock,
+        probe=ping,
+    )
+    task = asyncio.create_task(runner.run())
+    await until(lambda: runner.calls == 1 and clock.sleepers == 1)
+    for _ in range(59):
+        clock.advance(1.0)
+        await until(lambda: clock.sleepers == 1)
+    assert (runner.calls, probed) == (1, 0)
+    clock.advance(1.0)
+    await until(lambda: runner.calls == 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

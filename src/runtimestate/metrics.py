@@ -4,11 +4,20 @@ Every layer that does something worth counting imports its metric from here, and
 ``GET /metrics`` exposes :data:`REGISTRY`. A dedicated registry (not the client's global one)
 keeps the exposition to our own metrics and lets tests read values without interference from
 other libraries.
+
+With several replicas, :func:`exposition` adds the label ``instance`` (the replica's id) to
+every series, and leaves out the fleet-wide gauges (:data:`FLEET_GAUGES`: backends by status,
+queue depth...) unless this replica is the leader: they describe the whole fleet, a follower's
+copy would be stale, and summing them over replicas would count everything several times.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 __all__ = [
     "BACKENDS",
@@ -16,6 +25,8 @@ __all__ = [
     "CYCLE_DURATION",
     "DOWNLOAD_BYTES",
     "DOWNLOAD_FAILURES",
+    "FLEET_GAUGES",
+    "LEADER",
     "MODELS_DELETED",
     "MODELS_PULLED",
     "PULL_DURATION",
@@ -23,6 +34,8 @@ __all__ = [
     "QUEUE_DEPTH",
     "REGISTRY",
     "ROUTINE_FAILURES",
+    "TERM",
+    "exposition",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -90,3 +103,53 @@ ROUTINE_FAILURES = Counter(
     ["runner"],
     registry=REGISTRY,
 )
+LEADER = Gauge(
+    "runtimestate_leader",
+    "1 while this replica is the leader that runs backend cycles, else 0.",
+    registry=REGISTRY,
+)
+TERM = Gauge(
+    "runtimestate_leader_term",
+    "The leadership term this replica last saw (increases on every change of leader).",
+    registry=REGISTRY,
+)
+
+# Families that describe the whole fleet: exported by the leader only.
+FLEET_GAUGES: set[str] = {"runtimestate_backends", "runtimestate_queue_depth"}
+
+
+class _Labelled(Collector):
+    def __init__(self, registry: CollectorRegistry, *, instance: str | None, leader: bool) -> None:
+        self._registry = registry
+        self._instance = instance
+        self._leader = leader
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            if family.name in FLEET_GAUGES and not self._leader:
+                continue
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labels = dict(sample.labels)
+                if self._instance is not None:
+                    labels["instance"] = self._instance
+                labelled.add_sample(
+                    sample.name,
+                    labels,
+                    sample.value,
+                    sample.timestamp,
+                    sample.exemplar,
+                )
+            yield labelled
+
+
+def exposition(
+    *, instance: str | None, leader: bool, registry: CollectorRegistry = REGISTRY
+) -> bytes:
+    """The text exposition of ``registry`` with ``instance`` on every series (none: a process
+    that is no replica, such as a library user's app); the fleet-wide gauges only when
+    ``leader``."""
+    LEADER.set(1 if leader else 0)
+    view = CollectorRegistry(auto_describe=False)
+    view.register(_Labelled(registry, instance=instance, leader=leader))
+    return bytes(generate_latest(view))

@@ -18,6 +18,10 @@ schedules.
   Closed -> open after ``failure_threshold`` consecutive failures; open -> half-open once
   ``reset_timeout`` has passed, which allows exactly one trial call; the trial closes the breaker
   on success and opens it again (for another ``reset_timeout``) on failure.
+* **Probing a store outage.** When the breaker opened on a ``StoreError`` and the runner has a
+  ``probe`` (the service passes ``store.ping``), it does not sleep out ``reset_timeout``: it
+  probes every ``probe_interval`` seconds and makes its trial call as soon as a probe succeeds,
+  so cycles resume within seconds of the database's return instead of up to a minute later.
 * **Failures** are caught here and nowhere else: this is the supervision boundary of a cycle.
   Each one is logged with its traceback, counted by the breaker and handed to ``on_failure``.
   Cancellation is never caught: cancelling the task that runs :meth:`Runner.run` stops it at
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from runtimestate.clock import SYSTEM_CLOCK, Clock
+from runtimestate.errors import StoreError
 from runtimestate.metrics import ROUTINE_FAILURES
 
 __all__ = ["BreakerState", "CircuitBreaker", "Failure", "Runner", "while_true"]
@@ -87,6 +92,11 @@ class CircuitBreaker:
             self._state = BreakerState.HALF_OPEN
         return True
 
+    def probe_succeeded(self) -> None:
+        """What the breaker waited for is back: allow the trial call now (half-open)."""
+        if self._state is BreakerState.OPEN:
+            self._state = BreakerState.HALF_OPEN
+
     def record_success(self) -> None:
         self._state = BreakerState.CLOSED
         self._failures = 0
@@ -129,9 +139,13 @@ class Runner:
         on_failure: FailureCallback | None = None,
         rerun_when: Callable[[object], bool] | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        probe: Callable[[], Awaitable[None]] | None = None,
+        probe_interval: float = 1.0,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
+        if probe_interval <= 0:
+            raise ValueError("probe_interval must be positive")
         self.name = name
         self.interval = interval
         self.breaker = breaker or CircuitBreaker()
@@ -139,7 +153,10 @@ class Runner:
         self._on_failure = on_failure
         self._rerun_when = rerun_when
         self._clock = clock
+        self._probe = probe
+        self._probe_interval = probe_interval
         self._triggered = asyncio.Event()
+        self.probes = 0
         self.calls = 0
         self.failures = 0
         self.last_error: Exception | None = None
@@ -210,8 +227,31 @@ class Runner:
         delay = self.interval
         if self.breaker.state is BreakerState.OPEN:
             delay = min(delay, max(self.breaker.retry_in(self._clock.monotonic()), 0.0))
+            if self._probe is not None and isinstance(self.last_error, StoreError):
+                await self._probe_until_back(delay)
+                return
         if self._triggered.is_set():
             return
+        await self._sleep_or_trigger(delay)
+
+    async def _probe_until_back(self, delay: float) -> None:
+        """Probe every ``probe_interval`` for at most ``delay``; a success half-opens the
+        breaker so that the trial call is made at once."""
+        assert self._probe is not None
+        deadline = self._clock.monotonic() + delay
+        while (left := deadline - self._clock.monotonic()) > 0:
+            await self._clock.sleep(min(self._probe_interval, left))
+            self.probes += 1
+            try:
+                await self._probe()
+            except Exception as exc:  # noqa: BLE001 - a failed probe is the expected outcome
+                logger.debug("runner %s: probe failed: %s", self.name, exc)
+                continue
+            logger.info("runner %s: the store answers again; trying a cycle now", self.name)
+            self.breaker.probe_succeeded()
+            return
+
+    async def _sleep_or_trigger(self, delay: float) -> None:
         sleeper = asyncio.ensure_future(self._clock.sleep(delay))
         waiter = asyncio.ensure_future(self._triggered.wait())
         try:

@@ -1,10 +1,19 @@
 """``runtimestate serve``: build everything from :class:`Settings`, run it, stop it cleanly.
 
-This is the one place where the concrete objects are built and wired (STYLE: "built in one
-place from settings and handed down"): the store from ``database_url``, the bus from
-``nats_url``, the reconciler ``State`` on both, one backend-cycle :class:`Runner`, ``K``
-download-worker runners, the gateway (in front of the FastAPI app, on the same port) and its
-refresh routines, on uvicorn. Nothing below reads settings.
+This is the one place where the concrete objects are built and wired (built in one place from
+settings and handed down): the store from ``database_url``, the bus from ``nats_url``, the
+reconciler ``State`` on both, one backend-cycle :class:`Runner`, ``K`` download-worker runners,
+this replica's :class:`~runtimestate.cluster.Cluster` membership with the shared snapshot, the
+gateway (in front of the FastAPI app, on the same port) and its refresh routines, on uvicorn.
+Nothing below reads settings.
+
+Roles. Every replica - also the only one, on SQLite - claims the leader lease; the backend-cycle
+runner of a follower does nothing, the leader's runs the cycle with its term's fence, writes the
+changed backends to the shared snapshot and notifies the others. Every replica runs download
+workers, the gateway and the API, and serves ``GET /state`` (and routes gateway requests) from
+its copy of the shared snapshot; a follower's ``POST /state/sync`` asks the leader over the bus.
+Runners whose breaker opened on a store outage probe the store every second and resume as soon
+as it answers.
 
 Supervision. Every routine is a named task; the service waits for the first of: a stop request
 (SIGINT/SIGTERM, or :meth:`Service.stop`), or any routine ending. A runner never ends on its own
@@ -28,16 +37,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from contextlib import AsyncExitStack
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from sqlalchemy.engine import make_url
@@ -45,19 +57,21 @@ from sqlalchemy.exc import ArgumentError
 
 from runtimestate import kinds
 from runtimestate.api import ApiContext, create_app
+from runtimestate.api.errors import ApiError
 from runtimestate.api.limits import Limits
 from runtimestate.backends.http import HttpClient
 from runtimestate.bus import Messenger, open_bus
 from runtimestate.clock import SYSTEM_CLOCK, Clock
+from runtimestate.cluster import SYNC_SUBJECT, Cluster, SnapshotCache, SnapshotPublisher
 from runtimestate.downloads import MODEL_DOWNLOAD, TASKS_NOTICE, Backoff, PullWorker
-from runtimestate.errors import NotFound, RuntimeStateError
+from runtimestate.errors import BusError, NotFound, RemoteError, RuntimeStateError
 from runtimestate.files import private_dir, private_file, tighten
 from runtimestate.gateway import Gateway, GatewayConfig
 from runtimestate.gateway.app import ASGIApp
 from runtimestate.logging import configure_logging, register_secret
 from runtimestate.masterkey import MasterKeyError, load_master_keys
 from runtimestate.records import ProviderConfig
-from runtimestate.runner import CircuitBreaker, Runner, while_true
+from runtimestate.runner import BreakerState, CircuitBreaker, Runner, while_true
 from runtimestate.settings import Settings, load_or_create_token, token_path
 from runtimestate.state import State
 from runtimestate.store import Store, open_store
@@ -199,6 +213,9 @@ class Service:
         self.url_policy = UrlPolicy()
         self._workers: list[Runner] = []
         self._messenger: Messenger | None = None
+        self.cluster: Cluster | None = None
+        self.snapshot: SnapshotCache | None = None
+        self._started_at = clock.monotonic()
 
     def stop(self) -> None:
         """Ask :meth:`run` to shut down (safe to call from a signal handler, twice)."""
@@ -227,6 +244,7 @@ class Service:
             # Room for every backend in flight plus every worker's pull.
             http = HttpClient(max_connections=settings.concurrency + 64)
             stack.push_async_callback(http.aclose)
+            instance = settings.instance_id or _default_instance(settings.database_url)
             state = State(
                 store,
                 messenger,
@@ -235,13 +253,25 @@ class Service:
                 backend_timeout=settings.backend_timeout,
                 delete_undeclared=settings.delete_undeclared,
                 clock=self._clock,
+                worker_id=instance,
                 key_hosts=settings.cloud_key_hosts,
                 http=http,
                 worker=self._worker(store, messenger, http),
             )
             stack.push_async_callback(state.aclose)
+            self.cluster = Cluster(
+                store,
+                messenger,
+                instance=instance,
+                ttl=settings.leader_ttl,
+                info={"version": _version(), "host": socket.gethostname(), "pid": os.getpid()},
+                clock=self._clock,
+            )
+            self.snapshot = SnapshotCache(store, clock=self._clock)
+            # The gateway routes from the shared snapshot: on a follower the local reconciler
+            # has observed nothing.
             gateway = Gateway(
-                snapshot=state,
+                snapshot=self.snapshot,
                 store=store,
                 messenger=messenger,
                 config=GatewayConfig(
@@ -256,7 +286,7 @@ class Service:
             )
             await gateway.start()
             stack.push_async_callback(gateway.aclose)
-            sync = self._build_runners(state, gateway)
+            sync = self._build_runners(state, store, messenger, gateway)
             self._messenger = messenger
             closing = asyncio.Event()
             self.url_policy = UrlPolicy(
@@ -269,6 +299,8 @@ class Service:
                     token=token,
                     state=state,
                     sync=sync,
+                    snapshot=self.snapshot,
+                    cluster=_ClusterStatus(self),
                     version=_version(),
                     closing=closing,
                     keys_changed=gateway.keys.reload,
@@ -308,8 +340,15 @@ class Service:
             reset_timeout=self.settings.breaker_reset,
         )
 
-    def _build_runners(self, state: State, gateway: Gateway) -> Callable[[], Awaitable[None]]:
-        """Create the runners; return the serialized backend cycle ``POST /state/sync`` uses."""
+    def _build_runners(
+        self, state: State, store: Store, messenger: Messenger, gateway: Gateway
+    ) -> Callable[[], Awaitable[None]]:
+        """Create the runners; return what ``POST /state/sync`` calls: the serialized backend
+        cycle on the leader, a request to the leader on a follower."""
+        assert self.cluster is not None
+        assert self.snapshot is not None
+        cluster, snapshot = self.cluster, self.snapshot
+        publisher = SnapshotPublisher(store, messenger)
         lock = asyncio.Lock()
         workers = [
             Runner(
@@ -319,17 +358,28 @@ class Service:
                 breaker=self._breaker(),
                 rerun_when=while_true,
                 clock=self._clock,
+                probe=store.ping,
             )
             for index in range(self.settings.download_workers)
         ]
 
-        async def backend_cycle() -> None:
-            # One cycle at a time, scheduled or on demand; afterwards the workers look at the
+        async def backend_cycle() -> int:
+            # One cycle at a time, scheduled or on demand, and only while this replica leads;
+            # every write of it carries the term's fence. Afterwards the workers look at the
             # queue at once instead of at their next interval, since the cycle may have queued.
             async with lock:
-                await state.run_backend_cycle()
+                fence = cluster.fence()
+                if fence is None:
+                    return snapshot.version
+                await state.run_backend_cycle(fence=fence)
+                version = await publisher.publish(state.get(), fence)
+                cluster.cycle_completed()
+                if version != snapshot.version:
+                    await snapshot.refresh()
+                snapshot.confirm()
             for worker in workers:
                 worker.trigger()
+            return version
 
         backend = Runner(
             "backend-cycle",
@@ -337,6 +387,7 @@ class Service:
             interval=self.settings.cycle_interval,
             breaker=self._breaker(),
             clock=self._clock,
+            probe=store.ping,
         )
         refresh = Runner(
             "gateway-refresh",
@@ -352,9 +403,59 @@ class Service:
             breaker=self._breaker(),
             clock=self._clock,
         )
+        cluster.serve_sync(backend_cycle)
+        cluster.on_became_leader(backend.trigger)
         self.runners = [backend, *workers, refresh, downloads]
         self._workers = workers
-        return backend_cycle
+        sync_timeout = self.settings.sync_timeout
+
+        async def sync() -> None:
+            if cluster.is_leader:
+                await backend_cycle()
+                return
+            try:
+                reply = await messenger.request(SYNC_SUBJECT, b"{}", timeout=sync_timeout)
+            except (BusError, RemoteError) as exc:
+                # NoResponders and RequestTimeout are BusErrors: no leader, or not in time.
+                raise ApiError(
+                    503, "unavailable", f"no leader ran a cycle within {sync_timeout:g} s: {exc}"
+                ) from exc
+            version = int(json.loads(reply)["version"])
+            if not await snapshot.wait_for(version, timeout=sync_timeout):
+                raise ApiError(503, "unavailable", "the leader's snapshot could not be read")
+
+        return sync
+
+    def routines(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
+        """Every long-running routine of this replica, by name."""
+        assert self.cluster is not None
+        assert self.snapshot is not None
+        routines: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
+            runner.name: runner.run for runner in self.runners
+        }
+        snapshot, messenger = self.snapshot, self.cluster.messenger
+        interval = self.settings.cycle_interval
+        routines["cluster"] = self.cluster.run
+        routines["snapshot"] = lambda: snapshot.follow(messenger, interval=interval)
+        return routines
+
+    def problems(self) -> list[str]:
+        """Why this replica is degraded: open breakers, a snapshot older than three cycles."""
+        reasons = [
+            f"routine {runner.name}: circuit breaker open"
+            for runner in self.runners
+            if runner.breaker_state is BreakerState.OPEN
+        ]
+        if self.snapshot is not None and self.cluster is not None:
+            # Three cycle intervals, plus one renewal period: the pace at which the leader
+            # reports its last cycle to the others through the lease row.
+            bound = 3 * self.settings.cycle_interval + self.cluster.renew_every
+            age = self.snapshot.age()
+            waited = self._clock.monotonic() - self._started_at
+            if (age if age is not None else waited) > bound:
+                shown = "no cycle yet" if age is None else f"{age:.0f} s old"
+                reasons.append(f"snapshot stale: {shown} (bound {bound:g} s)")
+        return reasons
 
     async def _wake_workers(self) -> None:
         """Trigger the download workers whenever any process queues pull tasks (the bus
@@ -386,9 +487,14 @@ class Service:
             server_header=False,
         )
         server = _Server(config)
+        if self.cluster is not None:
+            self.cluster.info["url"] = self.url
+            # Know the role before the first request: a sync right after start goes to the
+            # right place, and a lone replica leads from its first cycle.
+            await self.cluster.round()
         tasks = {
-            asyncio.create_task(runner.run(), name=runner.name): runner.name
-            for runner in self.runners
+            asyncio.create_task(routine(), name=name): name
+            for name, routine in self.routines().items()
         }
         if self._workers:
             wake = asyncio.create_task(self._wake_workers(), name="download-notices")
@@ -430,6 +536,48 @@ class Service:
                 logger.error("routine %s crashed", name, exc_info=error)
             raise RoutineCrashed(f"routine {name} stopped unexpectedly: {error!r}") from error
         logger.info("runtimestate stopped")
+
+
+def _default_instance(database_url: str) -> str:
+    """A replica's default name: new at every start on a shared database, so that a restarted
+    process is a new member; the host's name on SQLite, where one process owns the file, so
+    that a restart after a crash leads at once instead of waiting out its own old lease."""
+    if database_url.startswith("sqlite"):
+        return socket.gethostname()
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class _ClusterStatus:
+    """What the API shows of this replica's membership (``/health``, ``/cluster``)."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    def describe(self) -> dict[str, object]:
+        cluster = self._service.cluster
+        return {} if cluster is None else cluster.describe()
+
+    async def replicas(self) -> list[dict[str, object]]:
+        cluster = self._service.cluster
+        if cluster is None:
+            return []
+        # A replica that missed three renewals is presumed gone (killed, or cut off).
+        alive_within = 3 * cluster.renew_every
+        return [
+            {
+                "instance": replica.instance,
+                "role": replica.info.get("role"),
+                "term": replica.info.get("term"),
+                "url": replica.info.get("url"),
+                "version": replica.info.get("version"),
+                "heartbeat_age": replica.age,
+                "alive": replica.age <= alive_within,
+            }
+            for replica in await cluster.store.list_replicas()
+        ]
+
+    def problems(self) -> list[str]:
+        return self._service.problems()
 
 
 def _outcome(task: asyncio.Task[None]) -> BaseException | None:

@@ -179,6 +179,30 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds between two reloads of the gateway's keys and pool membership.",
     )
+    instance_id: str = Field(
+        default="",
+        description=(
+            "This replica's name in the cluster (leader lease, registry, metrics). "
+            "Default: <hostname>-<pid>-<random>, new at every start; on SQLite (one process) "
+            "the host name, so that a restart leads at once."
+        ),
+    )
+    leader_ttl: float = Field(
+        default=10.0,
+        ge=0.3,
+        description=(
+            "Seconds a leader lease lasts without renewal; renewed every third of it. A killed "
+            "leader is replaced within about ttl + ttl/3."
+        ),
+    )
+    sync_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "Seconds a follower's POST /state/sync waits for the leader's cycle before "
+            "answering 503."
+        ),
+    )
     log_format: LogFormat = Field(
         default=LogFormat.TEXT, description="Log output: json (one object per line) or text."
     )

@@ -38,13 +38,14 @@ it was taken.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
@@ -67,7 +68,7 @@ from runtimestate.errors import BackendTimeout, InvalidInput, RuntimeStateError
 from runtimestate.metrics import BACKEND_FAILURES, BACKENDS, CYCLE_DURATION
 from runtimestate.records import LLMState
 from runtimestate.store.base import Store
-from runtimestate.store.records import Backend, Model, PullTask
+from runtimestate.store.records import Backend, Fence, Model, PullTask
 
 __all__ = ["State"]
 
@@ -224,15 +225,19 @@ class State:
         identity whether it must rebuild. Never mutate it."""
         return self._states
 
-    async def run_backend_cycle(self) -> None:
-        """Reconcile every declared backend once, then replace the snapshot."""
+    async def run_backend_cycle(self, *, fence: Fence | None = None) -> None:
+        """Reconcile every declared backend once, then replace the snapshot.
+
+        With several replicas the leader passes its ``fence``: every write of the cycle (the
+        queued pulls, each delete on a backend) is then made only while that term is current;
+        a deposed leader's writes are refused (``Fenced``) and land in the backends' errors."""
         started = time.perf_counter()
         declared = await self._declared()
         tasks = await self._store.list_pull_tasks()
-        outcomes = await self._run_all(declared, act=True)
+        outcomes = await self._run_all(declared, act=True, fence=fence)
         results = [plan for plan, _ in outcomes]
         observed = {plan.backend_id for plan, ok in outcomes if ok}
-        results = await self._sync_tasks(declared, results, tasks, observed)
+        results = await self._sync_tasks(declared, results, tasks, observed, fence=fence)
         states = {item.backend.id: plan.state for item, plan in zip(declared, results, strict=True)}
         for gone in self._states.keys() - states.keys():
             self._stale.pop(gone, None)
@@ -251,7 +256,7 @@ class State:
         """What a backend cycle would do, per backend id, without doing any of it (a dry run:
         observe and plan only; the snapshot is not changed)."""
         declared = await self._declared()
-        outcomes = await self._run_all(declared, act=False)
+        outcomes = await self._run_all(declared, act=False, fence=None)
         return {plan.backend_id: plan for plan, _ in outcomes}
 
     async def run_download_cycle(self) -> bool:
@@ -283,13 +288,30 @@ class State:
             for backend, wanted in managed.values()
         ]
 
+    @contextlib.asynccontextmanager
+    async def _cycle_writes(self, fence: Fence | None) -> AsyncIterator[Store]:
+        """One transaction for a cycle's store writes, checked against ``fence`` first, so the
+        writes commit only while that term is current (``Fenced`` otherwise). Without a fence
+        (a library user's single process) the store itself."""
+        if fence is None:
+            yield self._store
+            return
+        async with self._store.transaction() as tx:
+            await tx.check_fence(fence)
+            yield tx
+
     async def _run_all(
-        self, declared: list[Declared], *, act: bool
+        self, declared: list[Declared], *, act: bool, fence: Fence | None
     ) -> list[tuple[BackendPlan, bool]]:
         """Every backend concurrently, ``concurrency`` at a time: each plan, and whether the
         backend was observed (False: its failure is the plan's error). Backend failures are
         results; only a bug escapes, and then no backend task is left running behind it."""
-        ctx = CycleContext(http=self._http, store=self._store, clock=self._clock)
+        ctx = CycleContext(
+            http=self._http,
+            store=self._store,
+            clock=self._clock,
+            fence=None if fence is None else functools.partial(self._store.check_fence, fence),
+        )
         semaphore = asyncio.Semaphore(self._concurrency)
         tasks = [
             asyncio.create_task(
@@ -312,6 +334,8 @@ class State:
         results: list[BackendPlan],
         tasks: list[PullTask],
         observed: set[str],
+        *,
+        fence: Fence | None = None,
     ) -> list[BackendPlan]:
         """Turn the planned pulls into pull tasks and drop unwanted tasks (one read before the
         cycle, writes only for what changed); put each backend's tasks into its state. A failed
@@ -329,15 +353,16 @@ class State:
         wanted = {(item.backend.id, m.model) for item in declared for m in item.models}
         urls = {item.backend.id: item.backend.base_url for item in declared}
         try:
-            changes = await reconcile_tasks(
-                self._store,
-                self._messenger,
-                tasks=tasks,
-                missing=missing,
-                declared=wanted,
-                observed=observed,
-                urls=urls,
-            )
+            async with self._cycle_writes(fence) as tx:
+                changes = await reconcile_tasks(
+                    tx,
+                    self._messenger,
+                    tasks=tasks,
+                    missing=missing,
+                    declared=wanted,
+                    observed=observed,
+                    urls=urls,
+                )
         except RuntimeStateError as exc:
             failed = list(results)
             concerned = {backend_id for backend_id, _ in missing}

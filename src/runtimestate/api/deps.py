@@ -7,15 +7,22 @@ class: the CRUD routes need only the store, and an app without a reconciler (``s
 answers the state routes with 503 instead of failing to start.
 
 ``sync`` is how ``POST /state/sync`` runs a cycle: the service passes a function that shares a
-lock with the backend-cycle routine, so an on-demand cycle never overlaps a scheduled one.
+lock with the backend-cycle routine, so an on-demand cycle never overlaps a scheduled one (on a
+follower replica it asks the leader over the bus).
+
+With several replicas the service also passes ``snapshot`` (:class:`SnapshotView`: the shared
+snapshot every replica serves ``GET /state`` from, with its version and age) and ``cluster``
+(:class:`ClusterView`: this replica's id, role, term and leader, the registry, and what makes
+``/health`` degraded). Without them the routes fall back to the reconciler's own snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Path, Query, Request, Response
@@ -36,9 +43,11 @@ __all__ = [
     "NEXT_CURSOR_HEADER",
     "PAGED",
     "ApiContext",
+    "ClusterView",
     "Context",
     "Key",
     "PageQuery",
+    "SnapshotView",
     "StateView",
     "context",
     "created_links",
@@ -68,6 +77,30 @@ class StateView(Protocol):
     async def plan_backend_cycle(self) -> Mapping[str, Plan]: ...
 
 
+class SnapshotView(Protocol):
+    """The shared snapshot as this replica holds it (:class:`runtimestate.cluster.SnapshotCache`).
+    ``version`` increases with every change of content; equal versions are equal content."""
+
+    @property
+    def version(self) -> int: ...
+
+    def get(self) -> Mapping[str, LLMState]: ...
+
+    def age(self) -> float | None: ...
+
+    def observed_at(self, backend_id: str) -> datetime | None: ...
+
+
+class ClusterView(Protocol):
+    """This replica's place among several (built by the service)."""
+
+    def describe(self) -> Mapping[str, object]: ...
+
+    async def replicas(self) -> Sequence[Mapping[str, object]]: ...
+
+    def problems(self) -> list[str]: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class ApiContext:
     store: Store
@@ -75,6 +108,8 @@ class ApiContext:
     token: str
     state: StateView | None = None
     sync: Callable[[], Awaitable[object]] | None = None
+    snapshot: SnapshotView | None = None
+    cluster: ClusterView | None = None
     version: str = "0"
     # Set when the service shuts down: long-lived answers (the SSE stream) end on it.
     closing: asyncio.Event = field(default_factory=asyncio.Event)

@@ -396,9 +396,38 @@ class ProviderConfigOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "degraded", "unavailable"]
     store: Literal["ok", "timeout", "error"]
     bus: Literal["ok", "timeout", "error"]
+    reasons: list[str] = []
+    instance: str | None = None
+    role: str | None = None
+    term: int | None = None
+    leader: str | None = None
+
+
+class ReplicaOut(BaseModel):
+    instance: str
+    role: str | None = None
+    term: int | None = None
+    url: str | None = None
+    version: str | None = None
+    heartbeat_age: float = Field(serialization_alias="heartbeatAge")
+    alive: bool
+
+
+class SnapshotInfoOut(BaseModel):
+    version: int
+    age: float | None
+
+
+class ClusterOut(BaseModel):
+    instance: str
+    role: str
+    term: int | None
+    leader: str | None
+    snapshot: SnapshotInfoOut | None = None
+    replicas: list[ReplicaOut]
 
 
 class VersionOut(BaseModel):

@@ -14,8 +14,14 @@ many backends hold it, are pulling it or failed it, and the last cycle's time an
 ``backend`` per changed backend (``{"status", "state"}``), ``removed`` (``{"id"}``), and a
 ``summary`` every heartbeat; ``Last-Event-ID`` resumes (see :mod:`.snapshot`).
 
+With several replicas (the context has a ``snapshot``) every replica's feed reads the shared
+snapshot the leader keeps in the store, so all of them answer the same bytes under the same
+``ETag`` (the stored snapshot's version); the header ``X-Snapshot-Age`` says how many seconds
+ago the leader last completed a cycle confirming it.
+
 ``POST /state/sync`` runs a backend cycle before answering, through the context's ``sync``
-function, which the service serializes with the scheduled cycle. ``GET /state/plan`` asks the
+function, which the service serializes with the scheduled cycle (a follower asks the leader and
+answers 503 when no leader answers in time). ``GET /state/plan`` asks the
 reconciler what the next cycle would pull and delete, without doing it.
 """
 
@@ -32,7 +38,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from runtimestate.api.deps import NEXT_CURSOR_HEADER, ApiContext, Context, StateView
 from runtimestate.api.errors import ERROR_RESPONSES, ApiError, Responses, errors_doc
 from runtimestate.api.schemas import LLMStateOut, PlanOut, StateSummaryOut
-from runtimestate.api.snapshot import STATUSES, Event, SnapshotFeed
+from runtimestate.api.snapshot import STATUSES, Event, SnapshotFeed, SnapshotSource
 from runtimestate.store.records import MAX_PAGE_SIZE
 
 __all__ = ["router"]
@@ -50,7 +56,9 @@ def _reconciler(ctx: ApiContext) -> StateView:
 
 
 def _feed(request: Request, ctx: ApiContext) -> SnapshotFeed:
-    source = _reconciler(ctx)
+    # With several replicas, every replica serves the shared snapshot (same version, same
+    # bytes, same ETag everywhere); the local reconciler only has state on the leader.
+    source: SnapshotSource = ctx.snapshot if ctx.snapshot is not None else _reconciler(ctx)
     feed: SnapshotFeed | None = getattr(request.app.state, "feed", None)
     if feed is None or feed.source is not source:
         feed = SnapshotFeed(source)
@@ -76,6 +84,13 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in tags or etag.removeprefix("W/") in tags
 
 
+def _age_header(ctx: ApiContext) -> dict[str, str]:
+    """``X-Snapshot-Age``: seconds since the leader last completed a cycle confirming the
+    shared snapshot (several replicas only)."""
+    age = None if ctx.snapshot is None else ctx.snapshot.age()
+    return {} if age is None else {"X-Snapshot-Age": f"{age:.3f}"}
+
+
 def _answer(
     request: Request,
     body: bytes,
@@ -85,6 +100,7 @@ def _answer(
     headers: dict[str, str] | None = None,
 ) -> Response:
     common = {"ETag": etag, "Vary": "Accept-Encoding", "Cache-Control": "no-cache"}
+    common.update(_age_header(request.app.state.ctx))
     common.update(headers or {})
     if _matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=common)
@@ -212,13 +228,12 @@ async def _events(ctx: ApiContext, feed: SnapshotFeed, last_id: str | None) -> A
 
 @router.post("/state/sync", response_class=JSONResponse, responses=_STATE)
 async def sync_state(request: Request, ctx: Context) -> Response:
-    reconciler = _reconciler(ctx)
     if ctx.sync is not None:
         await ctx.sync()
     else:
-        await reconciler.run_backend_cycle()
+        await _reconciler(ctx).run_backend_cycle()
     body, etag = _feed(request, ctx).body(gzipped=False)
-    return Response(body, media_type="application/json", headers={"ETag": etag})
+    return Response(body, media_type="application/json", headers={"ETag": etag, **_age_header(ctx)})
 
 
 @router.get(

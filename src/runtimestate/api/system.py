@@ -1,10 +1,18 @@
-"""``/health``, ``/version`` and ``/metrics``: what load balancers, operators and Prometheus read.
+"""``/health``, ``/version``, ``/cluster`` and ``/metrics``: what load balancers, operators and
+Prometheus read.
 
 ``/health`` is the one route without a token (a load balancer has none); it pings the store and
-the bus with a short timeout each and answers 503 when either fails, naming which (``ok``,
-``timeout`` or ``error``; the cause goes to the log, never to an unauthenticated caller).
-``/metrics`` exposes :data:`runtimestate.metrics.REGISTRY`; the queue depth gauge is refreshed
-from the store at scrape time (listing the queue sets it), which is when its value is wanted.
+sends a message through the bus back to this replica, with a short timeout each, and answers 503
+when either fails, naming which (``ok``, ``timeout`` or ``error``; the cause goes to the log,
+never to an unauthenticated caller). It is also 503 - ``degraded`` - when the cluster view
+reports problems: a routine's breaker open, or a shared snapshot older than three cycle
+intervals; ``reasons`` lists them in words that name no host. It says which replica answered,
+its role, the term and the leader.
+
+``/cluster`` lists the replicas the store knows of. ``/metrics`` exposes
+:data:`runtimestate.metrics.REGISTRY` with this replica's ``instance`` on every series and the
+fleet-wide gauges from the leader only; the queue depth gauge is refreshed from the store at
+scrape time (listing the queue sets it), which is when its value is wanted.
 """
 
 from __future__ import annotations
@@ -15,14 +23,14 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from runtimestate import downloads
 from runtimestate.api.deps import Context, require_token
-from runtimestate.api.errors import ERROR_RESPONSES
-from runtimestate.api.schemas import HealthOut, VersionOut
+from runtimestate.api.errors import ERROR_RESPONSES, ApiError
+from runtimestate.api.schemas import ClusterOut, HealthOut, ReplicaOut, SnapshotInfoOut, VersionOut
 from runtimestate.errors import BusError, StoreError
-from runtimestate.metrics import REGISTRY
+from runtimestate.metrics import TERM, exposition
 
 __all__ = ["router"]
 
@@ -54,11 +62,43 @@ async def _probe(name: str, ping: Callable[[], Awaitable[None]], error: type[Exc
     responses={503: {"model": HealthOut, "description": "Store or bus unreachable"}},
 )
 async def health(ctx: Context) -> JSONResponse:
-    store = await _probe("store", ctx.store.ping, StoreError)
-    bus = await _probe("bus", ctx.messenger.ping, BusError)
-    ok = store == "ok" and bus == "ok"
-    body = HealthOut(status="ok" if ok else "unavailable", store=store, bus=bus)
-    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+    store, bus = await asyncio.gather(
+        _probe("store", ctx.store.ping, StoreError), _probe("bus", ctx.messenger.ping, BusError)
+    )
+    reasons = [f"{name} {word}" for name, word in (("store", store), ("bus", bus)) if word != "ok"]
+    status = "unavailable" if reasons else "ok"
+    about: dict[str, object] = {}
+    if ctx.cluster is not None:
+        problems = ctx.cluster.problems()
+        if problems and not reasons:
+            status = "degraded"
+        reasons += problems
+        about = dict(ctx.cluster.describe())
+    body = HealthOut.model_validate(
+        {"status": status, "store": store, "bus": bus, "reasons": reasons, **about}
+    )
+    return JSONResponse(
+        body.model_dump(exclude_none=True), status_code=200 if status == "ok" else 503
+    )
+
+
+@router.get(
+    "/cluster",
+    response_model=ClusterOut,
+    dependencies=[Depends(require_token)],
+    responses=ERROR_RESPONSES,
+)
+async def cluster(ctx: Context) -> ClusterOut:
+    """This replica (id, role, term, leader, its copy of the snapshot) and every replica the
+    store knows of, with the age of its last heartbeat."""
+    if ctx.cluster is None:
+        raise ApiError(503, "unavailable", "this service runs no cluster membership")
+    about = ctx.cluster.describe()
+    snapshot = None
+    if ctx.snapshot is not None:
+        snapshot = SnapshotInfoOut(version=ctx.snapshot.version, age=ctx.snapshot.age())
+    replicas = [ReplicaOut.model_validate(entry) for entry in await ctx.cluster.replicas()]
+    return ClusterOut.model_validate({**about, "snapshot": snapshot, "replicas": replicas})
 
 
 @router.get(
@@ -83,4 +123,10 @@ async def version(ctx: Context) -> VersionOut:
 async def metrics(ctx: Context) -> Response:
     # The task gauges as of now, not as of the last backend cycle (which may run elsewhere).
     await downloads.refresh_task_metrics(ctx.store)
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    about = ctx.cluster.describe() if ctx.cluster is not None else {}
+    term = about.get("term")
+    if isinstance(term, int):
+        TERM.set(term)
+    instance = str(about["instance"]) if "instance" in about else None
+    leader = ctx.cluster is None or about.get("role") == "leader"
+    return Response(exposition(instance=instance, leader=leader), media_type=CONTENT_TYPE_LATEST)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -174,9 +174,17 @@ class CycleContext:
     http: HttpClient
     store: Store
     clock: Clock
+    # Awaited before every change a driver makes to a backend (a delete): raises ``Fenced``
+    # once the replica running this cycle is no longer the leader. None: a single process.
+    fence: Callable[[], Awaitable[None]] | None = None
     _kv_values: dict[str, KVEntry | None] = field(default_factory=dict)
     _kv_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _kv_prefixed: dict[str, dict[str, KVEntry]] = field(default_factory=dict)
+
+    async def check_fence(self) -> None:
+        """Raise ``Fenced`` if this cycle's leader has been deposed; see ``fence``."""
+        if self.fence is not None:
+            await self.fence()
 
     async def kv(self, key: str) -> KVEntry | None:
         """The key-value entry ``key``, ``None`` if absent; read at most once per cycle (a

@@ -489,6 +489,7 @@ class Store(abc.ABC):
     async def delete_pull_tasks(self, pairs: Sequence[tuple[str, str]]) -> list[PullTask]:
         """Delete the tasks of these ``(backend_id, model)`` pairs, whatever their status;
         return them as they were."""
+
     # ---- several replicas ------------------------------------------------------------------
     @abc.abstractmethod
     async def claim_leadership(

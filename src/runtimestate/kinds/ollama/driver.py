@@ -42,7 +42,7 @@ from runtimestate.backends.base import (
     DriverOptions,
 )
 from runtimestate.backends.names import ollama_key
-from runtimestate.backends.wire import decode_json, join_url
+from runtimestate.backends.wire import decode_json, join_url, status_error
 from runtimestate.errors import BackendError, ProtocolError, RuntimeStateError
 from runtimestate.metrics import MODELS_DELETED
 from runtimestate.records import ListModelResponse, LLMState
@@ -232,27 +232,31 @@ class OllamaDriver(Driver[OllamaInventory]):
     async def act(self, ctx: CycleContext, declared: Declared, plan: BackendPlan) -> LLMState:
         backend = declared.backend
         failures: list[str] = []
-        deleted = 0
+        deleted = deleted_elsewhere = 0
         for action in plan.actions:
             if action.kind is not ActionKind.DELETE:
                 continue
             log_extra = {"backend_id": backend.id, "model": action.model}
             try:
-                await ctx.http.request_bytes(
-                    "DELETE",
-                    join_url(backend.base_url, "/api/delete"),
-                    json_body={"model": action.model},
-                    ok_statuses=frozenset({404}),
-                )
+                await ctx.check_fence()
+                url = join_url(backend.base_url, "/api/delete")
+                status, body = await ctx.http.send("DELETE", url, json_body={"model": action.model})
+                if status >= 400 and status != 404:
+                    raise status_error(status, body, url=url)
             except RuntimeStateError as exc:
                 failures.append(f"delete {action.model} failed: {exc}")
                 logger.warning("delete %s failed: %s", action.model, exc, extra=log_extra)
+                continue
+            if status == 404:
+                # Gone already (another replica's delete, or the operator's): not a deletion
+                # of ours, so not counted; the listing below still runs.
+                deleted_elsewhere += 1
                 continue
             deleted += 1
             MODELS_DELETED.inc()
             logger.info("model deleted", extra=log_extra)
         state = plan.state
-        if deleted:
+        if deleted or deleted_elsewhere:
             try:
                 state = self.plan(declared, await self.observe(ctx, declared)).state
             except BackendError as exc:
