@@ -82,6 +82,10 @@ class OllamaNode(OpenAIEndpoints):
             {normalize_model_name(n) for n in pullable} if pullable is not None else None
         )
         self.loaded: dict[str, datetime] = {}
+        # Pulls streaming right now, and pulls whose client went away before the end: what a
+        # test of cancelling counts, from outside the code that cancels.
+        self.pulls_running = 0
+        self.pulls_broken_off = 0
         self.route("GET", "/", self._root_text)
         self.route("GET", "/api/version", self._version)
         self.route("GET", "/api/tags", self._tags)
@@ -215,6 +219,18 @@ class OllamaNode(OpenAIEndpoints):
         return self._ok({"status": "success"})
 
     async def _pull_lines(self, name: str) -> AsyncGenerator[bytes, None]:
+        self.pulls_running += 1
+        finished = False
+        try:
+            async for line in self._pull_steps(name):
+                yield line
+            finished = True
+        finally:
+            self.pulls_running -= 1
+            if not finished:
+                self.pulls_broken_off += 1
+
+    async def _pull_steps(self, name: str) -> AsyncGenerator[bytes, None]:
         yield _line({"status": "pulling manifest"})
         if self.pullable is not None and name not in self._pullable_names(self.pullable):
             yield _line({"error": "pull model manifest: file does not exist"})
