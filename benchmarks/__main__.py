@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-BENCHMARKS = ("reconcile", "resolve", "dashboard", "fleet", "gateway", "downloads")
+BENCHMARKS = ("reconcile", "resolve", "dashboard", "fleet", "gateway", "downloads", "replicas")
 OUTPUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 

@@ -30,7 +30,9 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from runtimestate.cli.app import app
 from runtimestate.testing import Emulator
 from runtimestate.testing.ollama import OllamaNode
 from runtimestate.testing.ollama_models import normalize_model_name
@@ -422,6 +424,13 @@ def test_killing_the_leader_mid_cycle_elects_another_and_duplicates_nothing(
         return [r["alive"] for r in replicas if r["instance"] == leader] == [False]
 
     wait_for("the killed leader shown as gone", dead_leader_shown_gone, within=4 * TTL)
+    # What an operator sees: the CLI, through any replica.
+    shown = CliRunner().invoke(
+        app, ["--url", harness.replicas[new_leader].url, "--token", TOKEN, "cluster"]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert f"leader: {new_leader}, term {new_term}" in shown.output
+    assert [line for line in shown.output.splitlines() if leader in line and "gone" in line]
     harness.start_replicas(1)
 
 

@@ -26,6 +26,7 @@ from typing import Annotated
 import typer
 
 from runtimestate.cli import fleetfile, observe
+from runtimestate.cli.cluster import cluster
 from runtimestate.cli.common import GlobalOptions
 from runtimestate.cli.fleet import backend_app, model_app, pool_app, provider_app
 from runtimestate.cli.keys import key_app
@@ -48,6 +49,7 @@ app.command("sync")(observe.sync)
 app.command("watch")(observe.watch)
 app.command("apply")(fleetfile.apply)
 app.command("export")(fleetfile.export)
+app.command("cluster")(cluster)
 app.add_typer(backend_app, name="backend")
 app.add_typer(model_app, name="model")
 app.add_typer(pool_app, name="pool")
