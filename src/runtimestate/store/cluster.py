@@ -54,7 +54,14 @@ from runtimestate.store.schema import (
     snapshot_version,
 )
 
-__all__ = ["ClusterOps"]
+__all__ = [
+    "ClusterOps",
+    "check_cycle_age",
+    "check_fence_value",
+    "check_ttl",
+    "raise_unless_current",
+    "snapshot_texts",
+]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SNAPSHOT = "state"
@@ -74,16 +81,45 @@ def _leadership(row: Row[Any], now: datetime) -> Leadership:
     )
 
 
-def _check_ttl(ttl: object) -> timedelta:
+# ---- checks shared with every Store implementation ------------------------------------------
+def check_ttl(ttl: object) -> timedelta:
     if not isinstance(ttl, timedelta) or ttl <= timedelta(0):
         raise InvalidInput("ttl must be a positive timedelta", field="ttl")
     return ttl
 
 
-def _check_fence_value(fence: object) -> Fence:
+def check_cycle_age(cycle_age: object) -> None:
+    if cycle_age is not None and (
+        isinstance(cycle_age, bool) or not isinstance(cycle_age, int | float) or cycle_age < 0
+    ):
+        raise InvalidInput("cycle_age must be a non-negative number", field="cycle_age")
+
+
+def check_fence_value(fence: object) -> Fence:
     if not isinstance(fence, Fence):
         raise InvalidInput(f"fence must be a Fence, not {type(fence).__name__}", field="fence")
     return fence
+
+
+def raise_unless_current(current: Leadership | None, fence: Fence) -> None:
+    """``Fenced`` unless ``current`` (the lease as read now) is ``fence``'s live tenure."""
+    if current is None or not current.held_by(fence.holder):
+        raise Fenced(f"{fence.holder} no longer holds {fence.name!r}; write refused")
+    if current.term != fence.term:
+        raise Fenced(
+            f"term {fence.term} of {fence.name!r} is over (now {current.term}); write refused"
+        )
+
+
+def snapshot_texts(
+    changed: Mapping[str, Mapping[str, object]], removed: Collection[str]
+) -> dict[str, str]:
+    """The changed states as JSON text, after checking the arguments of ``write_snapshot``."""
+    if not changed and not removed:
+        raise InvalidInput("nothing to write to the snapshot", field="changed")
+    for backend_id in (*changed, *removed):
+        require_text(backend_id, "backend_id")
+    return {backend_id: _dump(dict(state)) for backend_id, state in changed.items()}
 
 
 class ClusterOps:
@@ -107,11 +143,8 @@ class ClusterOps:
     ) -> Leadership:
         name = require_text(name, "name")
         holder = require_text(holder, "holder")
-        ttl = _check_ttl(ttl)
-        if cycle_age is not None and (
-            isinstance(cycle_age, bool) or not isinstance(cycle_age, int | float) or cycle_age < 0
-        ):
-            raise InvalidInput("cycle_age must be a non-negative number", field="cycle_age")
+        ttl = check_ttl(ttl)
+        check_cycle_age(cycle_age)
         async with self._db.connect(write=True) as conn:
             now = await self._db_now(conn)
             seed = {"name": name, "holder": "", "term": 0, "expires_at": _EPOCH, "cycle_at": None}
@@ -178,7 +211,7 @@ class ClusterOps:
         return _leadership(row, now)
 
     async def check_fence(self, fence: Fence) -> None:
-        fence = _check_fence_value(fence)
+        fence = check_fence_value(fence)
         async with self._db.connect(write=True) as conn:
             await self._check_fence(conn, fence)
 
@@ -191,12 +224,7 @@ class ClusterOps:
                 .with_for_update(read=True)
             )
         ).first()
-        if row is None or not _leadership(row, now).held_by(fence.holder):
-            raise Fenced(f"{fence.holder} no longer holds {fence.name!r}; write refused")
-        if row.term != fence.term:
-            raise Fenced(
-                f"term {fence.term} of {fence.name!r} is over (now {row.term}); write refused"
-            )
+        raise_unless_current(None if row is None else _leadership(row, now), fence)
 
     # ---- replica registry ------------------------------------------------------------------
     async def heartbeat_replica(self, instance: str, *, info: Mapping[str, object]) -> Replica:
@@ -242,12 +270,8 @@ class ClusterOps:
         """Store the ``changed`` backends' states and drop the ``removed`` ones, fenced by
         ``fence``, in one transaction; the new version. Nothing to write is ``InvalidInput``:
         a steady cycle does not call this at all."""
-        fence = _check_fence_value(fence)
-        if not changed and not removed:
-            raise InvalidInput("nothing to write to the snapshot", field="changed")
-        for backend_id in (*changed, *removed):
-            require_text(backend_id, "backend_id")
-        texts = {backend_id: _dump(dict(state)) for backend_id, state in changed.items()}
+        fence = check_fence_value(fence)
+        texts = snapshot_texts(changed, removed)
         async with self._db.connect(write=True) as conn:
             await self._check_fence(conn, fence)
             now = await self._db_now(conn)
