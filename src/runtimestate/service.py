@@ -571,6 +571,7 @@ class _ClusterStatus:
                 "url": replica.info.get("url"),
                 "version": replica.info.get("version"),
                 "heartbeat_age": replica.age,
+                "heartbeat_at": replica.heartbeat_at,
                 "alive": replica.age <= alive_within,
             }
             for replica in await cluster.store.list_replicas()

@@ -413,6 +413,7 @@ class ReplicaOut(BaseModel):
     url: str | None = None
     version: str | None = None
     heartbeat_age: float = Field(serialization_alias="heartbeatAge")
+    heartbeat_at: datetime = Field(serialization_alias="heartbeatAt")
     alive: bool
 
 
