@@ -294,6 +294,7 @@ class SnapshotCache:
         self._store = store
         self._clock = clock
         self._states: dict[str, LLMState] = {}
+        self._documents: dict[str, dict[str, object]] = {}
         self._observed: dict[str, datetime] = {}
         self.version = 0
         self._confirmed: float | None = None
@@ -335,14 +336,23 @@ class SnapshotCache:
         stored = await self._store.read_snapshot()
         states: dict[str, LLMState] = {}
         observed: dict[str, datetime] = {}
+        documents: dict[str, dict[str, object]] = {}
         for entry in stored.entries:
-            try:
-                states[entry.backend_id] = LLMState.model_validate(entry.state)
-            except ValueError:
-                logger.exception("cluster: stored state of %s unreadable", entry.backend_id)
-                continue
-            observed[entry.backend_id] = entry.observed_at
+            key = entry.backend_id
+            if self._documents.get(key) == entry.state and key in self._states:
+                # Unchanged: the same (frozen) object, so that serializers caching per state
+                # object redo only the backends that changed.
+                states[key] = self._states[key]
+            else:
+                try:
+                    states[key] = LLMState.model_validate(entry.state)
+                except ValueError:
+                    logger.exception("cluster: stored state of %s unreadable", key)
+                    continue
+            documents[key] = entry.state
+            observed[key] = entry.observed_at
         self._states = states
+        self._documents = documents
         self._observed = observed
         self.version = stored.version
         self.loads += 1
