@@ -492,6 +492,8 @@ class Service:
             # Know the role before the first request: a sync right after start goes to the
             # right place, and a lone replica leads from its first cycle.
             await self.cluster.round()
+        # A snapshot is stale only once the routines have had their bound to make one.
+        self._started_at = self._clock.monotonic()
         tasks = {
             asyncio.create_task(routine(), name=name): name
             for name, routine in self.routines().items()
