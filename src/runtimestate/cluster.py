@@ -305,6 +305,12 @@ class SnapshotCache:
     def get(self) -> dict[str, LLMState]:
         return dict(self._states)
 
+    def current(self) -> Mapping[str, LLMState]:
+        """The copy itself, not a copy of it: the same object until the next load replaces it
+        whole, so a reader deriving something from it (the gateway's routing table) can tell
+        by identity when to rebuild. Never mutate it."""
+        return self._states
+
     def observed_at(self, backend_id: str) -> datetime | None:
         return self._observed.get(backend_id)
 
