@@ -133,7 +133,8 @@ async def test_reconciles_stops_and_restarts_with_nothing_lost(
 ) -> None:
     settings = settings_for(tmp_path, database_url=store_url, nats_url=bus_url)
     async with Running(Service(settings, on_startup=declare(node))) as client:
-        assert (await client.get("/health")).json()["status"] == "ok"
+        health = (await client.get("/health")).json()
+        assert health["status"] == "ok", health
 
         async def settled() -> bool:
             return await pulled(client) == [MODEL]

@@ -447,9 +447,14 @@ class Service:
             if runner.breaker_state is BreakerState.OPEN
         ]
         if self.snapshot is not None and self.cluster is not None:
-            # Three cycle intervals, plus one renewal period: the pace at which the leader
-            # reports its last cycle to the others through the lease row.
-            bound = 3 * self.settings.cycle_interval + self.cluster.renew_every
+            # Three cycle intervals, plus the time one cycle may take (backend_timeout), plus
+            # one renewal period: the pace at which the leader reports its last cycle to the
+            # others through the lease row.
+            bound = (
+                3 * self.settings.cycle_interval
+                + self.settings.backend_timeout
+                + self.cluster.renew_every
+            )
             age = self.snapshot.age()
             waited = self._clock.monotonic() - self._started_at
             if (age if age is not None else waited) > bound:
