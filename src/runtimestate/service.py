@@ -44,7 +44,7 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from contextlib import AsyncExitStack
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -70,7 +70,7 @@ from runtimestate.gateway import Gateway, GatewayConfig
 from runtimestate.gateway.app import ASGIApp
 from runtimestate.logging import configure_logging, register_secret
 from runtimestate.masterkey import MasterKeyError, load_master_keys
-from runtimestate.records import ProviderConfig
+from runtimestate.records import LLMState, ProviderConfig
 from runtimestate.runner import BreakerState, CircuitBreaker, Runner, while_true
 from runtimestate.settings import Settings, load_or_create_token, token_path
 from runtimestate.state import State
@@ -268,10 +268,8 @@ class Service:
                 clock=self._clock,
             )
             self.snapshot = SnapshotCache(store, clock=self._clock)
-            # The gateway routes from the shared snapshot: on a follower the local reconciler
-            # has observed nothing.
             gateway = Gateway(
-                snapshot=self.snapshot,
+                snapshot=_GatewaySnapshot(state, self.cluster, self.snapshot),
                 store=store,
                 messenger=messenger,
                 config=GatewayConfig(
@@ -543,6 +541,23 @@ class Service:
                 logger.error("routine %s crashed", name, exc_info=error)
             raise RoutineCrashed(f"routine {name} stopped unexpectedly: {error!r}") from error
         logger.info("runtimestate stopped")
+
+
+class _GatewaySnapshot:
+    """What the gateway routes from: the leader's own reconciler snapshot (whose cloud states
+    carry their keys privately), the shared snapshot on a follower (whose reconciler observed
+    nothing; cloud states read back from the store carry no key, so a follower's gateway
+    routes to self-hosted backends only)."""
+
+    def __init__(self, state: State, cluster: Cluster, shared: SnapshotCache) -> None:
+        self._state = state
+        self._cluster = cluster
+        self._shared = shared
+
+    def current(self) -> Mapping[str, LLMState]:
+        if self._cluster.is_leader:
+            return self._state.current()
+        return self._shared.current()
 
 
 def _default_instance(database_url: str) -> str:
