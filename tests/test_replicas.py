@@ -311,11 +311,6 @@ def test_the_fleet_converges_and_only_the_leader_lists(harness: Harness) -> None
     assert (health["role"], health["leader"]) == ("follower", leader)
 
 
-@pytest.mark.xfail(
-    reason="the job queue's gap between a worker popping a job and taking its backend's lease "
-    "lets the next cycle queue the same pull again; durable pull tasks close it",
-    strict=False,
-)
 def test_every_pair_is_pulled_exactly_once(harness: Harness) -> None:
     wait_for("every node holds every model", harness.converged, within=CONVERGE)
     assert {pair: n for pair, n in harness.pulls().items() if n != 1} == {}
