@@ -169,6 +169,9 @@ async def infra_flags(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str
         yield ("--database-url", database_url, "--nats-url", nats_url)
 
 
+# Two service starts, a pull watched to its end and a restart: more than the suite's default 60 s
+# per test on this 2-core machine.
+@pytest.mark.timeout(300)
 async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[str, ...]) -> None:
     data_dir = tmp_path / "data"
     flags = ("--interval", "0.5", "--workers", "2", "--log-format", "json", *infra_flags)
