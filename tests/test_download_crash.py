@@ -123,7 +123,14 @@ async def test_kill_9_mid_pull_is_claimed_again_after_the_heartbeat_timeout(
                 lambda: pulls(node, MODELS[0]) == 2, 30, f"never claimed again\n{harness.tail()}"
             )
             async with harness.client() as client:
-                assert (await client.post("/state/sync")).status_code == 200
+                # The killed leader's lease lingers until its TTL and a sync answers 503 while
+                # no leader is known: wait, bounded, for the restarted process to lead.
+                for _ in range(60):
+                    synced = await client.post("/state/sync")
+                    if synced.status_code == 200:
+                        break
+                    await asyncio.sleep(0.5)
+                assert synced.status_code == 200
                 listed = (await client.get("/queue")).json()
             assert all(t["worker"] != dead and t["attempts"] == 2 for t in listed), listed
             await wait_for(
@@ -134,7 +141,14 @@ async def test_kill_9_mid_pull_is_claimed_again_after_the_heartbeat_timeout(
             # A few more cycles: nothing pulls it again.
             async with harness.client() as client:
                 for _ in range(3):
-                    assert (await client.post("/state/sync")).status_code == 200
+                    # The killed leader's lease lingers until its TTL and a sync answers 503 while
+                    # no leader is known: wait, bounded, for the restarted process to lead.
+                    for _ in range(60):
+                        synced = await client.post("/state/sync")
+                        if synced.status_code == 200:
+                            break
+                        await asyncio.sleep(0.5)
+                    assert synced.status_code == 200
             assert await harness.queue() == []
             assert pulls(node, MODELS[0]) == 2
         finally:
@@ -154,7 +168,14 @@ async def test_a_restart_with_queued_tasks_pulls_each_model_once(
             async with harness.client() as client:
                 backend = {"name": "n1", "baseUrl": nodes[1].base_url, "type": "ollama"}
                 assert (await client.post("/backends", json=backend)).status_code == 201
-                assert (await client.post("/state/sync")).status_code == 200
+                # The killed leader's lease lingers until its TTL and a sync answers 503 while
+                # no leader is known: wait, bounded, for the restarted process to lead.
+                for _ in range(60):
+                    synced = await client.post("/state/sync")
+                    if synced.status_code == 200:
+                        break
+                    await asyncio.sleep(0.5)
+                assert synced.status_code == 200
             queued = await harness.queue()
             assert sorted(item["status"] for item in queued) == ["queued"] * 6
             await harness.stop()
@@ -166,7 +187,14 @@ async def test_a_restart_with_queued_tasks_pulls_each_model_once(
             )
             async with harness.client() as client:
                 for _ in range(3):
-                    assert (await client.post("/state/sync")).status_code == 200
+                    # The killed leader's lease lingers until its TTL and a sync answers 503 while
+                    # no leader is known: wait, bounded, for the restarted process to lead.
+                    for _ in range(60):
+                        synced = await client.post("/state/sync")
+                        if synced.status_code == 200:
+                            break
+                        await asyncio.sleep(0.5)
+                    assert synced.status_code == 200
             assert await harness.queue() == []
             assert [[pulls(node, m) for m in MODELS] for node in nodes] == [[1, 1, 1]] * 2
         finally:
