@@ -1,5 +1,7 @@
 """The store contract, part 3: pull tasks and the job pop, on both engines, on tables the
-planner has statistics of (``ANALYZE``d while empty and while full) as well as on fresh ones.
+planner has statistics of (``ANALYZE``d while empty and while full) as well as on fresh ones,
+and on PostgreSQL under planner settings that force the plan which runs a locking subquery once
+per row - the plan under which a pop written ``IN (SELECT ... LIMIT 1)`` took every job.
 
 The rules are the database's: one task per (backend, model), one running task per backend,
 claims in one statement, every later write fenced by owner and attempt. Concurrency tests use
@@ -99,6 +101,84 @@ async def test_concurrent_pops_share_the_jobs_on_an_analyzed_table(
     results = await asyncio.gather(*(drain(s) for s in stores))
     taken = [job_id for result in results for job_id in result]
     assert sorted(taken) == sorted(f"j{i}" for i in range(20))
+
+
+# PostgreSQL plans ``x IN (SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED)`` as it likes; with these
+# join methods off (and statistics of a small table) it picks a nested-loop semi join whose inner
+# side is the subquery, run again for every row of the outer scan - the plan under which a pop of
+# one job took them all. Forcing it makes the test independent of this server's cost estimates.
+# The claim's subquery needs an index in its order as well (else the sort it would repeat per
+# row makes the planner run it once): :data:`ORDER_INDEX`, as an operator might add one.
+RESCANNING_PLAN = {
+    "enable_hashjoin": "off",
+    "enable_mergejoin": "off",
+    "enable_material": "off",
+    "enable_hashagg": "off",
+    "enable_sort": "off",
+}
+ORDER_INDEX = "CREATE INDEX pull_tasks_order_idx ON pull_tasks (next_attempt_at, seq)"
+# The locking subquery behind ``IN``: the job pop as it was first written, and the claim as it
+# would read in that form.
+OLD_POP = """DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE task_type = 't'
+    ORDER BY created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id"""
+OLD_CLAIM = """UPDATE pull_tasks SET status = 'running', owner = 'old', attempt = attempt + 1
+    WHERE seq IN (SELECT t.seq FROM pull_tasks AS t WHERE t.status IN ('queued', 'failed')
+        AND NOT EXISTS (SELECT 1 FROM pull_tasks AS r
+            WHERE r.backend_id = t.backend_id AND r.status = 'running')
+        ORDER BY t.next_attempt_at, t.seq LIMIT 1 FOR UPDATE OF t SKIP LOCKED)
+    RETURNING backend_id"""
+
+
+async def rescanning(store_factory: StoreFactory) -> SqlStore:
+    """A store whose every connection plans with :data:`RESCANNING_PLAN` and has
+    :data:`ORDER_INDEX`: the settings belong to the database, so every new session takes them."""
+    setup = await store_factory()
+    settings = "; ".join(
+        f"EXECUTE format('ALTER DATABASE %I SET {name} = {value}', current_database())"
+        for name, value in RESCANNING_PLAN.items()
+    )
+    async with setup._db.engine.connect() as conn:
+        await conn.execute(text(f"DO $$ BEGIN {settings}; END $$"))
+        await conn.execute(text(ORDER_INDEX))
+        await conn.commit()
+    store = await store_factory(clock=FakeClock(START))
+    async with store._db.engine.connect() as conn:
+        for name, value in RESCANNING_PLAN.items():
+            assert (await conn.execute(text(f"SHOW {name}"))).scalar_one() == value
+    return store
+
+
+async def run_rolled_back(store: SqlStore, statement: str) -> int:
+    """Run ``statement`` through the store's engine, count the rows it returned, undo it."""
+    async with store._db.engine.connect() as conn:
+        rows = (await conn.execute(text(statement))).all()
+        await conn.rollback()
+    return len(rows)
+
+
+@pytest.mark.parametrize(
+    "store_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_every_pop_and_claim_takes_one_under_a_plan_that_rescans_the_subquery(
+    store_factory: StoreFactory,
+) -> None:
+    store = await rescanning(store_factory)
+    await store.append_jobs([Job(id=f"j{i}", task_type="t", payload=b"{}") for i in range(6)])
+    ids = await backends(store, 6)
+    await store.add_pull_tasks([(b, "m") for b in ids])
+    await analyze(store)
+    # The conditions reproduce the loss: the old statements take every row.
+    assert await run_rolled_back(store, OLD_POP) == 6
+    assert await run_rolled_back(store, OLD_CLAIM) == 6
+
+    assert (await store.pop_job_for_type("t")).id == "j0"
+    assert [j.id for j in await store.get_jobs_for_type("t")] == ["j1", "j2", "j3", "j4", "j5"]
+    assert [j.id for j in await store.pop_n_jobs_for_type("t", 2)] == ["j1", "j2"]
+    assert [j.id for j in await store.get_jobs_for_type("t")] == ["j3", "j4", "j5"]
+    claimed = await store.claim_pull_task(owner="w", stale_after=STALE)
+    assert claimed is not None
+    tasks = await store.list_pull_tasks()
+    assert [t.backend_id for t in tasks if t.status is PullStatus.RUNNING] == [claimed.backend_id]
 
 
 # ---- task rules ----------------------------------------------------------------------------
