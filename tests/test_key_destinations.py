@@ -3,7 +3,9 @@
 A listener that is not the provider - an attacker's server declared as an ``openai`` or
 ``gemini`` backend - records every ``Authorization`` and ``x-goog-api-key`` header it receives:
 it must never see a cloud key, whatever cycles run. The same server with a credential of its
-own receives exactly that credential. The emulators (on 127.0.0.1) stand in for the providers'
+own receives exactly that credential. A name is held to the network policy every time it is
+resolved, so a name that moves into a denied network after its declaration gets nothing. The
+emulators (on 127.0.0.1) stand in for the providers'
 own hosts through the explicit ``key_hosts`` setting; without it they get no key either.
 """
 
@@ -13,16 +15,20 @@ import json
 import socket
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from runtimestate import GEMINI_KEY, OPENAI_KEY
+from runtimestate.backends.http import HttpClient, PolicyResolver
 from runtimestate.bus import Messenger
 from runtimestate.errors import InvalidInput
 from runtimestate.records import BACKEND_CREDENTIAL_PREFIX
 from runtimestate.state import State
 from runtimestate.store import Store
 from runtimestate.testing import Emulator
+from runtimestate.urls import UrlPolicy, parse_networks
 from tests.fixtures.common import EMULATOR_KEY_HOSTS
 
 OPENAI_SECRET = "sk-destination-0123456789abcdef"
@@ -146,3 +152,76 @@ async def test_without_the_setting_even_loopback_gets_no_key(
     assert keys_received(account) == []
     with pytest.raises(InvalidInput, match="not a cloud kind"):
         State(store, bus, key_hosts={"ollama": ["127.0.0.1"]})
+
+
+class MovingName(AbstractResolver):
+    """A name server whose answer for every name is ``address``, changed by the test: the
+    name that was harmless when declared and later points somewhere else."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.asked = 0
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.asked += 1
+        return [
+            ResolveResult(
+                hostname=host, host=self.address, port=port, family=family, proto=0, flags=0
+            )
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_name_that_moves_into_a_denied_network_gets_nothing(listener: Listener) -> None:
+    names = MovingName("127.0.0.1")
+    connector = aiohttp.TCPConnector(
+        resolver=PolicyResolver(UrlPolicy(), inner=names), use_dns_cache=False, force_close=True
+    )
+    url = f"http://moving.example:{listener.port}/v1/models"
+    headers = {"Authorization": f"Bearer {PROXY_SECRET}"}
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(url, headers=headers) as response:
+            assert response.status == 200
+        assert listener.requests == 1
+        names.address = "169.254.169.254"
+        with pytest.raises(
+            aiohttp.ClientConnectorError, match=r"169\.254\.169\.254, in the denied"
+        ):
+            async with session.get(url, headers=headers):
+                pass
+    assert names.asked == 2
+    assert listener.requests == 1
+
+
+async def test_the_cycle_resolves_names_through_the_network_policy(
+    store: Store, bus: Messenger, listener: Listener
+) -> None:
+    # Declared (straight into the store) while "localhost" was acceptable; the operator's policy
+    # now denies loopback: the cycle's connection is refused before the credential leaves.
+    backend = await store.create_backend(
+        name="moved", base_url=f"http://localhost:{listener.port}", type="openai-compatible"
+    )
+    await store.set_kv(
+        BACKEND_CREDENTIAL_PREFIX + backend.id,
+        {"APIKey": PROXY_SECRET, "Type": "openai-compatible"},
+    )
+    loopback = parse_networks(["127.0.0.0/8", "::1/128"], "deny")
+    http = HttpClient(url_policy=UrlPolicy(denied=loopback))
+    try:
+        async with State(store, bus, http=http) as state:
+            await state.run_backend_cycle()
+            observed = state.get()[backend.id]
+    finally:
+        await http.aclose()
+    assert "refused addresses" in observed.error
+    assert "in the denied network 127.0.0.0/8" in observed.error
+    assert listener.requests == 0
+    assert listener.seen == []
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        assert state.get()[backend.id].error == ""
+    assert listener.seen == [("Authorization", f"Bearer {PROXY_SECRET}")]

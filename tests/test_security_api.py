@@ -304,6 +304,44 @@ async def test_a_backend_pointing_at_the_service_itself_is_refused(
         assert other_port.status_code == 201
 
 
+async def test_a_fleet_file_is_held_to_the_network_policy(store: Store, bus: Messenger) -> None:
+    policy = UrlPolicy(denied=parse_networks(["169.254.0.0/16", "10.9.0.0/16"], "deny"))
+    policy.serving_at("127.0.0.1", 18080)
+    ctx = ApiContext(store=store, messenger=bus, token=TOKEN, url_policy=policy)
+    fleet = """\
+backends:
+  - name: fine
+    baseUrl: http://10.1.0.1:11434
+    type: ollama
+  - name: metadata
+    baseUrl: http://169.254.169.254
+    type: ollama
+  - name: denied
+    baseUrl: http://10.9.0.7:11434
+    type: ollama
+  - name: itself
+    baseUrl: http://localhost:18080
+    type: ollama
+"""
+    async with make_client(ctx) as client:
+        for params in ({"dryRun": "true"}, {}):
+            response = await client.post(
+                "/fleet/apply", content=fleet, params={**params, "file": "prod.yaml"}
+            )
+            message = error_of(response, 422, "backends[1].baseUrl")
+            assert "prod.yaml:6: backends[1].baseUrl: the URL resolves to 169.254.169.254" in (
+                message
+            )
+            assert "prod.yaml:9: backends[2].baseUrl: the URL resolves to 10.9.0.7" in message
+            assert "prod.yaml:12: backends[3].baseUrl: the URL points at this" in message
+            assert await store.list_all_backends() == []
+        good = fleet.split("  - name: metadata")[0]
+        assert (await client.post("/fleet/apply", content=good)).status_code == 200
+        moved = good.replace("10.1.0.1", "10.9.0.1")
+        error_of(await client.post("/fleet/apply", content=moved), 422, "backends[0].baseUrl")
+    assert [b.base_url for b in await store.list_all_backends()] == ["http://10.1.0.1:11434"]
+
+
 # ---- limits --------------------------------------------------------------------------------
 class CountingBody:
     """A request body that counts how many of its chunks the server pulled."""

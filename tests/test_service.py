@@ -302,3 +302,20 @@ async def test_pools_and_workers_settings_reach_the_reconciler(tmp_path: Path) -
             # Pool mode: the backend in no pool is not managed, so it is not in the state.
             assert [entry["name"] for entry in synced] == ["pooled"]
             assert synced[0]["models"] == ["llama3.2:1b"]
+
+
+async def test_the_network_policy_holds_when_the_service_connects(
+    node: OllamaNode, tmp_path: Path
+) -> None:
+    # Declared while "localhost" was acceptable (straight into the store, as an older policy
+    # allowed); the service now denies loopback, so it must not connect to that name at all.
+    by_name = node.base_url.replace("127.0.0.1", "localhost")
+
+    async def declare_by_name(store: Store) -> None:
+        await store.create_backend(name="node-1", base_url=by_name, type="ollama")
+
+    settings = settings_for(tmp_path, backend_networks_deny="127.0.0.0/8,::1/128")
+    async with Running(Service(settings, on_startup=declare_by_name)) as client:
+        state = (await client.post("/state/sync")).json()
+    assert "refused addresses" in state[0]["error"], state
+    assert node.requests == []

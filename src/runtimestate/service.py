@@ -241,8 +241,11 @@ class Service:
             if self._on_startup is not None:
                 await self._on_startup(store)
             await _register_provider_keys(store)
+            self.url_policy = UrlPolicy(
+                allowed=settings.backend_networks_allow, denied=settings.backend_networks_deny
+            )
             # Room for every backend in flight plus every worker's pull.
-            http = HttpClient(max_connections=settings.concurrency + 64)
+            http = HttpClient(max_connections=settings.concurrency + 64, url_policy=self.url_policy)
             stack.push_async_callback(http.aclose)
             instance = settings.instance_id or _default_instance(settings.database_url)
             state = State(
@@ -281,15 +284,13 @@ class Service:
                     pending_retry_after=max(1, round(settings.cycle_interval)),
                 ),
                 clock=self._clock,
+                url_policy=self.url_policy,
             )
             await gateway.start()
             stack.push_async_callback(gateway.aclose)
             sync = self._build_runners(state, store, messenger, gateway)
             self._messenger = messenger
             closing = asyncio.Event()
-            self.url_policy = UrlPolicy(
-                allowed=settings.backend_networks_allow, denied=settings.backend_networks_deny
-            )
             app = create_app(
                 ApiContext(
                     store=store,

@@ -14,10 +14,14 @@ and no whitespace. Credentials for a backend go in its per-backend credential in
 * **the service itself**: a backend URL that reaches the service's own port on one of its own
   addresses would make the service reconcile itself.
 
-A host name is resolved when the URL is declared, and every address it resolves to must pass. A
-name that does not resolve (yet) is accepted - fleets are declared before their machines boot -
-and so is one whose address changes later: the policy is a guard against mistakes and casual
-abuse at declaration time, not a firewall. Literal addresses are checked without resolving.
+A host name is resolved when the URL is declared (through the API or in a fleet file), and every
+address it resolves to must pass. A name that does not resolve (yet) is accepted - fleets are
+declared before their machines boot. A name is checked again every time it is resolved to
+connect: the drivers' and the gateway's HTTP sessions resolve through
+:class:`runtimestate.backends.http.PolicyResolver`, which drops the addresses this policy refuses,
+so a name that later moves into a denied network (a DNS change, or a rebinding attack that
+answers a harmless address at declaration) is refused before any byte, let alone a key, is
+sent. Literal addresses are checked without resolving; they cannot change.
 """
 
 from __future__ import annotations
@@ -132,7 +136,9 @@ class UrlPolicy:
         literal = _literal(host)
         addresses = [literal] if literal is not None else await _resolve(host, port)
         for address in addresses:
-            self._check_address(address, url, field)
+            reason = self.refusal(address)
+            if reason is not None:
+                raise InvalidInput(f"{field} resolves to {reason}", field=field)
         if self.self_port is not None and port == self.self_port:
             mine = await self._own_addresses()
             if host.casefold() == "localhost" or any(a in mine for a in addresses):
@@ -140,24 +146,29 @@ class UrlPolicy:
                     f"{field} points at this runtimestate service itself", field=field
                 )
 
-    def _check_address(self, address: Address, url: str, field: str) -> None:
+    def refusal(self, address: Address | str) -> str | None:
+        """Why ``address`` may not be reached ("169.254.169.254, in the denied network ..."),
+        or None when it may. A string that is not an address is refused."""
+        if isinstance(address, str):
+            parsed = _literal(address)
+            if parsed is None:
+                return f"{address!r} is not an IP address"
+            address = parsed
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         for network in self.denied:
             if address.version == network.version and address in network:
-                raise InvalidInput(
-                    f"{field} resolves to {address}, in the denied network {network} "
-                    "(see the backend_networks_deny setting)",
-                    field=field,
+                return (
+                    f"{address}, in the denied network {network} "
+                    "(see the backend_networks_deny setting)"
                 )
         if self.allowed and not any(
             address.version == network.version and address in network for network in self.allowed
         ):
-            raise InvalidInput(
-                f"{field} resolves to {address}, outside the allowed networks "
-                "(see the backend_networks_allow setting)",
-                field=field,
+            return (
+                f"{address}, outside the allowed networks (see the backend_networks_allow setting)"
             )
+        return None
 
     async def _own_addresses(self) -> set[Address]:
         bound = _literal(self.self_host)

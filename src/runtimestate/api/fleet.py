@@ -95,7 +95,9 @@ async def apply(
         raise ApiError(413, "invalid_input", f"the file exceeds {MAX_FLEET_BYTES} bytes")
     try:
         document = parse_fleet(body, filename=file or "fleet")
-        plan = await apply_fleet(ctx.store, document, prune=prune, dry_run=dry_run)
+        plan = await apply_fleet(
+            ctx.store, document, prune=prune, dry_run=dry_run, check_url=ctx.url_policy.check
+        )
     except FleetFileError as exc:
         raise ApiError(422, "invalid_input", str(exc), field=exc.field) from None
     return JSONResponse(plan.to_json())

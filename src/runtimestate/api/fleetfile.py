@@ -20,15 +20,21 @@ Why these shapes:
   and any refusal (a store ``Conflict``, a dangling reference) leaves the store as it was. A dry
   run computes the same plan in the same way and writes nothing; what it prints is what an apply
   of the same file on the same store does.
+* **The network policy holds here too**: a base URL the file adds or changes must pass the
+  same check as ``POST /backends`` (no denied network, nothing outside the allowed ones, not the
+  service itself), reported at its line; unchanged URLs are not checked again, so re-applying a
+  large file resolves nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -73,6 +79,9 @@ SCHEMA_ID = "https://runtimestate.dev/schemas/fleet.schema.json"
 MAX_NODES = 2_000_000
 # Errors listed in one message; the rest are counted.
 MAX_ISSUES = 10
+
+# ``UrlPolicy.check``'s shape: the URL and the field name used in its message.
+UrlCheck = Callable[[str, str], Awaitable[None]]
 
 try:  # libyaml is an order of magnitude faster on a 10,000-backend file
     _Base: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
@@ -523,6 +532,7 @@ class _Differ:
         self.writes = _Writes()
         self.unchanged = 0
         self.undeclared = 0
+        self.new_urls: list[int] = []
 
     def _match(
         self,
@@ -629,6 +639,11 @@ class _Differ:
                 )
             elif (stored_pool.name, stored_pool.purpose_type) != (pspec.name, pspec.purpose_type):
                 writes.update_pools[stored_pool.id] = pspec
+        self.new_urls = [
+            index
+            for index, (item, record) in enumerate(zip(fleet.backends, backends, strict=True))
+            if record is None or record.base_url != item.base_url
+        ]
         writes.delete_backends = [r.id for r in gone_backends]
         writes.delete_models = [r.id for r in gone_models]
         writes.delete_pools = [r.id for r in gone_pools]
@@ -748,16 +763,62 @@ async def _write(store: Store, writes: _Writes) -> None:
 
 
 async def apply_fleet(
-    store: Store, document: FleetDocument, *, prune: bool = False, dry_run: bool = False
+    store: Store,
+    document: FleetDocument,
+    *,
+    prune: bool = False,
+    dry_run: bool = False,
+    check_url: UrlCheck | None = None,
 ) -> FleetPlan:
     """Compute the difference between ``document`` and the store and, unless ``dry_run``,
-    apply it - all in one transaction (see the module docstring)."""
+    apply it - all in one transaction (see the module docstring).
+
+    ``check_url`` is where backend URLs may point (the service's network policy): every base
+    URL the file adds or changes is checked, once per host, and a refused one is an issue on
+    its line like any other, in a dry run too - a dry run shows what the apply would do."""
     async with store.transaction() as tx:
-        plan = _Differ(document, await _read(tx), prune=prune, dry_run=dry_run).run()
+        differ = _Differ(document, await _read(tx), prune=prune, dry_run=dry_run)
+        plan = differ.run()
+        if check_url is not None:
+            await _check_destinations(document, differ.new_urls, check_url)
         if not plan.applied:
             return plan
         await _write(tx, plan._writes)
     return plan
+
+
+_URL_CHECKS_AT_ONCE = 32
+
+
+async def _check_destinations(
+    document: FleetDocument, indexes: Sequence[int], check_url: UrlCheck
+) -> None:
+    backends = document.fleet.backends
+    by_host: dict[str, list[int]] = {}
+    for index in indexes:
+        # The policy looks at the host and port only: one check per distinct one.
+        by_host.setdefault(urlsplit(backends[index].base_url).netloc.casefold(), []).append(index)
+    gate = asyncio.Semaphore(_URL_CHECKS_AT_ONCE)
+
+    async def refusal(index: int) -> str | None:
+        async with gate:
+            try:
+                await check_url(backends[index].base_url, "the URL")
+            except InvalidInput as exc:
+                return str(exc)
+            return None
+
+    firsts = [group[0] for group in by_host.values()]
+    reasons = await asyncio.gather(*(refusal(index) for index in firsts))
+    issues = [
+        document.issue(("backends", index, "baseUrl"), reason)
+        for first, reason in zip(firsts, reasons, strict=True)
+        if reason is not None
+        for index in by_host[urlsplit(backends[first].base_url).netloc.casefold()]
+    ]
+    if issues:
+        issues.sort(key=lambda issue: issue.line or 0)
+        raise FleetFileError(document.filename, issues)
 
 
 # ---- export ------------------------------------------------------------------------------

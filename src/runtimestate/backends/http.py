@@ -20,17 +20,22 @@ own, for three reasons:
   ``http``/``https`` (``localhost:11434`` without a scheme is the usual slip) is an invalid URL.
 
 The session is created lazily inside the running loop (aiohttp binds it to one) and closed by
-:meth:`HttpClient.aclose`.
+:meth:`HttpClient.aclose`. Given a :class:`runtimestate.urls.UrlPolicy`, it resolves host names
+through :class:`PolicyResolver`, so the operator's network lists hold at every connection, not
+only when a URL is declared.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from runtimestate.backends.wire import decode_json, join_url, status_error
 from runtimestate.errors import (
@@ -40,11 +45,13 @@ from runtimestate.errors import (
     ProtocolError,
     redact,
 )
+from runtimestate.urls import UrlPolicy
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_LINE_BYTES",
     "HttpClient",
+    "PolicyResolver",
     "decode_json",
     "join_url",
     "status_error",
@@ -54,6 +61,38 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
 # How much of an error body goes into a message: enough to read the backend's reason.
 _NOT_HTTP = "invalid URL {!r}: the scheme must be http or https"
+
+
+class PolicyResolver(AbstractResolver):
+    """Resolves a host name, then keeps only the addresses ``policy`` lets a backend have.
+
+    A name that resolves only into refused networks fails like an unknown name (an ``OSError``,
+    which aiohttp reports as a connection error naming the host), so nothing - no request, no
+    key - leaves for a name that moved into a denied network after it was declared. aiohttp
+    skips the resolver for literal addresses, which are checked once, at declaration.
+    """
+
+    def __init__(self, policy: UrlPolicy, inner: AbstractResolver | None = None) -> None:
+        self._policy = policy
+        # aiohttp's default resolver binds to the running loop: made on first use.
+        self._inner = inner
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if self._inner is None:
+            self._inner = aiohttp.DefaultResolver()
+        found = await self._inner.resolve(host, port, family)
+        kept = [result for result in found if self._policy.refusal(result["host"]) is None]
+        if found and not kept:
+            reasons = "; ".join(str(self._policy.refusal(result["host"])) for result in found[:3])
+            # With an errno, aiohttp puts the reason (strerror) into its connection error.
+            raise OSError(errno.EACCES, f"{host} resolves only to refused addresses: {reasons}")
+        return kept
+
+    async def close(self) -> None:
+        if self._inner is not None:
+            await self._inner.close()
 
 
 class HttpClient:
@@ -71,7 +110,10 @@ class HttpClient:
         max_connections: int = 1024,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        url_policy: UrlPolicy | None = None,
     ) -> None:
+        self._url_policy = url_policy
+        self._policy_resolver: PolicyResolver | None = None
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
         self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout)
         self._max_connections = max_connections
@@ -82,7 +124,10 @@ class HttpClient:
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                limit=self._max_connections, ttl_dns_cache=300, enable_cleanup_closed=False
+                limit=self._max_connections,
+                ttl_dns_cache=300,
+                enable_cleanup_closed=False,
+                resolver=self._resolver(),
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -96,11 +141,21 @@ class HttpClient:
             )
         return self._session
 
+    def _resolver(self) -> AbstractResolver | None:
+        if self._url_policy is None:
+            return None
+        # A connector closes only a resolver it made itself: this one is closed in aclose.
+        self._policy_resolver = PolicyResolver(self._url_policy)
+        return self._policy_resolver
+
     async def aclose(self) -> None:
         """Close the session and its connections; the client can be used again afterwards."""
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._policy_resolver is not None:
+            await self._policy_resolver.close()
+            self._policy_resolver = None
 
     async def request_json(
         self,

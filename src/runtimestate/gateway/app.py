@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from runtimestate.backends.http import PolicyResolver
 from runtimestate.bus.base import Messenger
 from runtimestate.clock import SYSTEM_CLOCK, Clock
 from runtimestate.errors import BackendError, InvalidInput
@@ -54,6 +55,7 @@ from runtimestate.providers import BackendRef, Capability, ClientPool, HealthCon
 from runtimestate.records import LLMState
 from runtimestate.resolver.policies import POLICIES
 from runtimestate.store.base import Store
+from runtimestate.urls import UrlPolicy
 
 __all__ = ["ASGIApp", "Gateway", "GatewayConfig", "SnapshotSource", "openai_root", "upstream_model"]
 
@@ -264,8 +266,11 @@ class Gateway:
         messenger: Messenger | None = None,
         config: GatewayConfig | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        url_policy: UrlPolicy | None = None,
     ) -> None:
         self.config = config or GatewayConfig()
+        self._url_policy = url_policy
+        self._resolver: PolicyResolver | None = None
         self._source = snapshot
         self._store = store
         self._messenger = messenger
@@ -306,7 +311,11 @@ class Gateway:
 
     async def start(self) -> None:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
+            if self._url_policy is not None:
+                self._resolver = PolicyResolver(self._url_policy)
+            connector = aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=30, ttl_dns_cache=300, resolver=self._resolver
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector, auto_decompress=False, raise_for_status=False
             )
@@ -315,6 +324,9 @@ class Gateway:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+        if self._resolver is not None:
+            resolver, self._resolver = self._resolver, None
+            await resolver.close()
 
     async def refresh(self) -> None:
         """Reload pool membership and keys from the store (the service runs this on an
