@@ -100,6 +100,11 @@ async def test_etag_304_and_gzip_come_from_one_serialization_per_change(
     assert etag == f'W/"{fleet.state.version}"'
     assert "content-encoding" not in first.headers
     assert [entry["name"] for entry in first.json()] == ["node-down", "node-new", "node-ok"]
+    # Each backend says when it was observed in this state and how long that took.
+    for entry in first.json():
+        assert entry["observedAt"], entry
+        assert entry["latencySeconds"] >= 0, entry
+    observed = {entry["name"]: entry["observedAt"] for entry in first.json()}
     assert dumps[0] == 3
 
     zipped = await fleet.client.get("/state", headers={"Accept-Encoding": "gzip"})
@@ -132,6 +137,9 @@ async def test_etag_304_and_gzip_come_from_one_serialization_per_change(
     assert changed.headers["etag"] != etag
     assert dumps[0] == 4
     assert [e.get("error", "") != "" for e in changed.json()] == [True, False, True]
+    # Only the backend that changed was stamped with a new observation.
+    now_observed = {entry["name"]: entry["observedAt"] for entry in changed.json()}
+    assert [name for name in observed if now_observed[name] != observed[name]] == ["node-ok"]
     # The Go package's JSON, as LLMState serializes itself.
     expected = sorted(fleet.state.get().values(), key=lambda s: s.name)
     assert changed.json() == [s.model_dump(mode="json") for s in expected]

@@ -19,6 +19,7 @@ import pytest
 
 from runtimestate.backends import HttpClient
 from runtimestate.bus import Messenger
+from runtimestate.clock import FakeClock
 from runtimestate.errors import InvalidInput, StoreError
 from runtimestate.kinds.vllm import VllmDriver
 from runtimestate.metrics import BACKEND_FAILURES, MODELS_DELETED
@@ -82,7 +83,11 @@ async def test_states_serialize_to_the_seed_json(
         await state.run_backend_cycle()
         snapshot = state.get()
     good = json.loads(snapshot[ok.id].model_dump_json())
-    assert set(good) == {"id", "name", "models", "pulledModels", "backend"}
+    # The Go package's keys, plus the two this project adds: when and how fast it was observed.
+    assert set(good) == {"id", "name", "models", "pulledModels", "backend"} | {
+        "observedAt",
+        "latencySeconds",
+    }
     assert (good["id"], good["name"], good["models"]) == (ok.id, "n1", ["llama3"])
     (pulled,) = good["pulledModels"]
     assert set(pulled) == {
@@ -632,3 +637,55 @@ async def test_cycles_do_not_leave_tasks_behind(
         or "/runtimestate/backends" in task.get_coro().cr_code.co_filename  # type: ignore[union-attr]
     ]
     assert ours == []
+
+
+async def _cycle_on(clock: FakeClock, state: State, step: float) -> None:
+    """Run one backend cycle, moving the fake clock by ``step`` (the emulated latency) each
+    time a request waits on it."""
+    cycle = asyncio.create_task(state.run_backend_cycle())
+    async with asyncio.timeout(10):
+        while not cycle.done():
+            if clock.sleepers:
+                clock.advance(step)
+            await asyncio.sleep(0)
+    await cycle
+
+
+async def test_each_state_says_when_and_how_fast_it_was_observed(
+    store: Store, bus: Messenger
+) -> None:
+    clock = FakeClock()
+    async with Emulator(clock=clock) as emu:
+        node = emu.add_ollama("n1", models=["llama3"])
+        node.faults.latency = 2.5
+        backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+        await declare_chat(store, "llama3")
+        async with State(store, bus, clock=clock) as state:
+            started = clock.now()
+            await _cycle_on(clock, state, 2.5)
+            first = state.get()[backend.id]
+            # Ground truth at the emulator: every request of the cycle waited 2.5 s of the
+            # clock before its answer; the observation took exactly that long.
+            asked = len(node.requests)
+            assert asked >= 1
+            assert first.latency_seconds == pytest.approx(2.5 * asked)
+            assert first.observed_at == started + timedelta(seconds=2.5 * asked)
+            shown = json.loads(first.model_dump_json())
+            assert shown["latencySeconds"] == pytest.approx(2.5 * asked)
+            assert shown["observedAt"].startswith(started.date().isoformat())
+            # A steady cycle, slower this time, keeps the state object (and the version):
+            # the observation stamps move only with the state.
+            version = state.version
+            node.faults.latency = 7.0
+            await _cycle_on(clock, state, 7.0)
+            assert state.get()[backend.id] is first
+            assert state.version == version
+            # A change is stamped with its own observation.
+            node.add_model("llama3", context_length=8192)
+            before, asked_before = clock.now(), len(node.requests)
+            await _cycle_on(clock, state, 7.0)
+            changed = state.get()[backend.id]
+            assert state.version > version
+            asked = len(node.requests) - asked_before
+            assert changed.latency_seconds == pytest.approx(7.0 * asked)
+            assert changed.observed_at == before + timedelta(seconds=7.0 * asked)

@@ -188,6 +188,9 @@ class Download(_SeedModel):
     worker: str = ""
 
 
+_OBSERVATION = frozenset({"observed_at", "latency_seconds"})
+
+
 class LLMState(_SeedModel):
     """The observed state of one backend. Built by the reconciler, read through snapshots."""
 
@@ -200,17 +203,41 @@ class LLMState(_SeedModel):
     undeclared_models: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     downloads: tuple[Download, ...] = ()
+    # When the reconciler recorded this state and how long the observation that produced it
+    # took. Both are stamped when a backend's state changes and kept while it stays the same
+    # (see :meth:`same_observation`), so a steady fleet keeps its snapshot - and its version,
+    # its stored rows and its ETag - unchanged.
+    observed_at: datetime | None = None
+    latency_seconds: float | None = None
 
     _api_key: str | None = PrivateAttr(default=None)
 
     @model_serializer(mode="wrap")
     def _omit_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        # ``downloads`` is an addition to the Go package's shape: absent when there are none.
+        # ``downloads``, ``observedAt`` and ``latencySeconds`` are additions to the Go
+        # package's shape: absent when there are none.
         for key in ("error", "undeclaredModels", "undeclared_models", "warnings", "downloads"):
             if key in data and not data[key]:
                 del data[key]
+        for key in ("observedAt", "observed_at", "latencySeconds", "latency_seconds"):
+            if key in data and data[key] is None:
+                del data[key]
         return data
+
+    def same_observation(self, other: LLMState) -> bool:
+        """Whether ``other`` says the same about the backend as this state: every field equal
+        but when it was observed and how long that took (and the same private key)."""
+        mine, theirs = self.__dict__, other.__dict__
+        return self.api_key == other.api_key and all(
+            value == theirs[key] for key, value in mine.items() if key not in _OBSERVATION
+        )
+
+    def observed(self, at: datetime, latency_seconds: float) -> LLMState:
+        """A copy stamped with when it was observed and how long the observation took."""
+        clone = self.model_copy(update={"observed_at": at, "latency_seconds": latency_seconds})
+        clone._api_key = self._api_key
+        return clone
 
     @property
     def api_key(self) -> str | None:

@@ -29,6 +29,12 @@ not dropped at once: its last inventory is kept, with a warning saying it is sta
 generation they are running, and a busy backend is not a gone one. A refused connection, or
 any other error, takes the backend out of routing in the same cycle.
 
+Each state records when its backend was observed in it (``observed_at``, the clock's wall
+time) and how long that observation took (``latency_seconds``, the clock's monotonic time from
+the backend's turn to its answer, acting included). Both are stamped when a backend's state
+changes and kept while it stays the same: a steady cycle changes no state object, so the
+snapshot's version, the shared snapshot's rows and the API's ETag stay put.
+
 The snapshot is a dict of frozen :class:`~runtimestate.records.LLMState`, replaced whole at the
 end of a cycle; :meth:`State.get` copies the dict (not the states). That is why it costs well
 under a millisecond for 10,000 backends (BENCHMARKS.md), and why a snapshot never changes after
@@ -46,7 +52,7 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -196,19 +202,25 @@ class State:
         observes the same states keeps it (the API's ``ETag``)."""
         return self._version
 
-    def _publish(self, states: dict[str, LLMState]) -> None:
+    def _publish(
+        self, states: dict[str, LLMState], observations: Mapping[str, _Observation]
+    ) -> None:
         """Replace the snapshot with ``states``, keeping the previous object of every backend
-        whose state is equal, so that readers can tell an unchanged backend by identity; bump
+        whose state says the same (observation time and latency aside), so that readers can
+        tell an unchanged backend by identity; stamp the others with their observation; bump
         the version if anything differs."""
         previous = self._states
         merged: dict[str, LLMState] = {}
         changed = previous.keys() != states.keys()
         for backend_id, state in states.items():
             old = previous.get(backend_id)
-            if old is not None and old == state and old.api_key == state.api_key:
+            if old is not None and old.same_observation(state):
                 merged[backend_id] = old
             else:
-                merged[backend_id] = state
+                seen = observations.get(backend_id)
+                merged[backend_id] = (
+                    state if seen is None else state.observed(seen.at, seen.seconds)
+                )
                 changed = True
         self._states = merged
         if changed:
@@ -235,15 +247,16 @@ class State:
         declared = await self._declared()
         tasks = await self._store.list_pull_tasks()
         outcomes = await self._run_all(declared, act=True, fence=fence)
-        results = [plan for plan, _ in outcomes]
-        observed = {plan.backend_id for plan, ok in outcomes if ok}
+        results = [outcome.plan for outcome in outcomes]
+        observed = {outcome.plan.backend_id for outcome in outcomes if outcome.ok}
+        observations = {outcome.plan.backend_id: outcome.observation for outcome in outcomes}
         results = await self._sync_tasks(declared, results, tasks, observed, fence=fence)
         states = {item.backend.id: plan.state for item, plan in zip(declared, results, strict=True)}
         for gone in self._states.keys() - states.keys():
             self._stale.pop(gone, None)
             for driver in self._drivers.values():
                 driver.forget(gone)
-        self._publish(states)
+        self._publish(states, observations)
         errors = sum(1 for s in states.values() if s.error)
         BACKENDS.labels(status="error").set(errors)
         BACKENDS.labels(status="ok").set(len(states) - errors)
@@ -257,7 +270,7 @@ class State:
         observe and plan only; the snapshot is not changed)."""
         declared = await self._declared()
         outcomes = await self._run_all(declared, act=False, fence=None)
-        return {plan.backend_id: plan for plan, _ in outcomes}
+        return {outcome.plan.backend_id: outcome.plan for outcome in outcomes}
 
     async def run_download_cycle(self) -> bool:
         """Claim one due pull task and carry it out; True if one was processed, False if none
@@ -302,10 +315,11 @@ class State:
 
     async def _run_all(
         self, declared: list[Declared], *, act: bool, fence: Fence | None
-    ) -> list[tuple[BackendPlan, bool]]:
-        """Every backend concurrently, ``concurrency`` at a time: each plan, and whether the
-        backend was observed (False: its failure is the plan's error). Backend failures are
-        results; only a bug escapes, and then no backend task is left running behind it."""
+    ) -> list[_Outcome]:
+        """Every backend concurrently, ``concurrency`` at a time: each plan, whether the
+        backend was observed (False: its failure is the plan's error), and when and how fast.
+        Backend failures are results; only a bug escapes, and then no backend task is left
+        running behind it."""
         ctx = CycleContext(
             http=self._http,
             store=self._store,
@@ -398,30 +412,40 @@ class State:
 
     async def _run_one(
         self, ctx: CycleContext, semaphore: asyncio.Semaphore, declared: Declared, *, act: bool
+    ) -> _Outcome:
+        async with semaphore:
+            # Measured from the moment this backend's turn comes, not from the cycle's start:
+            # the latency is the backend's, not the wait for a free slot.
+            started = self._clock.monotonic()
+            plan, ok = await self._observe_one(ctx, declared, act=act)
+            seconds = max(0.0, self._clock.monotonic() - started)
+        return _Outcome(plan, ok, _Observation(self._clock.now(), round(seconds, 6)))
+
+    async def _observe_one(
+        self, ctx: CycleContext, declared: Declared, *, act: bool
     ) -> tuple[BackendPlan, bool]:
         backend = declared.backend
         driver = self._drivers.get(backend.type)
         if driver is None:
             return self._failed(declared, f"Unsupported backend type: {backend.type}"), False
-        async with semaphore:
-            deadline = asyncio.timeout(self._backend_timeout)
-            try:
-                async with deadline:
-                    if act:
-                        plan = await driver.reconcile(ctx, declared)
-                    else:
-                        plan = driver.plan(declared, await driver.observe(ctx, declared))
-            except TimeoutError:
-                if not deadline.expired():
-                    raise
-                message = f"timed out after {self._backend_timeout:g} s"
-                return self._stale_or_failed(declared, message, act=act), False
-            except BackendTimeout as exc:
-                return self._stale_or_failed(declared, str(exc), act=act), False
-            except RuntimeStateError as exc:
+        deadline = asyncio.timeout(self._backend_timeout)
+        try:
+            async with deadline:
                 if act:
-                    self._stale.pop(backend.id, None)
-                return self._failed(declared, str(exc)), False
+                    plan = await driver.reconcile(ctx, declared)
+                else:
+                    plan = driver.plan(declared, await driver.observe(ctx, declared))
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            message = f"timed out after {self._backend_timeout:g} s"
+            return self._stale_or_failed(declared, message, act=act), False
+        except BackendTimeout as exc:
+            return self._stale_or_failed(declared, str(exc), act=act), False
+        except RuntimeStateError as exc:
+            if act:
+                self._stale.pop(backend.id, None)
+            return self._failed(declared, str(exc)), False
         if act:
             self._stale.pop(backend.id, None)
         if plan.state.error:
@@ -480,6 +504,23 @@ class State:
             actions=(),
             state=declared.base_state().model_copy(update={"error": error}),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Observation:
+    """When a backend was observed (the clock's wall time) and how long it took (seconds)."""
+
+    at: datetime
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """One backend's turn in a cycle: its plan, whether it was observed, and the observation."""
+
+    plan: BackendPlan
+    ok: bool
+    observation: _Observation
 
 
 def _by_age(models: Iterable[Model]) -> tuple[Model, ...]:

@@ -293,6 +293,15 @@ class LLMStateOut(_Camel):
         description="What could not be found out but does not disable the backend (a context "
         "length nobody declared and the server does not report); omitted when none.",
     )
+    observed_at: datetime | None = Field(
+        default=None,
+        description="When the reconciler observed the backend in this state (it changes only "
+        "when the state does; X-Snapshot-Age says how recently every state was confirmed).",
+    )
+    latency_seconds: float | None = Field(
+        default=None,
+        description="How long the observation that recorded this state took, in seconds.",
+    )
 
 
 class StatusCountsOut(BaseModel):
