@@ -3,10 +3,12 @@ round trip through a file, and errors that name the file, the line and the field
 
 from __future__ import annotations
 
+import http.server
 import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -174,3 +176,65 @@ def test_state_watch_prints_the_snapshot_then_each_change(service: ServiceProces
     assert lines[1]["state"]["name"] == "dead-node"
     assert lines[1]["status"] == "error"
     assert lines[1]["state"]["backend"]["baseUrl"] in ("http://127.0.0.1:10", "http://127.0.0.1:11")
+
+
+class ResumableStream(http.server.BaseHTTPRequestHandler):
+    """``GET /state/events`` that drops the first connection after one change and records the
+    ``Last-Event-ID`` every connection arrives with: what the CLI resumes from is read here,
+    at the server, not from the CLI."""
+
+    resumed_from: ClassVar[list[str | None]] = []
+    done: ClassVar[threading.Event] = threading.Event()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+    def do_GET(self) -> None:
+        self.resumed_from.append(self.headers.get("Last-Event-ID"))
+        entry = {"id": "b1", "name": "node-1", "error": ""}
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        if len(self.resumed_from) == 1:
+            frames = [
+                ("7", "snapshot", [entry]),
+                ("7.1", "change", {"status": "pulling", "state": entry}),
+                ("", "summary", {"backends": 1}),
+            ]
+        else:
+            frames = [("7.2", "change", {"status": "ok", "state": entry})]
+        for event_id, name, data in frames:
+            head = f"id: {event_id}\n" if event_id else ""
+            self.wfile.write(f"{head}event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        self.wfile.flush()
+        if len(self.resumed_from) > 1:
+            # Held open: the watch must end on its change count, not on the stream's end.
+            self.done.wait(30)
+
+
+def test_state_watch_resumes_from_the_last_event_after_the_stream_drops(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ResumableStream)
+    ResumableStream.resumed_from = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = cli_env(
+            url=f"http://127.0.0.1:{server.server_port}",
+            data_dir=tmp_path,
+            **{"RUNTIMESTATE_TOKEN": "watch-token-0123456789"},
+        )
+        result = CliRunner().invoke(
+            app,
+            ["state", "--watch", "--json", "--changes", "2", "--timeout", "60"],
+            env=env,
+            catch_exceptions=False,
+        )
+    finally:
+        ResumableStream.done.set()
+        server.shutdown()
+        server.server_close()
+    assert result.exit_code == 0, result.stderr
+    assert ResumableStream.resumed_from == [None, "7.1"]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line.get("status") for line in lines] == [None, "pulling", "ok"]
+    assert "snapshot" in lines[0]
+    assert "reconnecting" in result.stderr

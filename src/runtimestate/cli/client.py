@@ -36,6 +36,7 @@ __all__ = [
     "ApiClient",
     "ApiError",
     "Endpoint",
+    "EventCursor",
     "ExitCode",
     "resolve_endpoint",
 ]
@@ -150,6 +151,14 @@ def _describe(response: httpx.Response) -> tuple[str, str | None]:
     return f"HTTP {response.status_code} {response.reason_phrase}", None
 
 
+@dataclass
+class EventCursor:
+    """Where an event stream was left: the id of the last event received, which a
+    reconnection sends back as ``Last-Event-ID``."""
+
+    last_id: str | None = None
+
+
 class ApiClient:
     """Blocking JSON client for the service's API, one connection pool per command."""
 
@@ -256,31 +265,43 @@ class ApiClient:
         *,
         read_timeout: float | None,
         on_open: Callable[[], None] | None = None,
+        cursor: EventCursor | None = None,
     ) -> Iterator[Any]:
         """Parse a Server-Sent Events stream into the JSON value of each ``data`` event.
 
         Comment lines (``:``-prefixed heartbeats) are skipped; an event's ``data`` lines are
-        joined with newlines as the SSE specification says.
+        joined with newlines as the SSE specification says. With a ``cursor``, the stream is
+        resumed: its ``last_id`` goes out as ``Last-Event-ID`` and follows every ``id:`` line
+        received, so the next connection asks only for what this one missed.
         """
         timeout = httpx.Timeout(30.0, read=read_timeout)
+        headers = {"Accept": "text/event-stream"}
+        if cursor is not None and cursor.last_id:
+            headers["Last-Event-ID"] = cursor.last_id
         try:
-            with self._http.stream(
-                "GET", path, headers={"Accept": "text/event-stream"}, timeout=timeout
-            ) as response:
+            with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
                 if response.is_error:
                     response.read()
                     raise _error_from_response(response, self._endpoint.token)
                 if on_open is not None:
                     on_open()
                 data: list[str] = []
+                event_id: str | None = None
                 for line in response.iter_lines():
                     if line.startswith(":"):
                         continue
                     if line.startswith("data:"):
                         data.append(line[5:].removeprefix(" "))
+                    elif line.startswith("id:"):
+                        event_id = line[3:].removeprefix(" ")
                     elif not line and data:
                         payload = "\n".join(data)
                         data = []
+                        # The id is the stream's position once its event is whole; an event
+                        # without one (a summary) leaves the position where it was.
+                        if cursor is not None and event_id is not None:
+                            cursor.last_id = event_id
+                        event_id = None
                         try:
                             value = json.loads(payload)
                         except ValueError:

@@ -21,7 +21,7 @@ import typer
 from rich.live import Live
 
 from runtimestate.cli import render
-from runtimestate.cli.client import ApiClient, ApiError, ExitCode
+from runtimestate.cli.client import ApiClient, ApiError, EventCursor, ExitCode
 from runtimestate.cli.common import JsonFlag, api, fail, out, say
 from runtimestate.cli.live import WatchBoard, is_failure_status
 
@@ -94,44 +94,70 @@ def _watch_state(
     """The snapshot first, then one line per backend change, from ``GET /state/events``.
 
     The stream's events are told apart by shape: the snapshot is a list, a change has
-    ``state``, a removal only ``id``, a summary ``backends``; summaries are not printed."""
+    ``state``, a removal only ``id``, a summary ``backends``; summaries are not printed. When
+    the service goes away (a restart, a failover to another replica) the watch waits and
+    reconnects like ``watch`` does, sending the id of the last change it printed as
+    ``Last-Event-ID``: the service then sends only the changes missed in between, or a whole
+    snapshot when it no longer has them."""
     names: dict[str, str] = {}
     seen = 0
-    remaining = None if deadline is None else max(0.1, deadline - time.monotonic())
-    for event in client.events("/state/events", read_timeout=remaining):
-        if isinstance(event, list):
-            names = {str(e.get("id")): str(e.get("name")) for e in event if isinstance(e, dict)}
+    cursor = EventCursor()
+    down = False
+
+    def opened() -> None:
+        nonlocal down
+        if down:
+            typer.echo(f"reconnected to {client.url}", err=True)
+        down = False
+
+    def waiting(attempt: int, left: float) -> None:
+        nonlocal down
+        if not down:
+            typer.echo(f"cannot reach the service at {client.url}; reconnecting", err=True)
+        down = True
+
+    def event(value: Any) -> bool:
+        nonlocal names, seen
+        if isinstance(value, list):
+            names = {str(e.get("id")): str(e.get("name")) for e in value if isinstance(e, dict)}
             if as_json:
-                typer.echo(json.dumps({"snapshot": event}, separators=(",", ":")))
+                typer.echo(json.dumps({"snapshot": value}, separators=(",", ":")))
             else:
-                render.print_state(out(), event, wide=wide)
-        elif isinstance(event, dict) and isinstance(event.get("state"), dict):
-            entry = event["state"]
+                render.print_state(out(), value, wide=wide)
+            return False
+        if isinstance(value, dict) and isinstance(value.get("state"), dict):
+            entry = value["state"]
             names[str(entry.get("id"))] = str(entry.get("name"))
             if as_json:
-                typer.echo(json.dumps(event, separators=(",", ":")))
+                typer.echo(json.dumps(value, separators=(",", ":")))
             else:
                 error = f": {entry['error']}" if entry.get("error") else ""
                 say(
                     "{name} {status}{error}",
                     name=entry.get("name"),
-                    status=event.get("status"),
+                    status=value.get("status"),
                     error=error,
                 )
-            seen += 1
-        elif isinstance(event, dict) and set(event) == {"id"}:
-            name = names.pop(str(event["id"]), str(event["id"]))
+        elif isinstance(value, dict) and set(value) == {"id"}:
+            name = names.pop(str(value["id"]), str(value["id"]))
             if as_json:
-                typer.echo(json.dumps({"removed": event["id"]}, separators=(",", ":")))
+                typer.echo(json.dumps({"removed": value["id"]}, separators=(",", ":")))
             else:
                 say("{name} removed", name=name)
-            seen += 1
         else:
-            continue
-        if changes is not None and seen >= changes:
-            return
-        if deadline is not None and time.monotonic() >= deadline:
-            return
+            return False
+        seen += 1
+        return changes is not None and seen >= changes
+
+    _follow(
+        client,
+        path="/state/events",
+        cursor=cursor,
+        deadline=deadline,
+        on_open=opened,
+        on_event=event,
+        on_wait=waiting,
+    )
 
 
 def plan(ctx: typer.Context, as_json: JsonFlag = False) -> None:
@@ -254,15 +280,19 @@ def _follow(
     *,
     deadline: float | None,
     on_open: Callable[[], None],
-    on_event: Callable[[Any], None],
+    on_event: Callable[[Any], bool | None],
     on_wait: Callable[[int, float], None],
+    path: str = "/queue/inProgress",
+    cursor: EventCursor | None = None,
 ) -> None:
-    """Feed every progress event to ``on_event`` until the deadline (or forever).
+    """Feed every event of ``path`` to ``on_event`` until the deadline (or forever), or until
+    ``on_event`` answers True.
 
     The service may be down when ``watch`` starts or go away while it runs (a redeploy); both
     are the same to an operator who left ``watch`` in a terminal, so both wait and retry with
     backoff, telling ``on_wait(attempt, seconds left)`` once a second. Only an answer that
-    retrying cannot fix (a wrong token) ends the watch with an error.
+    retrying cannot fix (a wrong token) ends the watch with an error. A ``cursor`` resumes the
+    stream where it was left on every reconnection.
     """
     attempt = 0
     while not _expired(deadline):
@@ -276,10 +306,9 @@ def _follow(
 
         try:
             for event in client.events(
-                "/queue/inProgress", read_timeout=_remaining(deadline), on_open=mark_open
+                path, read_timeout=_remaining(deadline), on_open=mark_open, cursor=cursor
             ):
-                on_event(event)
-                if _expired(deadline):
+                if on_event(event) or _expired(deadline):
                     return
         except ApiError as exc:
             if exc.code != ExitCode.UNREACHABLE:
