@@ -3,8 +3,12 @@
 Each benchmark module exposes ``run() -> str`` returning its Markdown section; this entry point
 runs them in one process, one after another (so their figures come from the same machine in the
 same state), prints each section, and writes them all to ``BENCHMARKS.md`` with the command and
-the machine they were measured on. ``--only NAME`` runs one benchmark; ``--no-write`` prints
-without touching ``BENCHMARKS.md``.
+the machine they were measured on. ``--only NAME`` runs one benchmark and replaces only its
+section in ``BENCHMARKS.md``, keeping the others; ``--no-write`` prints without touching the file.
+
+Each section ends with the machine's load average when it started: a figure measured while
+something else ran on the machine says so, instead of every section claiming a quiet or a busy
+machine in fixed words.
 """
 
 from __future__ import annotations
@@ -29,6 +33,24 @@ def _runner(name: str) -> Callable[[], str]:
     return run
 
 
+def _sections(text: str) -> list[str]:
+    """The ``## `` sections of a BENCHMARKS.md, each with its heading."""
+    parts = text.split("\n## ")
+    return [("## " + part if i else part).rstrip("\n") + "\n" for i, part in enumerate(parts)][1:]
+
+
+def _title(section: str) -> str:
+    return section.split("\n", 1)[0]
+
+
+def _merged(existing: str, fresh: list[str]) -> list[str]:
+    """The file's sections with ``fresh`` ones replacing those of the same heading; a fresh
+    section the file did not have goes at the end."""
+    replaced = {_title(section): section for section in fresh}
+    kept = [replaced.pop(_title(section), section) for section in _sections(existing)]
+    return kept + list(replaced.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--only", choices=BENCHMARKS, action="append")
@@ -39,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        section = _runner(name)()
+        load = os.getloadavg()[0]
+        section = _runner(name)().rstrip("\n")
+        section += (
+            f"\n\nLoad average (1 min) when this section started: {load:.2f} on "
+            f"{os.cpu_count()} CPUs; measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n"
+        )
         print(section, flush=True)
         print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         sections.append(section)
@@ -50,11 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             "Produced by `make bench` (`python -m benchmarks`); every ratio in a section is "
             "measured in the same run as its baseline.",
             "",
-            f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
+            f"Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
             f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
             f"{platform.system()} {platform.release()}.",
             "",
         ]
+        if args.only and OUTPUT.exists():
+            sections = _merged(OUTPUT.read_text(), sections)
         OUTPUT.write_text("\n".join(header) + "\n" + "\n".join(sections))
         print(f"wrote {OUTPUT}", file=sys.stderr)
     return 0

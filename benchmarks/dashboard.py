@@ -185,8 +185,7 @@ def run() -> str:
             "in headless Chromium. One redraw of a page's data, timed inside the page "
             f"(`performance.now()`), median and worst of {REPEATS}; the backends and matrix "
             'pages draw their first 200 rows (a "show more" button and the filter reach the '
-            "rest). The machine was shared with other work while this ran, so the figures are "
-            "noisy.",
+            "rest).",
             "",
             f"`GET /state` for this fleet: {size_kb:,.0f} kB.",
             "",

@@ -151,8 +151,7 @@ async def measure(workdir: Path) -> str:
         "",
         f"{NODES:,} emulated Ollama nodes (a separate process) each missing {len(MODELS)} "
         f"declared models; every pull takes {PULL_SECONDS:g} s; {WORKERS} download cycles at "
-        "once in one process; SQLite store. The machine was shared with other work while "
-        "this ran, so times are noisy; the counts are exact.",
+        "once in one process; SQLite store. The counts are exact.",
         "",
         "| figure | value | target |",
         "| --- | --- | --- |",

@@ -324,8 +324,7 @@ async def _main() -> str:
             "## Fleet scale: reading the state, applying a fleet file (`benchmarks/fleet.py`)",
             "",
             "Server time in process (ASGI, no socket) over a synthetic snapshot in which one "
-            "backend in 50 has an error; milliseconds. The machine was shared with other "
-            "builds and test runs while this ran, so the figures are noisy (upper bounds).",
+            "backend in 50 has an error; milliseconds.",
             "",
             "| snapshot | request | p50 ms | p99 ms |",
             "|---|---|---|---|",

@@ -289,7 +289,7 @@ def run() -> str:
         f"{SECONDS[1]:g} s at concurrency 1 and {SECONDS[64]:g} s at 64 after {WARMUP:g} s of "
         "warm-up. Latency is to the last byte, TTFT to the first streamed chunk; CPU is the "
         "service process's user+system time per request. Client, proxies and emulator share "
-        "the machine's two cores with other work, so the figures are noisy upper bounds.",
+        "the machine's cores.",
         "",
         *_table(results, "direct"),
         "",

@@ -166,8 +166,7 @@ def run() -> str:
     lines = [
         "## Replicas: the leader's cycle on PostgreSQL, and failover",
         "",
-        "Measured on a machine shared with other work (several test suites running at once), so",
-        "the figures are noisy and pessimistic. Command: `python -m benchmarks --only replicas`.",
+        "Command: `python -m benchmarks --only replicas`.",
         "",
         f"Steady cycle: {BACKENDS:,} emulated Ollama nodes (separate process, no latency), each",
         f"holding its {len(MODELS)} declared models; the leader's cycle (reconcile + snapshot",
