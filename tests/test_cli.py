@@ -358,6 +358,10 @@ def test_state_plan_sync_and_queue_render_and_parse(service: ServiceProcess) -> 
         pytest.fail(f"demo nodes never observed: {entries}\n{service.log_tail()}")
     table = run(service, "state")
     assert table.exit_code == 0, table.stderr
+    # One replica: the header gives the snapshot's age and names no leader.
+    assert re.match(r"\d+ backends, snapshot confirmed \d+ (s|min) ago\n", table.stdout), (
+        table.stdout
+    )
     for node in DEMO_NODES:
         assert node in table.stdout
     assert "ollama" in table.stdout

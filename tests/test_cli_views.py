@@ -10,13 +10,16 @@ are cut with an ellipsis, never broken mid-word, unless ``--wide``.
 from __future__ import annotations
 
 import io
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rich.console import Console, RenderableType
 
+from runtimestate.api.schemas import ClusterOut, ReplicaOut, SnapshotInfoOut
 from runtimestate.cli.live import WatchBoard, format_bytes, is_failure_status
-from runtimestate.cli.render import print_state, status_word
+from runtimestate.cli.observe import _snapshot_info
+from runtimestate.cli.render import SnapshotInfo, print_state, status_word
 
 URL_A, URL_B = "http://h/ollama/node-a", "http://h/ollama/node-b"
 NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
@@ -179,9 +182,10 @@ def state_lines(*, wide: bool = False, **extra: Any) -> list[str]:
 
 def test_state_fits_80_columns_with_age_failed_pulls_and_unmanaged() -> None:
     lines = state_lines(
-        unmanaged=[{"id": "x", "name": "spare-node", "type": "vllm"}], leader="replica-a"
+        unmanaged=[{"id": "x", "name": "spare-node", "type": "vllm"}],
+        snapshot_info=SnapshotInfo(age=4.2, leader="replica-a", replicas=3),
     )
-    assert lines[0] == "5 backends, observed 3 s ago (leader: replica-a)"
+    assert lines[0] == "5 backends, snapshot confirmed 4 s ago (leader replica-a, 3 replicas alive)"
     assert all(len(line) <= 80 for line in lines), "\n".join(lines)
     by_name = {line.split()[0]: line for line in lines[1:] if line.strip()}
     assert " ok " in by_name["ok-node"]
@@ -208,6 +212,51 @@ def test_state_wide_shows_every_name_whole() -> None:
         for line in lines
     )
     assert not any("…" in line for line in lines)
+
+
+def test_one_replica_names_no_leader_and_no_age_falls_back_to_the_last_change() -> None:
+    alone = state_lines(snapshot_info=SnapshotInfo(age=75.0, leader="host", replicas=1))
+    assert alone[0] == "5 backends, snapshot confirmed 75 s ago"
+    assert state_lines()[0] == "5 backends, last change observed 3 s ago"
+
+
+class ClusterClient:
+    """The one call ``state`` makes for its header, answered with ``GET /cluster``'s JSON."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+
+    def get(self, path: str) -> Any:
+        assert path == "/cluster"
+        return self.body
+
+
+def test_the_header_reads_the_clusters_json() -> None:
+    def replica(name: str, *, alive: bool) -> ReplicaOut:
+        return ReplicaOut(
+            instance=name, role="follower", heartbeat_age=1.0, heartbeat_at=NOW, alive=alive
+        )
+
+    cluster = ClusterOut(
+        instance="replica-b",
+        role="follower",
+        term=4,
+        leader="replica-a",
+        snapshot=SnapshotInfoOut(version=9, age=2.4),
+        replicas=[
+            replica("replica-a", alive=True),
+            replica("replica-b", alive=True),
+            replica("replica-c", alive=False),
+        ],
+    )
+    body = json.loads(cluster.model_dump_json(by_alias=True))
+    info = _snapshot_info(ClusterClient(body))  # type: ignore[arg-type]
+    assert info == SnapshotInfo(age=2.4, leader="replica-a", replicas=2)
+    buffer = io.StringIO()
+    print_state(Console(file=buffer, width=80), SNAPSHOT, now=NOW, snapshot_info=info)
+    assert buffer.getvalue().splitlines()[0] == (
+        "5 backends, snapshot confirmed 2 s ago (leader replica-a, 2 replicas alive)"
+    )
 
 
 def test_state_without_observation_times_says_so() -> None:

@@ -69,23 +69,34 @@ def state(
             return
         observed = {str(entry.get("id")) for entry in render.state_entries(snapshot)}
         unmanaged = [b for b in client.list_all("/backends") if str(b.get("id")) not in observed]
-        leader = _leader(client)
-    render.print_state(out(), snapshot, unmanaged=unmanaged, wide=wide, leader=leader)
+        info = _snapshot_info(client)
+    render.print_state(out(), snapshot, unmanaged=unmanaged, wide=wide, snapshot_info=info)
 
 
-def _leader(client: ApiClient) -> str | None:
-    """The leading replica, when the service runs several and says which leads."""
+def _snapshot_info(client: ApiClient) -> render.SnapshotInfo | None:
+    """The snapshot's age, the leader and the replicas alive, from ``GET /cluster``."""
     try:
-        cluster = client.get("/cluster")
+        cluster = render.mapping(client.get("/cluster"))
     except ApiError as exc:
         # No such route (an older service), or one that runs without cluster membership.
         if exc.code in (ExitCode.NOT_FOUND, ExitCode.UNAVAILABLE):
             return None
         raise
-    leader = render.mapping(cluster).get("leader")
+    leader = cluster.get("leader")
     if isinstance(leader, dict):
         leader = leader.get("id") or leader.get("instance") or leader.get("name")
-    return str(leader) if leader else None
+    age = render.mapping(cluster.get("snapshot")).get("age")
+    replicas = cluster.get("replicas")
+    alive = sum(
+        1
+        for replica in (replicas if isinstance(replicas, list) else ())
+        if render.mapping(replica).get("alive", True)
+    )
+    return render.SnapshotInfo(
+        age=float(age) if isinstance(age, int | float) else None,
+        leader=str(leader) if leader else None,
+        replicas=max(1, alive),
+    )
 
 
 def _watch_state(

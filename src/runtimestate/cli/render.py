@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,7 @@ from rich.text import Text
 
 __all__ = [
     "STATUS_WORDS",
+    "SnapshotInfo",
     "clock_time",
     "mapping",
     "print_json",
@@ -185,22 +187,38 @@ def _fit(table: Table, width: int) -> None:
         column.width = size
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """What ``GET /cluster`` says of the snapshot a ``state`` view shows: how many seconds ago
+    the leader last confirmed it, who leads, and how many replicas are alive."""
+
+    age: float | None = None
+    leader: str | None = None
+    replicas: int = 1
+
+
 def state_header(
-    entries: Sequence[Mapping[str, Any]], *, now: datetime, leader: str | None = None
+    entries: Sequence[Mapping[str, Any]], *, now: datetime, snapshot: SnapshotInfo | None = None
 ) -> str:
-    """``4 backends, observed 2 s ago (leader: replica-a)``: how fresh the snapshot is."""
-    times = [t for t in (_parse_time(e.get("observedAt")) for e in entries) if t is not None]
+    """``4 backends, snapshot confirmed 2 s ago (leader replica-a, 3 replicas alive)``.
+
+    The age is the snapshot's (the leader's last cycle that confirmed every state); without it,
+    the newest ``observedAt`` - when a backend last changed - is the best there is. The leader is
+    named only when there are several replicas: with one, it is the service itself."""
+    info = snapshot or SnapshotInfo()
     count = f"{len(entries)} backend{'' if len(entries) == 1 else 's'}"
-    if not times:
-        freshness = "observation time not reported by this service"
+    times = [t for t in (_parse_time(e.get("observedAt")) for e in entries) if t is not None]
+    if info.age is not None:
+        freshness = f"snapshot confirmed {_age(info.age)} ago"
+    elif times:
+        freshness = f"last change observed {_age((now - max(times)).total_seconds())} ago"
     else:
-        newest = _age((now - max(times)).total_seconds())
-        oldest = _age((now - min(times)).total_seconds())
-        freshness = (
-            f"observed {newest} ago" if newest == oldest else f"observed {newest} to {oldest} ago"
-        )
+        freshness = "observation time not reported by this service"
     header = f"{count}, {freshness}"
-    return f"{header} (leader: {leader})" if leader else header
+    if info.replicas > 1:
+        leader = f"leader {info.leader}" if info.leader else "no leader"
+        header += f" ({leader}, {info.replicas} replicas alive)"
+    return header
 
 
 def print_state(
@@ -210,7 +228,7 @@ def print_state(
     unmanaged: Sequence[Mapping[str, Any]] = (),
     wide: bool = False,
     now: datetime | None = None,
-    leader: str | None = None,
+    snapshot_info: SnapshotInfo | None = None,
 ) -> None:
     """The fleet at a glance: per backend its status word, declared vs present models and error,
     with failed pulls on lines of their own; fits the console's width unless ``wide``."""
@@ -219,7 +237,10 @@ def print_state(
         console.print("[dim]no backends observed yet (declare one with 'backend add')[/dim]")
         return
     console.print(
-        Text(state_header(entries, now=now or datetime.now(UTC), leader=leader), style="bold")
+        Text(
+            state_header(entries, now=now or datetime.now(UTC), snapshot=snapshot_info),
+            style="bold",
+        )
     )
     table = Table(header_style="bold", box=None, pad_edge=False, expand=False, padding=(0, 1))
     for header in ("backend", "type", "status", "models", "error"):
