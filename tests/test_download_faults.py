@@ -25,7 +25,7 @@ from runtimestate.clock import FakeClock
 from runtimestate.downloads import MODEL_DOWNLOAD, Backoff, PullWorker
 from runtimestate.kinds.ollama.driver import open_pull
 from runtimestate.state import State
-from runtimestate.store import PullStatus, SqlStore
+from runtimestate.store import PullStatus, SqlStore, Store
 from runtimestate.testing import Emulator, OllamaNode
 from tests.fixtures.postgres import StoreFactory
 
@@ -70,7 +70,8 @@ FAULTS = [
 ]
 
 
-async def analyze(store: SqlStore) -> None:
+async def analyze(store: Store) -> None:
+    assert isinstance(store, SqlStore)
     async with store._db.engine.connect() as conn:
         await conn.execute(text("ANALYZE jobs"))
         await conn.execute(text("ANALYZE pull_tasks"))

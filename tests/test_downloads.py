@@ -37,7 +37,7 @@ from runtimestate.metrics import REGISTRY
 from runtimestate.runner import CircuitBreaker, Runner, while_true
 from runtimestate.settings import Settings
 from runtimestate.state import State
-from runtimestate.store import PullStatus, SqlStore, Store
+from runtimestate.store import PullStatus, Store
 from runtimestate.testing import Emulator, OllamaNode
 from tests.fixtures.postgres import StoreFactory
 
@@ -83,7 +83,7 @@ def failures(reason: str) -> float:
 class Fleet:
     """A store, a bus, the emulator and a State whose worker and store share one FakeClock."""
 
-    def __init__(self, store: SqlStore, bus: Messenger, emu: Emulator, clock: FakeClock) -> None:
+    def __init__(self, store: Store, bus: Messenger, emu: Emulator, clock: FakeClock) -> None:
         self.store, self.bus, self.emu, self.clock = store, bus, emu, clock
         self.http = HttpClient()
 

@@ -1,5 +1,5 @@
-"""The store's bulk declaration operations on both engines: they do what the single-row ones do,
-all or nothing, with the same errors."""
+"""The store's bulk declaration operations on both engines and on the in-memory store: they do
+what the single-row ones do, all or nothing, with the same errors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ import pytest
 
 from runtimestate.errors import Conflict, InvalidInput, NotFound
 from runtimestate.store import BackendSpec, ModelSpec, PoolSpec, Store
+from tests.fixtures.postgres import EVERY_STORE
+
+
+@pytest.fixture(params=EVERY_STORE)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Every implementation of the contract: both engines and the in-memory store."""
+    return str(request.param)
 
 
 def _backends(n: int, prefix: str = "node") -> list[BackendSpec]:

@@ -1,21 +1,27 @@
-"""The store's part of running several replicas, on both engines: the leader lease and its term,
-fencing a deposed leader's writes, the replica registry and the shared snapshot."""
+"""The store's part of running several replicas, on both engines and on the in-memory store: the
+leader lease and its term, fencing a deposed leader's writes, the replica registry and the
+shared snapshot."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from runtimestate.clock import FakeClock
 from runtimestate.errors import Fenced, InvalidInput, NotFound
-from runtimestate.store import SqlStore, open_store
-from tests.fixtures.postgres import StoreFactory, fresh_database
+from runtimestate.store import Store, open_store
+from tests.fixtures.postgres import EVERY_STORE, StoreFactory, fresh_database
 
 ROLE = "backend-cycle"
 TTL = timedelta(seconds=10)
+
+
+@pytest.fixture(params=EVERY_STORE)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Every implementation of the contract: both engines and the in-memory store."""
+    return str(request.param)
 
 
 async def test_one_claimant_leads_and_the_others_see_it(store_factory: StoreFactory) -> None:
@@ -72,15 +78,14 @@ async def test_a_deposed_leaders_fenced_writes_are_refused(store_factory: StoreF
     assert (again.holder, again.term) == ("b", 2)
 
 
-async def test_a_lapsed_lease_passes_to_the_next_term_in_database_time(tmp_path: Path) -> None:
-    # On SQLite the database's time is the store's clock, so FakeClock drives expiry.
+# Not PostgreSQL: there the database's own clock decides (see the test after this one); on
+# SQLite and in memory the database's time is the store's clock, so FakeClock drives expiry.
+@pytest.mark.parametrize("store_kind", ["sqlite", "memory"], indirect=True)
+async def test_a_lapsed_lease_passes_to_the_next_term_in_database_time(
+    store_factory: StoreFactory,
+) -> None:
     clock = FakeClock()
-    url = f"sqlite:///{tmp_path / 'lease.db'}"
-    async with await open_store(url, clock=clock) as a, await open_store(url, clock=clock) as b:
-        await _lapse_and_take_over(a, b, clock)
-
-
-async def _lapse_and_take_over(a: SqlStore, b: SqlStore, clock: FakeClock) -> None:
+    a, b = await store_factory(clock=clock), await store_factory(clock=clock)
     first = await a.claim_leadership(ROLE, holder="a", ttl=TTL)
     clock.advance(9)
     assert (await b.claim_leadership(ROLE, holder="b", ttl=TTL)).holder == "a"
@@ -108,7 +113,7 @@ async def test_postgres_decides_expiry_by_its_own_clock(postgres_url: str) -> No
         await ahead.check_fence(held.fence())
 
 
-async def test_snapshot_versions_count_changes(store: SqlStore) -> None:
+async def test_snapshot_versions_count_changes(store: Store) -> None:
     assert await store.snapshot_version() == 0
     assert (await store.read_snapshot()).entries == ()
     lease = await store.claim_leadership(ROLE, holder="me", ttl=TTL)
@@ -126,7 +131,7 @@ async def test_snapshot_versions_count_changes(store: SqlStore) -> None:
         await store.write_snapshot(fence=lease.fence(), changed={})
 
 
-async def test_many_entries_are_written_in_batches(store: SqlStore) -> None:
+async def test_many_entries_are_written_in_batches(store: Store) -> None:
     lease = await store.claim_leadership(ROLE, holder="me", ttl=TTL)
     changed = {f"b{i:05d}": {"id": f"b{i:05d}"} for i in range(2500)}
     await store.write_snapshot(fence=lease.fence(), changed=changed)
@@ -152,7 +157,7 @@ async def test_replicas_register_heartbeat_and_leave(store_factory: StoreFactory
     assert [r.instance for r in await store.list_replicas()] == ["r1"]
 
 
-async def test_bad_arguments_are_invalid_input(store: SqlStore) -> None:
+async def test_bad_arguments_are_invalid_input(store: Store) -> None:
     with pytest.raises(InvalidInput):
         await store.claim_leadership(ROLE, holder="", ttl=TTL)
     with pytest.raises(InvalidInput):

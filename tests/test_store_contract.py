@@ -1,9 +1,10 @@
 """The store contract, part 1: backends, models, pools, assignments, paging and input errors.
 
-Every test here runs on SQLite and on PostgreSQL through the parametrized ``store`` /
-``store_factory`` fixtures (``tests/fixtures/postgres.py``): one suite, both engines, so that
-the two cannot disagree. Jobs, key-value and leases are in ``test_store_queue.py``; opening,
-migrations and transactions in ``test_store_lifecycle.py``.
+Every test here runs on SQLite, on PostgreSQL and on the in-memory store through the
+``store`` / ``store_factory`` fixtures (``tests/fixtures/postgres.py``), parametrized here with
+every implementation: one suite, so that the three cannot disagree. Jobs, key-value and leases
+are in ``test_store_queue.py``; opening, migrations and transactions in
+``test_store_lifecycle.py``.
 """
 
 from __future__ import annotations
@@ -17,21 +18,27 @@ import pytest
 
 from runtimestate.clock import FakeClock
 from runtimestate.errors import Conflict, InvalidInput, NotFound
-from runtimestate.store import MAX_PAGE_SIZE, Backend, Job, KVEntry, Model, Page, Pool, SqlStore
-from tests.fixtures.postgres import StoreFactory
+from runtimestate.store import MAX_PAGE_SIZE, Backend, Job, KVEntry, Model, Page, Pool, Store
+from tests.fixtures.postgres import EVERY_STORE, StoreFactory
 
 START = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 
+@pytest.fixture(params=EVERY_STORE)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Every implementation of the contract: both engines and the in-memory store."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def clock_store(store_factory: StoreFactory) -> tuple[SqlStore, FakeClock]:
+async def clock_store(store_factory: StoreFactory) -> tuple[Store, FakeClock]:
     clock = FakeClock(START)
     return await store_factory(clock=clock), clock
 
 
 # ---- backends ------------------------------------------------------------------------------
 async def test_backend_lifecycle_keeps_utc_microsecond_timestamps(
-    clock_store: tuple[SqlStore, FakeClock],
+    clock_store: tuple[Store, FakeClock],
 ) -> None:
     store, clock = clock_store
     created = await store.create_backend(name="node-1", base_url="http://n1:11434", type="ollama")
@@ -57,7 +64,7 @@ async def test_backend_lifecycle_keeps_utc_microsecond_timestamps(
     assert await store.list_all_backends() == []
 
 
-async def test_backend_with_given_id_and_unknown_type_is_stored(store: SqlStore) -> None:
+async def test_backend_with_given_id_and_unknown_type_is_stored(store: Store) -> None:
     backend = await store.create_backend(
         id="b-1", name="x", base_url="http://x", type="llamacpp-someday"
     )
@@ -65,7 +72,7 @@ async def test_backend_with_given_id_and_unknown_type_is_stored(store: SqlStore)
     assert (await store.get_backend("b-1")).type == "llamacpp-someday"
 
 
-async def test_backend_unique_fields_conflict_naming_the_field(store: SqlStore) -> None:
+async def test_backend_unique_fields_conflict_naming_the_field(store: Store) -> None:
     await store.create_backend(id="b-taken", name="taken", base_url="http://taken", type="ollama")
     for changes, field in [
         ({"name": "taken"}, "name"),
@@ -79,7 +86,7 @@ async def test_backend_unique_fields_conflict_naming_the_field(store: SqlStore) 
     assert await store.estimate_backend_count() == 1
 
 
-async def test_backend_update_into_a_taken_name_conflicts(store: SqlStore) -> None:
+async def test_backend_update_into_a_taken_name_conflicts(store: Store) -> None:
     await store.create_backend(name="a", base_url="http://a", type="ollama")
     b = await store.create_backend(name="b", base_url="http://b", type="ollama")
     with pytest.raises(Conflict) as caught:
@@ -88,7 +95,7 @@ async def test_backend_update_into_a_taken_name_conflicts(store: SqlStore) -> No
     assert (await store.get_backend(b.id)).name == "b"
 
 
-async def test_missing_backend_is_not_found_everywhere(store: SqlStore) -> None:
+async def test_missing_backend_is_not_found_everywhere(store: Store) -> None:
     with pytest.raises(NotFound):
         await store.get_backend("nope")
     with pytest.raises(NotFound):
@@ -99,7 +106,7 @@ async def test_missing_backend_is_not_found_everywhere(store: SqlStore) -> None:
         await store.delete_backend("nope")
 
 
-async def test_backend_bad_input_names_the_field(store: SqlStore) -> None:
+async def test_backend_bad_input_names_the_field(store: Store) -> None:
     cases: list[tuple[dict[str, object], str]] = [
         ({"name": ""}, "name"),
         ({"name": "   "}, "name"),
@@ -119,7 +126,7 @@ async def test_backend_bad_input_names_the_field(store: SqlStore) -> None:
     assert await store.estimate_backend_count() == 0
 
 
-async def test_empty_lookup_ids_are_invalid_input(store: SqlStore) -> None:
+async def test_empty_lookup_ids_are_invalid_input(store: Store) -> None:
     for call, field in [
         (store.get_backend(""), "backend_id"),
         (store.get_model(""), "model_id"),
@@ -133,7 +140,7 @@ async def test_empty_lookup_ids_are_invalid_input(store: SqlStore) -> None:
         assert caught.value.field == field
 
 
-async def test_text_either_engine_cannot_hold_is_invalid_input_on_both(store: SqlStore) -> None:
+async def test_text_either_engine_cannot_hold_is_invalid_input_on_both(store: Store) -> None:
     # PostgreSQL's text refuses NUL and both drivers refuse lone surrogates (which JSON's
     # "\\ud800" decodes to); without the check one engine stored them and the other failed with
     # a StoreError, or a driver's UnicodeEncodeError escaped.
@@ -161,7 +168,7 @@ async def test_text_either_engine_cannot_hold_is_invalid_input_on_both(store: Sq
 
 
 # ---- models --------------------------------------------------------------------------------
-async def test_model_lifecycle(clock_store: tuple[SqlStore, FakeClock]) -> None:
+async def test_model_lifecycle(clock_store: tuple[Store, FakeClock]) -> None:
     store, clock = clock_store
     model = await store.append_model(
         model="llama3.2:1b", context_length=8192, can_chat=True, can_stream=True
@@ -206,14 +213,14 @@ async def test_model_lifecycle(clock_store: tuple[SqlStore, FakeClock]) -> None:
         )
 
 
-async def test_model_name_is_unique(store: SqlStore) -> None:
+async def test_model_name_is_unique(store: Store) -> None:
     await store.append_model(model="llama3")
     with pytest.raises(Conflict) as caught:
         await store.append_model(model="llama3")
     assert caught.value.field == "model"
 
 
-async def test_model_bad_input_names_the_field(store: SqlStore) -> None:
+async def test_model_bad_input_names_the_field(store: Store) -> None:
     cases: list[tuple[dict[str, object], str]] = [
         ({"model": ""}, "model"),
         ({"context_length": -1}, "context_length"),
@@ -234,7 +241,7 @@ async def test_model_bad_input_names_the_field(store: SqlStore) -> None:
 
 
 async def test_context_length_holds_the_full_integer_column_on_both_engines(
-    store: SqlStore,
+    store: Store,
 ) -> None:
     # INTEGER is 32-bit on PostgreSQL: one past it would be stored by SQLite and refused by
     # PostgreSQL with a StoreError, so it is InvalidInput on both.
@@ -260,7 +267,7 @@ async def test_context_length_holds_the_full_integer_column_on_both_engines(
 
 # ---- pools ---------------------------------------------------------------------------------
 async def test_pool_lifecycle_and_purpose_listing(
-    clock_store: tuple[SqlStore, FakeClock],
+    clock_store: tuple[Store, FakeClock],
 ) -> None:
     store, clock = clock_store
     inference = await store.create_pool(name="gpu", purpose_type="inference")
@@ -288,7 +295,7 @@ async def test_pool_lifecycle_and_purpose_listing(
 
 
 # ---- assignments ---------------------------------------------------------------------------
-async def test_assignments_both_ways_and_their_errors(store: SqlStore) -> None:
+async def test_assignments_both_ways_and_their_errors(store: Store) -> None:
     pool = await store.create_pool(name="p", purpose_type="inference")
     empty = await store.create_pool(name="empty", purpose_type="inference")
     backend = await store.create_backend(name="b", base_url="http://b", type="ollama")
@@ -327,7 +334,7 @@ async def test_assignments_both_ways_and_their_errors(store: SqlStore) -> None:
         await store.remove_model_from_pool(pool.id, model.id)
 
 
-async def test_deletes_cascade_to_assignments(store: SqlStore) -> None:
+async def test_deletes_cascade_to_assignments(store: Store) -> None:
     pools = [await store.create_pool(name=f"p{i}", purpose_type="x") for i in range(2)]
     backend = await store.create_backend(name="b", base_url="http://b", type="ollama")
     model = await store.append_model(model="m")
@@ -349,7 +356,7 @@ async def test_deletes_cascade_to_assignments(store: SqlStore) -> None:
 
 
 # ---- records -------------------------------------------------------------------------------
-async def test_records_are_frozen_and_keyword_only(store: SqlStore) -> None:
+async def test_records_are_frozen_and_keyword_only(store: Store) -> None:
     backend = await store.create_backend(name="b", base_url="http://b", type="ollama")
     pool = await store.create_pool(name="p", purpose_type="x")
     model = await store.append_model(model="m")
@@ -373,7 +380,7 @@ async def test_records_are_frozen_and_keyword_only(store: SqlStore) -> None:
 
 
 # ---- paging --------------------------------------------------------------------------------
-async def _all_pages(store: SqlStore, limit: int) -> list[Page[Backend]]:
+async def _all_pages(store: Store, limit: int) -> list[Page[Backend]]:
     pages = [await store.list_backends(limit=limit)]
     while pages[-1].next_cursor is not None:
         pages.append(await store.list_backends(cursor=pages[-1].next_cursor, limit=limit))
@@ -381,7 +388,7 @@ async def _all_pages(store: SqlStore, limit: int) -> list[Page[Backend]]:
 
 
 async def test_paging_returns_every_row_once_when_timestamps_tie(
-    clock_store: tuple[SqlStore, FakeClock],
+    clock_store: tuple[Store, FakeClock],
 ) -> None:
     store, clock = clock_store
     created: list[Backend] = []
@@ -406,7 +413,7 @@ async def test_paging_returns_every_row_once_when_timestamps_tie(
 
 
 async def test_every_listing_pages_newest_first(
-    clock_store: tuple[SqlStore, FakeClock],
+    clock_store: tuple[Store, FakeClock],
 ) -> None:
     store, clock = clock_store
     for i in range(3):
@@ -426,7 +433,7 @@ async def test_every_listing_pages_newest_first(
     assert by_purpose.next_cursor is not None
 
 
-async def test_page_limit_out_of_range_is_invalid(store: SqlStore) -> None:
+async def test_page_limit_out_of_range_is_invalid(store: Store) -> None:
     listings = (store.list_backends, store.list_models, store.list_pools, store.list_jobs)
     for limit in (0, -1, MAX_PAGE_SIZE + 1, True, 2.5):
         for listing in listings:
@@ -439,7 +446,7 @@ def _forged(raw: str) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-async def test_foreign_cursor_is_invalid(store: SqlStore) -> None:
+async def test_foreign_cursor_is_invalid(store: Store) -> None:
     # Not base64, not JSON, and JSON of the wrong shape.
     for cursor in ("", "not-base64!", "bm9wZQ", "WzEsMl0", "WyJ4IiwieSJd", "é"):
         with pytest.raises(InvalidInput) as caught:

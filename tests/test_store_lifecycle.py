@@ -1,8 +1,9 @@
-"""The store contract, part 3: opening, migrations, transactions and closing, on both engines.
+"""The store contract, part 3: opening, migrations, transactions and closing.
 
-Migration tests start from ``store_url`` - a database nobody has opened - and look at the
-result through a raw engine, so they check what is really in the database, not what the store
-believes.
+Transactions and closing are the contract: they run on both engines and on the in-memory store.
+Opening and migrations are the engines' own: migration tests start from ``store_url`` - a
+database nobody has opened - and look at the result through a raw engine, so they check what is
+really in the database, not what the store believes.
 """
 
 from __future__ import annotations
@@ -17,11 +18,17 @@ import pytest
 from sqlalchemy import text
 
 from runtimestate.errors import Conflict, InvalidInput, StoreError
-from runtimestate.store import SqlStore, Store, open_store
+from runtimestate.store import Store, open_store
 from runtimestate.store.engine import create_engine_for_url, safe_url, translate_errors
 from runtimestate.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from tests.fixtures.nats import free_port
-from tests.fixtures.postgres import _find_bin_dir, fresh_database, postgres_server
+from tests.fixtures.postgres import (
+    EVERY_STORE,
+    SQL_ENGINES,
+    _find_bin_dir,
+    fresh_database,
+    postgres_server,
+)
 
 TABLES = {
     "backends",
@@ -34,6 +41,12 @@ TABLES = {
     "leases",
     "schema_migrations",
 }
+
+
+@pytest.fixture(params=EVERY_STORE)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Every implementation of the contract: both engines and the in-memory store."""
+    return str(request.param)
 
 
 async def _scalar(url: str, sql: str) -> object:
@@ -65,6 +78,7 @@ async def _tables(url: str) -> set[str]:
     [
         "",
         "mysql://user@localhost/db",
+        "memory://",
         "http://example.com/db",
         "not a url at all",
         "sqlite://",
@@ -207,6 +221,11 @@ async def test_root_starts_a_cluster_even_with_a_private_tmpdir(
 
 
 # ---- migrations ----------------------------------------------------------------------------
+# The engines' own: the memory store has no schema.
+engines_only = pytest.mark.parametrize("store_kind", SQL_ENGINES, indirect=True)
+
+
+@engines_only
 async def test_migrations_build_an_empty_database_and_reopen_idempotently(store_url: str) -> None:
     async with await open_store(store_url) as store:
         assert await store.schema_version() == SCHEMA_VERSION
@@ -220,6 +239,7 @@ async def test_migrations_build_an_empty_database_and_reopen_idempotently(store_
     assert await _scalar(store_url, "SELECT count(*) FROM schema_migrations") == len(MIGRATIONS)
 
 
+@engines_only
 async def test_concurrent_opens_migrate_once(store_url: str) -> None:
     stores = await asyncio.gather(*(open_store(store_url) for _ in range(4)))
     try:
@@ -231,6 +251,7 @@ async def test_concurrent_opens_migrate_once(store_url: str) -> None:
     assert await _scalar(store_url, "SELECT count(*) FROM schema_migrations") == len(MIGRATIONS)
 
 
+@engines_only
 async def test_a_database_from_a_newer_release_is_refused(store_url: str) -> None:
     async with await open_store(store_url):
         pass
@@ -251,7 +272,7 @@ async def test_a_database_from_a_newer_release_is_refused(store_url: str) -> Non
 
 
 # ---- transactions --------------------------------------------------------------------------
-async def test_transaction_commits_on_clean_exit(store: SqlStore) -> None:
+async def test_transaction_commits_on_clean_exit(store: Store) -> None:
     async with store.transaction() as tx:
         pool = await tx.create_pool(name="p", purpose_type="x")
         backend = await tx.create_backend(name="b", base_url="http://b", type="ollama")
@@ -260,7 +281,7 @@ async def test_transaction_commits_on_clean_exit(store: SqlStore) -> None:
     assert await store.list_backends_for_pool(pool.id) == [backend]
 
 
-async def test_transaction_rolls_back_everything_on_error(store: SqlStore) -> None:
+async def test_transaction_rolls_back_everything_on_error(store: Store) -> None:
     await store.create_pool(name="taken", purpose_type="x")
 
     async def doomed() -> None:
@@ -275,7 +296,7 @@ async def test_transaction_rolls_back_everything_on_error(store: SqlStore) -> No
     assert (await store.list_kv()).items == []
 
 
-async def test_a_failed_operation_leaves_its_transaction_usable(store: SqlStore) -> None:
+async def test_a_failed_operation_leaves_its_transaction_usable(store: Store) -> None:
     await store.create_pool(name="taken", purpose_type="x")
     async with store.transaction() as tx:
         await tx.create_pool(name="before", purpose_type="x")
@@ -285,7 +306,7 @@ async def test_a_failed_operation_leaves_its_transaction_usable(store: SqlStore)
     assert {p.name for p in await store.list_all_pools()} == {"taken", "before", "after"}
 
 
-async def test_nested_transaction_is_a_savepoint(store: SqlStore) -> None:
+async def test_nested_transaction_is_a_savepoint(store: Store) -> None:
     async def doomed(tx: Store) -> None:
         async with tx.transaction() as inner:
             await inner.create_pool(name="inner", purpose_type="x")
@@ -300,7 +321,7 @@ async def test_nested_transaction_is_a_savepoint(store: SqlStore) -> None:
     assert {p.name for p in await store.list_all_pools()} == {"outer", "after"}
 
 
-async def test_tasks_sharing_a_transaction_take_turns(store: SqlStore) -> None:
+async def test_tasks_sharing_a_transaction_take_turns(store: Store) -> None:
     # One connection runs one statement at a time; without turns asyncpg refused the second,
     # SQLAlchemy lost its savepoints (a SAWarning, an error here) and SQLite committed anyway.
     async with store.transaction() as tx:
@@ -328,7 +349,7 @@ async def test_tasks_sharing_a_transaction_take_turns(store: SqlStore) -> None:
     assert await store.list_all_backends() == []
 
 
-async def test_the_callers_own_errors_leave_a_transaction_as_themselves(store: SqlStore) -> None:
+async def test_the_callers_own_errors_leave_a_transaction_as_themselves(store: Store) -> None:
     # The block is the caller's code: its TimeoutError (an OSError) or ConnectionError is not
     # the database's, so it must not come out as StoreError("cannot reach the database").
     async def failing(within: Store, error: Exception) -> None:
@@ -347,7 +368,7 @@ async def test_the_callers_own_errors_leave_a_transaction_as_themselves(store: S
 
 
 # ---- closing -------------------------------------------------------------------------------
-async def test_ping_then_close_is_idempotent_and_final(store: SqlStore) -> None:
+async def test_ping_then_close_is_idempotent_and_final(store: Store) -> None:
     await store.ping()
     await store.close()
     await store.close()

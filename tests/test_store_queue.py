@@ -1,4 +1,5 @@
-"""The store contract, part 2: the job queue, the key-value table and leases, on both engines.
+"""The store contract, part 2: the job queue, the key-value table and leases, on both engines
+and on the in-memory store.
 
 The concurrency tests use separate store instances - separate connection pools, as separate
 worker processes would have - and check that each job, and each lease, goes to exactly one.
@@ -15,14 +16,20 @@ import pytest
 
 from runtimestate.clock import FakeClock
 from runtimestate.errors import Conflict, InvalidInput, NotFound
-from runtimestate.store import Job, SqlStore
-from tests.fixtures.postgres import StoreFactory
+from runtimestate.store import Job, Store
+from tests.fixtures.postgres import EVERY_STORE, StoreFactory
 
 START = datetime(2026, 3, 1, 12, 0, 0, 654321, tzinfo=UTC)
 
 
+@pytest.fixture(params=EVERY_STORE)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Every implementation of the contract: both engines and the in-memory store."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def clock_store(store_factory: StoreFactory) -> tuple[SqlStore, FakeClock]:
+async def clock_store(store_factory: StoreFactory) -> tuple[Store, FakeClock]:
     clock = FakeClock(START)
     return await store_factory(clock=clock), clock
 
@@ -33,7 +40,7 @@ def job(job_id: str, task_type: str = "model_download", payload: bytes = b"{}") 
 
 # ---- jobs ----------------------------------------------------------------------------------
 async def test_jobs_pop_oldest_first_even_within_one_clock_tick(
-    clock_store: tuple[SqlStore, FakeClock],
+    clock_store: tuple[Store, FakeClock],
 ) -> None:
     store, clock = clock_store
     stored = await store.append_job(
@@ -55,7 +62,7 @@ async def test_jobs_pop_oldest_first_even_within_one_clock_tick(
     assert [j.id for j in await store.get_jobs_for_type("other")] == ["w"]
 
 
-async def test_pop_by_type_and_pop_all(store: SqlStore) -> None:
+async def test_pop_by_type_and_pop_all(store: Store) -> None:
     await store.append_jobs([job("a", "t1"), job("b", "t2"), job("c", "t1")])
     assert [j.id for j in await store.pop_jobs_for_type("t1")] == ["a", "c"]
     assert await store.pop_jobs_for_type("t1") == []
@@ -65,7 +72,7 @@ async def test_pop_by_type_and_pop_all(store: SqlStore) -> None:
     assert await store.pop_all_jobs() == []
 
 
-async def test_duplicate_job_id_conflicts_and_batches_are_all_or_nothing(store: SqlStore) -> None:
+async def test_duplicate_job_id_conflicts_and_batches_are_all_or_nothing(store: Store) -> None:
     await store.append_job(job("https://node-1"))
     with pytest.raises(Conflict) as caught:
         await store.append_job(job("https://node-1"))
@@ -78,7 +85,7 @@ async def test_duplicate_job_id_conflicts_and_batches_are_all_or_nothing(store: 
     assert await store.append_jobs([]) == []
 
 
-async def test_delete_job_and_list_jobs(clock_store: tuple[SqlStore, FakeClock]) -> None:
+async def test_delete_job_and_list_jobs(clock_store: tuple[Store, FakeClock]) -> None:
     store, clock = clock_store
     for i in range(5):
         await store.append_job(job(f"j{i}"))
@@ -96,7 +103,7 @@ async def test_delete_job_and_list_jobs(clock_store: tuple[SqlStore, FakeClock])
     assert await store.estimate_job_count() == 4
 
 
-async def test_bad_jobs_are_invalid_input(store: SqlStore) -> None:
+async def test_bad_jobs_are_invalid_input(store: Store) -> None:
     for bad, field in [
         (Job(id="", task_type="t", payload=b""), "id"),
         (Job(id="j", task_type="", payload=b""), "task_type"),
@@ -122,7 +129,7 @@ async def test_bad_jobs_are_invalid_input(store: SqlStore) -> None:
     assert await store.estimate_job_count() == 0
 
 
-async def test_bad_pop_arguments_are_invalid_input(store: SqlStore) -> None:
+async def test_bad_pop_arguments_are_invalid_input(store: Store) -> None:
     with pytest.raises(InvalidInput) as caught:
         await store.pop_n_jobs_for_type("t", 0)
     assert caught.value.field == "n"
@@ -132,12 +139,12 @@ async def test_bad_pop_arguments_are_invalid_input(store: SqlStore) -> None:
 
 
 async def test_eight_workers_pop_a_thousand_jobs_each_exactly_once(
-    store: SqlStore, store_factory: StoreFactory
+    store: Store, store_factory: StoreFactory
 ) -> None:
     await store.append_jobs([job(f"job-{i:04d}", "work") for i in range(1000)])
     workers = [await store_factory() for _ in range(8)]
 
-    async def drain(worker: SqlStore, index: int) -> list[str]:
+    async def drain(worker: Store, index: int) -> list[str]:
         taken: list[str] = []
         while True:
             if index % 2:
@@ -160,7 +167,7 @@ async def test_eight_workers_pop_a_thousand_jobs_each_exactly_once(
 
 
 # ---- key-value -----------------------------------------------------------------------------
-async def test_kv_set_get_update_delete(clock_store: tuple[SqlStore, FakeClock]) -> None:
+async def test_kv_set_get_update_delete(clock_store: tuple[Store, FakeClock]) -> None:
     store, clock = clock_store
     value = {"apiKey": "sk-test-0123456789", "nested": [1, 2.5, None, True, "x"]}
     entry = await store.set_kv("cloud-provider:openai", value)
@@ -186,7 +193,7 @@ async def test_kv_set_get_update_delete(clock_store: tuple[SqlStore, FakeClock])
         await store.delete_kv("cloud-provider:openai")
 
 
-async def test_kv_rejects_what_json_cannot_hold(store: SqlStore) -> None:
+async def test_kv_rejects_what_json_cannot_hold(store: Store) -> None:
     for bad in (b"bytes", {1, 2}, float("nan"), object()):
         with pytest.raises(InvalidInput) as caught:
             await store.set_kv("k", bad)
@@ -199,7 +206,7 @@ async def test_kv_rejects_what_json_cannot_hold(store: SqlStore) -> None:
 
 
 async def test_kv_keys_and_prefixes_either_engine_cannot_hold_are_invalid_input(
-    store: SqlStore,
+    store: Store,
 ) -> None:
     # NUL (refused by PostgreSQL's text) and lone surrogates (refused by both drivers, with a
     # UnicodeEncodeError that used to escape on SQLite) are InvalidInput before any SQL runs.
@@ -221,7 +228,7 @@ async def test_kv_keys_and_prefixes_either_engine_cannot_hold_are_invalid_input(
     assert (await store.get_kv("k")).value == entry.value == "nul \x00 and surrogate \ud800"
 
 
-async def test_kv_prefix_is_matched_literally(store: SqlStore) -> None:
+async def test_kv_prefix_is_matched_literally(store: Store) -> None:
     keys = [
         "50%_off",
         "50%_offer",
@@ -250,7 +257,7 @@ async def test_kv_prefix_is_matched_literally(store: SqlStore) -> None:
     assert await matching("") == sorted(keys)
 
 
-async def test_kv_listing_pages(clock_store: tuple[SqlStore, FakeClock]) -> None:
+async def test_kv_listing_pages(clock_store: tuple[Store, FakeClock]) -> None:
     store, _ = clock_store
     for i in range(7):
         await store.set_kv(f"p:{i}", i)
@@ -270,7 +277,7 @@ async def test_kv_listing_pages(clock_store: tuple[SqlStore, FakeClock]) -> None
 
 # ---- leases --------------------------------------------------------------------------------
 async def test_lease_acquire_conflict_renew_expire_release(
-    clock_store: tuple[SqlStore, FakeClock],
+    clock_store: tuple[Store, FakeClock],
 ) -> None:
     store, clock = clock_store
     ttl = timedelta(seconds=30)
@@ -299,7 +306,7 @@ async def test_lease_acquire_conflict_renew_expire_release(
 
 
 async def test_list_leases_skips_expired_and_matches_prefix_literally(
-    clock_store: tuple[SqlStore, FakeClock],
+    clock_store: tuple[Store, FakeClock],
 ) -> None:
     store, clock = clock_store
     await store.acquire_lease("download:a", holder="w", ttl=timedelta(seconds=10))
@@ -313,7 +320,7 @@ async def test_list_leases_skips_expired_and_matches_prefix_literally(
     assert len(await store.list_leases()) == 3
 
 
-async def test_lease_bad_input(store: SqlStore) -> None:
+async def test_lease_bad_input(store: Store) -> None:
     for ttl in (timedelta(0), timedelta(seconds=-1), 30):
         with pytest.raises(InvalidInput) as caught:
             await store.acquire_lease("l", holder="w", ttl=ttl)  # type: ignore[arg-type]

@@ -1,7 +1,8 @@
 """The store contract, part 3: pull tasks and the job pop, on both engines, on tables the
 planner has statistics of (``ANALYZE``d while empty and while full) as well as on fresh ones,
-and on PostgreSQL under planner settings that force the plan which runs a locking subquery once
-per row - the plan under which a pop written ``IN (SELECT ... LIMIT 1)`` took every job.
+on PostgreSQL under planner settings that force the plan which runs a locking subquery once
+per row - the plan under which a pop written ``IN (SELECT ... LIMIT 1)`` took every job - and on
+the in-memory store (which has no planner: ``analyze`` leaves it alone).
 
 The rules are the database's: one task per (backend, model), one running task per backend,
 claims in one statement, every later write fenced by owner and attempt. Concurrency tests use
@@ -21,15 +22,24 @@ from sqlalchemy.exc import IntegrityError
 
 from runtimestate.clock import FakeClock
 from runtimestate.errors import InvalidInput, NotFound
-from runtimestate.store import Job, PullStatus, SqlStore
-from tests.fixtures.postgres import StoreFactory
+from runtimestate.store import Job, PullStatus, SqlStore, Store
+from tests.fixtures.postgres import EVERY_STORE, SQL_ENGINES, StoreFactory
 
 START = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 STALE = timedelta(seconds=15)
 
 
-async def analyze(store: SqlStore) -> None:
-    """Give the planner statistics of the queue tables, as autovacuum would."""
+@pytest.fixture(params=EVERY_STORE)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Every implementation of the contract: both engines and the in-memory store."""
+    return str(request.param)
+
+
+async def analyze(store: Store) -> None:
+    """Give the planner statistics of the queue tables, as autovacuum would (a store without
+    a planner has nothing to give them to)."""
+    if not isinstance(store, SqlStore):
+        return
     async with store._db.engine.connect() as conn:
         await conn.execute(text("ANALYZE jobs"))
         await conn.execute(text("ANALYZE pull_tasks"))
@@ -45,17 +55,22 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def planned(mode: str, store_factory: StoreFactory) -> SqlStore:
-    """A store on a fake clock whose queue tables were ANALYZEd while empty (or will be once
+def clock() -> FakeClock:
+    return FakeClock(START)
+
+
+@pytest.fixture
+async def planned(mode: str, store_factory: StoreFactory, clock: FakeClock) -> Store:
+    """A store on ``clock`` whose queue tables were ANALYZEd while empty (or will be once
     full: see :func:`fill`)."""
-    store = await store_factory(clock=FakeClock(START))
+    store = await store_factory(clock=clock)
     if mode == "analyzed-empty":
         await analyze(store)
     return store
 
 
 @pytest.fixture
-def fill(mode: str, planned: SqlStore) -> Fill:
+def fill(mode: str, planned: Store) -> Fill:
     """Called by a test once its rows are in: ANALYZEs them in the "analyzed-full" mode."""
 
     async def filled() -> None:
@@ -65,7 +80,7 @@ def fill(mode: str, planned: SqlStore) -> Fill:
     return filled
 
 
-async def backends(store: SqlStore, count: int) -> list[str]:
+async def backends(store: Store, count: int) -> list[str]:
     return [
         (await store.create_backend(name=f"n{i}", base_url=f"http://n{i}", type="ollama")).id
         for i in range(count)
@@ -73,7 +88,7 @@ async def backends(store: SqlStore, count: int) -> list[str]:
 
 
 # ---- the job pop (the Go package's queue) --------------------------------------------------
-async def test_one_pop_takes_one_job_on_an_analyzed_table(planned: SqlStore, fill: Fill) -> None:
+async def test_one_pop_takes_one_job_on_an_analyzed_table(planned: Store, fill: Fill) -> None:
     await planned.append_jobs([Job(id=f"j{i}", task_type="t", payload=b"{}") for i in range(6)])
     await fill()
     popped = await planned.pop_job_for_type("t")
@@ -90,7 +105,7 @@ async def test_concurrent_pops_share_the_jobs_on_an_analyzed_table(
     await stores[0].append_jobs([Job(id=f"j{i}", task_type="t", payload=b"{}") for i in range(20)])
     await analyze(stores[0])
 
-    async def drain(store: SqlStore) -> list[str]:
+    async def drain(store: Store) -> list[str]:
         taken = []
         while True:
             try:
@@ -133,6 +148,7 @@ async def rescanning(store_factory: StoreFactory) -> SqlStore:
     """A store whose every connection plans with :data:`RESCANNING_PLAN` and has
     :data:`ORDER_INDEX`: the settings belong to the database, so every new session takes them."""
     setup = await store_factory()
+    assert isinstance(setup, SqlStore)
     settings = "; ".join(
         f"EXECUTE format('ALTER DATABASE %I SET {name} = {value}', current_database())"
         for name, value in RESCANNING_PLAN.items()
@@ -142,6 +158,7 @@ async def rescanning(store_factory: StoreFactory) -> SqlStore:
         await conn.execute(text(ORDER_INDEX))
         await conn.commit()
     store = await store_factory(clock=FakeClock(START))
+    assert isinstance(store, SqlStore)
     async with store._db.engine.connect() as conn:
         for name, value in RESCANNING_PLAN.items():
             assert (await conn.execute(text(f"SHOW {name}"))).scalar_one() == value
@@ -157,7 +174,7 @@ async def run_rolled_back(store: SqlStore, statement: str) -> int:
 
 
 @pytest.mark.parametrize(
-    "store_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+    "store_kind", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
 )
 async def test_every_pop_and_claim_takes_one_under_a_plan_that_rescans_the_subquery(
     store_factory: StoreFactory,
@@ -183,7 +200,7 @@ async def test_every_pop_and_claim_takes_one_under_a_plan_that_rescans_the_subqu
 
 # ---- task rules ----------------------------------------------------------------------------
 async def test_adding_is_idempotent_and_leaves_existing_tasks_alone(
-    planned: SqlStore, fill: Fill
+    planned: Store, fill: Fill
 ) -> None:
     (b0, b1) = await backends(planned, 2)
     added = await planned.add_pull_tasks([(b0, "m1"), (b0, "m2"), (b1, "m1")])
@@ -204,7 +221,7 @@ async def test_adding_is_idempotent_and_leaves_existing_tasks_alone(
     assert len(by_pair) == 4
 
 
-async def test_a_task_for_a_deleted_backend_is_skipped(planned: SqlStore, fill: Fill) -> None:
+async def test_a_task_for_a_deleted_backend_is_skipped(planned: Store, fill: Fill) -> None:
     (b0,) = await backends(planned, 1)
     added = await planned.add_pull_tasks([("no-such-backend", "m"), (b0, "m")])
     assert [(t.backend_id, t.model) for t in added] == [(b0, "m")]
@@ -212,9 +229,12 @@ async def test_a_task_for_a_deleted_backend_is_skipped(planned: SqlStore, fill: 
     assert await planned.list_pull_tasks() == []
 
 
+# Engine-only: it writes SQL past the store, to show the rule is the database's own.
+@pytest.mark.parametrize("store_kind", SQL_ENGINES, indirect=True)
 async def test_one_running_task_per_backend_is_the_databases_rule(
-    planned: SqlStore, fill: Fill
+    planned: Store, fill: Fill
 ) -> None:
+    assert isinstance(planned, SqlStore)
     (b0,) = await backends(planned, 1)
     await planned.add_pull_tasks([(b0, "m1"), (b0, "m2")])
     # Straight SQL, past the store's checks: the database itself refuses.
@@ -227,9 +247,8 @@ async def test_one_running_task_per_backend_is_the_databases_rule(
 
 
 async def test_claims_take_one_task_per_backend_and_fence_every_write(
-    planned: SqlStore, fill: Fill
+    planned: Store, fill: Fill, clock: FakeClock
 ) -> None:
-    clock: FakeClock = planned._clock  # type: ignore[assignment]
     (b0, b1) = await backends(planned, 2)
     await planned.add_pull_tasks([(b0, "m1"), (b0, "m2"), (b1, "m1")])
     await fill()
@@ -268,9 +287,8 @@ async def test_claims_take_one_task_per_backend_and_fence_every_write(
 
 
 async def test_a_failure_waits_for_its_next_attempt_and_retry_resets_it(
-    planned: SqlStore, fill: Fill
+    planned: Store, fill: Fill, clock: FakeClock
 ) -> None:
-    clock: FakeClock = planned._clock  # type: ignore[assignment]
     (b0,) = await backends(planned, 1)
     await planned.add_pull_tasks([(b0, "m1")])
     await fill()
@@ -303,7 +321,7 @@ async def test_a_failure_waits_for_its_next_attempt_and_retry_resets_it(
     assert await planned.retry_pull_tasks(model="m1") == []
 
 
-async def test_cancel_sticks_until_retried(planned: SqlStore, fill: Fill) -> None:
+async def test_cancel_sticks_until_retried(planned: Store, fill: Fill) -> None:
     (b0, b1) = await backends(planned, 2)
     await planned.add_pull_tasks([(b0, "m1"), (b1, "m1"), (b1, "m2")])
     await fill()
@@ -328,7 +346,7 @@ async def test_cancel_sticks_until_retried(planned: SqlStore, fill: Fill) -> Non
 
 
 async def test_release_gives_the_task_back_and_delete_removes_it(
-    planned: SqlStore, fill: Fill
+    planned: Store, fill: Fill
 ) -> None:
     (b0,) = await backends(planned, 1)
     await planned.add_pull_tasks([(b0, "m1"), (b0, "m2")])
@@ -360,7 +378,7 @@ async def test_concurrent_claims_never_run_two_pulls_on_one_backend(
     assert len(running) == 4
 
 
-async def test_task_bad_input(store: SqlStore) -> None:
+async def test_task_bad_input(store: Store) -> None:
     with pytest.raises(InvalidInput):
         await store.claim_pull_task(owner="", stale_after=STALE)
     with pytest.raises(InvalidInput):
@@ -376,11 +394,12 @@ async def test_task_bad_input(store: SqlStore) -> None:
 
 
 @pytest.mark.parametrize(
-    "store_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+    "store_kind", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
 )
 async def test_postgres_task_times_are_the_databases(store_factory: StoreFactory) -> None:
     # SQLite lives on one host: its store's clock is the only clock there is.
     store = await store_factory()
+    assert isinstance(store, SqlStore)
     (b0,) = await backends(store, 1)
     await store.add_pull_tasks([(b0, "m")])
     async with store._db.engine.connect() as conn:

@@ -1,10 +1,13 @@
-"""The declared-state store: one interface, SQLite and PostgreSQL implementations.
+"""The declared-state store: one interface, SQLite and PostgreSQL implementations, and an
+in-memory one for tests.
 
-``await open_store(url)`` is the entry point; everything else here is the contract
-(:class:`Store`) and the frozen records it returns.
+``await open_store(url)`` is the entry point of a real database; ``MemoryStore()`` is the same
+contract in one process's memory (:mod:`.memory` says what it is for). Everything else here is
+the contract (:class:`Store`) and the frozen records it returns.
 """
 
 from runtimestate.store.base import Store
+from runtimestate.store.memory import MemoryStore
 from runtimestate.store.records import (
     MAX_PAGE_SIZE,
     Backend,
@@ -31,6 +34,7 @@ __all__ = [
     "Job",
     "KVEntry",
     "Lease",
+    "MemoryStore",
     "Model",
     "ModelSpec",
     "Page",

@@ -1,9 +1,9 @@
 """The store contract: every operation on the declared state, in the domain's own words.
 
-One interface, two implementations (SQLite and PostgreSQL, both in :mod:`.sql`), and one
-contract test suite that runs over both. Callers never see SQL or driver exceptions: every
-method raises only :mod:`runtimestate.errors` types (``NotFound``, ``Conflict``,
-``InvalidInput``, ``StoreError``).
+One interface, three implementations (SQLite and PostgreSQL, both in :mod:`.sql`, and the
+in-memory store of :mod:`.memory` for tests), and one contract test suite that runs over all.
+Callers never see SQL or driver exceptions: every method raises only :mod:`runtimestate.errors`
+types (``NotFound``, ``Conflict``, ``InvalidInput``, ``StoreError``).
 
 Paging: ``list_*`` return newest first, at most ``limit`` rows (1..1000, else ``InvalidInput``),
 and an opaque ``next_cursor`` keyed on ``(created_at, id)`` so that rows sharing a timestamp

@@ -97,6 +97,12 @@ def create_engine_for_url(url: str) -> AsyncEngine:
         return _sqlite_engine(parsed)
     if parsed.drivername in _POSTGRES_SCHEMES:
         return _postgres_engine(parsed)
+    if parsed.drivername == "memory":
+        raise InvalidInput(
+            "an in-memory store has no URL: build runtimestate.store.MemoryStore() (for tests "
+            "and one process; the service needs sqlite:/// or postgresql://)",
+            field="url",
+        )
     raise InvalidInput(
         f"unsupported store URL scheme {parsed.drivername!r} (use sqlite:/// or postgresql://)",
         field="url",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,7 +51,7 @@ from runtimestate.store.secrets import (
     refuse_without_box,
 )
 
-__all__ = ["QueueOps"]
+__all__ = ["QueueOps", "check_job"]
 
 _JOB_ORDER = (jobs.c.created_at, jobs.c.seq)
 
@@ -66,19 +66,8 @@ class QueueOps:
 
     # ---- job queue -------------------------------------------------------------------------
     def _job_values(self, job: Job, now: datetime) -> dict[str, Any]:
-        if not isinstance(job, Job):
-            raise InvalidInput(f"job must be a Job, not {type(job).__name__}", field="job")
-        if not isinstance(job.payload, bytes):
-            raise InvalidInput("payload must be bytes", field="payload")
-        return {
-            "id": require_text(job.id, "id"),
-            "task_type": require_text(job.task_type, "task_type"),
-            "payload": job.payload,
-            "scheduled_for": require_int(job.scheduled_for, "scheduled_for"),
-            "valid_until": require_int(job.valid_until, "valid_until"),
-            "retry_count": require_int(job.retry_count, "retry_count", maximum=INT32_MAX),
-            "created_at": now,
-        }
+        checked = check_job(job, now)
+        return {f.name: getattr(checked, f.name) for f in fields(checked)}
 
     async def append_job(self, job: Job) -> Job:
         return (await self.append_jobs([job]))[0]
@@ -318,6 +307,24 @@ class QueueOps:
             query = query.where(*_starts_with(leases.c.name, prefix))
         async with self._db.connect(write=False) as conn:
             return [lease_from_row(row) for row in (await conn.execute(query)).all()]
+
+
+def check_job(job: object, now: datetime) -> Job:
+    """``job`` as a store keeps it, queued at ``now``: every field checked (the columns' ranges
+    included), whichever implementation stores it."""
+    if not isinstance(job, Job):
+        raise InvalidInput(f"job must be a Job, not {type(job).__name__}", field="job")
+    if not isinstance(job.payload, bytes):
+        raise InvalidInput("payload must be bytes", field="payload")
+    return Job(
+        id=require_text(job.id, "id"),
+        task_type=require_text(job.task_type, "task_type"),
+        payload=job.payload,
+        scheduled_for=require_int(job.scheduled_for, "scheduled_for"),
+        valid_until=require_int(job.valid_until, "valid_until"),
+        retry_count=require_int(job.retry_count, "retry_count", maximum=INT32_MAX),
+        created_at=now,
+    )
 
 
 def _dump(value: JSONValue) -> str:

@@ -52,7 +52,7 @@ from runtimestate.store.paging import INT32_MAX, require_int, require_text
 from runtimestate.store.records import PullStatus, PullTask
 from runtimestate.store.schema import UTCTimestamp, pull_task_from_row, pull_tasks
 
-__all__ = ["PullTaskOps"]
+__all__ = ["PullTaskOps", "check_failure", "check_pairs"]
 
 _ACTIVE = (PullStatus.QUEUED.value, PullStatus.RUNNING.value, PullStatus.FAILED.value)
 _WAITING = (PullStatus.QUEUED.value, PullStatus.FAILED.value)
@@ -78,18 +78,7 @@ class PullTaskOps:
         return literal(self._clock.now().astimezone(UTC) + offset, UTCTimestamp())
 
     async def add_pull_tasks(self, pairs: Sequence[tuple[str, str]]) -> list[PullTask]:
-        if not isinstance(pairs, list | tuple):
-            raise InvalidInput("pairs must be a list of (backend_id, model)", field="pairs")
-        rows = []
-        for pair in pairs:
-            if not isinstance(pair, tuple) or len(pair) != 2:
-                raise InvalidInput("pairs must be a list of (backend_id, model)", field="pairs")
-            rows.append(
-                {
-                    "backend_id": require_text(pair[0], "backend_id"),
-                    "model": require_text(pair[1], "model"),
-                }
-            )
+        rows = [{"backend_id": b, "model": m} for b, m in check_pairs(pairs)]
         if not rows:
             return []
         try:
@@ -244,10 +233,7 @@ class PullTaskOps:
         error: str,
         retry_in: timedelta,
     ) -> bool:
-        if not isinstance(retry_in, timedelta) or retry_in < timedelta(0):
-            raise InvalidInput("retry_in must be a timedelta, not negative", field="retry_in")
-        if not isinstance(error, str):
-            raise InvalidInput("error must be a string", field="error")
+        check_failure(error, retry_in)
         stmt = (
             update(pull_tasks)
             .where(*self._fenced(backend_id, model, owner, attempt))
@@ -321,9 +307,7 @@ class PullTaskOps:
             return _sorted(pull_task_from_row(row) for row in (await conn.execute(stmt)).all())
 
     async def delete_pull_tasks(self, pairs: Sequence[tuple[str, str]]) -> list[PullTask]:
-        if not isinstance(pairs, list | tuple):
-            raise InvalidInput("pairs must be a list of (backend_id, model)", field="pairs")
-        keys = [(require_text(b, "backend_id"), require_text(m, "model")) for b, m in pairs]
+        keys = check_pairs(pairs)
         if not keys:
             return []
         stmt = (
@@ -342,6 +326,27 @@ class PullTaskOps:
         if model is not None:
             filters.append(pull_tasks.c.model == require_text(model, "model"))
         return filters
+
+
+def check_pairs(pairs: object) -> list[tuple[str, str]]:
+    """``(backend_id, model)`` pairs, each checked; anything else is ``InvalidInput``."""
+    message = "pairs must be a list of (backend_id, model)"
+    if not isinstance(pairs, list | tuple):
+        raise InvalidInput(message, field="pairs")
+    checked = []
+    for pair in pairs:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise InvalidInput(message, field="pairs")
+        checked.append((require_text(pair[0], "backend_id"), require_text(pair[1], "model")))
+    return checked
+
+
+def check_failure(error: object, retry_in: object) -> None:
+    """The arguments of ``fail_pull_task`` beyond its fence."""
+    if not isinstance(retry_in, timedelta) or retry_in < timedelta(0):
+        raise InvalidInput("retry_in must be a timedelta, not negative", field="retry_in")
+    if not isinstance(error, str):
+        raise InvalidInput("error must be a string", field="error")
 
 
 def _sorted(tasks: Any) -> list[PullTask]:
