@@ -238,3 +238,34 @@ def test_state_watch_resumes_from_the_last_event_after_the_stream_drops(tmp_path
     assert [line.get("status") for line in lines] == [None, "pulling", "ok"]
     assert "snapshot" in lines[0]
     assert "reconnecting" in result.stderr
+
+
+def test_secrets_set_from_stdin_then_a_fleet_file_names_them(
+    service: ServiceProcess, tmp_path: Path
+) -> None:
+    value = "sk-cli-named-0123456789abcdef"
+    env = cli_env(url=service.url, data_dir=service.data_dir)
+    runner = CliRunner()
+    empty = runner.invoke(app, ["secrets", "set", "cli-key"], input="", env=env)
+    assert empty.exit_code == ExitCode.USAGE
+    made = runner.invoke(app, ["secrets", "set", "cli-key"], input=value + "\n", env=env)
+    assert made.exit_code == 0, made.stderr
+    assert value not in made.stdout + made.stderr
+    fleet = tmp_path / "secret.yaml"
+    fleet.write_text(
+        "backends:\n  - name: cli-vllm\n    baseUrl: http://10.0.9.1:8000\n"
+        "    type: vllm\n    apiKeySecret: cli-key\n"
+    )
+    applied = run(service, "apply", str(fleet))
+    assert applied.exit_code == 0, applied.stderr
+    listed = run(service, "secrets", "list", "--json")
+    (entry,) = [s for s in json.loads(listed.stdout) if s["name"] == "cli-key"]
+    assert entry["value"] == "****cdef"
+    assert len(entry["usedBy"]) == 1
+    assert value not in listed.stdout
+    table = run(service, "secrets", "list")
+    assert "cli-key" in table.stdout
+    assert "****cdef" in table.stdout
+    refused = run(service, "secrets", "rm", "cli-key")
+    assert refused.exit_code == ExitCode.CONFLICT
+    assert "cli-key" in refused.stderr

@@ -18,6 +18,7 @@ import yaml
 from runtimestate.api import ApiContext, create_app
 from runtimestate.api.fleetfile import SCHEMA_PATH, fleet_schema
 from runtimestate.bus import Messenger
+from runtimestate.errors import NotFound
 from runtimestate.store import Store
 
 TOKEN = "fleet-token-0123456789"
@@ -373,3 +374,97 @@ async def test_the_schema_is_served_and_describes_the_file(client: httpx.AsyncCl
     assert set(backend["required"]) == {"name", "baseUrl", "type"}
     assert backend["additionalProperties"] is False
     assert (await client.get("/fleet/schema", headers={"Authorization": ""})).status_code == 401
+
+
+SECRET_VALUE = "sk-vllm-shared-0123456789abcdef"
+ROTATED_VALUE = "sk-vllm-rotated-0123456789abcdef"
+WITH_SECRET = """\
+backends:
+  - name: vllm-1
+    baseUrl: http://10.0.1.1:8000
+    type: vllm
+    apiKeySecret: vllm-key
+  - name: vllm-2
+    baseUrl: http://10.0.1.2:8000
+    type: vllm
+"""
+
+
+async def credential(store: Store, name: str) -> dict[str, Any] | None:
+    """A backend's stored credential, read from the store (opened by its master key)."""
+    (backend,) = [b for b in await store.list_all_backends() if b.name == name]
+    try:
+        value = (await store.get_kv(f"backend-credential:{backend.id}")).value
+    except NotFound:
+        return None
+    assert isinstance(value, dict)
+    return value
+
+
+async def test_a_file_names_a_backends_secret_and_never_holds_it(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    status, body = await apply(client, WITH_SECRET, file="prod.yaml")
+    assert status == 422
+    assert body["error"]["field"] == "backends[0].apiKeySecret"
+    assert body["error"]["message"].startswith(
+        "prod.yaml:5: backends[0].apiKeySecret: no secret named 'vllm-key'"
+    )
+    assert await store.list_all_backends() == []
+
+    made = await client.put("/secrets/vllm-key", json={"value": SECRET_VALUE})
+    assert made.status_code == 200, made.text
+    assert made.json() == {"name": "vllm-key", "value": "****cdef", "usedBy": []}
+    status, body = await apply(client, WITH_SECRET, dryRun="true")
+    assert status == 200
+    added = {c["name"]: c["fields"] for c in body["changes"] if c["kind"] == "backend"}
+    assert added["vllm-1"]["apiKeySecret"] == "vllm-key"
+    assert "apiKeySecret" not in added["vllm-2"]
+    assert await store.list_all_backends() == []
+
+    status, body = await apply(client, WITH_SECRET)
+    assert status == 200
+    assert body["applied"]
+    assert await credential(store, "vllm-1") == {
+        "APIKey": SECRET_VALUE,
+        "Type": "vllm",
+        "Secret": "vllm-key",
+    }
+    assert await credential(store, "vllm-2") is None
+    listed = (await client.get("/backends")).json()
+    assert {b["name"]: b["apiKey"] for b in listed} == {"vllm-1": "****cdef", "vllm-2": None}
+    status, body = await apply(client, WITH_SECRET)
+    assert (status, body["applied"], body["counts"]["unchanged"]) == (200, False, 2)
+
+    exported = (await client.get("/fleet/export")).text
+    assert "apiKeySecret: vllm-key" in exported
+    assert SECRET_VALUE not in exported
+    status, body = await apply(client, exported)
+    assert (status, body["applied"]) == (200, False)
+
+    # Rotating the secret re-writes every credential that names it, in one step.
+    vllm_1 = next(b["id"] for b in listed if b["name"] == "vllm-1")
+    rotated = await client.put("/secrets/vllm-key", json={"value": ROTATED_VALUE})
+    assert rotated.json()["usedBy"] == [vllm_1]
+    assert (await credential(store, "vllm-1") or {})["APIKey"] == ROTATED_VALUE
+    refused = await client.delete("/secrets/vllm-key")
+    assert refused.status_code == 409
+    assert vllm_1 in refused.json()["error"]["message"]
+    secrets = (await client.get("/secrets")).json()
+    assert secrets[0]["value"] == "****cdef"
+    assert ROTATED_VALUE not in json.dumps(secrets)
+
+    # Another name in the file moves the backend to that secret; a direct key drops the name.
+    await client.put("/secrets/other-key", json={"value": "sk-other-0123456789abcdef"})
+    status, body = await apply(client, WITH_SECRET.replace("vllm-key", "other-key"))
+    assert body["changes"] == [
+        {
+            "action": "change",
+            "kind": "backend",
+            "name": "vllm-1",
+            "fields": {"apiKeySecret": ["vllm-key", "other-key"]},
+        }
+    ]
+    assert (await credential(store, "vllm-1") or {})["Secret"] == "other-key"
+    assert (await client.delete("/secrets/vllm-key")).status_code == 204
+    assert [s["name"] for s in (await client.get("/secrets")).json()] == ["other-key"]

@@ -16,11 +16,13 @@ import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
+import httpx
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from runtimestate import GEMINI_KEY, OPENAI_KEY
+from runtimestate.api import ApiContext, create_app
 from runtimestate.backends.http import HttpClient, PolicyResolver
 from runtimestate.bus import Messenger
 from runtimestate.errors import InvalidInput
@@ -225,3 +227,29 @@ async def test_the_cycle_resolves_names_through_the_network_policy(
         await state.run_backend_cycle()
         assert state.get()[backend.id].error == ""
     assert listener.seen == [("Authorization", f"Bearer {PROXY_SECRET}")]
+
+
+async def test_a_named_secret_reaches_the_backends_that_name_it_and_follows_rotation(
+    store: Store, bus: Messenger, listener: Listener
+) -> None:
+    ctx = ApiContext(store=store, messenger=bus, token="destinations-token-0123456789")
+    transport = httpx.ASGITransport(app=create_app(ctx))
+    headers = {"Authorization": "Bearer destinations-token-0123456789"}
+    fleet = (
+        "backends:\n  - name: shared\n"
+        f"    baseUrl: http://localhost:{listener.port}\n"
+        "    type: openai-compatible\n    apiKeySecret: shared-key\n"
+    )
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://api", headers=headers
+    ) as api:
+        assert (await api.put("/secrets/shared-key", json={"value": PROXY_SECRET})).is_success
+        assert (await api.post("/fleet/apply", content=fleet)).status_code == 200
+        async with State(store, bus) as state:
+            await state.run_backend_cycle()
+            assert listener.seen == [("Authorization", f"Bearer {PROXY_SECRET}")]
+            rotated = PROXY_SECRET.replace("proxy", "rotated")
+            assert (await api.put("/secrets/shared-key", json={"value": rotated})).is_success
+            await state.run_backend_cycle()
+    assert listener.seen[-1] == ("Authorization", f"Bearer {rotated}")
+    assert {value for _, value in listener.seen} == {f"Bearer {PROXY_SECRET}", f"Bearer {rotated}"}

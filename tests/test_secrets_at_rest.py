@@ -40,7 +40,8 @@ from tests.fixtures.postgres import TEST_MASTER_KEY, _find_bin_dir
 OPENAI_SECRET = "sk-at-rest-0123456789abcdefghij"
 GEMINI_SECRET = "AIzaAtRest0123456789abcdefghij"
 VLLM_SECRET = "vllm-at-rest-0123456789abcdefgh"
-SECRETS = (OPENAI_SECRET, GEMINI_SECRET, VLLM_SECRET)
+NAMED_SECRET = "named-at-rest-0123456789abcdefg"
+SECRETS = (OPENAI_SECRET, GEMINI_SECRET, VLLM_SECRET, NAMED_SECRET)
 OTHER_KEY = SecretBox.generate_key()
 
 
@@ -49,6 +50,8 @@ async def put_secrets(store: SqlStore) -> None:
     await store.set_kv(GEMINI_KEY, {"APIKey": GEMINI_SECRET, "Type": "gemini"})
     backend = await store.create_backend(name="v", base_url="http://v:8000", type="vllm")
     await store.set_kv(f"backend-credential:{backend.id}", {"APIKey": VLLM_SECRET, "Type": "vllm"})
+    # A named secret, which fleet files reference (PUT /secrets/{name} stores it so).
+    await store.set_kv("secret:fleet-shared", {"value": NAMED_SECRET})
 
 
 def dump(store_url: str) -> bytes:
@@ -252,7 +255,7 @@ async def test_rotation_reseals_under_a_new_key(tmp_path: Path) -> None:
     resealed, message = await masterkey.rotate(
         data_dir=tmp_path, from_env=None, database_url=settings.database_url, new_key=None
     )
-    assert resealed == 3
+    assert resealed == len(SECRETS)
     assert str(key_file) in message
     new = key_file.read_text().strip()
     assert new != old

@@ -42,6 +42,7 @@ from runtimestate.errors import mask_secret
 
 __all__ = [
     "BACKEND_CREDENTIAL_PREFIX",
+    "NAMED_SECRET_PREFIX",
     "PROVIDER_KEY_PREFIX",
     "BackendInfo",
     "Capability",
@@ -59,6 +60,8 @@ __all__ = [
 # self-hosted backend that needs one (``backend-credential:<backend id>``), same JSON shape.
 PROVIDER_KEY_PREFIX = "cloud-provider:"
 BACKEND_CREDENTIAL_PREFIX = "backend-credential:"
+# Named secrets, which fleet files reference by name (runtimestate.api.secrets).
+NAMED_SECRET_PREFIX = "secret:"  # noqa: S105 - a key prefix, not a secret
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

@@ -19,6 +19,7 @@ from runtimestate.api import (
     pools,
     providers,
     queue,
+    secrets,
     state,
     system,
 )
@@ -58,7 +59,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # or parsing - and before the audit log, which records changes, not refused requests.
     app.add_middleware(LimitsMiddleware, limits=ctx.limits)
     protected = [Depends(require_token)]
-    for group in (backends, models, pools, associations, state, queue, providers, fleet, keys):
+    groups = (backends, models, pools, associations, state, queue, providers, fleet, keys, secrets)
+    for group in groups:
         app.include_router(group.router, dependencies=protected)
     app.include_router(system.router)
 

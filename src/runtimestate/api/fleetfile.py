@@ -42,8 +42,15 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from runtimestate.api.schemas import BackendIn, ModelIn, Name, PoolIn
+from runtimestate.api.schemas import BackendIn, Id, ModelIn, Name, PoolIn
+from runtimestate.api.secrets import (
+    SECRET_FIELD,
+    credential_secret_names,
+    named_secret_values,
+)
 from runtimestate.errors import InvalidInput
+from runtimestate.logging import register_secret
+from runtimestate.records import BACKEND_CREDENTIAL_PREFIX
 from runtimestate.store.base import Store
 from runtimestate.store.records import (
     Backend,
@@ -117,9 +124,14 @@ class _Loader(_Base):  # type: ignore[valid-type,misc]
 # ---- the document ------------------------------------------------------------------------
 class FleetBackend(BackendIn):
     """A backend: the fields ``POST /backends`` takes but its credential - a file under
-    version control is no place for a key."""
+    version control is no place for a key; it names a secret instead (``apiKeySecret``)."""
 
     api_key: SkipJsonSchema[None] = Field(default=None, exclude=True)
+    api_key_secret: Id | None = Field(
+        default=None,
+        description="The name of a secret (set with `runtimestate secrets set NAME`) that is "
+        "this backend's credential. Without it, the backend's credential is left as it is.",
+    )
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -438,6 +450,8 @@ class _Writes:
     # Members by name: the ids of pools and members created in this apply are known only then.
     add_pool_backends: list[tuple[str, str]] = field(default_factory=list)
     add_pool_models: list[tuple[str, str]] = field(default_factory=list)
+    # (backend name, backend type, secret name): credentials copied from named secrets.
+    set_credentials: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,6 +495,9 @@ class _Current:
     pools: list[Pool]
     pool_backends: set[tuple[str, str]]
     pool_models: set[tuple[str, str]]
+    # Backend id -> the named secret its credential was copied from (None: set directly).
+    credential_secrets: dict[str, str | None]
+    secret_names: set[str]
 
 
 async def _read(store: Store) -> _Current:
@@ -490,6 +507,8 @@ async def _read(store: Store) -> _Current:
         pools=await store.list_all_pools(),
         pool_backends=set(await store.list_pool_backends()),
         pool_models=set(await store.list_pool_models()),
+        credential_secrets=await credential_secret_names(store),
+        secret_names=set(await named_secret_values(store)),
     )
 
 
@@ -570,16 +589,20 @@ class _Differ:
         stored: Sequence[Any],
         key: str,
         fields: tuple[tuple[str, str], ...],
+        extra: Callable[[Any, Any | None], tuple[dict[str, Any], dict[str, Any]]] | None = None,
     ) -> tuple[list[Any | None], list[Any]]:
+        """``extra(item, record)`` adds fields that are not the record's own (a backend's
+        secret reference): what the file declares, and what the store has for them."""
         matched = self._match(section, items, stored, key)
         kept_ids = {record.id for record in matched if record is not None}
         for item, record in zip(items, matched, strict=True):
-            declared = _declared(item, fields)
+            more, more_stored = extra(item, record) if extra is not None else ({}, {})
+            declared = {**_declared(item, fields), **more}
             name = str(getattr(item, key))
             if record is None:
                 self.changes.append(Change("add", kind, name, declared))
                 continue
-            old = _stored(record, fields)
+            old = {**_stored(record, fields), **more_stored}
             diff = {k: [old[k], v] for k, v in declared.items() if old[k] != v}
             if diff:
                 self.changes.append(Change("change", kind, name, diff))
@@ -596,7 +619,13 @@ class _Differ:
     def run(self) -> FleetPlan:
         fleet, cur, writes = self.doc.fleet, self.cur, self.writes
         backends, gone_backends = self.entities(
-            "backend", "backends", fleet.backends, cur.backends, "name", _BACKEND_FIELDS
+            "backend",
+            "backends",
+            fleet.backends,
+            cur.backends,
+            "name",
+            _BACKEND_FIELDS,
+            extra=self._secret_reference,
         )
         models, gone_models = self.entities(
             "model", "models", fleet.models, cur.models, "model", _MODEL_FIELDS
@@ -604,7 +633,8 @@ class _Differ:
         pools, gone_pools = self.entities(
             "pool", "pools", fleet.pools, cur.pools, "name", _POOL_FIELDS
         )
-        for item, record in zip(fleet.backends, backends, strict=True):
+        for index, (item, record) in enumerate(zip(fleet.backends, backends, strict=True)):
+            self._credential(index, item, record)
             spec = BackendSpec(name=item.name, base_url=item.base_url, type=item.type.value)
             if record is None:
                 writes.create_backends.append(
@@ -660,6 +690,36 @@ class _Differ:
             dry_run=self.dry_run,
             _writes=writes,
         )
+
+    def _secret_reference(
+        self, item: FleetBackend, record: Backend | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        if item.api_key_secret is None:
+            return {}, {}
+        stored = None if record is None else self.cur.credential_secrets.get(record.id)
+        return {"apiKeySecret": item.api_key_secret}, {"apiKeySecret": stored}
+
+    def _credential(self, index: int, item: FleetBackend, record: Backend | None) -> None:
+        """A backend that names a secret gets it as its credential when the name is new to
+        it, or its type changed (the credential records the type)."""
+        name = item.api_key_secret
+        if name is None:
+            return
+        if name not in self.cur.secret_names:
+            self.issues.append(
+                self.doc.issue(
+                    ("backends", index, "apiKeySecret"),
+                    f"no secret named {name!r}: set it first with "
+                    f"`runtimestate secrets set {name}` (the value is read from stdin)",
+                )
+            )
+            return
+        if (
+            record is None
+            or self.cur.credential_secrets.get(record.id) != name
+            or record.type != item.type.value
+        ):
+            self.writes.set_credentials.append((item.name, item.type.value, name))
 
     def _check_urls(self, matched: list[Backend | None], gone: list[Backend]) -> None:
         """A base URL the file gives that another declared backend keeps: said here with its
@@ -748,6 +808,15 @@ async def _write(store: Store, writes: _Writes) -> None:
     await store.create_backends(writes.create_backends)
     await store.create_models(writes.create_models)
     await store.create_pools(writes.create_pools)
+    if writes.set_credentials:
+        backend_ids = {b.name: b.id for b in await store.list_all_backends()}
+        values = await named_secret_values(store)
+        for backend, kind, secret in writes.set_credentials:
+            register_secret(values[secret])
+            await store.set_kv(
+                BACKEND_CREDENTIAL_PREFIX + backend_ids[backend],
+                {"APIKey": values[secret], "Type": kind, SECRET_FIELD: secret},
+            )
     if writes.add_pool_backends or writes.add_pool_models:
         pool_ids = {p.name: p.id for p in await store.list_all_pools()}
         if writes.add_pool_backends:
@@ -836,7 +905,13 @@ async def export_fleet(store: Store) -> FleetFile:
     return FleetFile(
         backends=[
             FleetBackend.model_validate(
-                {"name": b.name, "baseUrl": b.base_url, "type": b.type, "id": b.id}
+                {
+                    "name": b.name,
+                    "baseUrl": b.base_url,
+                    "type": b.type,
+                    "id": b.id,
+                    "apiKeySecret": current.credential_secrets.get(b.id),
+                }
             )
             for b in sorted(current.backends, key=lambda b: b.name)
         ],

@@ -1,11 +1,12 @@
 """Secrets at rest: the key-value entries that hold keys are sealed with a master key.
 
-Which entries: cloud provider keys (``cloud-provider:<type>``) and per-backend credentials
-(``backend-credential:<backend id>``), :data:`SECRET_PREFIXES`. Their value - the whole JSON
-value, not only the key inside it - is stored as ``{"$sealed": "<Fernet token>"}``: AES-128-CBC
-with an HMAC-SHA256 over it (the ``cryptography`` package's Fernet), so a key never reaches the
-database file, its WAL, a backup or a PostgreSQL dump in clear, and a tampered or foreign value
-fails to open instead of being sent to a provider as garbage.
+Which entries: cloud provider keys (``cloud-provider:<type>``), per-backend credentials
+(``backend-credential:<backend id>``) and named secrets (``secret:<name>``), the
+:data:`SECRET_PREFIXES`. Their value - the whole JSON value, not only the key inside it - is
+stored as ``{"$sealed": "<Fernet token>"}``: AES-128-CBC with an HMAC-SHA256 over it (the
+``cryptography`` package's Fernet), so a key never reaches the database file, its WAL, a backup
+or a PostgreSQL dump in clear, and a tampered or foreign value fails to open instead of being
+sent to a provider as garbage.
 
 :class:`SecretBox` holds the master keys: the first seals, every one opens (``MultiFernet``), so
 a rotation can re-seal entry by entry while both keys are known. The store seals on write and
@@ -25,7 +26,11 @@ from collections.abc import Sequence
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from runtimestate.errors import InvalidInput, StoreError
-from runtimestate.records import BACKEND_CREDENTIAL_PREFIX, PROVIDER_KEY_PREFIX
+from runtimestate.records import (
+    BACKEND_CREDENTIAL_PREFIX,
+    NAMED_SECRET_PREFIX,
+    PROVIDER_KEY_PREFIX,
+)
 
 __all__ = [
     "BACKEND_CREDENTIAL_PREFIX",
@@ -36,7 +41,7 @@ __all__ = [
     "is_secret_key",
 ]
 
-SECRET_PREFIXES = (PROVIDER_KEY_PREFIX, BACKEND_CREDENTIAL_PREFIX)
+SECRET_PREFIXES = (PROVIDER_KEY_PREFIX, BACKEND_CREDENTIAL_PREFIX, NAMED_SECRET_PREFIX)
 SEALED_FIELD = "$sealed"
 
 
