@@ -6,9 +6,7 @@ server that dies while its list would still be cached)."""
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Any, cast
 
 import httpx
 import pytest
@@ -21,6 +19,7 @@ from runtimestate.resolver import Resolver, ResolveRequest
 from runtimestate.state import State
 from runtimestate.store import Store, open_store
 from runtimestate.testing import CompatibleServer, Emulator
+from runtimestate.testing.store import FaultyStore
 from tests.fixtures.common import EMULATOR_KEY_HOSTS
 from tests.fixtures.postgres import TEST_MASTER_KEY
 
@@ -134,25 +133,6 @@ async def test_the_optional_key_is_the_backends_credential(
     ]
 
 
-class CountingStore:
-    """A store that counts the calls made to it, and otherwise is the store it wraps."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.calls: Counter[str] = Counter()
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self.inner, name)
-        if not callable(value):
-            return value
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls[name] += 1
-            return value(*args, **kwargs)
-
-        return counted
-
-
 async def test_a_cycle_reads_the_backend_credentials_once_not_per_backend(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:
@@ -163,8 +143,8 @@ async def test_a_cycle_reads_the_backend_credentials_once_not_per_backend(
             f"backend-credential:{backend_id}", {"APIKey": KEY, "Type": "openai-compatible"}
         )
     await store.append_model(model="m", context_length=4096)
-    counting = CountingStore(store)
-    async with State(cast(Store, counting), bus) as state:
+    counting = FaultyStore(store)  # nothing armed: it counts the calls
+    async with State(counting, bus) as state:
         await state.run_backend_cycle()
         assert all(not s.error for s in state.get().values())
     assert counting.calls["list_kv_prefix"] == 1

@@ -24,9 +24,9 @@ from runtimestate.errors import RuntimeStateError
 from runtimestate.logging import configure_logging
 from runtimestate.service import RoutineCrashed, Service, serve
 from runtimestate.settings import LogFormat, Settings
-from runtimestate.state import State
-from runtimestate.store import Store
+from runtimestate.store import MemoryStore, Store
 from runtimestate.testing import Emulator, OllamaNode
+from runtimestate.testing.store import FaultyStore
 
 TOKEN = "service-token-0123456789"
 MODEL = "llama3.2:1b"
@@ -227,17 +227,17 @@ class Boom(BaseException):
 
 
 async def test_a_crashed_routine_stops_the_service(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def crash(self: State) -> bool:
-        raise Boom("worker died")
-
-    monkeypatch.setattr(State, "run_download_cycle", crash)
-    service = Service(settings_for(tmp_path))
+    # A download worker's first step is to claim a task; the store answers it with a bug.
+    store = FaultyStore(MemoryStore())
+    store.fail("claim_pull_task", Boom("worker died"))
+    service = Service(settings_for(tmp_path), store=store)
     with pytest.raises(RoutineCrashed, match=r"download-\d"):
         async with asyncio.timeout(20):
             await service.run()
     assert re.search(r"routine download-\d crashed", caplog.text)
+    assert store.calls["claim_pull_task"] >= 1
 
 
 async def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Sequence
 from datetime import timedelta
 
 import pytest
@@ -25,8 +24,9 @@ from runtimestate.kinds.vllm import VllmDriver
 from runtimestate.metrics import BACKEND_FAILURES, MODELS_DELETED
 from runtimestate.records import LLMState
 from runtimestate.state import State
-from runtimestate.store import PullTask, Store
+from runtimestate.store import Store
 from runtimestate.testing import Emulator, OllamaNode
+from runtimestate.testing.store import FaultyStore
 
 
 async def declare_chat(store: Store, *names: str) -> None:
@@ -258,18 +258,14 @@ async def test_failed_queue_insert_is_logged_and_shown(
     bus: Messenger,
     emu: Emulator,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     node = emu.add_ollama("n1")
     backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
     await declare_chat(store, "phi3:mini")
-
-    async def broken_add(pairs: Sequence[tuple[str, str]]) -> list[PullTask]:
-        raise StoreError("database is locked")
-
-    monkeypatch.setattr(store, "add_pull_tasks", broken_add)
+    faulty = FaultyStore(store)
+    faulty.fail("add_pull_tasks", StoreError("database is locked"))
     with caplog.at_level(logging.INFO, logger="runtimestate"):
-        async with State(store, bus) as state:
+        async with State(faulty, bus) as state:
             await state.run_backend_cycle()
             observed = state.get()[backend.id]
     assert observed.error == "queueing downloads failed: database is locked"

@@ -20,7 +20,7 @@ TTL = timedelta(seconds=10)
 
 @pytest.fixture(params=EVERY_STORE)
 def store_kind(request: pytest.FixtureRequest) -> str:
-    """Every implementation of the contract: both engines and the in-memory store."""
+    """Every implementation of the contract (``EVERY_STORE``), not only the engines."""
     return str(request.param)
 
 

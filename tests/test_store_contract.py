@@ -26,7 +26,7 @@ START = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 @pytest.fixture(params=EVERY_STORE)
 def store_kind(request: pytest.FixtureRequest) -> str:
-    """Every implementation of the contract: both engines and the in-memory store."""
+    """Every implementation of the contract (``EVERY_STORE``), not only the engines."""
     return str(request.param)
 
 

@@ -45,7 +45,7 @@ TABLES = {
 
 @pytest.fixture(params=EVERY_STORE)
 def store_kind(request: pytest.FixtureRequest) -> str:
-    """Every implementation of the contract: both engines and the in-memory store."""
+    """Every implementation of the contract (``EVERY_STORE``), not only the engines."""
     return str(request.param)
 
 

@@ -31,7 +31,7 @@ STALE = timedelta(seconds=15)
 
 @pytest.fixture(params=EVERY_STORE)
 def store_kind(request: pytest.FixtureRequest) -> str:
-    """Every implementation of the contract: both engines and the in-memory store."""
+    """Every implementation of the contract (``EVERY_STORE``), not only the engines."""
     return str(request.param)
 
 

@@ -194,7 +194,11 @@ async def _open_sealed_store(settings: Settings, clock: Clock) -> Store:
 
 
 class Service:
-    """The whole service for one ``Settings``; :meth:`run` until :meth:`stop` or a crash."""
+    """The whole service for one ``Settings``; :meth:`run` until :meth:`stop` or a crash.
+
+    ``store``, when given, is used instead of opening ``settings.database_url`` - a
+    :class:`~runtimestate.store.MemoryStore` in a test, say, possibly wrapped to fail on demand;
+    the caller opened it and closes it."""
 
     def __init__(
         self,
@@ -202,10 +206,12 @@ class Service:
         *,
         on_startup: OnStartup | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        store: Store | None = None,
     ) -> None:
         self.settings = settings
         self._on_startup = on_startup
         self._clock = clock
+        self._store = store
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
         self.url: str | None = None
@@ -234,8 +240,10 @@ class Service:
         if generated:
             _announce_token(token, token_path(settings.data_dir))
         async with AsyncExitStack() as stack:
-            store = await _open_sealed_store(settings, self._clock)
-            stack.push_async_callback(store.close)
+            store = self._store
+            if store is None:
+                store = await _open_sealed_store(settings, self._clock)
+                stack.push_async_callback(store.close)
             messenger = await open_bus(settings.nats_url, name="runtimestate")
             stack.push_async_callback(messenger.close)
             if self._on_startup is not None:

@@ -6,8 +6,9 @@ answers every call as they do: the same validation (the checks of :mod:`.paging`
 ``InvalidInput``, ``Fenced``, ``StoreError`` once closed), the same cascades (a deleted backend
 takes its pool assignments, its pull tasks and its credential with it), the same cursors. It
 exists so that a test - ours or a library user's - can run the reconciler, the download queue or
-the API against a real store without a database, instead of patching the project's
-classes.
+the API against a real store without a database, and wrap it
+(:class:`runtimestate.testing.store.FaultyStore`) to make one operation fail, instead of
+patching the project's classes.
 
 Limits, deliberately: **one process** (several :class:`MemoryStore` handles may share one data
 set through :meth:`MemoryStore.share`, as processes share a database, but only inside one event
