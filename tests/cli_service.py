@@ -14,11 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from tests.fixtures.polling import eventually_sync
 
 __all__ = [
     "ServiceProcess",
@@ -135,17 +136,23 @@ def start_service(
             env=env,
         )
     service = ServiceProcess(url=url, data_dir=data_dir, log_path=log_path, proc=proc, env=env)
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
+
+    def healthy() -> bool:
         if proc.poll() is not None:
             raise AssertionError(
                 f"service exited with {proc.returncode} at startup\n{service.log_tail()}"
             )
-        try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                return service
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    service.stop()
-    raise AssertionError(f"service not healthy after {STARTUP_TIMEOUT}s\n{service.log_tail()}")
+        return httpx.get(f"{url}/health", timeout=1.0).status_code == 200
+
+    try:
+        eventually_sync(
+            healthy,
+            what=lambda: f"the service healthy\n{service.log_tail()}",
+            within=STARTUP_TIMEOUT,
+            every=0.1,
+            ignore=(httpx.TransportError,),
+        )
+    except AssertionError:
+        service.stop()
+        raise
+    return service

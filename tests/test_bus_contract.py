@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -35,6 +35,7 @@ from tests.fixtures.nats import (
     start_nats_server,
     stop_nats_server,
 )
+from tests.fixtures.polling import eventually
 
 WAIT = 5.0
 
@@ -62,18 +63,6 @@ async def drain(subscription: Subscription) -> list[bytes]:
     """Everything left until the iteration ends (it must end within ``WAIT``)."""
     async with asyncio.timeout(WAIT):
         return [message.data async for message in subscription]
-
-
-async def eventually(
-    condition: Callable[[], bool | Awaitable[bool]], *, within: float = WAIT
-) -> None:
-    """Poll for a state that nothing signals (the NATS client's delivery tasks, a reconnect)."""
-    async with asyncio.timeout(within):
-        while True:
-            outcome = condition()
-            if outcome if isinstance(outcome, bool) else await outcome:
-                return
-            await asyncio.sleep(0.01)
 
 
 async def test_every_subscriber_gets_every_message(
@@ -152,7 +141,7 @@ async def test_unsubscribe_keeps_what_was_already_buffered(
         await messenger.publish(subject("buffered"), payload)
     await take(witness, 3)
     assert isinstance(sub, BufferedSubscription)
-    await eventually(lambda: sub.pending == 3)
+    await eventually(lambda: sub.pending == 3, within=WAIT, what="three messages pending")
 
     await sub.unsubscribe()
     assert await drain(sub) == [b"1", b"2", b"3"]
@@ -321,7 +310,7 @@ async def test_slow_subscriber_never_blocks_publisher_and_loses_oldest(
             await messenger.publish(subject("flood"), payload)
 
     assert await take(witness, 100) == sent
-    await eventually(lambda: slow.dropped == 90)
+    await eventually(lambda: slow.dropped == 90, within=WAIT, what="90 messages dropped")
     assert await take(slow, 10) == sent[-10:]
     assert witness.dropped == 0
 
@@ -548,11 +537,11 @@ async def test_nats_messenger_survives_a_server_restart(
         async with await open_bus(url) as bus:
             sub = await bus.stream(subject("after-restart"))
             stop_nats_server(process)
-            await eventually(lambda: ping_fails(bus))
+            await eventually(lambda: ping_fails(bus), within=WAIT, what="a failing ping")
 
             process, _ = start_nats_server(binary, log_path, port=port)
             # The client retries once a second; a successful ping means the SUBs were replayed.
-            await eventually(lambda: ping_works(bus), within=3 * WAIT)
+            await eventually(lambda: ping_works(bus), within=3 * WAIT, what="a working ping")
             async with await open_bus(url) as other:
                 await other.publish(subject("after-restart"), b"back")
             assert await take(sub, 1) == [b"back"]

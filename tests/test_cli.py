@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from runtimestate.cli.client import ExitCode, resolve_endpoint
 from runtimestate.cli.serve import DEMO_DATABASE_FILE
 from runtimestate.demo import DEMO_MODELS, DEMO_NODES
 from tests.cli_service import ServiceProcess, cli_env, free_port, start_service
+from tests.fixtures.polling import eventually_sync
 
 
 @pytest.fixture(scope="module")
@@ -347,15 +347,16 @@ def test_undecodable_provider_key_is_one_line(service: ServiceProcess) -> None:
 
 
 def test_state_plan_sync_and_queue_render_and_parse(service: ServiceProcess) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+
+    def observed() -> list[dict[str, Any]] | None:
         entries = run_json(service, "state")
-        values = entries.values() if isinstance(entries, dict) else entries
-        if {e["name"] for e in values} >= set(DEMO_NODES):
-            break
-        time.sleep(0.3)
-    else:
-        pytest.fail(f"demo nodes never observed: {entries}\n{service.log_tail()}")
+        # One shape: an array of LLMState objects, ordered by backend name.
+        assert isinstance(entries, list), entries
+        names = [entry["name"] for entry in entries]
+        assert names == sorted(names), names
+        return entries if set(names) >= set(DEMO_NODES) else None
+
+    eventually_sync(observed, what=lambda: f"the demo nodes observed\n{service.log_tail()}")
     table = run(service, "state")
     assert table.exit_code == 0, table.stderr
     # One replica: the header gives the snapshot's age and names no leader.
@@ -371,7 +372,9 @@ def test_state_plan_sync_and_queue_render_and_parse(service: ServiceProcess) -> 
     synced = run(service, "sync")
     assert synced.exit_code == 0, synced.stderr
     assert DEMO_NODES[0] in synced.stdout
-    assert isinstance(run_json(service, "queue", "list"), list)
+    queue = run_json(service, "queue", "list")
+    assert isinstance(queue, list), queue
+    assert all({"url", "model", "backendId", "status"} <= set(task) for task in queue), queue
     assert run(service, "queue", "list").exit_code == 0
 
 

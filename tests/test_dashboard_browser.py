@@ -17,13 +17,14 @@ failure - like PostgreSQL and NATS.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -36,8 +37,8 @@ from selenium.webdriver.common.keys import Keys
 
 from runtimestate.demo import DOWN_NODE, REFUSED_MODEL, REFUSING_NODE
 from tests.cli_service import ServiceProcess, cli_env, restartable_port, start_service
+from tests.fixtures.polling import eventually_sync
 
-T = TypeVar("T")
 # Chromium's driver: it has the browser log (``get_log``) that the generic WebDriver lacks.
 WebDriver = webdriver.Chrome
 
@@ -58,19 +59,8 @@ def _browser_binaries() -> tuple[str, str]:
     pytest.skip(reason)
 
 
-def eventually(probe: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
-    """Poll ``probe`` until it returns something truthy (page and service move on their own)."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except StaleElementReferenceException:
-            last = None
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+# The page and the service move on their own; an element redrawn while it was read is "not yet".
+on_page = functools.partial(eventually_sync, within=WAIT, ignore=(StaleElementReferenceException,))
 
 
 class Demo:
@@ -153,7 +143,7 @@ def browser(demo: Demo) -> Iterator[WebDriver]:
         driver.get(demo.url + "/ui")
         driver.find_element(By.ID, "token").send_keys(demo.token)
         driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-        eventually(lambda: driver.find_elements(By.ID, "ov-backends"), "the overview after login")
+        on_page(lambda: driver.find_elements(By.ID, "ov-backends"), what="the overview after login")
         yield driver
     finally:
         driver.quit()
@@ -187,9 +177,9 @@ def browser_log(browser: WebDriver) -> list[dict[str, Any]]:
 
 def visit(browser: WebDriver, page: str) -> None:
     browser.execute_script("window.location.hash = arguments[0]", f"#/{page}")
-    eventually(
+    on_page(
         lambda: browser.find_elements(By.CSS_SELECTOR, f'nav a[data-page="{page}"][aria-current]'),
-        f"the {page} page",
+        what=f"the {page} page",
     )
 
 
@@ -238,7 +228,7 @@ def test_overview_numbers_equal_the_apis(demo: Demo, browser: WebDriver) -> None
         shown = {key: text_of(browser, key) for key in expected}
         return (shown, expected) if shown == expected else None
 
-    shown, _ = eventually(agree, "the overview to show the API's numbers")
+    shown, _ = on_page(agree, what="the overview to show the API's numbers")
     assert shown["ov-backends"] == "4"
     assert shown["ov-health-error"] == "1", "the demo's down node"
 
@@ -257,19 +247,23 @@ def test_the_cancel_button_stops_a_running_pull(demo: Demo, browser: WebDriver) 
         return None
 
     def cancel_one() -> bool:
-        node = eventually(an_early_pull, "a running pull in its first half", timeout=60)
+        node = on_page(an_early_pull, what="a running pull in its first half", within=60)
         before = demo.emulator()[node]["streams_abandoned"]
         button = f'{running}[data-backend="{node}"] button[data-act="cancel"]'
         try:
             browser.find_element(By.CSS_SELECTOR, button).click()
         except (NoSuchElementException, StaleElementReferenceException):
             return False  # redrawn under the pointer, or ended: take the next one
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if demo.emulator()[node]["streams_abandoned"] > before:
-                return True
-            time.sleep(0.2)
-        return False
+        try:
+            on_page(
+                lambda: demo.emulator()[node]["streams_abandoned"] > before,
+                what=f"the emulator to see the pull on {node} abandoned",
+                within=15,
+                every=0.2,
+            )
+        except AssertionError:
+            return False  # the click reached a pull that had just ended: take the next one
+        return True
 
     # Ground truth at the emulator: the pull's stream was closed by its client.
     assert any(cancel_one() for _ in range(3)), "no cancel closed a pull's stream"
@@ -287,17 +281,18 @@ def test_a_pull_moves_from_queued_to_a_percent_to_present_in_the_matrix(
                 return pair
         return None
 
-    node, model = eventually(queued_cell, "a queued pull")
+    node, model = on_page(queued_cell, what="a queued pull")
     selector = f'td.cell[data-backend="{node}"][data-model="{model}"]'
 
     def cell_text() -> str:
         return str(browser.find_element(By.CSS_SELECTOR, selector).text)
 
-    percent = eventually(
-        lambda: re.fullmatch(r"pulling (\d+) %", cell_text()), f"{model} pulling with a percent"
+    percent = on_page(
+        lambda: re.fullmatch(r"pulling (\d+) %", cell_text()),
+        what=f"{model} pulling with a percent",
     )
     assert 0 <= int(percent.group(1)) <= 100
-    eventually(lambda: cell_text() == "present", f"{model} present on {node}")
+    on_page(lambda: cell_text() == "present", what=f"{model} present on {node}")
     # Ground truth: the node really holds it.
     tags = httpx.get(demo.emulator()[node]["base_url"] + "/api/tags", timeout=10)
     assert model in {m["name"] for m in tags.json()["models"]}
@@ -315,8 +310,8 @@ def test_an_invalid_form_shows_the_apis_error_inline(demo: Demo, browser: WebDri
     )
     assert said.status_code in (400, 422)
     message = said.json()["error"]["message"]
-    shown = eventually(
-        lambda: form.find_element(By.CSS_SELECTOR, "[data-error]").text, "the inline error"
+    shown = on_page(
+        lambda: form.find_element(By.CSS_SELECTOR, "[data-error]").text, what="the inline error"
     )
     assert shown == message
     assert form.find_element(By.NAME, "baseUrl").get_attribute("aria-invalid") == "true"
@@ -330,19 +325,19 @@ def test_every_page_shows_the_demo_fleet(demo: Demo, browser: WebDriver) -> None
         time.sleep(0.3)
         browser.save_screenshot(str(SCREENSHOTS / f"page-{page}.png"))
     visit(browser, "backends")
-    down = eventually(
+    down = on_page(
         lambda: browser.find_elements(By.CSS_SELECTOR, f'tr[data-backend="{DOWN_NODE}"]'),
-        "the down node's row",
+        what="the down node's row",
     )
     assert "error" in down[0].text
     visit(browser, "matrix")
     refused = f'td.cell[data-backend="{REFUSING_NODE}"][data-model="{REFUSED_MODEL}"]'
-    eventually(
+    on_page(
         lambda: (
             browser.find_element(By.CSS_SELECTOR, refused).get_attribute("data-status") == "failed"
         ),
-        "the refused model failing on its node",
-        timeout=60,
+        what="the refused model failing on its node",
+        within=60,
     )
     # The down node's cells say why its models are not there: the node, not the models.
     down_cells = browser.find_elements(By.CSS_SELECTOR, f'td.cell[data-backend="{DOWN_NODE}"]')
@@ -370,8 +365,8 @@ def test_every_page_shows_the_demo_fleet(demo: Demo, browser: WebDriver) -> None
     keys.send_keys(Keys.TAB, Keys.TAB).perform()
     assert browser.switch_to.active_element.get_attribute("data-page") == "backends"
     ActionChains(browser).send_keys(Keys.ENTER).perform()
-    eventually(
-        lambda: browser.find_elements(By.CSS_SELECTOR, "table#backends"), "the backends page"
+    on_page(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "table#backends"), what="the backends page"
     )
     browser.set_window_size(390, 844)
     browser.execute_cdp_cmd(
@@ -396,16 +391,16 @@ def test_the_page_recovers_by_itself_after_a_service_restart(
     demo: Demo, browser: WebDriver
 ) -> None:
     visit(browser, "overview")
-    eventually(lambda: text_of(browser, "live") == "live", "the live indicator")
+    on_page(lambda: text_of(browser, "live") == "live", what="the live indicator")
     demo.stop()
-    eventually(
+    on_page(
         lambda: browser.find_element(By.ID, "live").get_attribute("data-state") == "reconnecting",
-        "the page to say it is reconnecting",
+        what="the page to say it is reconnecting",
     )
     assert "reconnecting" in text_of(browser, "live")
     browser.save_screenshot(str(SCREENSHOTS / "reconnecting.png"))
     demo.start()
-    eventually(lambda: text_of(browser, "live") == "live", "the page to reconnect")
+    on_page(lambda: text_of(browser, "live") == "live", what="the page to reconnect")
     # Fresh data after the restart, without a reload: the demo's nodes are there again.
-    eventually(lambda: text_of(browser, "ov-backends") == "4", "the overview after the restart")
+    on_page(lambda: text_of(browser, "ov-backends") == "4", what="the overview after the restart")
     assert not browser.find_elements(By.ID, "token"), "the restart must not log the browser out"

@@ -11,8 +11,7 @@ at the emulator.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 
 from runtimestate.testing import Emulator, OllamaNode
 from tests.cli_service import ServiceProcess, cli_env, start_service
+from tests.fixtures.polling import eventually
 from tests.fixtures.postgres import fresh_database
 
 MODELS = ("phi3:mini", "llama3:latest", "gemma2:2b")
@@ -28,14 +28,6 @@ MODELS = ("phi3:mini", "llama3:latest", "gemma2:2b")
 
 def pulls(node: OllamaNode, model: str) -> int:
     return sum(1 for r in node.requests if r.path == "/api/pull" and r.json.get("model") == model)
-
-
-async def wait_for(predicate: Callable[[], bool], seconds: float, failure: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"after {seconds}s: {failure}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -96,6 +88,16 @@ class Harness:
         if self.service is not None and self.service.proc.poll() is None:
             assert await asyncio.to_thread(self.service.stop) == 0
 
+    async def sync(self) -> None:
+        """One backend cycle through the API. A sync answers 503 while no leader is known (a
+        killed leader's lease lingers until its TTL): wait, bounded, for this process to lead."""
+        async with self.client() as client:
+
+            async def synced() -> bool:
+                return (await client.post("/state/sync")).status_code == 200
+
+            await eventually(synced, within=30, what=lambda: f"a sync answered 200\n{self.tail()}")
+
     def tail(self) -> str:
         return self.service.log_tail() if self.service is not None else ""
 
@@ -110,7 +112,11 @@ async def test_kill_9_mid_pull_is_claimed_again_after_the_heartbeat_timeout(
         try:
             await harness.start(**env)
             await harness.declare(node, MODELS[0])
-            await wait_for(lambda: pulls(node, MODELS[0]) == 1, 20, f"no pull\n{harness.tail()}")
+            await eventually(
+                lambda: pulls(node, MODELS[0]) == 1,
+                within=20,
+                what=lambda: f"no pull\n{harness.tail()}",
+            )
             (task,) = await harness.queue()
             assert (task["status"], task["attempts"]) == ("running", 1)
             dead = task["worker"]
@@ -119,36 +125,22 @@ async def test_kill_9_mid_pull_is_claimed_again_after_the_heartbeat_timeout(
             # The dead process's task stays its own until the heartbeat is stale, then another
             # worker claims it with the next attempt number.
             await harness.start(**env)
-            await wait_for(
-                lambda: pulls(node, MODELS[0]) == 2, 30, f"never claimed again\n{harness.tail()}"
+            await eventually(
+                lambda: pulls(node, MODELS[0]) == 2,
+                within=30,
+                what=lambda: f"never claimed again\n{harness.tail()}",
             )
-            async with harness.client() as client:
-                # The killed leader's lease lingers until its TTL and a sync answers 503 while
-                # no leader is known: wait, bounded, for the restarted process to lead.
-                for _ in range(60):
-                    synced = await client.post("/state/sync")
-                    if synced.status_code == 200:
-                        break
-                    await asyncio.sleep(0.5)
-                assert synced.status_code == 200
-                listed = (await client.get("/queue")).json()
+            await harness.sync()
+            listed = await harness.queue()
             assert all(t["worker"] != dead and t["attempts"] == 2 for t in listed), listed
-            await wait_for(
+            await eventually(
                 lambda: MODELS[0] in node.models,
-                30,
-                f"the dead worker's task was never claimed again\n{harness.tail()}",
+                within=30,
+                what=lambda: f"the dead worker's task was never claimed again\n{harness.tail()}",
             )
             # A few more cycles: nothing pulls it again.
-            async with harness.client() as client:
-                for _ in range(3):
-                    # The killed leader's lease lingers until its TTL and a sync answers 503 while
-                    # no leader is known: wait, bounded, for the restarted process to lead.
-                    for _ in range(60):
-                        synced = await client.post("/state/sync")
-                        if synced.status_code == 200:
-                            break
-                        await asyncio.sleep(0.5)
-                    assert synced.status_code == 200
+            for _ in range(3):
+                await harness.sync()
             assert await harness.queue() == []
             assert pulls(node, MODELS[0]) == 2
         finally:
@@ -168,33 +160,18 @@ async def test_a_restart_with_queued_tasks_pulls_each_model_once(
             async with harness.client() as client:
                 backend = {"name": "n1", "baseUrl": nodes[1].base_url, "type": "ollama"}
                 assert (await client.post("/backends", json=backend)).status_code == 201
-                # The killed leader's lease lingers until its TTL and a sync answers 503 while
-                # no leader is known: wait, bounded, for the restarted process to lead.
-                for _ in range(60):
-                    synced = await client.post("/state/sync")
-                    if synced.status_code == 200:
-                        break
-                    await asyncio.sleep(0.5)
-                assert synced.status_code == 200
+            await harness.sync()
             queued = await harness.queue()
             assert sorted(item["status"] for item in queued) == ["queued"] * 6
             await harness.stop()
             await harness.start(RUNTIMESTATE_DOWNLOAD_WORKERS="2")
-            await wait_for(
+            await eventually(
                 lambda: all(set(node.models) == set(MODELS) for node in nodes),
-                60,
-                f"not every model landed after the restart\n{harness.tail()}",
+                within=60,
+                what=lambda: f"not every model landed after the restart\n{harness.tail()}",
             )
-            async with harness.client() as client:
-                for _ in range(3):
-                    # The killed leader's lease lingers until its TTL and a sync answers 503 while
-                    # no leader is known: wait, bounded, for the restarted process to lead.
-                    for _ in range(60):
-                        synced = await client.post("/state/sync")
-                        if synced.status_code == 200:
-                            break
-                        await asyncio.sleep(0.5)
-                    assert synced.status_code == 200
+            for _ in range(3):
+                await harness.sync()
             assert await harness.queue() == []
             assert [[pulls(node, m) for m in MODELS] for node in nodes] == [[1, 1, 1]] * 2
         finally:

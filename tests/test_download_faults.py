@@ -27,6 +27,7 @@ from runtimestate.kinds.ollama.driver import open_pull
 from runtimestate.state import State
 from runtimestate.store import PullStatus, SqlStore, Store
 from runtimestate.testing import Emulator, OllamaNode
+from tests.fixtures.polling import eventually
 from tests.fixtures.postgres import StoreFactory
 
 MODELS = ("phi3:mini", "llama3:latest")
@@ -80,15 +81,6 @@ async def analyze(store: Store) -> None:
 
 def pull_requests(node: OllamaNode, model: str) -> int:
     return sum(1 for r in node.requests if r.path == "/api/pull" and r.json.get("model") == model)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for ``predicate`` to hold, checking between event-loop turns."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -147,7 +139,7 @@ async def test_fault_matrix(
     # w1 claims the faulty node's first model (queued first); w2 drains the healthy node.
     async with await bus.stream(MODEL_DOWNLOAD) as sub:
         failing = asyncio.create_task(first.run_download_cycle())
-        await until(lambda: pull_requests(faulty, MODELS[0]) == 1)
+        await eventually(lambda: pull_requests(faulty, MODELS[0]) == 1)
         seen = 0
         async with asyncio.timeout(10):
             while seen < fault.lines_first:
@@ -157,7 +149,7 @@ async def test_fault_matrix(
         pass
     assert set(healthy.models) == set(MODELS), "the healthy node must not wait for the faulty one"
     if fault.bound is not None:
-        await until(lambda: clock.sleepers >= 2)
+        await eventually(lambda: clock.sleepers >= 2)
         clock.advance(fault.bound - 1)
         await asyncio.sleep(0.05)
         assert not failing.done(), "the worker gave up before its bound"

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -39,21 +39,10 @@ from runtimestate.settings import Settings
 from runtimestate.state import State
 from runtimestate.store import PullStatus, Store
 from runtimestate.testing import Emulator, OllamaNode
+from tests.fixtures.polling import eventually
 from tests.fixtures.postgres import StoreFactory
 
 STALE = timedelta(seconds=15)
-
-
-async def until(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
-    """Wait for ``predicate`` to hold, checking between event-loop turns."""
-    async with asyncio.timeout(timeout):
-        while True:
-            result = predicate()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.005)
 
 
 def pulls(node: OllamaNode, model: str | None = None) -> int:
@@ -180,7 +169,7 @@ async def test_byte_progress_is_throttled_and_heartbeats_carry_whole_model_bytes
     async def scripted(url: str, model: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         async def lines() -> AsyncIterator[dict[str, Any]]:
             # The deadline and heartbeat watchers start their sleeps first.
-            await until(lambda: clock.sleepers >= 2)
+            await eventually(lambda: clock.sleepers >= 2)
             yield {"status": "pulling manifest"}
             yield {"status": "pulling cdcdcdcdcdcd", "digest": digests[1], "total": 500}
             for completed in range(0, 10_001, 5):
@@ -198,7 +187,7 @@ async def test_byte_progress_is_throttled_and_heartbeats_carry_whole_model_bytes
                 (task,) = await fleet.store.list_pull_tasks()
                 return task.completed == 10_000
 
-            await until(recorded)
+            await eventually(recorded)
             (task,) = await fleet.store.list_pull_tasks()
             heartbeats.append((task.completed, task.total))
             yield {"status": "verifying sha256 digest"}
@@ -317,7 +306,7 @@ async def test_f1_a_node_that_never_sends_headers_frees_the_worker_at_its_bound(
     state = fleet.state(header_timeout=30.0)
     await state.run_backend_cycle()
     cycle = asyncio.create_task(state.run_download_cycle())
-    await until(lambda: pulls(hung) == 1 and fleet.clock.sleepers >= 2)
+    await eventually(lambda: pulls(hung) == 1 and fleet.clock.sleepers >= 2)
     fleet.clock.advance(29)
     await asyncio.sleep(0)
     assert not cycle.done()
@@ -362,10 +351,10 @@ async def test_f2_refusals_are_results_and_never_open_the_workers_breaker(
     try:
         for attempt in range(1, 6):
             # Wait for the runner to find nothing due and go to sleep, then pass the back-off.
-            await until(went_idle(idle))
+            await eventually(went_idle(idle))
             assert pulls(refusing) == attempt
             fleet.clock.advance(11)
-        await until(went_idle(idle))
+        await eventually(went_idle(idle))
     finally:
         routine.cancel()
         await asyncio.gather(routine, return_exceptions=True)
@@ -445,7 +434,7 @@ async def test_f5_a_stalled_pull_waits_its_backoff_and_never_delays_other_nodes(
     other = fleet.state(worker_id="w2")
     assert await other.run_download_cycle() is True
     assert "phi3:mini" in healthy.models
-    await until(lambda: fleet.clock.sleepers >= 2)
+    await eventually(lambda: fleet.clock.sleepers >= 2)
     fleet.clock.advance(61)
     async with asyncio.timeout(5):
         assert await stalled is True
@@ -538,7 +527,7 @@ async def test_f10_a_worker_that_missed_the_notice_stops_at_its_next_heartbeat(
         worker_fleet = Fleet(store, worker_bus, emu, clock)
         worker = worker_fleet.state(worker_id="w2", heartbeat_timeout=15.0)
         pulling = asyncio.create_task(worker.run_download_cycle())
-        await until(lambda: pulls(node) == 1 and clock.sleepers >= 2)
+        await eventually(lambda: pulls(node) == 1 and clock.sleepers >= 2)
         model = await store.get_model_by_name("phi3:mini")
         await store.delete_model(model.id)
         await planner.run_backend_cycle()
@@ -564,14 +553,14 @@ async def test_f11_heartbeats_go_at_a_fixed_period_without_progress_lines(
     state = fleet.state(heartbeat_timeout=15.0, stall_timeout=3600.0)
     await state.run_backend_cycle()
     pulling = asyncio.create_task(state.run_download_cycle())
-    await until(lambda: pulls(node) == 1 and fleet.clock.sleepers >= 2)
+    await eventually(lambda: pulls(node) == 1 and fleet.clock.sleepers >= 2)
     claimed_at = (await fleet.store.list_pull_tasks())[0].heartbeat_at
     assert claimed_at is not None
     beats = []
     for _ in range(4):
         fleet.clock.advance(5)
         expected = fleet.clock.now()
-        await until(functools.partial(_heartbeat_is, fleet.store, expected))
+        await eventually(functools.partial(_heartbeat_is, fleet.store, expected))
         beats.append(expected - claimed_at)
     # Four heartbeats in 20 s without a line: another worker still finds nothing to claim.
     assert beats == [timedelta(seconds=s) for s in (5, 10, 15, 20)]

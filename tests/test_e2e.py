@@ -33,8 +33,7 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ import pytest
 from runtimestate.testing import Emulator
 from runtimestate.testing.ollama import OllamaNode
 from tests.cli_service import ServiceProcess, cli_env, restartable_port, start_service
+from tests.fixtures.polling import eventually
 from tests.fixtures.postgres import fresh_database
 
 MODELS = ("llama3.2:1b", "nomic-embed-text:latest")
@@ -105,7 +105,9 @@ class Watcher:
             stderr=asyncio.subprocess.PIPE,
         )
         watcher = cls(proc)
-        await wait_for(watcher.connected.is_set, 20, "watch never connected to the SSE stream")
+        await eventually(
+            watcher.connected.is_set, within=20, what="watch never connected to the SSE stream"
+        )
         return watcher
 
     async def _read_events(self) -> None:
@@ -138,14 +140,6 @@ class Watcher:
             code = await self.proc.wait()
             await asyncio.gather(*self._tasks)
         return code
-
-
-async def wait_for(predicate: Callable[[], bool], seconds: float, failure: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"after {seconds}s: {failure}")
-        await asyncio.sleep(0.1)
 
 
 def norm(model: str) -> str:
@@ -207,7 +201,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
             declared_backends = await cli.json("backend", "list")
             declared_models = await cli.json("model", "list")
 
-            await wait_for(
+            await eventually(
                 lambda: (
                     {
                         norm(e["model"])
@@ -216,24 +210,29 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
                     }
                     >= set(MODELS)
                 ),
-                30,
-                f"fast node never finished both pulls; events: {watcher.of(fast.base_url)[-5:]}\n"
-                f"{service.log_tail()}",
+                within=30,
+                what=lambda: (
+                    f"fast node never finished both pulls; events: "
+                    f"{watcher.of(fast.base_url)[-5:]}\n"
+                    f"{service.log_tail()}"
+                ),
             )
             assert set(fast.models) >= set(MODELS)
             assert any(e.get("completed") for e in watcher.of(fast.base_url)), "no byte progress"
 
-            await wait_for(
+            await eventually(
                 lambda: any(e.get("completed") for e in watcher.of(slow.base_url)),
-                30,
-                f"slow node never started pulling\n{service.log_tail()}",
+                within=30,
+                what=lambda: f"slow node never started pulling\n{service.log_tail()}",
             )
             started = pulls(slow)
             await cli.ok("queue", "cancel", "--backend", "slow")
-            await wait_for(
+            await eventually(
                 lambda: any(e["status"] == "cancelled" for e in watcher.of(slow.base_url)),
-                10,
-                f"no 'cancelled' status for the slow node: {watcher.of(slow.base_url)[-3:]}",
+                within=10,
+                what=lambda: (
+                    f"no 'cancelled' status for the slow node: {watcher.of(slow.base_url)[-3:]}"
+                ),
             )
             # Cycles run every 0.5 s: after a few, the cancel still holds and nothing was pulled.
             await cli.ok("sync")
@@ -248,31 +247,31 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
                 i for i, e in enumerate(watcher.of(slow.base_url)) if e["status"] == "cancelled"
             )
             await cli.ok("queue", "retry", "--backend", "slow")
-            await wait_for(
+            await eventually(
                 lambda: pulls(slow) > started and len(watcher.of(slow.base_url)) > seen,
-                10,
-                "the retried downloads on the slow node never started",
+                within=10,
+                what="the retried downloads on the slow node never started",
             )
             # Then by model name: the retried pull is running, and naming its model stops it.
             running = watcher.of(slow.base_url)[-1]["model"]
             queued = await cli.json("queue", "list")
             assert any(item["model"] == running and item["running"] for item in queued), queued
             await cli.ok("queue", "cancel", running)
-            await wait_for(
+            await eventually(
                 lambda: any(
                     e["status"] == "cancelled" and e["model"] == running
                     for e in watcher.of(slow.base_url)[seen:]
                 ),
-                10,
-                f"cancelling {running} by name did not stop its pull",
+                within=10,
+                what=f"cancelling {running} by name did not stop its pull",
             )
             (other,) = [m for m in MODELS if norm(m) != norm(running)]
-            await wait_for(
+            await eventually(
                 lambda: any(
                     norm(e["model"]) == norm(other) for e in watcher.of(slow.base_url)[seen:]
                 ),
-                10,
-                f"the slow node's other model {other} never started after the cancel",
+                within=10,
+                what=f"the slow node's other model {other} never started after the cancel",
             )
             nothing = await cli.run("queue", "cancel", "never-declared:1b")
             assert nothing.returncode == 5, nothing.stderr
@@ -294,29 +293,33 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
         service = await start()
         try:
             cli = Cli(service)
-            await wait_for(
+            await eventually(
                 lambda: watcher.connections >= 2,
-                20,
-                "the watch left running did not reconnect to the restarted service",
+                within=20,
+                what="the watch left running did not reconnect to the restarted service",
             )
             assert await cli.json("backend", "list") == declared_backends
             assert await cli.json("model", "list") == declared_models
-            await wait_for(
+            await eventually(
                 lambda: pulls(slow) > before_restart,
-                20,
-                f"the restarted service never pulled the download given back at shutdown\n"
-                f"{service.log_tail()}",
+                within=20,
+                what=lambda: (
+                    f"the restarted service never pulled the download given back at shutdown\n"
+                    f"{service.log_tail()}"
+                ),
             )
             slow.pull_seconds = 2.5
             await cli.ok("queue", "cancel", "--backend", "slow")
             await cli.ok("queue", "retry")
-            await wait_for(
+            await eventually(
                 lambda: set(slow.models) >= set(MODELS),
-                30,
-                f"after restart the slow node never got {MODELS}: {sorted(slow.models)}\n"
-                f"{service.log_tail()}",
+                within=30,
+                what=lambda: (
+                    f"after restart the slow node never got {MODELS}: {sorted(slow.models)}\n"
+                    f"{service.log_tail()}"
+                ),
             )
-            await wait_for(
+            await eventually(
                 lambda: (
                     {
                         norm(e["model"])
@@ -325,14 +328,13 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
                     }
                     >= set(MODELS)
                 ),
-                10,
-                "the watch left running did not follow the restarted service's downloads",
+                within=10,
+                what="the watch left running did not follow the restarted service's downloads",
             )
             assert await watcher.interrupt() == 130, "Ctrl-C: the shell's status for SIGINT"
             await cli.ok("sync")
-            states = await cli.json("state")
-            entries = states.values() if isinstance(states, dict) else states
-            assert {entry["name"] for entry in entries} == {"fast", "slow"}
+            entries = await cli.json("state")
+            assert [entry["name"] for entry in entries] == ["fast", "slow"]  # by name
             for entry in entries:
                 assert not entry.get("error"), entry
                 present = {norm(pulled["model"]) for pulled in entry["pulledModels"]}

@@ -31,6 +31,7 @@ from runtimestate.store import Store
 from runtimestate.testing import Emulator, OllamaNode, OpenAIAccount, VLLMServer
 from runtimestate.testing.base import EmulatedBackend
 from tests.fixtures.common import EMULATOR_KEY_HOSTS
+from tests.fixtures.polling import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -175,15 +176,6 @@ async def _clean(fleet: Fleet) -> AsyncIterator[None]:
 
 def _chat_posts(backend: EmulatedBackend) -> int:
     return sum(1 for r in backend.requests if r.path.endswith("/chat/completions"))
-
-
-async def _eventually(check: Callable[[], bool], what: str) -> None:
-    """Wait (bounded) for a condition seen at the emulator, which has no event to wait on."""
-    for _ in range(500):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not reached: {what}")
 
 
 # -- listings --------------------------------------------------------------------------------------
@@ -396,12 +388,12 @@ async def test_a_client_that_disconnects_closes_the_backend_request(fleet: Fleet
         assert response.status_code == 200
         lines = response.aiter_lines()
         assert (await anext(lines)).startswith("data: ")
-        await _eventually(
-            lambda: fleet.node_a.active + fleet.node_b.active == base + 1, "the stream is open"
+        await eventually(
+            lambda: fleet.node_a.active + fleet.node_b.active == base + 1, what="the stream is open"
         )
     # The client is gone; the backend's request must end without the stall being released.
-    await _eventually(
-        lambda: fleet.node_a.active + fleet.node_b.active == base, "the backend request closed"
+    await eventually(
+        lambda: fleet.node_a.active + fleet.node_b.active == base, what="the backend request closed"
     )
 
 
@@ -526,9 +518,9 @@ async def test_beyond_the_concurrency_cap_the_next_backend_then_429(fleet: Fleet
             asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(4)
         ]
         # The cap is 2 per backend: the four spread over both nodes.
-        await _eventually(
+        await eventually(
             lambda: fleet.node_a.active == base_a + 2 and fleet.node_b.active == base_b + 2,
-            "both nodes full",
+            what="both nodes full",
         )
         refused = await client.post("/v1/chat/completions", json=body)
         assert refused.status_code == 429

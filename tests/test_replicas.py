@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -38,11 +39,11 @@ from runtimestate.testing.ollama import OllamaNode
 from runtimestate.testing.ollama_models import normalize_model_name
 from tests.cli_service import ServiceProcess, restartable_port, serve_argv
 from tests.fixtures.nats import find_nats_server, start_nats_server, stop_nats_server
+from tests.fixtures.polling import eventually_sync
 from tests.fixtures.postgres import private_postgres
 
 pytestmark = [pytest.mark.postgres, pytest.mark.nats, pytest.mark.timeout(240)]
 
-T = TypeVar("T")
 
 TOKEN = "replicas-test-token-0123456789"
 MODELS = ("llama3.2:1b", "qwen2.5:0.5b", "phi3:mini", "nomic-embed-text")
@@ -58,19 +59,8 @@ CANCEL = 1.0
 STARTUP = 120.0
 
 
-def wait_for(what: str, check: Callable[[], T | None], *, within: float, step: float = 0.05) -> T:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``within``."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            result = check()
-        except httpx.TransportError:
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within:g} s: {what}")
-        time.sleep(step)
+# A replica being started or restarted refuses connections: for a poll, that is "not yet".
+until_up = functools.partial(eventually_sync, ignore=(httpx.TransportError,))
 
 
 class EmulatorThread:
@@ -162,7 +152,7 @@ class Harness:
                 assert process.proc.poll() is None, process.log_tail()
                 return httpx.get(f"{process.url}/health", timeout=2.0).status_code == 200
 
-            wait_for(f"{instance} up", healthy, within=STARTUP, step=0.2)
+            until_up(what=f"{instance} up", check=healthy, within=STARTUP, every=0.2)
         return started
 
     def client(self, instance: str) -> httpx.Client:
@@ -193,7 +183,7 @@ class Harness:
                     return leader, term
             return None
 
-        return wait_for("the replicas agree on a live leader", agreed, within=FAILOVER)
+        return until_up(what="the replicas agree on a live leader", check=agreed, within=FAILOVER)
 
     def pulls(self, models: tuple[str, ...] = MODELS) -> Counter[tuple[str, str]]:
         """Pull requests per (node, model) of ``models``, from the emulator's request log."""
@@ -267,16 +257,16 @@ def backend_cycles(harness: Harness, instance: str) -> int:
 
 
 def test_the_fleet_converges_and_only_the_leader_lists(harness: Harness) -> None:
-    wait_for("every node holds every model", harness.converged, within=CONVERGE)
+    until_up(what="every node holds every model", check=harness.converged, within=CONVERGE)
     assert len(harness.pulls()) == NODES * len(MODELS)
 
     leader, _ = harness.leader()
     followers = [name for name in harness.replicas if name != leader]
     before = {name: backend_cycles(harness, name) for name in harness.replicas}
     listed = [harness.listings(node) for node in harness.nodes]
-    wait_for(
-        "the leader runs five more cycles",
-        lambda: backend_cycles(harness, leader) >= before[leader] + 5,
+    until_up(
+        what="the leader runs five more cycles",
+        check=lambda: backend_cycles(harness, leader) >= before[leader] + 5,
         within=10 * CYCLE + 10,
     )
     cycles = backend_cycles(harness, leader) - before[leader]
@@ -294,7 +284,9 @@ def test_the_fleet_converges_and_only_the_leader_lists(harness: Harness) -> None
         versions = {harness.get(n, "/state").headers["ETag"] for n in harness.replicas}
         return len(versions) == 1
 
-    wait_for("all replicas serve one snapshot version", one_version, within=3 * CYCLE + TTL)
+    until_up(
+        what="all replicas serve one snapshot version", check=one_version, within=3 * CYCLE + TTL
+    )
     assert all(a.status_code == 200 for a in answers)
     state = answers[0].json()
     assert sorted(entry["name"] for entry in state) == [f"node-{i}" for i in range(NODES)]
@@ -303,16 +295,16 @@ def test_the_fleet_converges_and_only_the_leader_lists(harness: Harness) -> None
     # Fleet gauges come from the leader only.
     assert "runtimestate_backends{" in harness.get(leader, "/metrics").text
     assert "runtimestate_backends{" not in harness.get(followers[0], "/metrics").text
-    health = wait_for(
-        "a follower healthy",
-        lambda: (h := harness.get(followers[0], "/health")).status_code == 200 and h.json(),
+    health = until_up(
+        what="a follower healthy",
+        check=lambda: (h := harness.get(followers[0], "/health")).status_code == 200 and h.json(),
         within=3 * CYCLE + TTL,
     )
     assert (health["role"], health["leader"]) == ("follower", leader)
 
 
 def test_every_pair_is_pulled_exactly_once(harness: Harness) -> None:
-    wait_for("every node holds every model", harness.converged, within=CONVERGE)
+    until_up(what="every node holds every model", check=harness.converged, within=CONVERGE)
     assert {pair: n for pair, n in harness.pulls().items() if n != 1} == {}
 
 
@@ -347,29 +339,29 @@ def _cancel_stops_running_pulls(harness: Harness, model: str, through: str) -> N
     try:
         with harness.client(through) as client:
             client.post("/models", json={"model": model}).raise_for_status()
-            running = wait_for(
-                f"pulls of {model} running",
-                lambda: sum(node.pulls_running for node in harness.nodes),
+            running = until_up(
+                what=f"pulls of {model} running",
+                check=lambda: sum(node.pulls_running for node in harness.nodes),
                 within=3 * CYCLE + 5,
             )
             broken_before = sum(node.pulls_broken_off for node in harness.nodes)
             assert client.delete(f"/queue/{model}").status_code == 204
-            wait_for(
-                f"the {running} running pulls of {model} broken off",
-                lambda: (
+            until_up(
+                what=f"the {running} running pulls of {model} broken off",
+                check=lambda: (
                     sum(node.pulls_broken_off for node in harness.nodes) - broken_before >= running
                 ),
                 within=CANCEL,
-                step=0.01,
+                every=0.01,
             )
             client.delete(f"/models/{model}").raise_for_status()
             client.delete(f"/queue/{model}")
     finally:
         for node in harness.nodes:
             node.pull_seconds = 0.2
-    wait_for(
-        f"no pull of {model} left running",
-        lambda: not any(node.pulls_running for node in harness.nodes),
+    until_up(
+        what=f"no pull of {model} left running",
+        check=lambda: not any(node.pulls_running for node in harness.nodes),
         within=3 * CYCLE + 5,
     )
 
@@ -391,7 +383,11 @@ def test_killing_the_leader_mid_cycle_elects_another_and_duplicates_nothing(
     harness.emulator.emu.latency = 0.5
     try:
         before = harness.listings(harness.nodes[0])
-        wait_for("a cycle under way", lambda: harness.listings(harness.nodes[0]) > before, within=5)
+        until_up(
+            what="a cycle under way",
+            check=lambda: harness.listings(harness.nodes[0]) > before,
+            within=5,
+        )
         harness.replicas[leader].proc.send_signal(signal.SIGKILL)
         harness.replicas[leader].proc.wait()
         del harness.replicas[leader]
@@ -406,8 +402,10 @@ def test_killing_the_leader_mid_cycle_elects_another_and_duplicates_nothing(
     added = "after-failover:1b"
     with harness.client(new_leader) as client:
         client.post("/models", json={"model": added}).raise_for_status()
-    wait_for(
-        "the new model on every node", lambda: harness.converged((*MODELS, added)), within=CONVERGE
+    until_up(
+        what="the new model on every node",
+        check=lambda: harness.converged((*MODELS, added)),
+        within=CONVERGE,
     )
     pulls = harness.pulls((added,))
     assert len(pulls) == NODES
@@ -416,7 +414,7 @@ def test_killing_the_leader_mid_cycle_elects_another_and_duplicates_nothing(
         replicas = harness.cluster(new_leader)["replicas"]
         return [r["alive"] for r in replicas if r["instance"] == leader] == [False]
 
-    wait_for("the killed leader shown as gone", dead_leader_shown_gone, within=4 * TTL)
+    until_up(what="the killed leader shown as gone", check=dead_leader_shown_gone, within=4 * TTL)
     # What an operator sees: the CLI, through any replica.
     shown = CliRunner().invoke(
         app, ["--url", harness.replicas[new_leader].url, "--token", TOKEN, "cluster"]
@@ -432,9 +430,9 @@ def test_a_postgres_outage_heals_by_itself(harness: Harness) -> None:
     harness.pg.halt()
     halted = time.monotonic()
     try:
-        degraded = wait_for(
-            "a replica reports the outage",
-            lambda: (h := harness.get(name, "/health")).status_code == 503 and h.json(),
+        degraded = until_up(
+            what="a replica reports the outage",
+            check=lambda: (h := harness.get(name, "/health")).status_code == 503 and h.json(),
             within=10,
         )
         assert "store error" in degraded["reasons"] or "store timeout" in degraded["reasons"]
@@ -449,11 +447,11 @@ def test_a_postgres_outage_heals_by_itself(harness: Harness) -> None:
         now = [harness.listings(node) for node in harness.nodes]
         return all(after > was for after, was in zip(now, listed, strict=True))
 
-    wait_for("cycles resume on every node", listed_again, within=RESUME)
+    until_up(what="cycles resume on every node", check=listed_again, within=RESUME)
     for replica in harness.replicas:
-        wait_for(
-            f"{replica} healthy again",
-            lambda r=replica: harness.get(r, "/health").status_code == 200,  # type: ignore[misc]
+        until_up(
+            what=f"{replica} healthy again",
+            check=lambda r=replica: harness.get(r, "/health").status_code == 200,  # type: ignore[misc]
             within=3 * CYCLE + TTL + 5,
         )
 
@@ -462,9 +460,9 @@ def test_a_nats_outage_heals_by_itself(harness: Harness) -> None:
     stop_nats_server(harness.nats_process)
     name = next(iter(harness.replicas))
     stopped = time.monotonic()
-    degraded = wait_for(
-        "a replica reports the bus down",
-        lambda: (h := harness.get(name, "/health")).status_code == 503 and h.json(),
+    degraded = until_up(
+        what="a replica reports the bus down",
+        check=lambda: (h := harness.get(name, "/health")).status_code == 503 and h.json(),
         within=10,
     )
     assert any(reason.startswith("bus") for reason in degraded["reasons"])
@@ -473,9 +471,9 @@ def test_a_nats_outage_heals_by_itself(harness: Harness) -> None:
         harness.nats_binary, harness.tmp / "nats.log", port=harness.nats_port
     )
     for replica in harness.replicas:
-        wait_for(
-            f"{replica} healthy again",
-            lambda r=replica: harness.get(r, "/health").status_code == 200,  # type: ignore[misc]
+        until_up(
+            what=f"{replica} healthy again",
+            check=lambda r=replica: harness.get(r, "/health").status_code == 200,  # type: ignore[misc]
             within=15,
         )
     _sse_come_and_go(harness, rounds=2)

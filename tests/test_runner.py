@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 
 import pytest
 
@@ -13,15 +12,7 @@ from runtimestate.clock import FakeClock
 from runtimestate.errors import StoreError
 from runtimestate.metrics import REGISTRY
 from runtimestate.runner import BreakerState, CircuitBreaker, Failure, Runner, while_true
-
-
-async def until(predicate: Callable[[], bool], *, rounds: int = 200) -> None:
-    """Let the loop run until ``predicate`` holds; fail instead of hanging."""
-    for _ in range(rounds):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never became true")
+from tests.fixtures.polling import eventually
 
 
 class Cycle:
@@ -93,12 +84,12 @@ async def test_runs_at_once_then_every_interval() -> None:
     cycle = Cycle()
     runner = Runner("backend", cycle, interval=10.0, clock=clock)
     task = asyncio.create_task(runner.run())
-    await until(lambda: cycle.calls == 1 and clock.sleepers == 1)
+    await eventually(lambda: cycle.calls == 1 and clock.sleepers == 1)
     clock.advance(9.9)
-    await until(lambda: clock.sleepers == 1)
+    await eventually(lambda: clock.sleepers == 1)
     assert cycle.calls == 1
     clock.advance(0.1)
-    await until(lambda: cycle.calls == 2 and clock.sleepers == 1)
+    await eventually(lambda: cycle.calls == 2 and clock.sleepers == 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -118,14 +109,14 @@ async def test_trigger_runs_now_and_coalesces_during_a_call() -> None:
 
     runner = Runner("backend", slow, interval=60.0, clock=clock)
     task = asyncio.create_task(runner.run())
-    await until(lambda: calls == 1 and clock.sleepers == 1)
+    await eventually(lambda: calls == 1 and clock.sleepers == 1)
     runner.trigger()
-    await until(lambda: calls == 2)
+    await eventually(lambda: calls == 2)
     # Three triggers during the running call: exactly one more call, without waiting.
     for _ in range(3):
         runner.trigger()
     release.set()
-    await until(lambda: calls == 3 and clock.sleepers == 1)
+    await eventually(lambda: calls == 3 and clock.sleepers == 1)
     for _ in range(20):
         await asyncio.sleep(0)
     assert calls == 3
@@ -149,10 +140,10 @@ async def test_breaker_stops_calls_then_trial_closes_it(caplog: pytest.LogCaptur
     )
     task = asyncio.create_task(runner.run())
     with caplog.at_level(logging.ERROR, logger="runtimestate.runner"):
-        await until(lambda: cycle.calls == 1 and clock.sleepers == 1)
+        await eventually(lambda: cycle.calls == 1 and clock.sleepers == 1)
         for expected in (2, 3):
             clock.advance(1.0)
-            await until(lambda e=expected: cycle.calls == e and clock.sleepers == 1)  # type: ignore[misc]
+            await eventually(lambda: cycle.calls == expected and clock.sleepers == 1)  # noqa: B023
     assert runner.breaker_state is BreakerState.OPEN
     assert [f.consecutive_failures for f in failures] == [1, 2, 3]
     assert failures[-1].breaker is BreakerState.OPEN
@@ -162,11 +153,11 @@ async def test_breaker_stops_calls_then_trial_closes_it(caplog: pytest.LogCaptur
     for _ in range(29):
         clock.advance(1.0)
         runner.trigger()
-        await until(lambda: clock.sleepers == 1)
+        await eventually(lambda: clock.sleepers == 1)
     assert cycle.calls == 3
     cycle.failing = False
     clock.advance(1.0)
-    await until(lambda: cycle.calls == 4 and clock.sleepers == 1)
+    await eventually(lambda: cycle.calls == 4 and clock.sleepers == 1)
     assert state_of(runner.breaker) is BreakerState.CLOSED
     assert runner.last_error is None
     assert runner.failures == 3
@@ -187,17 +178,17 @@ async def test_failed_trial_reopens_for_a_full_timeout() -> None:
         clock=clock,
     )
     task = asyncio.create_task(runner.run())
-    await until(lambda: cycle.calls == 1 and clock.sleepers == 1)
+    await eventually(lambda: cycle.calls == 1 and clock.sleepers == 1)
     assert runner.breaker_state is BreakerState.OPEN
     # The open breaker waits for its trial (5 s), not the 100 s interval.
     clock.advance(5.0)
-    await until(lambda: cycle.calls == 2 and clock.sleepers == 1)
+    await eventually(lambda: cycle.calls == 2 and clock.sleepers == 1)
     assert runner.breaker_state is BreakerState.OPEN
     clock.advance(4.9)
-    await until(lambda: clock.sleepers == 1)
+    await eventually(lambda: clock.sleepers == 1)
     assert cycle.calls == 2
     clock.advance(0.1)
-    await until(lambda: cycle.calls == 3)
+    await eventually(lambda: cycle.calls == 3)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -208,9 +199,9 @@ async def test_download_worker_loops_while_cycle_returns_true() -> None:
     cycle = Cycle(results=[True, True, True, False])
     runner = Runner("download-1", cycle, interval=5.0, rerun_when=while_true, clock=clock)
     task = asyncio.create_task(runner.run())
-    await until(lambda: cycle.calls == 4 and clock.sleepers == 1)
+    await eventually(lambda: cycle.calls == 4 and clock.sleepers == 1)
     clock.advance(5.0)
-    await until(lambda: cycle.calls == 5)
+    await eventually(lambda: cycle.calls == 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -261,9 +252,9 @@ async def test_failed_cycles_are_counted_per_runner() -> None:
         def waiting_after(n: int = expected) -> bool:
             return runner.failures == n and clock.sleepers == 1
 
-        await until(waiting_after)
+        await eventually(waiting_after)
         clock.advance(1.0)
-    await until(lambda: runner.failures == 4)
+    await eventually(lambda: runner.failures == 4)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -290,17 +281,17 @@ async def test_a_breaker_opened_by_a_store_outage_probes_and_resumes_when_it_ans
         probe_interval=1.0,
     )
     task = asyncio.create_task(runner.run())
-    await until(lambda: cycle.calls == 1 and clock.sleepers == 1)
+    await eventually(lambda: cycle.calls == 1 and clock.sleepers == 1)
     assert runner.breaker_state is BreakerState.OPEN
     for probes in (1, 2, 3):
         clock.advance(1.0)
-        await until(lambda p=probes: runner.probes == p and clock.sleepers == 1)  # type: ignore[misc]
+        await eventually(lambda: runner.probes == probes and clock.sleepers == 1)  # noqa: B023
     assert cycle.calls == 1
     # The database is back: the next probe (1 s later, not the 60 s reset) lets a cycle run.
     store_up = True
     cycle.failing = False
     clock.advance(1.0)
-    await until(lambda: cycle.calls == 2 and clock.sleepers == 1)
+    await eventually(lambda: cycle.calls == 2 and clock.sleepers == 1)
     assert state_of(runner.breaker) is BreakerState.CLOSED
     assert runner.probes == 4
     task.cancel()
@@ -328,13 +319,13 @@ async def test_a_breaker_opened_by_another_failure_waits_out_its_reset() -> None
         probe=ping,
     )
     task = asyncio.create_task(runner.run())
-    await until(lambda: runner.calls == 1 and clock.sleepers == 1)
+    await eventually(lambda: runner.calls == 1 and clock.sleepers == 1)
     for _ in range(59):
         clock.advance(1.0)
-        await until(lambda: clock.sleepers == 1)
+        await eventually(lambda: clock.sleepers == 1)
     assert (runner.calls, probed) == (1, 0)
     clock.advance(1.0)
-    await until(lambda: runner.calls == 2)
+    await eventually(lambda: runner.calls == 2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -27,6 +27,7 @@ from runtimestate.settings import LogFormat, Settings
 from runtimestate.store import MemoryStore, Store
 from runtimestate.testing import Emulator, OllamaNode
 from runtimestate.testing.store import FaultyStore
+from tests.fixtures.polling import eventually
 
 TOKEN = "service-token-0123456789"
 MODEL = "llama3.2:1b"
@@ -105,15 +106,6 @@ class Running:
             await self.task
 
 
-async def until(check: Callable[[], Awaitable[bool]], *, seconds: float = 20) -> None:
-    """Poll the service's API (it has no event to wait on) until ``check`` holds."""
-    for _ in range(int(seconds / 0.05)):
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not reached in {seconds} s")
-
-
 async def pulled(client: httpx.AsyncClient) -> list[str]:
     state = (await client.get("/state")).json()
     return [m["model"] for entry in state for m in entry["pulledModels"]]
@@ -139,7 +131,7 @@ async def test_reconciles_stops_and_restarts_with_nothing_lost(
         async def settled() -> bool:
             return await pulled(client) == [MODEL]
 
-        await until(settled)
+        await eventually(settled)
         assert MODEL in node.models
         backends = (await client.get("/backends")).json()
         models = (await client.get("/models")).json()
@@ -167,10 +159,10 @@ async def test_stop_cancels_a_running_download_and_the_next_start_queues_it(
         return any(item["running"] for item in (await client.get("/queue")).json())
 
     async with Running(Service(settings, on_startup=declare(node))) as client:
-        await until(lambda: downloading(client))
+        await eventually(lambda: downloading(client))
     assert MODEL not in node.models
     async with Running(Service(settings)) as client:
-        await until(lambda: downloading(client))
+        await eventually(lambda: downloading(client))
         queue = (await client.get("/queue")).json()
         assert [(q["model"], q["url"]) for q in queue] == [(MODEL, node.base_url)]
 
@@ -266,7 +258,7 @@ async def test_serve_stops_on_sigterm(tmp_path: Path) -> None:
             return False
         return response.status_code == 200
 
-    await until(healthy)
+    await eventually(healthy)
     os.kill(os.getpid(), signal.SIGTERM)
     async with asyncio.timeout(20):
         await task
