@@ -13,6 +13,7 @@ import pytest
 
 from runtimestate import OPENAI_KEY
 from runtimestate.bus import Messenger
+from runtimestate.clock import FakeClock
 from runtimestate.errors import NoProvider
 from runtimestate.providers import ClientPool, local_provider_adapter
 from runtimestate.resolver import Resolver, ResolveRequest
@@ -21,6 +22,7 @@ from runtimestate.store import Store, open_store
 from runtimestate.testing import CompatibleServer, Emulator
 from runtimestate.testing.store import FaultyStore
 from tests.fixtures.common import EMULATOR_KEY_HOSTS
+from tests.fixtures.polling import eventually
 from tests.fixtures.postgres import TEST_MASTER_KEY
 
 KEY = "local-secret-0123456789"
@@ -206,8 +208,25 @@ async def test_a_listing_stuck_behind_a_generation_keeps_the_inventory_for_a_bou
 ) -> None:
     server = emu.add_openai_compatible("llama", models=["m"], listing_waits_for_generation=True)
     backend_id = await declare(store, server, "m", context_length=8192)
+    clock = FakeClock()
+
+    async def timed_out_cycle(waiting: int) -> None:
+        """A cycle whose listing waits at the server until its deadline passes on the clock."""
+        cycle = asyncio.create_task(state.run_backend_cycle())
+        await eventually(
+            lambda: server.listings_waiting == waiting and clock.sleepers == 1,
+            what="the listing waiting behind the generation",
+        )
+        clock.advance(0.2)
+        await cycle
+
     async with State(
-        store, bus, key_hosts=EMULATOR_KEY_HOSTS, backend_timeout=0.2, max_stale_cycles=2
+        store,
+        bus,
+        key_hosts=EMULATOR_KEY_HOSTS,
+        backend_timeout=0.2,
+        max_stale_cycles=2,
+        clock=clock,
     ) as state:
         await state.run_backend_cycle()
         fresh = state.get()[backend_id]
@@ -216,7 +235,7 @@ async def test_a_listing_stuck_behind_a_generation_keeps_the_inventory_for_a_bou
         running = asyncio.create_task(chat(server))
         await server.generating()
         for cycle in (1, 2):
-            await state.run_backend_cycle()
+            await timed_out_cycle(cycle)
             stale = state.get()[backend_id]
             assert stale.error == ""
             assert stale.pulled_models == fresh.pulled_models
@@ -224,7 +243,7 @@ async def test_a_listing_stuck_behind_a_generation_keeps_the_inventory_for_a_bou
                 f"inventory is stale ({cycle} of at most 2 cycles): timed out after 0.2 s",
             )
         assert server.listings_waiting == 2  # counted at the server: both waited
-        await state.run_backend_cycle()
+        await timed_out_cycle(3)
         assert state.get()[backend_id].error == "timed out after 0.2 s"
         assert state.get()[backend_id].pulled_models == ()
         server.release_generations()

@@ -27,6 +27,7 @@ from runtimestate.testing import (
     normalize_model_name,
 )
 from runtimestate.testing.ollama_models import InvalidModelName
+from tests.fixtures.polling import eventually
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -175,29 +176,36 @@ async def test_pull_spreads_over_pull_seconds_on_the_clock() -> None:
     async with Emulator(clock=clock) as emu, httpx.AsyncClient(timeout=10) as http:
         node = emu.add_ollama("n", pull_seconds=100.0)
         task = asyncio.create_task(pull_lines(http, node, "llama3"))
-        for _ in range(500):
-            if clock.sleepers:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: clock.sleepers, what="the pull waiting on the clock")
         assert "llama3:latest" not in node.models
-        while not task.done():
+
+        def advanced() -> bool:
             clock.advance(10.0)
-            await asyncio.sleep(0.01)
+            return task.done()
+
+        await eventually(advanced, what="the pull finished as the clock moved")
         assert (await task)[-1] == {"status": "success"}
         assert clock.monotonic() >= 100.0
 
 
-async def test_disconnected_pull_adds_nothing(emu: Emulator) -> None:
-    node = emu.add_ollama("n", pull_seconds=30.0)
-    async with (
-        httpx.AsyncClient(timeout=10) as http,
-        http.stream("POST", node.base_url + "/api/pull", json={"model": "x"}) as reply,
-    ):
-        async for _ in reply.aiter_lines():
-            break
-    for _ in range(50):
-        await asyncio.sleep(0.01)
-    assert node.models == {}
+async def test_disconnected_pull_adds_nothing() -> None:
+    # The pull runs on a FakeClock: after the client goes away the clock is moved far past
+    # the pull's whole length, so a pull that went on without its client would land the model.
+    clock = FakeClock()
+    async with Emulator(clock=clock) as emu, httpx.AsyncClient(timeout=10) as http:
+        node = emu.add_ollama("n", pull_seconds=30.0)
+        async with http.stream("POST", node.base_url + "/api/pull", json={"model": "x"}) as reply:
+            async for _ in reply.aiter_lines():
+                break
+        assert node.pulls_running == 1
+
+        def ended() -> bool:
+            clock.advance(30.0)
+            return node.pulls_running == 0 and node.active == 0
+
+        await eventually(ended, what="the abandoned pull ended")
+        assert (node.pulls_broken_off, node.streams_abandoned) == (1, 1)
+        assert node.models == {}
 
 
 async def test_delete(emu: Emulator, http: httpx.AsyncClient) -> None:
@@ -324,20 +332,29 @@ async def test_hang_blocks_only_its_backend(emu: Emulator, http: httpx.AsyncClie
     assert (await pending).status_code == 200
 
 
-async def test_latency(http: httpx.AsyncClient) -> None:
-    async with Emulator(latency=0.05) as emu:
-        # 100 requests of 50 ms each: 5 s one after another, well under 2.5 s concurrently.
+async def test_latency_delays_every_answer_on_the_clock_and_all_at_once(
+    http: httpx.AsyncClient,
+) -> None:
+    clock = FakeClock()
+    async with Emulator(latency=0.05, clock=clock) as emu:
         nodes = [emu.add_ollama(f"n{i}") for i in range(100)]
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        replies = await asyncio.gather(*(http.get(n.base_url + "/api/tags") for n in nodes))
-        elapsed = loop.time() - start
-        assert all(r.status_code == 200 for r in replies)
-        assert 0.05 <= elapsed < 2.5
+        replies = asyncio.gather(*(http.get(n.base_url + "/api/tags") for n in nodes))
+        # All hundred are waiting out their latency together: answered concurrently.
+        await eventually(lambda: clock.sleepers == 100, what="every request in its latency")
+        assert (emu.active, emu.max_active) == (100, 100)
+        clock.advance(0.049)
+        assert clock.sleepers == 100  # none answered before its latency
+        clock.advance(0.001)
+        assert all(r.status_code == 200 for r in await replies)
+        assert emu.active == 0
+        # A backend's own latency overrides the emulator's.
         nodes[0].faults.latency = 0.3
-        start = loop.time()
-        await http.get(nodes[0].base_url + "/api/tags")
-        assert loop.time() - start >= 0.3
+        slow = asyncio.create_task(http.get(nodes[0].base_url + "/api/tags"))
+        await eventually(lambda: clock.sleepers == 1, what="the request in its latency")
+        clock.advance(0.29)
+        assert clock.sleepers == 1
+        clock.advance(0.01)
+        assert (await slow).status_code == 200
 
 
 async def test_stream_faults(emu: Emulator, http: httpx.AsyncClient) -> None:

@@ -50,6 +50,7 @@ from runtimestate.records import BackendInfo, ListModelResponse, LLMState
 from runtimestate.resolver import Resolver, ResolveRequest
 from runtimestate.status import status_error_class
 from runtimestate.testing import EmulatedBackend, Emulator, GeminiModel
+from tests.fixtures.polling import eventually
 
 OPENAI_KEY = "sk-test-0123456789abcdef"
 GEMINI_KEY = "AIzaTest0123456789abcdef"
@@ -333,15 +334,39 @@ async def test_backend_errors_become_project_errors(
 @pytest.mark.parametrize("kind", KINDS)
 async def test_unreachable_and_timeouts(fleet: Fleet, kind: str) -> None:
     backend = fleet.backends[kind]
-    async with ClientPool(timeout=0.3, stream_idle_timeout=0.3) as pool:
+    # The deadlines run on the pool's clock: the test moves it, nothing waits for real time.
+    clock = FakeClock()
+    async with ClientPool(timeout=0.3, stream_idle_timeout=0.3, clock=clock) as pool:
         client = await client_for(fleet, pool, kind)
         backend.faults.hang()
-        with pytest.raises(BackendUnreachable):
-            await client.chat(USER)
+        call = asyncio.create_task(client.chat(USER))
+        await eventually(
+            lambda: backend.active == 1 and clock.sleepers == 1, what="the call at the backend"
+        )
+        clock.advance(0.29)
+        assert clock.sleepers == 1  # the call's deadline has not passed yet
+        clock.advance(0.01)
+        with pytest.raises(BackendUnreachable, match=r"no answer within 0\.3s"):
+            await call
         backend.faults.clear()
         backend.faults.stall_stream(after_lines=2)
-        with pytest.raises(BackendUnreachable, match="stalled"):
-            _ = [chunk async for chunk in client.stream(USER)]
+        chunks: list[str] = []
+
+        async def read() -> None:
+            async for chunk in client.stream(USER):
+                chunks.append(chunk)
+
+        reading = asyncio.create_task(read())
+        await eventually(lambda: chunks and clock.sleepers == 1, what="the stream under way")
+
+        def stalled() -> bool:
+            # Each wait for a chunk has its own idle deadline: move past it until one expires.
+            clock.advance(0.3)
+            return reading.done()
+
+        await eventually(stalled, what="the stalled stream given up")
+        with pytest.raises(BackendUnreachable, match=r"stalled for 0\.3s"):
+            await reading
         backend.faults.clear()
         dead = fleet.snapshot[kind].backend.base_url.replace(
             fleet.emu.url, f"http://127.0.0.1:{free_port()}"
@@ -677,25 +702,36 @@ async def test_a_streams_latency_is_the_time_to_its_first_chunk(fleet: Fleet, ki
         assert view["inFlight"] == 0
 
 
-async def test_clients_feed_the_latency_average_that_lowest_latency_reads(fleet: Fleet) -> None:
-    slow = fleet.emu.add_ollama("slow", models=["llama3.2:1b"])
-    fast = fleet.emu.add_ollama("fast", models=["llama3.2:1b"])
-    slow.faults.latency = 0.05
-    snapshot = {
-        name: llm_state(name, "ollama", node.base_url, {"llama3.2:1b": CHAT}, None)
-        for name, node in (("slow", slow), ("fast", fast))
-    }
-    async with ClientPool() as pool:
+async def test_clients_feed_the_latency_average_that_lowest_latency_reads() -> None:
+    # The emulator's latency and the clients' measurements run on one FakeClock: the slow
+    # node's answer takes exactly 0.05 s of it, the fast node's none.
+    clock = FakeClock()
+    async with Emulator(clock=clock) as emu, ClientPool(clock=clock) as pool:
+        slow = emu.add_ollama("slow", models=["llama3.2:1b"])
+        fast = emu.add_ollama("fast", models=["llama3.2:1b"])
+        slow.faults.latency = 0.05
+        snapshot = {
+            name: llm_state(name, "ollama", node.base_url, {"llama3.2:1b": CHAT}, None)
+            for name, node in (("slow", slow), ("fast", fast))
+        }
         resolver = Resolver(await local_provider_adapter(snapshot)(), pool=pool)
         request = ResolveRequest(models=("llama3.2:1b",), policy="lowest-latency")
         picks = []
         for _ in range(6):
             chosen = resolver.resolve_chat(request)
             picks.append(chosen.backend_id)
-            await chosen.client.chat(USER)
+            call = asyncio.create_task(chosen.client.chat(USER))
+            if chosen.backend_id == "slow":
+                # Parked in its latency, next to the call's own deadline.
+                await eventually(
+                    lambda: slow.active == 1 and clock.sleepers == 2, what="the slow answer"
+                )
+                clock.advance(0.05)
+            await call
     assert set(picks[:2]) == {"slow", "fast"}  # unmeasured backends are tried first
     assert picks[2:] == ["fast"] * 4
-    assert pool.health.latency("slow") >= 0.05 > pool.health.latency("fast")
+    assert pool.health.latency("slow") == pytest.approx(0.05)
+    assert pool.health.latency("fast") == 0.0
 
 
 # Every error status the emulated servers can send, with their own error bodies: what both HTTP

@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import socket
-import time
 from datetime import timedelta
 
 import pytest
@@ -27,6 +26,7 @@ from runtimestate.state import State
 from runtimestate.store import Store
 from runtimestate.testing import Emulator, OllamaNode
 from runtimestate.testing.store import FaultyStore
+from tests.fixtures.polling import eventually
 
 
 async def declare_chat(store: Store, *names: str) -> None:
@@ -354,32 +354,49 @@ async def test_steady_cycles_still_see_every_change(
 async def test_backends_are_reconciled_concurrently(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:
-    emu.latency = 0.3
+    # Every listing is held at the emulator until all twenty are in flight at once: reconciled
+    # one after another, the second listing would never be asked for.
+    nodes = []
     for i in range(20):
         node = emu.add_ollama(f"n{i}", models=["llama3"])
+        node.faults.hang(path="/api/tags")
+        nodes.append(node)
         await store.create_backend(name=f"n{i}", base_url=node.base_url, type="ollama")
     await declare_chat(store, "llama3")
-    async with State(store, bus) as state:
-        started = time.perf_counter()
-        await state.run_backend_cycle()
-        elapsed = time.perf_counter() - started
+    # A clock nobody moves: no backend's deadline can pass while the listings are held.
+    async with State(store, bus, clock=FakeClock()) as state:
+        cycle = asyncio.create_task(state.run_backend_cycle())
+        await eventually(lambda: emu.active == 20, what="twenty listings in flight at once")
+        for node in nodes:
+            node.faults.clear()
+        await cycle
         assert not any(s.error for s in state.get().values())
-    # One after another this would take 20 x 0.3 s = 6 s.
-    assert elapsed < 2.0
 
 
 async def test_concurrency_is_bounded(store: Store, bus: Messenger, emu: Emulator) -> None:
-    emu.latency = 0.2
+    nodes = []
     for i in range(6):
         node = emu.add_ollama(f"n{i}", models=["llama3"])
+        node.faults.hang(path="/api/tags")
+        nodes.append(node)
         await store.create_backend(name=f"n{i}", base_url=node.base_url, type="ollama")
     await declare_chat(store, "llama3")
-    async with State(store, bus, concurrency=2) as state:
-        started = time.perf_counter()
-        await state.run_backend_cycle()
-        elapsed = time.perf_counter() - started
-    # Three waves of two: at least 3 x 0.2 s.
-    assert elapsed >= 0.6
+    released: list[OllamaNode] = []
+
+    def held() -> OllamaNode | None:
+        return next((n for n in nodes if n.active and n not in released), None)
+
+    async with State(store, bus, concurrency=2, clock=FakeClock()) as state:
+        cycle = asyncio.create_task(state.run_backend_cycle())
+        # Release the held listings one at a time, as each arrives.
+        for _ in nodes:
+            node = await eventually(held, what="a held listing")
+            released.append(node)
+            node.faults.clear()
+        await cycle
+        assert not any(s.error for s in state.get().values())
+    # Counted at the emulator: never more than two backends' requests at once, and two.
+    assert emu.max_active == 2
 
 
 async def test_a_driver_bug_escapes_and_leaves_no_backend_running(
@@ -403,23 +420,35 @@ async def test_a_driver_bug_escapes_and_leaves_no_backend_running(
 async def test_a_hanging_backend_costs_the_cycle_its_timeout_only(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:
-    ids = []
+    clock = FakeClock()
+    nodes, ids = [], []
     for i in range(5):
         node = emu.add_ollama(f"n{i}", models=["llama3"])
         if i == 0:
             node.faults.hang()
+        nodes.append(node)
         ids.append(
             (await store.create_backend(name=f"n{i}", base_url=node.base_url, type="ollama")).id
         )
+    hung, others = nodes[0], nodes[1:]
     await declare_chat(store, "llama3")
-    async with State(store, bus, backend_timeout=0.5) as state:
-        started = time.perf_counter()
-        await state.run_backend_cycle()
-        elapsed = time.perf_counter() - started
+    async with State(store, bus, backend_timeout=0.5, clock=clock) as state:
+        cycle = asyncio.create_task(state.run_backend_cycle())
+
+        def only_the_hung_one_left() -> bool:
+            # Each backend in flight waits for its deadline on the clock; the others are done.
+            done = all(n.requests and not n.active for n in others)
+            return done and hung.active == 1 and clock.sleepers == 1
+
+        await eventually(only_the_hung_one_left, what="the other four reconciled")
+        clock.advance(0.49)
+        assert clock.sleepers == 1  # its deadline has not passed yet
+        clock.advance(0.01)
+        async with asyncio.timeout(30):  # a failure bound: the deadline has passed
+            await cycle
         snapshot = state.get()
     assert snapshot[ids[0]].error == "timed out after 0.5 s"
     assert all(snapshot[i].error == "" for i in ids[1:])
-    assert elapsed < 2.0
 
 
 def closed_port() -> int:

@@ -1,21 +1,30 @@
 """Time as an injectable dependency, so that tests fake it instead of sleeping.
 
 Everything that waits, expires or measures (the 24 h provider cache, the circuit breaker, the
-resolver's cooldowns, progress throttling, leases) takes a :class:`Clock`. Production code uses
+resolver's cooldowns, progress throttling, leases, the backend cycle's per-backend deadline, a
+model client's call and stream deadlines) takes a :class:`Clock`. Production code uses
 :data:`SYSTEM_CLOCK`; tests use :class:`FakeClock`, whose ``sleep`` returns once ``advance`` has
 moved time past the deadline, so a test of a 10-minute timeout runs in microseconds.
+
+A deadline around a block of awaits is :func:`timeout`: ``asyncio.timeout`` on a clock's time.
+On the system clock it is ``asyncio.timeout`` itself (the loop's timer, no extra task); on any
+other clock a watcher task sleeps on that clock and then expires the same ``asyncio.Timeout``,
+so the block sees exactly what ``asyncio.timeout`` gives it: cancellation, then ``TimeoutError``,
+and ``expired()`` to tell its own deadline from a ``TimeoutError`` raised inside.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-__all__ = ["SYSTEM_CLOCK", "Clock", "FakeClock", "SystemClock"]
+__all__ = ["SYSTEM_CLOCK", "Clock", "FakeClock", "SystemClock", "timeout"]
 
 
 class Clock(Protocol):
@@ -33,6 +42,8 @@ class Clock(Protocol):
 
 
 class SystemClock:
+    """The real time: ``datetime.now``, ``time.monotonic`` and ``asyncio.sleep``."""
+
     def now(self) -> datetime:
         return datetime.now(UTC)
 
@@ -84,3 +95,26 @@ class FakeClock:
             _, _, future = heapq.heappop(self._sleepers)
             if not future.done():
                 future.set_result(None)
+
+
+@contextlib.asynccontextmanager
+async def timeout(clock: Clock, seconds: float) -> AsyncIterator[asyncio.Timeout]:
+    """``asyncio.timeout(seconds)`` measured on ``clock``: once ``seconds`` of that clock have
+    passed, the block is cancelled and ``TimeoutError`` raised from it. The yielded
+    ``asyncio.Timeout``'s ``expired()`` says whether this deadline was the cause."""
+    if isinstance(clock, SystemClock):
+        async with asyncio.timeout(seconds) as deadline:
+            yield deadline
+        return
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(None) as deadline:
+
+        async def expire() -> None:
+            await clock.sleep(seconds)
+            deadline.reschedule(loop.time())
+
+        watcher = asyncio.create_task(expire(), name=f"deadline in {seconds:g} s")
+        try:
+            yield deadline
+        finally:
+            watcher.cancel()

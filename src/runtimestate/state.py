@@ -5,10 +5,11 @@ the caller (see :mod:`runtimestate.runner`), so the library works under any sche
 
 A backend cycle reads the declaration once (all backends and models, or the pools with their
 backends and models) and the pull tasks once, then reconciles **every backend
-concurrently**: at most ``concurrency`` at a time, each under its own ``backend_timeout``, so a
-dead backend costs the cycle at most that timeout and never delays the others (the Go
-runtimestate package went one backend after another). Each backend goes through its kind's
-driver (observe, plan, act; see :mod:`runtimestate.backends.base` and :mod:`runtimestate.kinds`).
+concurrently**: at most ``concurrency`` at a time, each under its own ``backend_timeout``
+(measured on the State's clock, so a ``FakeClock`` drives it in tests), so a dead backend costs
+the cycle at most that timeout and never delays the others (the Go runtimestate package went
+one backend after another). Each backend goes through its kind's driver (observe, plan, act;
+see :mod:`runtimestate.backends.base` and :mod:`runtimestate.kinds`).
 
 **The failure contract of both cycles.** A cycle never raises for a peer's failure: an unknown
 type, a timeout, a refused key, a malformed answer or any other error of one backend (or of one
@@ -68,7 +69,7 @@ from runtimestate.backends import (
 )
 from runtimestate.backends.http import HttpClient
 from runtimestate.bus.base import Messenger
-from runtimestate.clock import SYSTEM_CLOCK, Clock
+from runtimestate.clock import SYSTEM_CLOCK, Clock, timeout
 from runtimestate.downloads import PullWorker, download_of, reconcile_tasks
 from runtimestate.errors import BackendTimeout, InvalidInput, RuntimeStateError
 from runtimestate.metrics import BACKEND_FAILURES, BACKENDS, CYCLE_DURATION
@@ -428,15 +429,15 @@ class State:
         driver = self._drivers.get(backend.type)
         if driver is None:
             return self._failed(declared, f"Unsupported backend type: {backend.type}"), False
-        deadline = asyncio.timeout(self._backend_timeout)
+        deadline: asyncio.Timeout | None = None
         try:
-            async with deadline:
+            async with timeout(self._clock, self._backend_timeout) as deadline:
                 if act:
                     plan = await driver.reconcile(ctx, declared)
                 else:
                     plan = driver.plan(declared, await driver.observe(ctx, declared))
         except TimeoutError:
-            if not deadline.expired():
+            if deadline is None or not deadline.expired():
                 raise
             message = f"timed out after {self._backend_timeout:g} s"
             return self._stale_or_failed(declared, message, act=act), False

@@ -13,7 +13,7 @@ class owns what must be identical across types and therefore lives in one place:
   and the argument checks (:class:`~runtimestate.errors.InvalidInput`), so that a caller's
   mistake is never sent - an SDK's own validation error would be counted against the backend;
 * the health bookkeeping (in-flight count, latency, failures) around every call;
-* an overall ``asyncio.timeout`` per call, since the SDKs only time out per I/O phase;
+* an overall deadline per call, since the SDKs only time out per I/O phase;
 * the translation of SDK exceptions into the project's error tree, chained with ``from``;
 * the stream wrapper: an async generator whose ``aclose()`` (or cancellation) closes the SDK
   stream and with it the HTTP response. Its idle timeout turns a stalled stream into
@@ -21,22 +21,26 @@ class owns what must be identical across types and therefore lives in one place:
   ``max_stream_chars``) turns a stream that never ends - a model looping on its output, which no
   idle timeout catches - into :class:`~runtimestate.errors.ProtocolError`.
 
+Both deadlines (a call's and a stream's idle one) run on the :class:`~runtimestate.clock.Clock`
+the client is handed, so a ``FakeClock`` drives them in tests.
+
 A client is handed what it works with as values - its :class:`~.limits.ClientLimits`, the
-:class:`~.health.Health` book, and an :class:`SdkSource` that builds or reuses its SDK client
-(the :class:`~runtimestate.providers.pool.ClientPool` in practice) - so this module knows nothing
-of the pool. The SDK client is fetched on the first call, so resolving a client does no I/O and
-allocates almost nothing. The per-kind clients live with their kinds (:mod:`runtimestate.kinds`).
+:class:`~.health.Health` book, its clock, and an :class:`SdkSource` that builds or reuses its
+SDK client (the :class:`~runtimestate.providers.pool.ClientPool` in practice) - so this module
+knows nothing of the pool. The SDK client is fetched on the first call, so resolving a client
+does no I/O and allocates almost nothing. The per-kind clients live with their kinds
+(:mod:`runtimestate.kinds`).
 """
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from runtimestate.clock import SYSTEM_CLOCK, Clock, timeout
 from runtimestate.errors import (
     BackendError,
     BackendUnreachable,
@@ -236,12 +240,14 @@ class ModelClient(ABC):
         limits: ClientLimits,
         health: Health,
         sdks: SdkSource,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.provider = provider
         self.backend = backend
         self._limits = limits
         self._health = health
         self._sdks = sdks
+        self._clock = clock
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.provider.model!r}, backend={self.backend.id!r})"
@@ -317,7 +323,7 @@ class ModelClient(ABC):
                 async with aclosing(self._stream(msgs, prompt, system)) as chunks:
                     while True:
                         try:
-                            async with asyncio.timeout(idle):
+                            async with timeout(self._clock, idle):
                                 chunk = await anext(chunks)
                         except StopAsyncIteration:
                             return
@@ -348,16 +354,16 @@ class ModelClient(ABC):
         """Track one request, bound it by the pool's timeout, translate what the SDK raises.
 
         The SDKs' own timeouts are per phase (connect, each read), so a server that drips bytes
-        never trips them; ``asyncio.timeout`` bounds the whole call.
+        never trips them; a deadline on this client's clock bounds the whole call.
         """
-        timeout = self._limits.timeout
+        limit = self._limits.timeout
         async with self._health.track(self.backend.id):
             try:
-                async with asyncio.timeout(timeout):
+                async with timeout(self._clock, limit):
                     yield
             except TimeoutError as exc:
                 raise BackendUnreachable(
-                    f"{self._where()}: no answer within {timeout:g}s",
+                    f"{self._where()}: no answer within {limit:g}s",
                     backend=self.backend.base_url,
                 ) from exc
             except self._caught() as exc:

@@ -35,7 +35,10 @@ def _key_hash(api_key: str | None) -> str:
 
 
 class ClientPool:
-    """Hands out :class:`ModelClient` objects backed by cached, shared SDK clients."""
+    """Hands out :class:`ModelClient` objects backed by cached, shared SDK clients.
+
+    ``clock`` times the health book (unless ``health`` is given) and every client's call and
+    stream deadlines."""
 
     def __init__(
         self,
@@ -55,6 +58,7 @@ class ClientPool:
             max_body_bytes=max_body_bytes,
         )
         self.health = health or Health(health_config, clock=clock)
+        self._clock = clock
         self._sdk: dict[tuple[type[ModelClient], str, str], Any] = {}
         self._closed = False
 
@@ -81,7 +85,12 @@ class ClientPool:
         An unknown backend type is :class:`~runtimestate.errors.Unsupported`."""
         cls = kinds.get(backend.type).client_class()
         return cls(
-            provider=provider, backend=backend, limits=self.limits, health=self.health, sdks=self
+            provider=provider,
+            backend=backend,
+            limits=self.limits,
+            health=self.health,
+            sdks=self,
+            clock=self._clock,
         )
 
     def sdk_client(self, backend: BackendRef, factory: type[ModelClient]) -> Any:

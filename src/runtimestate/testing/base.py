@@ -154,8 +154,10 @@ class EmulatedBackend(ABC):
         # Streamed answers whose client went away before their end (a cancelled pull): counted
         # here, outside the code under test, so a test can see that a cancel really closed one.
         self.streams_abandoned = 0
-        # Requests being answered right now (the dispatcher counts them, also streams).
+        # Requests being answered right now (the dispatcher counts them, also streams), and the
+        # most there ever were at once: how a test shows concurrency by count, not by time.
         self.active = 0
+        self.max_active = 0
         self._root = root
         self._clock = clock
         self._routes: dict[tuple[str, str], Handler] = {}
@@ -191,6 +193,8 @@ class EmulatedBackend(ABC):
             "name": self.name,
             "base_url": self.base_url,
             "streams_abandoned": self.streams_abandoned,
+            "active": self.active,
+            "max_active": self.max_active,
         }
 
     @abstractmethod

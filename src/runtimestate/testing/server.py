@@ -52,7 +52,9 @@ class Emulator:
     ``add_*`` returns the backend, whose ``base_url`` is what a driver should be given.
     ``latency`` (seconds, changeable at any time) delays every answer of every backend whose
     ``faults.latency`` is unset. Each backend keeps about its last ``max_recorded`` requests, so
-    a long demo does not grow without bound.
+    a long demo does not grow without bound. ``active`` counts the requests being answered on
+    every backend together and ``max_active`` the most there were at once (each backend counts
+    its own too), so a test shows concurrency by count rather than by time.
     """
 
     def __init__(
@@ -72,6 +74,9 @@ class Emulator:
         self._url: str | None = None
         self._backends: dict[tuple[str, str], EmulatedBackend] = {}
         self._runner: web.AppRunner | None = None
+        # Requests in flight on every backend together, and the most there were at once.
+        self.active = 0
+        self.max_active = 0
 
     @property
     def url(self) -> str:
@@ -240,12 +245,16 @@ class Emulator:
             # Halving at once keeps the trimming amortized O(1) per request.
             del recorded[: len(recorded) - self.max_recorded // 2]
         backend.active += 1
+        backend.max_active = max(backend.max_active, backend.active)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
         try:
             return await self._answer(request, backend, emu_request, paths)
         finally:
             # Also when the client went away and aiohttp cancelled the handler: ``active``
             # is how a test sees, from outside the client, that a request was closed.
             backend.active -= 1
+            self.active -= 1
 
     async def _answer(
         self,
