@@ -106,7 +106,10 @@ class Watcher:
         )
         watcher = cls(proc)
         await eventually(
-            watcher.connected.is_set, within=20, what="watch never connected to the SSE stream"
+            watcher.connected.is_set,
+            within=20,
+            every=0.1,
+            what="watch never connected to the SSE stream",
         )
         return watcher
 
@@ -136,7 +139,8 @@ class Watcher:
     async def interrupt(self) -> int:
         """Ctrl-C, as an operator stops ``watch``."""
         self.proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(10):
+        # A failure bound, not a speed check: on a loaded machine the exit takes a while.
+        async with asyncio.timeout(30):
             code = await self.proc.wait()
             await asyncio.gather(*self._tasks)
         return code
@@ -211,6 +215,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
                     >= set(MODELS)
                 ),
                 within=30,
+                every=0.1,
                 what=lambda: (
                     f"fast node never finished both pulls; events: "
                     f"{watcher.of(fast.base_url)[-5:]}\n"
@@ -223,6 +228,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
             await eventually(
                 lambda: any(e.get("completed") for e in watcher.of(slow.base_url)),
                 within=30,
+                every=0.1,
                 what=lambda: f"slow node never started pulling\n{service.log_tail()}",
             )
             started = pulls(slow)
@@ -230,6 +236,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
             await eventually(
                 lambda: any(e["status"] == "cancelled" for e in watcher.of(slow.base_url)),
                 within=10,
+                every=0.1,
                 what=lambda: (
                     f"no 'cancelled' status for the slow node: {watcher.of(slow.base_url)[-3:]}"
                 ),
@@ -250,6 +257,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
             await eventually(
                 lambda: pulls(slow) > started and len(watcher.of(slow.base_url)) > seen,
                 within=10,
+                every=0.1,
                 what="the retried downloads on the slow node never started",
             )
             # Then by model name: the retried pull is running, and naming its model stops it.
@@ -263,6 +271,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
                     for e in watcher.of(slow.base_url)[seen:]
                 ),
                 within=10,
+                every=0.1,
                 what=f"cancelling {running} by name did not stop its pull",
             )
             (other,) = [m for m in MODELS if norm(m) != norm(running)]
@@ -271,6 +280,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
                     norm(e["model"]) == norm(other) for e in watcher.of(slow.base_url)[seen:]
                 ),
                 within=10,
+                every=0.1,
                 what=f"the slow node's other model {other} never started after the cancel",
             )
             nothing = await cli.run("queue", "cancel", "never-declared:1b")
@@ -296,6 +306,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
             await eventually(
                 lambda: watcher.connections >= 2,
                 within=20,
+                every=0.1,
                 what="the watch left running did not reconnect to the restarted service",
             )
             assert await cli.json("backend", "list") == declared_backends
@@ -303,6 +314,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
             await eventually(
                 lambda: pulls(slow) > before_restart,
                 within=20,
+                every=0.1,
                 what=lambda: (
                     f"the restarted service never pulled the download given back at shutdown\n"
                     f"{service.log_tail()}"
@@ -314,6 +326,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
             await eventually(
                 lambda: set(slow.models) >= set(MODELS),
                 within=30,
+                every=0.1,
                 what=lambda: (
                     f"after restart the slow node never got {MODELS}: {sorted(slow.models)}\n"
                     f"{service.log_tail()}"
@@ -329,6 +342,7 @@ async def test_declare_watch_cancel_restart(tmp_path: Path, infra_flags: tuple[s
                     >= set(MODELS)
                 ),
                 within=10,
+                every=0.1,
                 what="the watch left running did not follow the restarted service's downloads",
             )
             assert await watcher.interrupt() == 130, "Ctrl-C: the shell's status for SIGINT"
