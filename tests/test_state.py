@@ -666,11 +666,12 @@ async def test_cycles_do_not_leave_tasks_behind(
 
 async def _cycle_on(clock: FakeClock, state: State, step: float) -> None:
     """Run one backend cycle, moving the fake clock by ``step`` (the emulated latency) each
-    time a request waits on it."""
+    time a request waits on it: then two sleep on the clock, the request and the backend's
+    deadline in the cycle."""
     cycle = asyncio.create_task(state.run_backend_cycle())
     async with asyncio.timeout(10):
         while not cycle.done():
-            if clock.sleepers:
+            if clock.sleepers >= 2:
                 clock.advance(step)
             await asyncio.sleep(0)
     await cycle
@@ -685,7 +686,8 @@ async def test_each_state_says_when_and_how_fast_it_was_observed(
         node.faults.latency = 2.5
         backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
         await declare_chat(store, "llama3")
-        async with State(store, bus, clock=clock) as state:
+        # Slower than the default deadline allows (two requests of 7 s): a longer one.
+        async with State(store, bus, clock=clock, backend_timeout=60.0) as state:
             started = clock.now()
             await _cycle_on(clock, state, 2.5)
             first = state.get()[backend.id]
