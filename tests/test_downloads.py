@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -511,37 +512,87 @@ async def test_f10_undeclaring_a_model_stops_its_running_pull(fleet: Fleet) -> N
     assert await fleet.store.list_pull_tasks() == []
 
 
-async def test_f10_a_worker_that_missed_the_notice_stops_at_its_next_heartbeat(
-    store_factory: StoreFactory, emu: Emulator
-) -> None:
+@dataclass
+class DeafPull:
+    """A pull under way in a worker that misses every bus notice: ``planner`` runs backend
+    cycles on one bus, ``worker`` (a State, 15 s heartbeat timeout) listens on another."""
+
+    fleet: Fleet
+    planner: State
+    worker: State
+    worker_bus: Messenger
+    pulling: asyncio.Task[bool]
+    node: OllamaNode
+
+    async def undeclare(self) -> None:
+        store = self.fleet.store
+        await store.delete_model((await store.get_model_by_name("phi3:mini")).id)
+        await self.planner.run_backend_cycle()
+
+
+@asynccontextmanager
+async def deaf_pull(store_factory: StoreFactory, emu: Emulator) -> AsyncIterator[DeafPull]:
+    """One node ``n1`` with 30 s pulls, ``phi3:mini`` declared and being pulled by a worker
+    that is deaf to the planner's notices (one store and one FakeClock, two buses)."""
     clock = FakeClock()
     store = await store_factory(clock=clock)
-    # Two buses: the worker listens on one, the backend cycle publishes on the other.
     worker_bus, cycle_bus = await open_bus(None), await open_bus(None)
     fleet = Fleet(store, cycle_bus, emu, clock)
-    node = await fleet.node("n1", pull_seconds=30.0)
-    await fleet.model("phi3:mini")
+    worker_fleet = Fleet(store, worker_bus, emu, clock)
     try:
+        node = await fleet.node("n1", pull_seconds=30.0)
+        await fleet.model("phi3:mini")
         planner = fleet.state()
         await planner.run_backend_cycle()
-        worker_fleet = Fleet(store, worker_bus, emu, clock)
-        worker = worker_fleet.state(worker_id="w2", heartbeat_timeout=15.0)
+        worker = worker_fleet.state(worker_id="p1", heartbeat_timeout=15.0)
         pulling = asyncio.create_task(worker.run_download_cycle())
         await eventually(lambda: pulls(node) == 1 and clock.sleepers >= 2)
-        model = await store.get_model_by_name("phi3:mini")
-        await store.delete_model(model.id)
-        await planner.run_backend_cycle()
-        assert not pulling.done()
-        clock.advance(5)
-        async with asyncio.timeout(5):
-            assert await pulling is True
-        assert worker.worker.last_outcome is DownloadOutcome.LOST
-        assert "phi3:mini" not in node.models
-        await worker_fleet.aclose()
+        yield DeafPull(fleet, planner, worker, worker_bus, pulling, node)
     finally:
+        await worker_fleet.aclose()
         await fleet.aclose()
         await worker_bus.close()
         await cycle_bus.close()
+
+
+async def test_f10_a_worker_that_missed_the_notice_stops_at_its_next_heartbeat(
+    store_factory: StoreFactory, emu: Emulator
+) -> None:
+    async with deaf_pull(store_factory, emu) as deaf:
+        await deaf.undeclare()
+        assert not deaf.pulling.done()
+        deaf.fleet.clock.advance(5)
+        async with asyncio.timeout(5):
+            assert await deaf.pulling is True
+        assert deaf.worker.worker.last_outcome is DownloadOutcome.LOST
+        assert "phi3:mini" not in deaf.node.models
+
+
+async def test_a_pull_removed_and_queued_again_stops_the_old_claim_of_the_same_process(
+    store_factory: StoreFactory, emu: Emulator
+) -> None:
+    # One process, two worker routines that miss the bus: the first pulls; the model is
+    # un-declared and declared again, and the second claims the new task - attempt 1 again, in
+    # the same process. The first's next heartbeat must find the task no longer its own.
+    async with deaf_pull(store_factory, emu) as deaf:
+        store, clock = deaf.fleet.store, deaf.fleet.clock
+        await deaf.undeclare()
+        await deaf.fleet.model("phi3:mini")
+        await deaf.planner.run_backend_cycle()
+        second = asyncio.create_task(deaf.worker.run_download_cycle())
+        await eventually(lambda: pulls(deaf.node) == 2 and clock.sleepers >= 4)
+        (task,) = await store.list_pull_tasks()
+        assert (task.status, task.attempt) == (PullStatus.RUNNING, 1)
+        clock.advance(5)
+        async with asyncio.timeout(5):
+            assert await deaf.pulling is True
+        assert deaf.worker.worker.last_outcome is DownloadOutcome.LOST
+        assert not second.done()
+        (still,) = await store.list_pull_tasks()
+        assert (still.status, still.owner) == (PullStatus.RUNNING, task.owner)
+        await downloads.cancel(store, deaf.worker_bus, model="phi3:mini")
+        async with asyncio.timeout(5):
+            assert await second is True
 
 
 async def test_f11_heartbeats_go_at_a_fixed_period_without_progress_lines(

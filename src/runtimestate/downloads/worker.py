@@ -14,11 +14,12 @@ While the pull runs, three watchers race it, each on the injected :class:`Clock`
 * **deadlines** - response headers within ``header_timeout``, then a line at least every
   ``stall_timeout``, and the whole pull within ``total_timeout``; the connect phase is bounded
   by the HTTP client as well. No await on the network is left without a bound;
-* **heartbeat** - every ``heartbeat_timeout / 3`` the worker records, fenced by owner and
-  attempt, that it is alive and how far it got (whole-model bytes, summed over the layers). A
-  write that finds the task no longer this worker's (cancelled, deleted because the model was
-  un-declared, or reclaimed by another worker after this one stalled) stops the pull: that is
-  how a cancel reaches a worker that missed the bus message;
+* **heartbeat** - every ``heartbeat_timeout / 3`` the worker records, fenced by owner (its id
+  and the claim's number: unique per claim) and attempt, that it is alive and how far it got
+  (whole-model bytes, summed over the layers). A write that finds the task no longer this
+  worker's (cancelled, deleted because the model was un-declared, or reclaimed by another
+  worker after this one stalled) stops the pull: that is how a cancel reaches a worker that
+  missed the bus message;
 * **cancel notices** on ``queue_cancel`` - ``{"id"}`` naming the backend URL or the model (the
   Go package's message), or ``{"id": model, "url"}`` naming one pair. The worker stops the pull
   and marks its task ``cancelled`` if it is still its own.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import random
@@ -165,12 +167,17 @@ class PullWorker:
         self._backoff = backoff or Backoff()
         self._rand = rand
         self.last_outcome = DownloadOutcome.EMPTY
+        self._claims = itertools.count(1)
 
     async def run_cycle(self) -> bool:
         """Claim one due task and carry it out; False when nothing was due. Raises only for
         the store (or a bug), never for the backend's failure."""
+        # Every claim has an owner of its own: the routines of one process share this worker,
+        # and a task removed and queued again starts its attempts afresh, so "this worker,
+        # attempt 1" could name two claims at once - and the old one's writes would pass.
         task = await self._store.claim_pull_task(
-            owner=self.worker_id, stale_after=timedelta(seconds=self.heartbeat_timeout)
+            owner=f"{self.worker_id}/{next(self._claims)}",
+            stale_after=timedelta(seconds=self.heartbeat_timeout),
         )
         if task is None:
             self.last_outcome = DownloadOutcome.EMPTY
@@ -196,7 +203,7 @@ class PullWorker:
         fence: dict[str, Any] = {
             "backend_id": task.backend_id,
             "model": task.model,
-            "owner": self.worker_id,
+            "owner": task.owner,
             "attempt": task.attempt,
         }
         try:

@@ -428,7 +428,11 @@ class Store(abc.ABC):
         """Make ``owner`` the owner of one due task and return it running (``attempt`` one
         higher); ``None`` when nothing is due. Due: queued, or failed and past its
         ``next_attempt_at``, on a backend with nothing running; or running with a heartbeat
-        older than ``stale_after``. One statement, atomic across processes."""
+        older than ``stale_after``. One statement, atomic across processes.
+
+        ``owner`` should name this one claim (not merely a process): a task removed and queued
+        again counts its attempts from 1 again, and only a fresh owner then tells an old
+        claim's late writes from the new claim's."""
 
     @abc.abstractmethod
     async def heartbeat_pull_task(

@@ -163,8 +163,9 @@ class PullStatus(StrEnum):
 class PullTask:
     """The pull of one model onto one backend, as the whole fleet sees it.
 
-    ``attempt`` counts claims and never goes down: with ``owner`` it fences every write of the
-    worker that claimed it (a worker that lost the task cannot change it any more).
+    ``attempt`` counts the claims of this task and never goes down while it exists (a task
+    removed and queued again starts over): with ``owner``, which names one claim, it fences
+    every write of the worker that claimed it (a worker that lost the task cannot change it).
     ``failures`` counts failed attempts since the task was queued or retried, and sets the
     back-off. Times are the database's (see :meth:`Store.claim_pull_task`).
     """

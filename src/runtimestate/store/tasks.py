@@ -14,8 +14,10 @@ module only makes each step one statement that the database keeps correct:
   test before either commits; the partial index then refuses the second, which is told
   ``None`` after a few tries rather than an error.
 * **Fencing**: every write of a worker names ``owner`` and ``attempt`` (which only grows, one
-  per claim) and changes nothing unless the row still says both, so a worker that stalled past
-  ``stale_after`` and lost its task to another can no longer touch it.
+  per claim, while the row exists) and changes nothing unless the row still says both, so a
+  worker that stalled past ``stale_after`` and lost its task to another can no longer touch it.
+  A row deleted and inserted again starts at attempt 1 again, so the caller names each claim
+  with an owner of its own.
 * **Database time**: on PostgreSQL the times come from ``statement_timestamp()``, so replicas
   whose clocks disagree still agree on whose heartbeat is stale. A store opened with an explicit
   clock (tests, a :class:`~runtimestate.clock.FakeClock`) takes that clock's time instead, which
