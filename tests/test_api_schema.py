@@ -119,6 +119,9 @@ def operations(api: ThreadedApi) -> list[tuple[Any, bool]]:
         # This in-thread app runs no cluster membership (the service always does), so /cluster
         # answers its documented 503 here; tests/test_cluster.py and the replica harness cover it.
         .exclude(path="/cluster")
+        # Likewise a backend's history of errors, kept in the shared snapshot that only the
+        # service runs; tests/test_api_backend_history.py covers it.
+        .exclude(path="/state/{backend}/errors")
     )
     found = []
     for result in loaded.get_all_operations():
@@ -179,9 +182,10 @@ def test_every_operation_conforms(api: ThreadedApi) -> None:
         excluded = [positive_data_acceptance] if refusable else []
         run_examples(operation, url=api.url, excluded=excluded)
         checked.append(operation.label)
-    # The 52 operations of the API (the gateway keys' three, the named secrets' three, the
-    # queue's retry and /cluster included) but the two SSE streams and /cluster.
-    assert len(checked) == 49
+    # The 54 operations of the API (the gateway keys' three, the named secrets' three, the
+    # queue's retry, /cluster, /providers/health and /state/{backend}/errors included) but the
+    # two SSE streams, /cluster and /state/{backend}/errors.
+    assert len(checked) == 50
 
 
 @pytest.mark.timeout(300)

@@ -3,12 +3,22 @@ and the copy every replica serves - on each store, with the in-process bus and a
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
-from runtimestate.bus import open_bus
+from runtimestate.bus import Messenger, open_bus
 from runtimestate.clock import FakeClock
-from runtimestate.cluster import Cluster, Role, SnapshotCache, SnapshotPublisher
+from runtimestate.cluster import (
+    ERROR_HISTORY_SIZE,
+    Cluster,
+    Role,
+    SnapshotCache,
+    SnapshotPublisher,
+)
 from runtimestate.records import BackendInfo, LLMState
+from runtimestate.store import Store
+from runtimestate.store.records import Leadership
 from tests.fixtures.postgres import StoreFactory
 
 
@@ -50,14 +60,7 @@ async def test_one_replica_leads_and_only_it_carries_a_fence(store_factory: Stor
 async def test_the_leader_writes_only_what_changed_and_replicas_follow(
     store_factory: StoreFactory,
 ) -> None:
-    clock = FakeClock()
-    bus = await open_bus(None)
-    try:
-        leader_store = await store_factory(clock=clock)
-        lease = await leader_store.claim_leadership("backend-cycle", holder="me", ttl=_ttl())
-        publisher = SnapshotPublisher(leader_store, bus)
-        cache = SnapshotCache(await store_factory(clock=clock), clock=clock)
-
+    async with _leading(store_factory) as (_, _, _, lease, publisher, cache):
         states = {"a": _state("a", "m1"), "b": _state("b", "m2")}
         first = await publisher.publish(states, lease.fence())
         assert (first, publisher.writes) == (1, 1)
@@ -81,9 +84,84 @@ async def test_the_leader_writes_only_what_changed_and_replicas_follow(
         assert await publisher.publish({"a": _state("a", "m1")}, lease.fence()) == 3
         await cache.refresh()
         assert list(cache.get()) == ["a"]
-    finally:
-        await bus.close()
 
 
 def _ttl() -> timedelta:
     return timedelta(seconds=30)
+
+
+Leading = tuple[FakeClock, Messenger, Store, Leadership, SnapshotPublisher, SnapshotCache]
+
+
+@asynccontextmanager
+async def _leading(store_factory: StoreFactory) -> AsyncIterator[Leading]:
+    """A leader's store with its lease and publisher, and another replica's snapshot copy."""
+    clock = FakeClock()
+    bus = await open_bus(None)
+    try:
+        leader_store = await store_factory(clock=clock)
+        lease = await leader_store.claim_leadership("backend-cycle", holder="me", ttl=_ttl())
+        publisher = SnapshotPublisher(leader_store, bus)
+        cache = SnapshotCache(await store_factory(clock=clock), clock=clock)
+        yield clock, bus, leader_store, lease, publisher, cache
+    finally:
+        await bus.close()
+
+
+async def test_every_replica_serves_each_backends_bounded_error_history(
+    store_factory: StoreFactory,
+) -> None:
+    async with _leading(store_factory) as (clock, bus, leader_store, lease, publisher, cache):
+
+        def observed(error: str, second: int) -> dict[str, LLMState]:
+            at = clock.now() + timedelta(seconds=second)
+            return {
+                "a": _state("a", "m1", error=error).observed(at, 0.01),
+                "b": _state("b", "m1").observed(clock.now(), 0.01),
+            }
+
+        await publisher.publish(observed("", 0), lease.fence())
+        await publisher.publish(observed("refused", 1), lease.fence())
+        writes = publisher.writes
+        # Steady: the same error again writes nothing and adds nothing.
+        await publisher.publish(observed("refused", 1), lease.fence())
+        assert publisher.writes == writes
+        await publisher.publish(observed("", 2), lease.fence())
+        await cache.refresh()
+        at = [
+            (clock.now() + timedelta(seconds=s)).isoformat().replace("+00:00", "Z") for s in (1, 2)
+        ]
+        assert cache.error_history("a") == [
+            {"at": at[1], "error": ""},
+            {"at": at[0], "error": "refused"},
+        ]
+        assert cache.error_history("b") == []
+        assert cache.error_history("nobody") is None
+        # /state's JSON stays the state's own: the history is not in it.
+        assert "errorHistory" not in cache.get()["a"].model_dump(mode="json")
+
+        # A new leader (new term) continues the history its predecessor kept, bounded.
+        await leader_store.resign_leadership("backend-cycle", holder="me")
+        successor = await leader_store.claim_leadership("backend-cycle", holder="you", ttl=_ttl())
+        next_publisher = SnapshotPublisher(leader_store, bus)
+        await next_publisher.publish(observed("timeout", 3), successor.fence())
+        await cache.refresh()
+        assert [c["error"] for c in cache.error_history("a") or ()] == ["timeout", "", "refused"]
+        for second in range(4, 4 + 2 * ERROR_HISTORY_SIZE):
+            error = f"timeout {second}" if second % 2 else ""
+            await next_publisher.publish(observed(error, second), successor.fence())
+        await cache.refresh()
+        history = cache.error_history("a")
+        assert history is not None
+        assert len(history) == ERROR_HISTORY_SIZE
+        last = 3 + 2 * ERROR_HISTORY_SIZE
+        # Bounded where it is stored, not only where it is read.
+        stored = {e.backend_id: e.state for e in (await leader_store.read_snapshot()).entries}
+        kept = stored["a"]["errorHistory"]
+        assert isinstance(kept, list)
+        assert len(kept) == ERROR_HISTORY_SIZE
+        assert [c["error"] for c in history[:3]] == [f"timeout {last}", "", f"timeout {last - 2}"]
+        # Removing the backend from the snapshot removes its history with it.
+        await next_publisher.publish({"b": observed("", 0)["b"]}, successor.fence())
+        await cache.refresh()
+        assert cache.error_history("a") is None

@@ -87,7 +87,14 @@ class Demo:
                 "--demo-pull-seconds",
                 PULL_SECONDS,
             ),
-            env=cli_env(url="http://unused", data_dir=self.data_dir),
+            # A refused pull is tried again only after ten minutes: within a test, a new pull
+            # request at the emulator is the Retry button's doing.
+            env=cli_env(
+                url="http://unused",
+                data_dir=self.data_dir,
+                RUNTIMESTATE_PULL_BACKOFF_INITIAL="600",
+                RUNTIMESTATE_PULL_BACKOFF_MAX="1200",
+            ),
             port=self.port,
         )
         self.token = (self.data_dir / "token").read_text().strip()
@@ -108,11 +115,14 @@ class Demo:
         headers = {"Authorization": f"Bearer {self.token}"}
         return httpx.request(method, self.url + path, headers=headers, timeout=10, **kwargs)
 
-    def emulator(self) -> dict[str, dict[str, Any]]:
-        """The emulator's own listing (its URL is in the service's log of this run)."""
+    def emulator_url(self) -> str:
+        """Where the emulator listens (its URL is in the service's log of this run)."""
         text = (self.root / "service.log").read_text()
-        url = re.findall(r"demo: emulated Ollama nodes at (\S+)", text)[-1]
-        listing = httpx.get(f"{url}/_emulator/backends", timeout=10).json()
+        return str(re.findall(r"demo: emulated Ollama nodes at (\S+)", text)[-1])
+
+    def emulator(self) -> dict[str, dict[str, Any]]:
+        """The emulator's own listing: each node with its counters."""
+        listing = httpx.get(f"{self.emulator_url()}/_emulator/backends", timeout=10).json()
         return {entry["name"]: entry for entry in listing}
 
 
@@ -183,6 +193,17 @@ def visit(browser: WebDriver, page: str) -> None:
     )
 
 
+def click(browser: WebDriver, selector: str, what: str) -> None:
+    """Click the element ``selector`` finds. The page is redrawn as data arrives: an element
+    found may be replaced before the click, which then reaches nothing and is tried again."""
+
+    def clicked() -> bool:
+        browser.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+
+    on_page(clicked, what=f"{what} clicked")
+
+
 def text_of(browser: WebDriver, element_id: str) -> str:
     found = browser.find_elements(By.ID, element_id)
     return found[0].text if found else ""
@@ -231,6 +252,19 @@ def test_overview_numbers_equal_the_apis(demo: Demo, browser: WebDriver) -> None
     shown, _ = on_page(agree, what="the overview to show the API's numbers")
     assert shown["ov-backends"] == "4"
     assert shown["ov-health-error"] == "1", "the demo's down node"
+    # Which replica leads and which are alive, as /cluster says.
+    cluster = demo.api("/cluster").json()
+
+    def replicas() -> list[list[str]] | None:
+        rows = browser.find_elements(By.CSS_SELECTOR, '[data-region="replicas"] tbody tr')
+        cells = [[td.text for td in row.find_elements(By.TAG_NAME, "td")] for row in rows]
+        return cells or None
+
+    rows = on_page(replicas, what="the replicas table")
+    assert [row[:3] for row in rows] == [
+        [r["instance"], "leader" if r["instance"] == cluster["leader"] else "replica", "yes"]
+        for r in cluster["replicas"]
+    ]
 
 
 def test_the_cancel_button_stops_a_running_pull(demo: Demo, browser: WebDriver) -> None:
@@ -298,6 +332,132 @@ def test_a_pull_moves_from_queued_to_a_percent_to_present_in_the_matrix(
     assert model in {m["name"] for m in tags.json()["models"]}
 
 
+def test_the_retry_button_pulls_a_refused_model_again(demo: Demo, browser: WebDriver) -> None:
+    visit(browser, "downloads")
+    row = f'li.download.failed[data-backend="{REFUSING_NODE}"][data-model="{REFUSED_MODEL}"]'
+    on_page(
+        lambda: browser.find_elements(By.CSS_SELECTOR, f'{row} button[data-act="retry"]'),
+        what="the refused model failed, with a Retry button",
+        within=60,
+    )
+
+    def pulls() -> int:
+        asked: dict[str, int] = demo.emulator()[REFUSING_NODE]["pull_requests"]
+        return asked.get(REFUSED_MODEL, 0)
+
+    before = pulls()
+    assert before >= 1, "the refused model was pulled and refused"
+    click(browser, f'{row} button[data-act="retry"]', "the Retry button")
+    # Ground truth at the emulator: a new pull request for that model on that node (the next
+    # automatic attempt is ten minutes away), which it refuses again.
+    on_page(lambda: pulls() > before, what="a new pull request at the emulator", within=60)
+    on_page(
+        lambda: browser.find_elements(By.CSS_SELECTOR, f'{row} button[data-act="retry"]'),
+        what="the refused model failed again",
+        within=60,
+    )
+    assert not browser.find_elements(By.CSS_SELECTOR, f"{row} [data-error]:not([hidden])")
+
+
+def test_backends_show_latency_and_each_backend_its_history_of_errors(
+    demo: Demo, browser: WebDriver
+) -> None:
+    visit(browser, "backends")
+
+    def latencies() -> dict[str, str] | None:
+        shown = {
+            str(row.get_attribute("data-backend")): row.find_element(
+                By.CSS_SELECTOR, "td.latency"
+            ).text
+            for row in browser.find_elements(By.CSS_SELECTOR, "table#backends tbody tr")
+        }
+        expected = {
+            entry["name"]: _seconds(entry["latencySeconds"]) for entry in demo.api("/state").json()
+        }
+        return shown if shown == expected else None
+
+    shown = on_page(latencies, what="each backend's latency as the API gives it")
+    assert all(text != "-" for text in shown.values()), shown
+    # The down node's page: its history of errors, as the service keeps it.
+    state = {entry["name"]: entry for entry in demo.api("/state").json()}
+    down = state[DOWN_NODE]
+    click(browser, f'tr[data-backend="{DOWN_NODE}"] th a', "the down node's link")
+    served = demo.api(f"/state/{down['id']}/errors").json()["errors"]
+    assert served, "the down node's error was recorded"
+    assert served[0]["error"] == down["error"]
+
+    def history() -> list[str] | None:
+        items = browser.find_elements(By.CSS_SELECTOR, "#history li")
+        return [str(item.get_attribute("data-error")) for item in items] or None
+
+    assert on_page(history, what="the history of errors") == [c["error"] for c in served]
+    browser.save_screenshot(str(SCREENSHOTS / "page-backend.png"))
+
+
+def _seconds(value: float | None) -> str:
+    """A latency as the dashboard shows it."""
+    if value is None:
+        return "-"
+    if value < 1:
+        return f"{round(value * 1000)} ms"
+    return f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
+
+
+def test_providers_show_which_backend_cools_down_and_until_when(
+    demo: Demo, browser: WebDriver
+) -> None:
+    # Every node's chat fails (a fault armed at the emulator), so the gateway cools them down.
+    nodes = [name for name in demo.emulator() if name != DOWN_NODE]
+    for name in nodes:
+        armed = httpx.post(
+            f"{demo.emulator_url()}/_emulator/backends/ollama/{name}/faults",
+            json={"fault": "fail", "status": 500, "path": "/api/chat"},
+            timeout=10,
+        )
+        assert armed.status_code < 300, armed.text
+    key = demo.api("/gateway/keys", "POST", json={"name": "browser-test"}).json()["key"]
+    try:
+        for _ in range(12):
+            answer = httpx.post(
+                demo.url + "/api/chat",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "llama3.2:1b", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=30,
+            )
+            if answer.status_code == 503 and "cool" in answer.text:
+                break
+        else:
+            raise AssertionError(f"no backend cooled down: {answer.status_code} {answer.text}")
+    finally:
+        for name in nodes:
+            httpx.delete(
+                f"{demo.emulator_url()}/_emulator/backends/ollama/{name}/faults", timeout=10
+            )
+    health = {entry["name"]: entry for entry in demo.api("/providers/health").json()}
+    cooling = {
+        name for name, entry in health.items() if (entry["routing"] or {}).get("coolingUntil")
+    }
+    assert cooling, health
+    visit(browser, "providers")
+
+    def cooldowns() -> dict[str, str] | None:
+        rows = browser.find_elements(By.CSS_SELECTOR, "table#backend-health tbody tr")
+        shown = {
+            str(row.get_attribute("data-backend")): row.find_element(
+                By.CSS_SELECTOR, "td.cooldown"
+            ).text
+            for row in rows
+        }
+        return shown if set(shown) == set(health) else None
+
+    shown = on_page(cooldowns, what="one row per backend")
+    assert {name for name, text in shown.items() if text != "-"} == cooling
+    for name in cooling:
+        until = health[name]["routing"]["coolingUntil"]
+        local = browser.execute_script("return new Date(arguments[0]).toLocaleTimeString()", until)
+        assert shown[name] == local
+
+
 @pytest.mark.network_errors_expected
 def test_an_invalid_form_shows_the_apis_error_inline(demo: Demo, browser: WebDriver) -> None:
     visit(browser, "actions")
@@ -318,8 +478,21 @@ def test_an_invalid_form_shows_the_apis_error_inline(demo: Demo, browser: WebDri
 
 
 def test_every_page_shows_the_demo_fleet(demo: Demo, browser: WebDriver) -> None:
-    """One screenshot per page; the refused model and the down node are visible where they
-    belong."""
+    """One screenshot per page while pulls run; the refused model and the down node are
+    visible where they belong."""
+    # The demo's first pulls may be over by now: every node loses a model (removed on the node
+    # itself, as an operator might), so the next cycle pulls it again while the pages are shown.
+    nodes = {name: entry["base_url"] for name, entry in demo.emulator().items()}
+    for base_url in nodes.values():
+        httpx.request(
+            "DELETE", base_url + "/api/delete", json={"model": "qwen2.5:0.5b"}, timeout=10
+        )
+    visit(browser, "downloads")
+    on_page(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "li.download.running progress[value]"),
+        what="pulls running again",
+        within=60,
+    )
     for page in ("overview", "backends", "matrix", "downloads", "plan", "providers", "actions"):
         visit(browser, page)
         time.sleep(0.3)

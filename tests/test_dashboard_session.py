@@ -19,6 +19,7 @@ from runtimestate.bus.base import Messenger
 from runtimestate.clock import FakeClock
 from runtimestate.store.base import Store
 from runtimestate.web import install_dashboard
+from runtimestate.web.routes import OPTIONAL_ROUTES
 
 TOKEN = "dashboard-test-token-0123456789"
 
@@ -72,6 +73,18 @@ async def test_the_cookie_reads_but_changes_need_the_csrf_token(
     assert wrong.status_code == 403
     made = await client.post("/backends", json=body, headers={CSRF_HEADER: csrf})
     assert made.status_code == 201, made.text
+
+
+async def test_the_shell_names_every_optional_route_the_app_has(
+    client: httpx.AsyncClient,
+) -> None:
+    # The page reads an optional route (the summary, the event stream, the cluster, retrying,
+    # a backend's history, the providers' health) only when the shell names it.
+    await login(client)
+    shell = await client.get("/ui")
+    found = re.search(r'<meta name="features" content="([^"]*)">', shell.text)
+    assert found, shell.text[:300]
+    assert set(found.group(1).split()) == set(OPTIONAL_ROUTES)
 
 
 async def test_a_login_from_another_site_is_refused(client: httpx.AsyncClient) -> None:

@@ -80,6 +80,11 @@ async def test_root_version_and_server_listing(emu: Emulator, http: httpx.AsyncC
     }
     only = (await http.get(f"{emu.url}/_emulator/backends", params={"kind": "vllm"})).json()
     assert [b["name"] for b in only] == ["v-1"]
+    # An Ollama node counts the pull requests it received, per model, for other processes.
+    for _ in range(2):
+        await http.post(node.base_url + "/api/pull", json={"model": "llama3", "stream": False})
+    (ollama,) = (await http.get(f"{emu.url}/_emulator/backends", params={"kind": "ollama"})).json()
+    assert ollama["pull_requests"] == {"llama3:latest": 2}
     assert (await http.get(f"{emu.url}/ollama/nobody/api/tags")).status_code == 404
     unknown = await http.get(node.base_url + "/api/nothing")
     assert (unknown.status_code, unknown.text) == (404, "404 page not found")

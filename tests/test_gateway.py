@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -571,3 +572,40 @@ async def test_a_context_limit_400_is_relayed_as_it_is_and_not_retried(fleet: Fl
         fleet.vllm.context_limit = None
     assert caught.value.code == "context_length_exceeded"
     assert _chat_posts(fleet.vllm) - before == 1
+
+
+# Last in the module: it leaves vllm-1 cooling down.
+async def test_providers_health_says_which_backend_cools_down_and_until_when(
+    fleet: Fleet,
+) -> None:
+    fleet.vllm.faults.fail(status=500, path="/v1/chat/completions")
+    before = _chat_posts(fleet.vllm)
+    client = fleet.openai()
+    for attempt in range(3):
+        if attempt == 2:
+            third = datetime.now(UTC)
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(
+                model=VLLM, messages=[{"role": "user", "content": "fail"}]
+            )
+    # Ground truth at the emulator: three requests reached it; the fourth is refused by the
+    # gateway without reaching it, because the backend cools down.
+    assert _chat_posts(fleet.vllm) - before == 3
+    with pytest.raises(openai.APIStatusError) as cooling:
+        await client.chat.completions.create(
+            model=VLLM, messages=[{"role": "user", "content": "fail"}]
+        )
+    assert cooling.value.status_code == 503
+    assert _chat_posts(fleet.vllm) - before == 3
+    health = {entry["name"]: entry for entry in (await fleet.admin.get("/providers/health")).json()}
+    assert set(health) == {"node-a", "node-b", "vllm-1", "acct"}
+    routing = health["vllm-1"]["routing"]
+    until = datetime.fromisoformat(routing["coolingUntil"])
+    # The gateway's default cooldown: 30 s from the third failure, which came between the
+    # moment before that request and the moment after the answer above.
+    assert third + timedelta(seconds=30) <= until <= datetime.now(UTC) + timedelta(seconds=30)
+    assert routing["consecutiveFailures"] == 0, "the count starts again while it cools"
+    assert "HTTP 500" in routing["lastError"]
+    assert health["vllm-1"]["status"] != "error", "observed fine; only its traffic fails"
+    assert health["node-a"]["routing"]["coolingUntil"] is None
+    assert health["acct"]["type"] == "openai"

@@ -16,7 +16,13 @@ backend cycles. Three pieces, each usable on its own and wired together by the s
 * :class:`SnapshotPublisher` - on the leader, after each cycle: writes to the store only the
   backends whose observed state changed (a steady cycle writes nothing), fenced by the term,
   and publishes a notice on :data:`SNAPSHOT_NOTICE`. On a new term it first reloads what is
-  stored, since another leader may have written in between.
+  stored, since another leader may have written in between. Each stored entry also carries the
+  backend's **error history** (:data:`ERROR_HISTORY` key): its last :data:`ERROR_HISTORY_SIZE`
+  changes of ``error``, newest first, each ``{"at", "error"}`` (``""``: it recovered). It lives
+  in the shared snapshot because a change of error is a change of state - written anyway, so a
+  steady cycle still writes nothing - and so every replica serves the same history, and a new
+  leader continues the one its predecessor kept. ``GET /state`` leaves it out (it serializes
+  :class:`~runtimestate.records.LLMState`, which has no such field).
 * :class:`SnapshotCache` - on every replica: the in-memory copy that ``GET /state`` serves,
   refreshed on each notice and at least every cycle interval (one version read when nothing
   changed). Its :meth:`~SnapshotCache.age` is the time since the leader last completed a cycle
@@ -43,6 +49,8 @@ from runtimestate.store.base import Store
 from runtimestate.store.records import Fence, Leadership
 
 __all__ = [
+    "ERROR_HISTORY",
+    "ERROR_HISTORY_SIZE",
     "LEADER_ROLE",
     "SNAPSHOT_NOTICE",
     "SYNC_SUBJECT",
@@ -57,6 +65,9 @@ logger = logging.getLogger(__name__)
 LEADER_ROLE = "backend-cycle"
 SNAPSHOT_NOTICE = "runtimestate.cluster.snapshot"
 SYNC_SUBJECT = "runtimestate.cluster.sync"
+ERROR_HISTORY = "errorHistory"
+# Enough to see a flapping backend's pattern; a stored entry stays a few kilobytes at most.
+ERROR_HISTORY_SIZE = 20
 
 
 class Role(StrEnum):
@@ -246,7 +257,9 @@ class SnapshotPublisher:
     def __init__(self, store: Store, messenger: Messenger) -> None:
         self._store = store
         self._messenger = messenger
+        # What is stored per backend: the state's document, and apart from it the history.
         self._written: dict[str, dict[str, object]] | None = None
+        self._history: dict[str, list[dict[str, str]]] = {}
         self._term: int | None = None
         self.version = 0
         self.writes = 0
@@ -255,7 +268,11 @@ class SnapshotPublisher:
         """Write what changed since the last write under ``fence``; the snapshot version."""
         if self._written is None or self._term != fence.term:
             stored = await self._store.read_snapshot()
-            self._written = {entry.backend_id: entry.state for entry in stored.entries}
+            self._written, self._history = {}, {}
+            for entry in stored.entries:
+                document = dict(entry.state)
+                self._history[entry.backend_id] = _history_of(document.pop(ERROR_HISTORY, None))
+                self._written[entry.backend_id] = document
             self._term = fence.term
             self.version = stored.version
         documents = {key: state.model_dump(mode="json") for key, state in states.items()}
@@ -267,9 +284,15 @@ class SnapshotPublisher:
         removed = sorted(self._written.keys() - documents.keys())
         if not changed and not removed:
             return self.version
+        history = {key: self._next_history(key, document) for key, document in changed.items()}
         try:
             self.version = await self._store.write_snapshot(
-                fence=fence, changed=changed, removed=removed
+                fence=fence,
+                changed={
+                    key: {**document, ERROR_HISTORY: history[key]} if history[key] else document
+                    for key, document in changed.items()
+                },
+                removed=removed,
             )
         except BaseException:
             # Unknown what landed: read it back before the next comparison.
@@ -277,6 +300,9 @@ class SnapshotPublisher:
             raise
         self.writes += 1
         self._written = documents
+        for key in removed:
+            self._history.pop(key, None)
+        self._history.update(history)
         try:
             await self._messenger.publish(
                 SNAPSHOT_NOTICE, json.dumps({"version": self.version}).encode()
@@ -285,6 +311,28 @@ class SnapshotPublisher:
             # Followers still refresh every cycle interval.
             logger.warning("cluster: snapshot notice not sent: %s", exc)
         return self.version
+
+    def _next_history(self, key: str, document: Mapping[str, object]) -> list[dict[str, str]]:
+        """The backend's error history with this document's change of ``error``, if any."""
+        assert self._written is not None
+        history = self._history.get(key, [])
+        before = self._written.get(key)
+        error = str(document.get("error") or "")
+        if error == str((before or {}).get("error") or "") or (before is None and not error):
+            return history
+        change = {"at": str(document.get("observedAt") or ""), "error": error}
+        return [change, *history][:ERROR_HISTORY_SIZE]
+
+
+def _history_of(value: object) -> list[dict[str, str]]:
+    """A stored error history, as far as it is readable (a hand-edited row loses what is not)."""
+    if not isinstance(value, list):
+        return []
+    return [
+        {"at": str(item.get("at") or ""), "error": str(item.get("error") or "")}
+        for item in value[:ERROR_HISTORY_SIZE]
+        if isinstance(item, dict)
+    ]
 
 
 class SnapshotCache:
@@ -313,6 +361,12 @@ class SnapshotCache:
 
     def observed_at(self, backend_id: str) -> datetime | None:
         return self._observed.get(backend_id)
+
+    def error_history(self, backend_id: str) -> list[dict[str, str]] | None:
+        """The backend's last changes of ``error``, newest first (``None``: not in the
+        snapshot)."""
+        document = self._documents.get(backend_id)
+        return None if document is None else _history_of(document.get(ERROR_HISTORY))
 
     def age(self) -> float | None:
         """Seconds since the leader last completed a cycle this copy reflects (``None``

@@ -308,6 +308,7 @@ class Service:
                     sync=sync,
                     snapshot=self.snapshot,
                     cluster=_ClusterStatus(self),
+                    routing=gateway.health,
                     version=_version(),
                     closing=closing,
                     keys_changed=gateway.keys.reload,

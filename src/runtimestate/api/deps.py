@@ -14,6 +14,7 @@ With several replicas the service also passes ``snapshot`` (:class:`SnapshotView
 snapshot every replica serves ``GET /state`` from, with its version and age) and ``cluster``
 (:class:`ClusterView`: this replica's id, role, term and leader, the registry, and what makes
 ``/health`` degraded). Without them the routes fall back to the reconciler's own snapshot.
+``routing`` is the gateway's health book (:class:`RoutingView`), read by ``/providers/health``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "Context",
     "Key",
     "PageQuery",
+    "RoutingView",
     "SnapshotView",
     "StateView",
     "context",
@@ -90,6 +92,15 @@ class SnapshotView(Protocol):
 
     def observed_at(self, backend_id: str) -> datetime | None: ...
 
+    def error_history(self, backend_id: str) -> list[dict[str, str]] | None: ...
+
+
+class RoutingView(Protocol):
+    """This replica's gateway's health book (:class:`runtimestate.providers.Health`): per
+    backend id, requests in flight, latency, consecutive failures, cooldown end, last error."""
+
+    def snapshot(self) -> Mapping[str, Mapping[str, Any]]: ...
+
 
 class ClusterView(Protocol):
     """This replica's place among several (built by the service)."""
@@ -110,6 +121,8 @@ class ApiContext:
     sync: Callable[[], Awaitable[object]] | None = None
     snapshot: SnapshotView | None = None
     cluster: ClusterView | None = None
+    # The gateway's health book, for the backends' routing health and cooldowns.
+    routing: RoutingView | None = None
     version: str = "0"
     # Set when the service shuts down: long-lived answers (the SSE stream) end on it.
     closing: asyncio.Event = field(default_factory=asyncio.Event)

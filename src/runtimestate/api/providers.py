@@ -12,6 +12,15 @@ also covers a change made through another replica.
 backends of that type, the healthy ones and the models they reach, and gives the first error (a
 rejected key shows up there, not in the key's presence). Without a reconciler in the app those
 figures stay zero.
+
+``/providers/health`` is per backend: its status in the snapshot (``ok``, ``error``,
+``pulling``, ``failing``) and what this replica's gateway has seen of it - requests in flight,
+latency, consecutive failures, and the end of its cooldown while it cools down after repeated
+failures. Cooldowns live in each replica's gateway (each routes its own requests), so that part
+is this replica's view; the snapshot part is the same on every replica.
+
+Both read the shared snapshot when the service runs one (every replica's copy of what the
+leader observed); the reconciler's own snapshot otherwise.
 """
 
 from __future__ import annotations
@@ -24,13 +33,16 @@ from runtimestate import kinds
 from runtimestate.api.deps import ApiContext, Context
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import (
+    BackendHealthOut,
     ProviderConfigOut,
     ProviderKeyIn,
     ProviderStatusOut,
+    RoutingHealthOut,
 )
+from runtimestate.api.snapshot import backend_status
 from runtimestate.errors import NotFound, StoreError, redact
 from runtimestate.logging import register_secret
-from runtimestate.records import ProviderConfig
+from runtimestate.records import LLMState, ProviderConfig
 
 __all__ = ["ProviderType", "router"]
 
@@ -60,6 +72,13 @@ async def _load(ctx: ApiContext, provider: ProviderType) -> ProviderConfig:
         raise StoreError(f"the stored {provider.value} configuration is unreadable") from exc
 
 
+def _observed(ctx: ApiContext) -> list[LLMState]:
+    # A follower's reconciler observes nothing: the shared snapshot is what every replica has.
+    if ctx.snapshot is not None:
+        return list(ctx.snapshot.get().values())
+    return [] if ctx.state is None else list(ctx.state.get().values())
+
+
 def _masked(config: ProviderConfig) -> ProviderConfigOut:
     return ProviderConfigOut.model_validate(config.display())
 
@@ -80,7 +99,7 @@ async def provider_status(provider: ProviderType, ctx: Context) -> ProviderStatu
         configured = False
     else:
         configured = True
-    observed = [] if ctx.state is None else list(ctx.state.get().values())
+    observed = _observed(ctx)
     mine = sorted(
         (entry for entry in observed if entry.backend.type == provider.value),
         key=lambda entry: (entry.name, entry.id),
@@ -96,6 +115,38 @@ async def provider_status(provider: ProviderType, ctx: Context) -> ProviderStatu
         models=len({pulled.model for entry in healthy for pulled in entry.pulled_models}),
         error=errors[0] if errors else None,
     )
+
+
+@router.get("/providers/health", response_model=list[BackendHealthOut])
+async def backends_health(ctx: Context) -> list[BackendHealthOut]:
+    """Every observed backend, by name: its status and error, and this replica's routing
+    health of it (cooldown included)."""
+    book = None if ctx.routing is None else ctx.routing.snapshot()
+    answer = []
+    for entry in sorted(_observed(ctx), key=lambda e: (e.name, e.id)):
+        routing = None
+        if book is not None:
+            seen = book.get(entry.id, {})
+            routing = RoutingHealthOut(
+                in_flight=int(seen.get("inFlight") or 0),
+                latency_seconds=seen.get("latencySeconds"),
+                consecutive_failures=int(seen.get("consecutiveFailures") or 0),
+                cooling_until=seen.get("coolingUntil"),
+                last_error=redact(seen["lastError"], entry.api_key)
+                if seen.get("lastError")
+                else None,
+            )
+        answer.append(
+            BackendHealthOut(
+                id=entry.id,
+                name=entry.name,
+                type=entry.backend.type,
+                status=backend_status(entry),
+                error=redact(entry.error, entry.api_key),
+                routing=routing,
+            )
+        )
+    return answer
 
 
 @router.get("/providers/{provider}/config", response_model=ProviderConfigOut, responses=_NOT_FOUND)

@@ -52,10 +52,13 @@ __all__ = [
     "URL_PATTERN",
     "ActionOut",
     "ApiKey",
+    "BackendErrorsOut",
+    "BackendHealthOut",
     "BackendIn",
     "BackendOut",
     "BackendUpdate",
     "ErrorBody",
+    "ErrorChangeOut",
     "ErrorCode",
     "ErrorResponse",
     "HealthOut",
@@ -77,6 +80,7 @@ __all__ = [
     "QueueItemOut",
     "QueueRetryIn",
     "QueueRetryOut",
+    "RoutingHealthOut",
     "StateSummaryOut",
     "VersionOut",
 ]
@@ -331,6 +335,51 @@ class StateSummaryOut(_Camel):
     status: StatusCountsOut
     models: list[ModelSummaryOut]
     last_cycle: CycleOut | None = Field(description="The last backend cycle; null before one.")
+
+
+class ErrorChangeOut(_Camel):
+    at: datetime | None = Field(description="When the backend was observed with this error.")
+    error: str = Field(description="The new error; empty when the backend recovered.")
+
+
+class BackendErrorsOut(_Camel):
+    """``GET /state/{backend}/errors``: a backend's last changes of ``error``, newest first."""
+
+    id: str
+    name: str
+    error: str = Field(description="The error now; empty when there is none.")
+    errors: list[ErrorChangeOut] = Field(
+        description="The last changes of error (at most 20), newest first, as the leader "
+        "recorded them in the shared snapshot: every replica answers the same."
+    )
+
+
+class RoutingHealthOut(_Camel):
+    """What this replica's gateway has seen of a backend's traffic."""
+
+    in_flight: int = Field(description="Requests this replica has in flight on the backend.")
+    latency_seconds: float | None = Field(
+        description="Moving average of the time to the first answer; null before any."
+    )
+    consecutive_failures: int
+    cooling_until: datetime | None = Field(
+        description="While the backend cools down after repeated failures: when it ends."
+    )
+    last_error: str | None = None
+
+
+class BackendHealthOut(_Camel):
+    """``GET /providers/health``: one backend's observed health and its routing health."""
+
+    id: str
+    name: str
+    type: str
+    status: Literal["ok", "error", "pulling", "failing"]
+    error: str = Field(description="Why observing it failed; empty when it did not.")
+    routing: RoutingHealthOut | None = Field(
+        description="This replica's gateway's view (each replica routes, and cools down "
+        "backends, on its own); null when this service runs no gateway."
+    )
 
 
 class ActionOut(_Camel):

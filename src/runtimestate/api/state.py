@@ -19,6 +19,11 @@ snapshot the leader keeps in the store, so all of them answer the same bytes und
 ``ETag`` (the stored snapshot's version); the header ``X-Snapshot-Age`` says how many seconds
 ago the leader last completed a cycle confirming it.
 
+``GET /state/{backend}/errors`` (id or name) is one backend's history of errors: its last
+changes of ``error``, newest first, which the leader keeps in the shared snapshot (see
+:mod:`runtimestate.cluster`), so every replica answers the same; an app without the shared
+snapshot answers 503.
+
 ``POST /state/sync`` runs a backend cycle before answering, through the context's ``sync``
 function, which the service serializes with the scheduled cycle (a follower asks the leader and
 answers 503 when no leader answers in time). ``GET /state/plan`` asks the
@@ -35,9 +40,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from runtimestate.api.deps import NEXT_CURSOR_HEADER, ApiContext, Context, StateView
+from runtimestate.api.deps import NEXT_CURSOR_HEADER, ApiContext, Context, Key, StateView
 from runtimestate.api.errors import ERROR_RESPONSES, ApiError, Responses, errors_doc
-from runtimestate.api.schemas import LLMStateOut, PlanOut, StateSummaryOut
+from runtimestate.api.schemas import BackendErrorsOut, LLMStateOut, PlanOut, StateSummaryOut
 from runtimestate.api.snapshot import STATUSES, Event, SnapshotFeed, SnapshotSource
 from runtimestate.store.records import MAX_PAGE_SIZE
 
@@ -224,6 +229,31 @@ async def _events(ctx: ApiContext, feed: SnapshotFeed, last_id: str | None) -> A
                 yield b"".join(event.frame() for event in frames)
     finally:
         closing.cancel()
+
+
+@router.get(
+    "/state/{backend}/errors",
+    response_model=BackendErrorsOut,
+    responses=errors_doc((404, "No backend of that id or name in the snapshot")),
+)
+async def backend_errors(backend: Key, ctx: Context) -> BackendErrorsOut:
+    if ctx.snapshot is None:
+        raise ApiError(
+            503, "unavailable", "the error history is kept in the shared snapshot, not run here"
+        )
+    states = ctx.snapshot.get()
+    state = states.get(backend) or next((s for s in states.values() if s.name == backend), None)
+    history = None if state is None else ctx.snapshot.error_history(state.id)
+    if state is None or history is None:
+        raise ApiError(404, "not_found", f"no backend {backend!r} in the snapshot", field="backend")
+    return BackendErrorsOut.model_validate(
+        {
+            "id": state.id,
+            "name": state.name,
+            "error": state.error,
+            "errors": [{"at": c["at"] or None, "error": c["error"]} for c in history],
+        }
+    )
 
 
 @router.post("/state/sync", response_class=JSONResponse, responses=_STATE)

@@ -6,6 +6,7 @@ operations are offered over HTTP (JSON in, JSON out; errors ``{"error": "..."}``
 
 ==========================================================  =====================================
 ``GET    /_emulator/backends[?kind=ollama]``                 every backend with its ``base_url``
+                                                            (Ollama: ``pull_requests`` per model)
 ``POST   /_emulator/backends``                               add one: ``{"kind", "name", ...}``
 ``DELETE /_emulator/backends/{kind}/{name}``                 remove it
 ``POST   /_emulator/backends/{kind}/{name}/faults``          arm ``{"fault": "hang", ...}``

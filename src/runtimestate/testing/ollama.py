@@ -86,6 +86,8 @@ class OllamaNode(OpenAIEndpoints):
         # test of cancelling counts, from outside the code that cancels.
         self.pulls_running = 0
         self.pulls_broken_off = 0
+        # Pull requests received, per model name as normalized: what a test of retrying counts.
+        self.pull_requests: dict[str, int] = {}
         self.route("GET", "/", self._root_text)
         self.route("GET", "/api/version", self._version)
         self.route("GET", "/api/tags", self._tags)
@@ -99,6 +101,9 @@ class OllamaNode(OpenAIEndpoints):
         self.route("POST", "/api/embed", self._embed)
         # Ollama's OpenAI-compatible API, as real Ollama serves it under /v1.
         self.route_openai("/v1")
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "pull_requests": dict(self.pull_requests)}
 
     def add_model(self, name: str, **attributes: Any) -> OllamaModel:
         """Put a model in the inventory as if pulled; attributes as in :func:`make_model`."""
@@ -210,6 +215,7 @@ class OllamaNode(OpenAIEndpoints):
             return self.error(400, str(exc))
         except InvalidModelName:
             return self.error(400, "invalid model name")
+        self.pull_requests[name] = self.pull_requests.get(name, 0) + 1
         lines = self._pull_lines(name)
         if body.get("stream", True) is not False:
             return StreamReply(chunks=lines, content_type=_NDJSON)

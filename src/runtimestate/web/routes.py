@@ -84,11 +84,15 @@ OPTIONAL_ROUTES = {
     "events": "/state/events",
     "cluster": "/cluster",
     "retry": "/queue/retry",
+    "errors": "/state/{backend}/errors",
+    "health": "/providers/health",
 }
 
 
 def _features(app: FastAPI) -> str:
-    paths = {getattr(route, "path", None) for route in app.routes}
+    # The app's schema lists every route of its included routers (which ``app.routes`` wraps
+    # in objects without a path); FastAPI builds it once and keeps it.
+    paths = set(app.openapi().get("paths", {}))
     return " ".join(name for name, path in OPTIONAL_ROUTES.items() if path in paths)
 
 

@@ -24,12 +24,14 @@ const data = {
   cluster: null, // GET /cluster when the service has it
   fetchedAt: null, // when the snapshot was read (ms)
   progress: new Map(), // "url|model" -> live progress folded from SSE events
-  errorLog: new Map(), // backend id -> [{at, error}] as seen by this page
-  lastError: new Map(), // backend id -> last error text seen
+  history: new Map(), // backend id -> {errors, readAt}: GET /state/{id}/errors
 };
 // Routes another part of the service may add (named by the page shell when the app has them).
 const FEATURES = new Set(document.querySelector('meta[name="features"]').content.split(" "));
-const optional = { summary: FEATURES.has("summary"), cluster: FEATURES.has("cluster") };
+const optional = {
+  summary: FEATURES.has("summary"), cluster: FEATURES.has("cluster"),
+  errors: FEATURES.has("errors"), health: FEATURES.has("health"),
+};
 
 // ---- small helpers -----------------------------------------------------------------------
 function esc(value) {
@@ -343,7 +345,6 @@ function onStateEvent(kind, handle) {
     try { value = JSON.parse(message.data); } catch (_) { return; }
     handle(value);
     data.fetchedAt = Date.now();
-    noteErrors();
     redraw();
   });
 }
@@ -396,7 +397,6 @@ async function refresh() {
     data.summary = summary;
     data.cluster = cluster;
     data.fetchedAt = Date.now();
-    noteErrors();
     const page = currentPage().name;
     if (page === "plan") data.plan = await api("GET", "/state/plan");
     if (page === "providers") data.providers = await readProviders();
@@ -418,24 +418,38 @@ async function refresh() {
 }
 
 async function readProviders() {
-  const configs = await api("GET", "/providers/configs");
-  const statuses = await Promise.all(
-    ["openai", "gemini"].map((p) => api("GET", "/providers/" + p + "/status")),
-  );
-  return { configs, statuses };
+  const [configs, statuses, health] = await Promise.all([
+    api("GET", "/providers/configs"),
+    Promise.all(["openai", "gemini"].map((p) => api("GET", "/providers/" + p + "/status"))),
+    optionalGet("health", "/providers/health"),
+  ]);
+  return { configs, statuses, health };
 }
 
-function noteErrors() {
-  for (const entry of entries()) {
-    const previous = data.lastError.get(entry.id) || "";
-    const now = entry.error || "";
-    if (now !== previous) {
-      const log = data.errorLog.get(entry.id) || [];
-      log.unshift({ at: new Date().toISOString(), error: now || "(recovered)" });
-      data.errorLog.set(entry.id, log.slice(0, 50));
-      data.lastError.set(entry.id, now);
-    }
+// A backend's history of errors, as the service keeps it (the same on every replica): read when
+// its page is drawn and again after REFRESH_MS, never more often.
+function historyOf(id) {
+  const known = data.history.get(id);
+  if (!optional.errors) return known || { errors: null };
+  if (!known || (!known.loading && Date.now() - known.readAt > REFRESH_MS)) {
+    const next = { errors: known ? known.errors : null, readAt: Date.now(), loading: true };
+    data.history.set(id, next);
+    optionalGet("errors", "/state/" + encodeURIComponent(id) + "/errors")
+      .then((answer) => { next.errors = answer ? answer.errors : null; })
+      .catch((error) => { next.failed = error.message; })
+      .finally(() => { next.loading = false; next.readAt = Date.now(); redraw(); });
+    return next;
   }
+  return known;
+}
+
+function seconds(value) {
+  if (typeof value !== "number" || !isFinite(value)) return "-";
+  return value < 1 ? Math.round(value * 1000) + " ms" : value.toFixed(value < 10 ? 2 : 1) + " s";
+}
+
+function clockTime(iso) {
+  return iso ? new Date(iso).toLocaleTimeString() : "-";
 }
 
 // A finished pull leaves the live map once the snapshot shows the model present.
@@ -494,8 +508,10 @@ function draw() {
     const key = page.name + "/" + page.arg;
     if (drawn !== key) {
       drawn = key;
-      main.innerHTML = '<p id="page-error" class="error" role="alert" hidden></p>' +
-        pages[page.name].frame(page.arg);
+      // A new element per frame: a page's listeners go with it, so visiting a page again never
+      // adds a second listener (one click, one request).
+      main.innerHTML = '<div id="page"><p id="page-error" class="error" role="alert" hidden></p>' +
+        pages[page.name].frame(page.arg) + "</div>";
       for (const link of document.querySelectorAll("nav a")) {
         if (link.dataset.page === page.name) link.setAttribute("aria-current", "page");
         else link.removeAttribute("aria-current");
@@ -610,7 +626,7 @@ pages.backends = {
     'placeholder="name, type, URL or status"></p><div class="scroll" data-region="table"></div>',
   bind() {
     document.getElementById("backend-filter").addEventListener("input", () => redraw());
-    document.getElementById("main").addEventListener("click", (event) => {
+    document.getElementById("page").addEventListener("click", (event) => {
       const button = event.target.closest("button[data-sort]");
       if (!button) return;
       const key = button.dataset.sort;
@@ -632,7 +648,8 @@ pages.backends = {
         declared: declared.length,
         present: declared.filter((m) => presentSet.has(normalized(m))).length,
         drift: (entry.undeclaredModels || []).join(", "),
-        latency: entry.latencyMs ?? (entry.observation && entry.observation.latencyMs) ?? null,
+        // Sorted as a number; a backend that reports none sorts last.
+        latency: typeof entry.latencySeconds === "number" ? entry.latencySeconds : Infinity,
       };
     }).filter((row) => !filter ||
       [row.name, row.type, row.url, row.health, row.error].join(" ").toLowerCase().includes(filter));
@@ -652,8 +669,9 @@ pages.backends = {
         esc(row.name) + "</a></th><td>" + esc(row.type) + "</td><td class=\"url\">" + esc(row.url) +
         '</td><td><span class="pill ' + row.health + '">' + row.health + "</span></td><td class=\"err\">" +
         esc(row.error) + "</td><td>" + row.present + " / " + row.declared + "</td><td>" +
-        esc(row.drift) + "</td><td>" + (row.latency === null ? "-" : esc(row.latency) + " ms") +
-        "</td></tr>").join("") + "</tbody></table>" +
+        esc(row.drift) + '</td><td class="latency" title="observed ' +
+        esc(row.entry.observedAt ? age(row.entry.observedAt) : "?") + '">' +
+        esc(seconds(row.latency)) + "</td></tr>").join("") + "</tbody></table>" +
       (rows.length ? moreRows("backends", rows.length) : "<p>No backend matches.</p>"));
   },
 };
@@ -672,17 +690,27 @@ pages.backend = {
       return;
     }
     const models = new Set([...(entry.models || []), ...presentNames(entry)].map(normalized));
-    const log = data.errorLog.get(entry.id) || [];
+    const history = historyOf(entry.id);
+    let errors;
+    if (history.failed) errors = '<p class="error">' + esc(history.failed) + "</p>";
+    else if (history.errors === null) errors = "<p>Reading the history...</p>";
+    else if (!history.errors.length) errors = '<p id="history-none">No error recorded.</p>';
+    else {
+      errors = '<ol id="history">' + history.errors.map((item) => '<li data-error="' +
+        esc(item.error) + '"><time datetime="' + esc(item.at || "") + '">' + esc(clockTime(item.at)) +
+        "</time> " + (item.error ? esc(item.error) : '<span class="pill ok">recovered</span>') +
+        "</li>").join("") + "</ol>";
+    }
     region("detail", "<h1>" + esc(entry.name) + "</h1><dl class=\"facts\">" +
       "<dt>type</dt><dd>" + esc(entry.backend.type) + "</dd><dt>URL</dt><dd>" +
       esc(entry.backend.baseUrl) + "</dd><dt>health</dt><dd><span class=\"pill " + health(entry) +
       '">' + health(entry) + "</span></dd><dt>error</dt><dd class=\"err\">" +
-      esc(entry.error || "none") + "</dd></dl><h2>Models</h2><ul>" +
+      esc(entry.error || "none") + "</dd><dt>in this state since</dt><dd>" +
+      esc(entry.observedAt ? age(entry.observedAt) : "?") + "; that observation took " +
+      esc(seconds(entry.latencySeconds)) +
+      "</dd></dl><h2>Models</h2><ul>" +
       [...models].sort().map((m) => "<li>" + esc(m) + ": " + cellText(cellStatus(entry, m)) +
-        "</li>").join("") + "</ul><h2>Errors seen</h2>" +
-      (log.length ? "<ol>" + log.map((item) => "<li><time datetime=\"" + esc(item.at) + "\">" +
-        esc(new Date(item.at).toLocaleTimeString()) + "</time> " + esc(item.error) + "</li>").join("") +
-        "</ol>" : "<p>No error since this page was opened.</p>"));
+        "</li>").join("") + "</ul><h2>History of errors</h2>" + errors);
   },
 };
 
@@ -753,6 +781,9 @@ function downloadRows() {
   }
   for (const p of data.progress.values()) {
     if (p.state === "done") continue;
+    // A failure seen on the stream is older than what the queue says of the same pull now (it
+    // may have been retried since); it stands only for a pull the queue does not list.
+    if (p.state === "failed" && rows.has(urlKey(p.url) + "|" + p.model)) continue;
     add(p.url, p.model, { live: p, status: p.state === "failed" ? "failed" : "running",
       reason: p.state === "failed" ? p.status : undefined });
   }
@@ -762,7 +793,7 @@ function downloadRows() {
 pages.downloads = {
   frame: () => "<h1>Downloads</h1><div data-region=\"list\"></div>",
   bind() {
-    document.getElementById("main").addEventListener("click", async (event) => {
+    document.getElementById("page").addEventListener("click", async (event) => {
       const button = event.target.closest("button[data-act]");
       if (!button) return;
       const out = button.closest("li").querySelector("[data-error]");
@@ -857,7 +888,9 @@ pages.plan = {
 
 pages.providers = {
   frame: () => "<h1>Providers</h1><div class=\"scroll\" data-region=\"providers\"></div>" +
-    "<h2>Cloud backends</h2><div class=\"scroll\" data-region=\"cloud\"></div>",
+    "<h2>Backends</h2><p>Observed health, and what this replica's gateway has seen of each " +
+    "backend's traffic: a backend that keeps failing cools down until the time shown.</p>" +
+    "<div class=\"scroll\" data-region=\"health\"></div>",
   update() {
     if (!data.providers) {
       region("providers", "<p>Reading providers...</p>");
@@ -872,20 +905,29 @@ pages.providers = {
     const keys = new Map((data.providers.configs || []).map((c) => [c.Type, c.APIKey]));
     region("providers", '<table id="providers"><thead><tr><th scope="col">provider</th>' +
       '<th scope="col">key</th><th scope="col">backends</th><th scope="col">healthy</th>' +
-      '<th scope="col">models</th><th scope="col">cooldown until</th><th scope="col">error</th></tr>' +
+      '<th scope="col">models</th><th scope="col">error</th></tr>' +
       "</thead><tbody>" + data.providers.statuses.map((s) => "<tr><th scope=\"row\">" + esc(s.type) +
         "</th><td><code>" + esc(keys.get(s.type) || (s.configured ? "set" : "not set")) + "</code></td><td>" +
-        s.backends + "</td><td>" + s.healthy + "</td><td>" + s.models + "</td><td>" +
-        esc(s.cooldownUntil ? new Date(s.cooldownUntil).toLocaleTimeString() : "-") +
-        "</td><td class=\"err\">" + esc(s.error || "") + "</td></tr>").join("") + "</tbody></table>");
-    const cloud = entries().filter((e) => e.backend && ["openai", "gemini"].includes(e.backend.type));
-    region("cloud", cloud.length ? "<table><thead><tr><th scope=\"col\">backend</th><th scope=\"col\">" +
-      "type</th><th scope=\"col\">health</th><th scope=\"col\">cooldown until</th><th scope=\"col\">" +
-      "error</th></tr></thead><tbody>" + cloud.map((e) => "<tr><th scope=\"row\">" + esc(e.name) +
-        "</th><td>" + esc(e.backend.type) + "</td><td><span class=\"pill " + health(e) + "\">" +
-        health(e) + "</span></td><td>" + esc(e.cooldownUntil ? new Date(e.cooldownUntil).toLocaleTimeString() : "-") +
-        "</td><td class=\"err\">" + esc(e.error || "") + "</td></tr>").join("") + "</tbody></table>"
-      : "<p>No cloud backend is declared.</p>");
+        s.backends + "</td><td>" + s.healthy + "</td><td>" + s.models + "</td><td class=\"err\">" +
+        esc(s.error || "") + "</td></tr>").join("") + "</tbody></table>");
+    const rows = data.providers.health;
+    if (!Array.isArray(rows)) {
+      region("health", "<p>This service does not report backend health.</p>");
+      return;
+    }
+    region("health", rows.length ? '<table id="backend-health"><thead><tr><th scope="col">backend</th>' +
+      '<th scope="col">type</th><th scope="col">health</th><th scope="col">in flight</th>' +
+      '<th scope="col">latency</th><th scope="col">cooldown until</th><th scope="col">error</th>' +
+      "</tr></thead><tbody>" + rows.map((b) => {
+        const r = b.routing || {};
+        const cooling = r.coolingUntil ? '<span class="pill failing">' + esc(clockTime(r.coolingUntil)) +
+          "</span>" : "-";
+        return '<tr data-backend="' + esc(b.name) + '"><th scope="row">' + esc(b.name) + "</th><td>" +
+          esc(b.type) + '</td><td><span class="pill ' + esc(b.status) + '">' + esc(b.status) +
+          "</span></td><td>" + esc(r.inFlight ?? "-") + "</td><td>" + esc(seconds(r.latencySeconds)) +
+          '</td><td class="cooldown">' + cooling + '</td><td class="err">' +
+          esc(b.error || r.lastError || "") + "</td></tr>";
+      }).join("") + "</tbody></table>" : "<p>No backend is observed yet.</p>");
   },
 };
 
