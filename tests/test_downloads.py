@@ -279,23 +279,39 @@ async def test_a_raw_queue_cancel_message_marks_the_running_task_cancelled(
     assert await fleet.tasks() == {("n", "phi3:mini"): PullStatus.CANCELLED}
 
 
-async def test_a_cancel_for_another_backend_or_model_is_ignored(fleet: Fleet) -> None:
-    node = await fleet.node("n1", pull_seconds=0.3)
+async def test_a_cancel_for_another_backend_or_model_is_ignored(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = await fleet.node("n1", pull_seconds=0.0)
+    # The node holds the pull open after its first line until the decoys have been read, so
+    # the pull cannot end before they arrive.
+    node.faults.stall_stream(after_lines=1, path="/api/pull")
     await fleet.model("phi3:mini")
     state = fleet.state()
     await state.run_backend_cycle()
-    async with await fleet.bus.stream(MODEL_DOWNLOAD) as sub:
-        cycle = asyncio.create_task(state.run_download_cycle())
-        await statuses_until(sub, "pulling ")
-        await downloads.request_cancel(fleet.bus, "http://elsewhere")
-        await downloads.request_cancel(fleet.bus, "llama3")
-        # A pair naming this model on another backend does not match either.
-        await fleet.bus.publish(
-            QUEUE_CANCEL, json.dumps({"id": "phi3:mini", "url": "http://other"}).encode()
-        )
-        assert await cycle is True
+    with caplog.at_level(logging.WARNING, logger="runtimestate.downloads"):
+        async with await fleet.bus.stream(MODEL_DOWNLOAD) as sub:
+            cycle = asyncio.create_task(state.run_download_cycle())
+            await statuses_until(sub, "pulling manifest")
+            await downloads.request_cancel(fleet.bus, "http://elsewhere")
+            await downloads.request_cancel(fleet.bus, "llama3")
+            # A pair naming this model on another backend does not match either.
+            await fleet.bus.publish(
+                QUEUE_CANCEL, json.dumps({"id": "phi3:mini", "url": "http://other"}).encode()
+            )
+            # Notices reach the worker in the order sent: once it has read a malformed one
+            # sent last, it has read the three decoys before it.
+            await fleet.bus.publish(QUEUE_CANCEL, b"not a notice")
+            await eventually(
+                lambda: "ignored malformed cancel message" in caplog.text,
+                what="the worker reading the notices",
+            )
+            assert not cycle.done()
+            node.faults.clear()
+            assert await cycle is True
     assert state.worker.last_outcome is DownloadOutcome.SUCCEEDED
     assert "phi3:mini" in node.models
+    assert pulls(node) == 1
 
 
 async def test_f1_a_node_that_never_sends_headers_frees_the_worker_at_its_bound(

@@ -16,7 +16,6 @@ import pytest
 from runtimestate import GEMINI_KEY, OPENAI_KEY
 from runtimestate.bus import Messenger
 from runtimestate.clock import FakeClock
-from runtimestate.kinds.gemini.driver import GeminiDriver
 from runtimestate.records import ProviderConfig
 from runtimestate.state import State
 from runtimestate.store import Store
@@ -186,12 +185,13 @@ async def test_key_change_drops_the_cache_and_rejection_names_no_key(
 
 
 async def test_gemini_pages_and_takes_limits_from_the_listing(
-    store: Store, bus: Messenger, emu: Emulator, monkeypatch: pytest.MonkeyPatch
+    store: Store, bus: Messenger, emu: Emulator
 ) -> None:
-    monkeypatch.setattr(GeminiDriver, "page_size", 2)
+    # The account serves at most two models a page, whatever page size is asked for.
     account = emu.add_gemini(
         "acct",
         api_key=GEMINI_SECRET,
+        max_page_size=2,
         models=[
             GeminiModel(name="models/gemini-2.0-flash", input_token_limit=1048576),
             GeminiModel(
@@ -225,8 +225,10 @@ async def test_gemini_pages_and_takes_limits_from_the_listing(
     embed = by_name["models/text-embedding-004"]
     assert (embed.context_length, embed.can_embed, embed.can_chat) == (2048, True, False)
     assert set(observed.undeclared_models) == {"models/gemini-1.5-pro", "models/gemma-3-27b-it"}
-    # Three pages of two, and no request per model.
+    # Three pages of two, each asked for as large as the API allows, and no request per model.
     assert [r.path for r in account.requests] == ["/v1beta/models"] * 3
+    assert [r.query.get("pageSize") for r in account.requests] == ["1000"] * 3
+    assert [bool(r.query.get("pageToken")) for r in account.requests] == [False, True, True]
     assert all(r.query.get("key") is None for r in account.requests)
 
 

@@ -116,7 +116,8 @@ def _texts(content: Any) -> list[str]:
 
 
 class GeminiAccount(EmulatedBackend):
-    """A Gemini API account: its key and its models (``models`` is a mutable list)."""
+    """A Gemini API account: its key and its models (``models`` is a mutable list), listed at
+    most ``max_page_size`` to a page."""
 
     kind = "gemini"
 
@@ -128,9 +129,15 @@ class GeminiAccount(EmulatedBackend):
         clock: Clock,
         api_key: str,
         models: Iterable[GeminiModel | str] = (),
+        max_page_size: int = _MAX_PAGE,
     ) -> None:
         super().__init__(name=name, root=root, clock=clock)
+        if max_page_size < 1:
+            raise ValueError("max_page_size must be at least 1")
         self.api_key = api_key
+        # The most models one page holds, whatever pageSize asks for: the real API caps it at
+        # 1000; a test sets it lower to make a client page through a short list.
+        self.max_page_size = max_page_size
         self.models: list[GeminiModel] = [
             m if isinstance(m, GeminiModel) else GeminiModel(name=m) for m in models
         ]
@@ -232,7 +239,7 @@ class GeminiAccount(EmulatedBackend):
     async def _list(self, request: EmuRequest) -> Reply:
         raw_size = request.query.get("pageSize", "")
         size = int(raw_size) if raw_size.isdigit() and int(raw_size) > 0 else _DEFAULT_PAGE
-        size = min(size, _MAX_PAGE)
+        size = min(size, self.max_page_size)
         token = request.query.get("pageToken", "")
         offset = 0
         if token:

@@ -195,10 +195,20 @@ class Emulator:
         return self._register(account)
 
     def add_gemini(
-        self, name: str, *, api_key: str, models: Iterable[GeminiModel | str] = ()
+        self,
+        name: str,
+        *,
+        api_key: str,
+        models: Iterable[GeminiModel | str] = (),
+        max_page_size: int = 1000,
     ) -> GeminiAccount:
         account = GeminiAccount(
-            name=name, root=lambda: self.url, clock=self._clock, api_key=api_key, models=models
+            name=name,
+            root=lambda: self.url,
+            clock=self._clock,
+            api_key=api_key,
+            models=models,
+            max_page_size=max_page_size,
         )
         return self._register(account)
 

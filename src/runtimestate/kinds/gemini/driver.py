@@ -14,7 +14,7 @@ URL).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from runtimestate.backends.base import COMPLETION, EMBEDDING, Capabilities, CycleContext
 from runtimestate.backends.cloud import CloudDriver, CloudModel
@@ -27,6 +27,9 @@ __all__ = ["NAME", "GeminiDriver"]
 
 NAME = "gemini"
 
+# The API's largest page: the fewest requests. The server may send fewer per page, and the
+# listing follows nextPageToken until it ends.
+_PAGE_SIZE = 1000
 # A server that keeps answering with new tokens must not keep a cycle busy forever.
 _MAX_PAGES = 100
 
@@ -53,8 +56,6 @@ def parse_model(item: Any, url: str) -> CloudModel:
 class GeminiDriver(CloudDriver):
     kv_key = PROVIDER_KEY_PREFIX + NAME
     key_hosts = frozenset({"generativelanguage.googleapis.com"})
-    # The API's maximum: the fewest requests. A class attribute so tests can force paging.
-    page_size: ClassVar[int] = 1000
 
     async def list_models(
         self, ctx: CycleContext, base_url: str, api_key: str
@@ -64,7 +65,7 @@ class GeminiDriver(CloudDriver):
         token = ""
         seen: set[str] = set()
         for _ in range(_MAX_PAGES):
-            params = {"pageSize": str(self.page_size)}
+            params = {"pageSize": str(_PAGE_SIZE)}
             if token:
                 params["pageToken"] = token
             status, body = await ctx.http.send(
