@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
+from runtimestate.api.snapshot import SnapshotFeed
 from runtimestate.bus import Messenger, open_bus
 from runtimestate.clock import FakeClock
 from runtimestate.cluster import (
@@ -165,3 +166,28 @@ async def test_every_replica_serves_each_backends_bounded_error_history(
         await next_publisher.publish({"b": observed("", 0)["b"]}, successor.fence())
         await cache.refresh()
         assert cache.error_history("a") is None
+
+
+async def test_the_leaders_cycle_time_reaches_the_registry_and_only_it_claims_a_duration(
+    store_factory: StoreFactory,
+) -> None:
+    clock = FakeClock()
+    bus = await open_bus(None)
+    try:
+        leader = Cluster(await store_factory(clock=clock), bus, instance="one", ttl=9, clock=clock)
+        await leader.round()
+        leader.cycle_completed(0.25)
+        await leader.round()
+        (entry,) = await leader.store.list_replicas()
+        assert entry.info["cycleSeconds"] == 0.25
+        # A follower's copy knows when the leader last cycled (the lease), not how long it took.
+        follower = SnapshotCache(await store_factory(clock=clock), clock=clock)
+        await follower.refresh()
+        last = SnapshotFeed(follower).summary()["lastCycle"]
+        assert last is not None
+        assert last["durationSeconds"] is None
+        # The leader's own copy does.
+        follower.confirm(0.25)
+        assert SnapshotFeed(follower).summary()["lastCycle"]["durationSeconds"] == 0.25
+    finally:
+        await bus.close()

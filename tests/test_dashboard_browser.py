@@ -265,6 +265,13 @@ def test_overview_numbers_equal_the_apis(demo: Demo, browser: WebDriver) -> None
         [r["instance"], "leader" if r["instance"] == cluster["leader"] else "replica", "yes"]
         for r in cluster["replicas"]
     ]
+    # How long ago the leader last confirmed the snapshot, and how long its cycle took.
+    on_page(
+        lambda: re.fullmatch(
+            r"confirmed by the leader \d+ s ago, took \d+(\.\d+)? m?s", text_of(browser, "ov-cycle")
+        ),
+        what="the last cycle's age and duration",
+    )
 
 
 def test_the_cancel_button_stops_a_running_pull(demo: Demo, browser: WebDriver) -> None:

@@ -104,6 +104,7 @@ class Cluster:
         self._lease: Leadership | None = None
         self._leader_until = float("-inf")
         self._last_cycle: float | None = None
+        self._cycle_seconds: float | None = None
         self._on_sync: SyncHandler | None = None
         self._serving: Subscription | None = None
         self._became_leader: list[Callable[[], None]] = []
@@ -155,9 +156,12 @@ class Cluster:
         the snapshot version it produced)."""
         self._on_sync = handler
 
-    def cycle_completed(self) -> None:
-        """The leader finished a backend cycle: reported with the next renewal."""
+    def cycle_completed(self, seconds: float | None = None) -> None:
+        """The leader finished a backend cycle (that took ``seconds``): reported with the next
+        renewal - when in the lease, how long in this replica's registry entry."""
         self._last_cycle = self._clock.monotonic()
+        if seconds is not None:
+            self._cycle_seconds = round(seconds, 6)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -213,7 +217,10 @@ class Cluster:
             logger.warning("cluster: cannot renew this replica's heartbeat: %s", exc)
 
     def _heartbeat_info(self) -> dict[str, object]:
-        return {**self.info, "role": self.role.value, "term": self.term}
+        info = {**self.info, "role": self.role.value, "term": self.term}
+        if self._cycle_seconds is not None:
+            info["cycleSeconds"] = self._cycle_seconds
+        return info
 
     async def _serve_while_leader(self) -> None:
         if self.is_leader and self._serving is None and self._on_sync is not None:
@@ -346,8 +353,10 @@ class SnapshotCache:
         self._observed: dict[str, datetime] = {}
         self.version = 0
         self._confirmed: float | None = None
-        # When the leader last completed a cycle (database time), as its lease last said.
+        # When the leader last completed a cycle (database time), as its lease last said; how
+        # long it took only on the leader itself (the others read it in the registry).
         self.last_cycle_at: datetime | None = None
+        self.last_cycle_seconds: float | None = None
         self.loads = 0
 
     def get(self) -> dict[str, LLMState]:
@@ -388,9 +397,12 @@ class SnapshotCache:
         if await self._store.snapshot_version() != self.version or not self.loads:
             await self._load()
 
-    def confirm(self) -> None:
-        """The leader itself just completed a cycle: its copy is as fresh as can be."""
+    def confirm(self, seconds: float | None = None) -> None:
+        """The leader itself just completed a cycle (that took ``seconds``): its copy is as
+        fresh as can be."""
         self._confirmed = self._clock.monotonic()
+        if seconds is not None:
+            self.last_cycle_seconds = seconds
 
     async def _load(self) -> None:
         stored = await self._store.read_snapshot()

@@ -381,10 +381,10 @@ class Service:
                     return snapshot.version
                 await state.run_backend_cycle(fence=fence)
                 version = await publisher.publish(state.get(), fence)
-                cluster.cycle_completed()
+                cluster.cycle_completed(state.last_cycle_seconds)
                 if version != snapshot.version:
                     await snapshot.refresh()
-                snapshot.confirm()
+                snapshot.confirm(state.last_cycle_seconds)
             for worker in workers:
                 worker.trigger()
             return version
@@ -602,6 +602,7 @@ class _ClusterStatus:
                 "term": replica.info.get("term"),
                 "url": replica.info.get("url"),
                 "version": replica.info.get("version"),
+                "cycle_seconds": replica.info.get("cycleSeconds"),
                 "heartbeat_age": replica.age,
                 "heartbeat_at": replica.heartbeat_at,
                 "alive": replica.age <= alive_within,

@@ -324,7 +324,10 @@ class ModelSummaryOut(_Camel):
 
 class CycleOut(_Camel):
     at: datetime = Field(description="When the last backend cycle ended.")
-    duration_seconds: float
+    duration_seconds: float | None = Field(
+        description="How long it took; null on a replica that did not run it (the leader's "
+        "entry in GET /cluster has it)."
+    )
 
 
 class StateSummaryOut(_Camel):
@@ -473,6 +476,11 @@ class ReplicaOut(BaseModel):
     heartbeat_age: float = Field(serialization_alias="heartbeatAge")
     heartbeat_at: datetime = Field(serialization_alias="heartbeatAt")
     alive: bool
+    cycle_seconds: float | None = Field(
+        default=None,
+        serialization_alias="cycleSeconds",
+        description="How long this replica's last backend cycle took (the leader's).",
+    )
 
 
 class SnapshotInfoOut(BaseModel):

@@ -400,4 +400,5 @@ def _last_cycle(source: object) -> dict[str, Any] | None:
     last_seconds: float | None = getattr(source, "last_cycle_seconds", None)
     if last_at is None:
         return None
-    return {"at": last_at.isoformat(), "durationSeconds": round(last_seconds or 0.0, 6)}
+    duration = None if last_seconds is None else round(last_seconds, 6)
+    return {"at": last_at.isoformat(), "durationSeconds": duration}

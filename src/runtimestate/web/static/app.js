@@ -561,12 +561,18 @@ pages.overview = {
     const c = counts();
     const s = data.summary || {};
     const cycle = s.lastCycle || s.cycle || null;
+    // The cluster's view first: read at every refresh (the summary arrives with the stream's
+    // heartbeat only), and the leader's registry entry says how long its last cycle took.
     const snapshotAge = data.cluster && data.cluster.snapshot ? data.cluster.snapshot.age : null;
-    const cycleText = !cycle && typeof snapshotAge === "number"
-      ? "confirmed by the leader " + esc(duration(snapshotAge)) + " ago"
+    const leaderEntry = data.cluster && Array.isArray(data.cluster.replicas)
+      ? data.cluster.replicas.find((r) => r.instance === data.cluster.leader) : null;
+    const took = leaderEntry && typeof leaderEntry.cycleSeconds === "number"
+      ? leaderEntry.cycleSeconds : cycle ? cycle.durationSeconds : null;
+    const cycleText = typeof snapshotAge === "number"
+      ? "confirmed by the leader " + esc(duration(snapshotAge)) + " ago" +
+        (typeof took === "number" ? ", took " + esc(seconds(took)) : "")
       : cycle
-      ? esc(age(cycle.endedAt || cycle.finishedAt || cycle.at)) + ", took " +
-        esc(duration(cycle.durationSeconds ?? (cycle.durationMs ?? NaN) / 1000))
+      ? esc(age(cycle.at)) + (typeof took === "number" ? ", took " + esc(seconds(took)) : "")
       : "snapshot read " + esc(duration((Date.now() - data.fetchedAt) / 1000)) + " ago";
     region("cards",
       '<section class="card"><h2>Backends</h2><p class="big" id="ov-backends">' + all.length +
