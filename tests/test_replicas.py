@@ -50,11 +50,18 @@ MODELS = ("llama3.2:1b", "qwen2.5:0.5b", "phi3:mini", "nomic-embed-text")
 NODES = 6
 CYCLE = 1.0
 TTL = 5.0
+HEARTBEAT = 3.0
 # Bounds on waiting for conditions that, when the code is right, hold well within them.
 CONVERGE = 60.0
 FAILOVER = 15.0
 RESUME = 5.0 + CYCLE
 CANCEL = 1.0
+# A dead worker's pull may be claimed again once its last heartbeat is HEARTBEAT old, by a
+# worker that polls every CYCLE: within HEARTBEAT + CYCLE of the kill, plus a second for the
+# claim and the request on a shared machine.
+PULL_RESUME = HEARTBEAT + CYCLE + 1.0
+# A cancel the bus cannot carry reaches the worker at its next heartbeat (every HEARTBEAT / 3).
+CANCEL_WITHOUT_BUS = HEARTBEAT / 3 + 1.0
 # Starting a service imports a great deal; on a shared two-core machine that takes a while.
 STARTUP = 120.0
 
@@ -117,6 +124,7 @@ class Harness:
                 "RUNTIMESTATE_TOKEN": TOKEN,
                 "RUNTIMESTATE_CYCLE_INTERVAL": str(CYCLE),
                 "RUNTIMESTATE_LEADER_TTL": str(TTL),
+                "RUNTIMESTATE_HEARTBEAT_TIMEOUT": str(HEARTBEAT),
                 "RUNTIMESTATE_DOWNLOAD_WORKERS": "2",
                 "RUNTIMESTATE_INSTANCE_ID": instance,
                 "RUNTIMESTATE_BACKEND_TIMEOUT": "5",
@@ -201,6 +209,30 @@ class Harness:
     def converged(self, models: tuple[str, ...] = MODELS) -> bool:
         wanted = {normalize_model_name(model) for model in models}
         return all(wanted <= set(node.models) for node in self.nodes)
+
+    def queue(self, instance: str) -> list[dict[str, Any]]:
+        response = self.get(instance, "/queue")
+        response.raise_for_status()
+        tasks: list[dict[str, Any]] = response.json()
+        return tasks
+
+    def running_pull(self, node: OllamaNode, model: str) -> str | None:
+        """The replica whose worker runs the pull of ``model`` on ``node``, as ``GET /queue``
+        says (a worker is named ``host:pid/claim``)."""
+        anyone = next(iter(self.replicas))
+        for task in self.queue(anyone):
+            if (task["url"], task["model"], task["status"]) == (node.base_url, model, "running"):
+                for name, process in self.replicas.items():
+                    if f":{process.proc.pid}/" in (task["worker"] or ""):
+                        return name
+        return None
+
+    def kill(self, instance: str) -> int:
+        """``kill -9`` a replica; its pid."""
+        process = self.replicas.pop(instance).proc
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        return process.pid
 
     def logs(self) -> str:
         return "\n\n".join(f"== {name}\n{p.log_tail(30)}" for name, p in self.replicas.items())
@@ -321,6 +353,64 @@ def test_a_followers_sync_runs_the_leaders_cycle(harness: Harness) -> None:
     assert len(response.json()) == NODES
 
 
+@contextlib.contextmanager
+def slow_pull(harness: Harness, model: str) -> Iterator[tuple[OllamaNode, str]]:
+    """Declare ``model`` once the fleet has converged, with the first node pulling slowly;
+    yield that node and the replica running its pull. The node is fast again afterwards."""
+    until_up(what="every node holds every model", check=harness.converged, within=CONVERGE)
+    slow = harness.nodes[0]
+    slow.pull_seconds = 120.0
+    try:
+        with harness.client(next(iter(harness.replicas))) as client:
+            client.post("/models", json={"model": model}).raise_for_status()
+        puller = until_up(
+            what=f"the pull of {model} on {slow.name} running on a replica",
+            check=lambda: harness.running_pull(slow, model),
+            within=3 * CYCLE + 5,
+        )
+        yield slow, puller
+    finally:
+        slow.pull_seconds = 0.2
+
+
+def test_killing_a_replica_mid_pull_resumes_the_pull_on_another(harness: Harness) -> None:
+    model = "resumed-after-kill:1b"
+    with slow_pull(harness, model) as (slow, puller):
+        # Only the slow pull may be under way at the kill: the others' tasks are done.
+        anyone = next(iter(harness.replicas))
+        until_up(
+            what=f"no task of {model} left but the slow node's",
+            check=lambda: (
+                [t["url"] for t in harness.queue(anyone) if t["model"] == model] == [slow.base_url]
+            ),
+            within=CONVERGE,
+        )
+        assert harness.pulls((model,))[(slow.name, model)] == 1
+        pid = harness.kill(puller)
+        # The pull that resumes may run at the usual speed.
+        slow.pull_seconds = 0.2
+        until_up(
+            what=f"the pull of {model} on {slow.name} requested again",
+            check=lambda: harness.pulls((model,))[(slow.name, model)] == 2,
+            within=PULL_RESUME,
+            every=0.05,
+        )
+    # Nothing the dead process held shows as running, on any replica.
+    for name in harness.replicas:
+        dead = [t for t in harness.queue(name) if f":{pid}/" in (t["worker"] or "")]
+        assert dead == [], dead
+    until_up(
+        what=f"{model} on every node",
+        check=lambda: harness.converged((*MODELS, model)),
+        within=CONVERGE,
+    )
+    expected = {(node.name, model): 1 for node in harness.nodes} | {(slow.name, model): 2}
+    assert dict(harness.pulls((model,))) == expected
+    with harness.client(next(iter(harness.replicas))) as client:
+        client.delete(f"/models/{model}").raise_for_status()
+    harness.start_replicas(1)
+
+
 def _sse_come_and_go(harness: Harness, rounds: int) -> None:
     """SSE clients connect to every replica and leave: some after the headers, some at once."""
     for _ in range(rounds):
@@ -388,9 +478,7 @@ def test_killing_the_leader_mid_cycle_elects_another_and_duplicates_nothing(
             check=lambda: harness.listings(harness.nodes[0]) > before,
             within=5,
         )
-        harness.replicas[leader].proc.send_signal(signal.SIGKILL)
-        harness.replicas[leader].proc.wait()
-        del harness.replicas[leader]
+        harness.kill(leader)
     finally:
         harness.emulator.emu.latency = 0.0
 
@@ -457,15 +545,37 @@ def test_a_postgres_outage_heals_by_itself(harness: Harness) -> None:
 
 
 def test_a_nats_outage_heals_by_itself(harness: Harness) -> None:
-    stop_nats_server(harness.nats_process)
-    name = next(iter(harness.replicas))
-    stopped = time.monotonic()
-    degraded = until_up(
-        what="a replica reports the bus down",
-        check=lambda: (h := harness.get(name, "/health")).status_code == 503 and h.json(),
-        within=10,
-    )
-    assert any(reason.startswith("bus") for reason in degraded["reasons"])
+    # A pull runs when the bus goes down; a cancel during the outage must still stop it.
+    model = "cancelled-without-bus:1b"
+    with slow_pull(harness, model) as (slow, puller):
+        stop_nats_server(harness.nats_process)
+        name = next(iter(harness.replicas))
+        stopped = time.monotonic()
+        degraded = until_up(
+            what="a replica reports the bus down",
+            check=lambda: (h := harness.get(name, "/health")).status_code == 503 and h.json(),
+            within=10,
+        )
+        assert any(reason.startswith("bus") for reason in degraded["reasons"])
+        # Through another replica: only the store can carry this cancel to the puller.
+        through = next(replica for replica in harness.replicas if replica != puller)
+        broken = slow.pulls_broken_off
+        with harness.client(through) as client:
+            response = client.delete(f"/queue/{model}")
+        assert response.status_code == 204, response.text
+        until_up(
+            what=f"the pull of {model} on {slow.name} broken off",
+            check=lambda: slow.pulls_broken_off > broken,
+            within=CANCEL_WITHOUT_BUS,
+            every=0.05,
+        )
+        assert slow.pulls_running == 0
+        statuses = [
+            task["status"]
+            for task in harness.queue(through)
+            if (task["url"], task["model"]) == (slow.base_url, model)
+        ]
+        assert statuses == ["cancelled"]
     time.sleep(max(0.0, stopped + 10 - time.monotonic()))
     harness.nats_process, _ = start_nats_server(
         harness.nats_binary, harness.tmp / "nats.log", port=harness.nats_port
@@ -479,3 +589,7 @@ def test_a_nats_outage_heals_by_itself(harness: Harness) -> None:
     _sse_come_and_go(harness, rounds=2)
     names = list(harness.replicas)
     _cancel_stops_running_pulls(harness, "slow-after-nats:1b", through=names[0])
+    # The cancelled pull stayed cancelled through the outage: one request, never retried.
+    assert harness.pulls((model,))[(slow.name, model)] == 1
+    with harness.client(names[0]) as client:
+        client.delete(f"/models/{model}").raise_for_status()

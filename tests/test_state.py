@@ -253,6 +253,29 @@ async def test_failed_delete_is_logged_and_shown(
     assert any(getattr(r, "backend_id", None) == backend.id for r in failures)
 
 
+async def test_a_delete_answered_404_is_not_counted_as_a_deletion(
+    store: Store, bus: Messenger, emu: Emulator
+) -> None:
+    # Another replica (or the operator) deleted the model between this cycle's listing and its
+    # delete: the node answers 404. Counted are the deletes the node carried out.
+    node = emu.add_ollama("n1", models=["llama3", "junk:1b"])
+    node.faults.fail(
+        status=404, body=b'{"error":"model \'junk:1b\' not found"}', path="/api/delete", times=1
+    )
+    backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
+    await declare_chat(store, "llama3")
+    deleted_before = MODELS_DELETED._value.get()
+    async with State(store, bus) as state:
+        await state.run_backend_cycle()
+        assert len(paths(node, "DELETE", "/api/delete")) == 1
+        assert MODELS_DELETED._value.get() == deleted_before
+        assert state.get()[backend.id].error == ""
+        await state.run_backend_cycle()
+    assert len(paths(node, "DELETE", "/api/delete")) == 2
+    assert "junk:1b" not in node.models
+    assert MODELS_DELETED._value.get() == deleted_before + 1
+
+
 async def test_failed_queue_insert_is_logged_and_shown(
     store: Store,
     bus: Messenger,
