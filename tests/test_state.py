@@ -19,7 +19,7 @@ from runtimestate.backends import HttpClient
 from runtimestate.bus import Messenger
 from runtimestate.clock import FakeClock
 from runtimestate.errors import InvalidInput, StoreError
-from runtimestate.metrics import BACKEND_FAILURES, MODELS_DELETED
+from runtimestate.metrics import REGISTRY
 from runtimestate.records import LLMState
 from runtimestate.state import State
 from runtimestate.store import Store
@@ -27,6 +27,11 @@ from runtimestate.testing import Emulator, OllamaNode
 from runtimestate.testing.store import FaultyStore
 from tests.fixtures.common import EMULATOR_KEY_HOSTS
 from tests.fixtures.polling import eventually
+
+
+def metric(name: str, **labels: str) -> float:
+    """A sample read through the registry's public API (0 before the series exists)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def declare_chat(store: Store, *names: str) -> None:
@@ -202,11 +207,11 @@ async def test_every_action_is_logged_with_the_backend_id(
     node = emu.add_ollama("n1", models=["junk:1b"])
     backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
     await declare_chat(store, "llama3")
-    deleted_before = MODELS_DELETED._value.get()
+    deleted_before = metric("runtimestate_models_deleted_total")
     with caplog.at_level(logging.INFO, logger="runtimestate"):
         async with State(store, bus) as state:
             await state.run_backend_cycle()
-    assert MODELS_DELETED._value.get() == deleted_before + 1
+    assert metric("runtimestate_models_deleted_total") == deleted_before + 1
     actions = {
         r.getMessage(): (getattr(r, "backend_id", None), getattr(r, "model", None))
         for r in caplog.records
@@ -237,14 +242,14 @@ async def test_failed_delete_is_logged_and_shown(
     node.faults.fail(status=500, body=b'{"error":"disk on fire"}', path="/api/delete")
     backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
     await declare_chat(store, "llama3")
-    failures_before = BACKEND_FAILURES.labels(type="ollama")._value.get()
-    deleted_before = MODELS_DELETED._value.get()
+    failures_before = metric("runtimestate_backend_failures_total", type="ollama")
+    deleted_before = metric("runtimestate_models_deleted_total")
     with caplog.at_level(logging.INFO, logger="runtimestate"):
         async with State(store, bus) as state:
             await state.run_backend_cycle()
             observed = state.get()[backend.id]
-    assert BACKEND_FAILURES.labels(type="ollama")._value.get() == failures_before + 1
-    assert MODELS_DELETED._value.get() == deleted_before
+    assert metric("runtimestate_backend_failures_total", type="ollama") == failures_before + 1
+    assert metric("runtimestate_models_deleted_total") == deleted_before
     assert "delete junk:1b failed" in observed.error
     assert "HTTP 500" in observed.error
     assert "disk on fire" in observed.error
