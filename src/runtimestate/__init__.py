@@ -1,7 +1,8 @@
 """runtimestate: keeps a fleet of LLM backends in line with what its operator declared.
 
-The public API is exactly ``__all__`` (a test checks it). The Go package's names come first; the
-store, bus and resolver entry points follow so that an application needs one import.
+The public API is exactly ``__all__``: the Go package's names, the store, bus, resolver and
+client-pool entry points, and every exception of :mod:`runtimestate.errors`, so that an
+application needs one import (a test checks that every exported name exists and is documented).
 
 Heavy names are imported lazily (PEP 562): ``State`` pulls in the drivers' HTTP stack and
 ``local_provider_adapter`` the ollama, openai and google-genai SDKs, about a second of imports
@@ -14,6 +15,29 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from runtimestate.errors import (
+    AllCoolingDown,
+    BackendError,
+    BackendTimeout,
+    BackendUnreachable,
+    BadRequest,
+    BusError,
+    Conflict,
+    Fenced,
+    InvalidInput,
+    KeyRejected,
+    NoProvider,
+    NoResponders,
+    NotFound,
+    ProtocolError,
+    RateLimited,
+    RemoteError,
+    RequestTimeout,
+    RuntimeStateError,
+    ServerError,
+    StoreError,
+    Unsupported,
+)
 from runtimestate.records import (
     PROVIDER_KEY_PREFIX,
     ListModelResponse,
@@ -28,7 +52,12 @@ if TYPE_CHECKING:
     from runtimestate.kinds import BackendType
     from runtimestate.kinds.gemini import GEMINI_KEY
     from runtimestate.kinds.openai import OPENAI_KEY
-    from runtimestate.providers import Provider, ProviderFromRuntimeState, local_provider_adapter
+    from runtimestate.providers import (
+        ClientPool,
+        Provider,
+        ProviderFromRuntimeState,
+        local_provider_adapter,
+    )
     from runtimestate.resolver import Resolver, ResolveRequest
     from runtimestate.state import State
     from runtimestate.store import Store, open_store
@@ -39,19 +68,41 @@ __all__ = [
     "GEMINI_KEY",
     "OPENAI_KEY",
     "PROVIDER_KEY_PREFIX",
+    "AllCoolingDown",
+    "BackendError",
     "BackendPlan",
+    "BackendTimeout",
     "BackendType",
+    "BackendUnreachable",
+    "BadRequest",
+    "BusError",
+    "ClientPool",
+    "Conflict",
+    "Fenced",
+    "InvalidInput",
+    "KeyRejected",
     "LLMState",
     "ListModelResponse",
     "Messenger",
     "ModelDetails",
+    "NoProvider",
+    "NoResponders",
+    "NotFound",
+    "ProtocolError",
     "Provider",
     "ProviderConfig",
     "ProviderFromRuntimeState",
+    "RateLimited",
+    "RemoteError",
+    "RequestTimeout",
     "ResolveRequest",
     "Resolver",
+    "RuntimeStateError",
+    "ServerError",
     "State",
     "Store",
+    "StoreError",
+    "Unsupported",
     "__version__",
     "local_provider_adapter",
     "open_bus",
@@ -65,6 +116,7 @@ _LAZY = {
     "OPENAI_KEY": "runtimestate.kinds.openai",
     "Messenger": "runtimestate.bus",
     "open_bus": "runtimestate.bus",
+    "ClientPool": "runtimestate.providers",
     "Provider": "runtimestate.providers",
     "ProviderFromRuntimeState": "runtimestate.providers",
     "local_provider_adapter": "runtimestate.providers",

@@ -134,6 +134,9 @@ class _SeedModel(BaseModel):
 
 
 class ModelDetails(_SeedModel):
+    """What a backend reports about a model's build (Ollama's ``details``): family, parameter
+    size, quantization; empty where the backend says nothing."""
+
     parent_model: str = ""
     format: str = ""
     family: str = ""

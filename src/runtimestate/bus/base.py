@@ -66,6 +66,9 @@ class Subscription(abc.ABC):
 
 
 class Messenger(abc.ABC):
+    """A connection to the message bus: publish, subscribe (``stream``), request and serve, on
+    the contract in this module's docstring. Open one with :func:`runtimestate.bus.open_bus`."""
+
     async def __aenter__(self) -> Messenger:
         return self
 

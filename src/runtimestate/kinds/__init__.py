@@ -53,9 +53,10 @@ def _member(name: str) -> str:
 BackendType = StrEnum(  # type: ignore[misc]
     "BackendType", [(_member(kind.name), kind.name) for kind in KINDS], module=__name__
 )
-"""The backend types, one member per registered kind (``BackendType.OPENAI_COMPATIBLE`` is
-``"openai-compatible"``). The store keeps a backend's type as free text, so a row written by
-another tool with an unknown type is reported on its backend, not rejected."""
+BackendType.__doc__ = """The backend types, one member per registered kind
+(``BackendType.OPENAI_COMPATIBLE`` is ``"openai-compatible"``). The store keeps a backend's type
+as free text, so a row written by another tool with an unknown type is reported on its backend,
+not rejected."""
 
 
 def names() -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from runtimestate.providers.base import (
     ChatResult,
     ModelClient,
     Provider,
+    Sampling,
     SdkSource,
     Usage,
 )

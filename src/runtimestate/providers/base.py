@@ -115,6 +115,8 @@ class Provider:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ChatMessage:
+    """One turn of a conversation: ``role`` (system, user, assistant) and its text."""
+
     role: str
     content: str
 
@@ -146,12 +148,16 @@ class ChatMessage:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Usage:
+    """The tokens a call consumed, as the backend counted them (0 where it did not say)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ChatResult:
+    """A chat's answer: the assistant's message, the token usage and why it ended."""
+
     message: ChatMessage
     usage: Usage
     # Why the answer ended, in OpenAI's words ("stop", "length", ...); None when not reported.

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class HealthConfig:
+    """When a backend cools down (``failure_threshold`` failures in a row, for
+    ``cooldown_seconds``) and how fast its latency average follows new samples."""
+
     failure_threshold: int = 3
     cooldown_seconds: float = 30.0
     # Weight of the newest sample in the latency moving average.

@@ -67,6 +67,10 @@ __all__ = ["Store"]
 
 
 class Store(abc.ABC):
+    """The declaration and the reconciler's shared bookkeeping, behind one interface with three
+    implementations (SQLite, PostgreSQL, in memory) held to one contract test suite. Open one
+    with :func:`runtimestate.store.open_store`."""
+
     # ---- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> Store:
         return self

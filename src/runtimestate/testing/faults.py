@@ -27,6 +27,8 @@ __all__ = ["FaultKind", "FaultRule", "Faults", "RecordedRequest"]
 
 
 class FaultKind(enum.Enum):
+    """What an armed fault does; see the arming methods of :class:`Faults`."""
+
     FAIL = "fail"
     HANG = "hang"
     MALFORMED = "malformed"

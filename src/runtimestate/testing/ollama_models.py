@@ -71,6 +71,8 @@ def namespace_of(name: str) -> str:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OllamaLayer:
+    """One blob of a model (weights, template, parameters), shared between models by digest."""
+
     digest: str  # bare hex
     size: int
     media_type: str
@@ -78,6 +80,8 @@ class OllamaLayer:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OllamaModel:
+    """A model a node holds or can pull: what ``/api/tags`` and ``/api/show`` describe."""
+
     name: str
     digest: str  # bare hex, as /api/tags shows it
     size: int
