@@ -269,16 +269,16 @@ async def test_a_delete_answered_404_is_not_counted_as_a_deletion(
     )
     backend = await store.create_backend(name="n1", base_url=node.base_url, type="ollama")
     await declare_chat(store, "llama3")
-    deleted_before = MODELS_DELETED._value.get()
+    deleted_before = metric("runtimestate_models_deleted_total")
     async with State(store, bus) as state:
         await state.run_backend_cycle()
         assert len(paths(node, "DELETE", "/api/delete")) == 1
-        assert MODELS_DELETED._value.get() == deleted_before
+        assert metric("runtimestate_models_deleted_total") == deleted_before
         assert state.get()[backend.id].error == ""
         await state.run_backend_cycle()
     assert len(paths(node, "DELETE", "/api/delete")) == 2
     assert "junk:1b" not in node.models
-    assert MODELS_DELETED._value.get() == deleted_before + 1
+    assert metric("runtimestate_models_deleted_total") == deleted_before + 1
 
 
 async def test_failed_queue_insert_is_logged_and_shown(
