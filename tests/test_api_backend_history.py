@@ -1,4 +1,5 @@
-"""A backend's history of errors through the API, as every replica serves it, on each store.
+"""A backend's history of errors (and its health) through the API, as every replica serves it,
+on each store.
 
 The leader's reconciler observes an emulated node that starts healthy, then answers 500 to
 everything (a fault armed at the emulator), then recovers; the leader writes each change to the
@@ -69,11 +70,14 @@ async def test_every_replica_answers_the_same_history_of_errors(
             by_id = await client.get(f"/state/{backend.id}/errors")
             by_name = await client.get("/state/node-1/errors")
             missing = await client.get("/state/no-such-node/errors")
+            # A follower's reconciler observes nothing: health comes from the shared snapshot.
+            health = (await client.get("/providers/health")).json()
         assert by_id.status_code == 200, by_id.text
         assert by_name.json() == by_id.json()
         assert missing.status_code == 404
         assert missing.json()["error"]["field"] == "backend"
         answers.append(by_id.json())
+        assert [(h["name"], h["status"], h["routing"]) for h in health] == [("node-1", "ok", None)]
     assert answers[0] == answers[1]
     history = answers[0]
     assert (history["id"], history["name"], history["error"]) == (backend.id, "node-1", "")
