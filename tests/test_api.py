@@ -60,9 +60,10 @@ async def test_every_route_but_health_requires_the_token(client: httpx.AsyncClie
                 assert "token" in error["message"]
                 checked += 1
     # Every operation but /health: the 38 admin operations, the fleet file's five, the gateway
-    # keys' three, the named secrets' three, the queue's retry and GET /cluster, each tried
-    # without and with a wrong token.
-    assert checked == 2 * 51
+    # keys' three, the named secrets' three, the queue's retry, GET /cluster, GET
+    # /providers/health and GET /state/{backend}/errors, each tried without and with a wrong
+    # token.
+    assert checked == 2 * 53
     # The schema itself too; the browser UIs, which could not send the token, are not served.
     error_of(await client.get("/openapi.json", headers={"Authorization": ""}), 401, "unauthorized")
     for ui in ("/docs", "/redoc"):
