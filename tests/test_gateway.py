@@ -117,7 +117,7 @@ def _declare(
                 can_embed=embeds,
             )
         pool = await store.create_pool(name="pool-b", purpose_type="general")
-        await store.assign_backend_to_pool(pool.id, node_b.id)
+        await store.assign_backend_to_pool(pool_id=pool.id, backend_id=node_b.id)
 
     return on_startup
 

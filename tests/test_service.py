@@ -276,8 +276,8 @@ async def test_pools_and_workers_settings_reach_the_reconciler(tmp_path: Path) -
             await store.create_backend(name="loose", base_url=loose.base_url, type="ollama")
             model = await store.append_model(model="llama3.2:1b", can_chat=True)
             pool = await store.create_pool(name="chat", purpose_type="chat")
-            await store.assign_backend_to_pool(pool.id, backend.id)
-            await store.assign_model_to_pool(pool.id, model.id)
+            await store.assign_backend_to_pool(pool_id=pool.id, backend_id=backend.id)
+            await store.assign_model_to_pool(pool_id=pool.id, model_id=model.id)
 
         settings = settings_for(tmp_path, pools=True, download_workers=3, cycle_interval=60.0)
         service = Service(settings, on_startup=declare_pooled_fleet)

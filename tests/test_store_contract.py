@@ -156,7 +156,7 @@ async def test_text_either_engine_cannot_hold_is_invalid_input_on_both(store: St
             (store.get_model_by_name(bad), "model"),
             (store.update_pool("p", name=bad, purpose_type="x"), "name"),
             (store.list_pools_by_purpose(bad), "purpose"),
-            (store.assign_backend_to_pool("p", bad), "backend_id"),
+            (store.assign_backend_to_pool(pool_id="p", backend_id=bad), "backend_id"),
         ]
         for call, field in calls:
             with pytest.raises(InvalidInput) as caught:
@@ -301,8 +301,8 @@ async def test_assignments_both_ways_and_their_errors(store: Store) -> None:
     backend = await store.create_backend(name="b", base_url="http://b", type="ollama")
     model = await store.append_model(model="m")
 
-    await store.assign_backend_to_pool(pool.id, backend.id)
-    await store.assign_model_to_pool(pool.id, model.id)
+    await store.assign_backend_to_pool(pool_id=pool.id, backend_id=backend.id)
+    await store.assign_model_to_pool(pool_id=pool.id, model_id=model.id)
     assert await store.list_backends_for_pool(pool.id) == [backend]
     assert await store.list_models_for_pool(pool.id) == [model]
     assert await store.list_pools_for_backend(backend.id) == [pool]
@@ -311,27 +311,27 @@ async def test_assignments_both_ways_and_their_errors(store: Store) -> None:
     assert await store.list_models_for_pool(empty.id) == []
 
     with pytest.raises(Conflict):
-        await store.assign_backend_to_pool(pool.id, backend.id)
+        await store.assign_backend_to_pool(pool_id=pool.id, backend_id=backend.id)
     with pytest.raises(Conflict):
-        await store.assign_model_to_pool(pool.id, model.id)
+        await store.assign_model_to_pool(pool_id=pool.id, model_id=model.id)
     with pytest.raises(NotFound, match="pool"):
-        await store.assign_backend_to_pool("no-pool", backend.id)
+        await store.assign_backend_to_pool(pool_id="no-pool", backend_id=backend.id)
     with pytest.raises(NotFound, match="backend"):
-        await store.assign_backend_to_pool(pool.id, "no-backend")
+        await store.assign_backend_to_pool(pool_id=pool.id, backend_id="no-backend")
     with pytest.raises(NotFound, match="model"):
-        await store.assign_model_to_pool(pool.id, "no-model")
+        await store.assign_model_to_pool(pool_id=pool.id, model_id="no-model")
     with pytest.raises(NotFound):
         await store.list_backends_for_pool("no-pool")
     with pytest.raises(NotFound):
         await store.list_pools_for_model("no-model")
 
-    await store.remove_backend_from_pool(pool.id, backend.id)
-    await store.remove_model_from_pool(pool.id, model.id)
+    await store.remove_backend_from_pool(pool_id=pool.id, backend_id=backend.id)
+    await store.remove_model_from_pool(pool_id=pool.id, model_id=model.id)
     assert await store.list_pools_for_backend(backend.id) == []
     with pytest.raises(NotFound):
-        await store.remove_backend_from_pool(pool.id, backend.id)
+        await store.remove_backend_from_pool(pool_id=pool.id, backend_id=backend.id)
     with pytest.raises(NotFound):
-        await store.remove_model_from_pool(pool.id, model.id)
+        await store.remove_model_from_pool(pool_id=pool.id, model_id=model.id)
 
 
 async def test_deletes_cascade_to_assignments(store: Store) -> None:
@@ -339,8 +339,8 @@ async def test_deletes_cascade_to_assignments(store: Store) -> None:
     backend = await store.create_backend(name="b", base_url="http://b", type="ollama")
     model = await store.append_model(model="m")
     for pool in pools:
-        await store.assign_backend_to_pool(pool.id, backend.id)
-        await store.assign_model_to_pool(pool.id, model.id)
+        await store.assign_backend_to_pool(pool_id=pool.id, backend_id=backend.id)
+        await store.assign_model_to_pool(pool_id=pool.id, model_id=model.id)
 
     await store.delete_pool(pools[0].id)
     assert await store.list_pools_for_backend(backend.id) == [pools[1]]
@@ -352,7 +352,7 @@ async def test_deletes_cascade_to_assignments(store: Store) -> None:
     assert await store.list_models_for_pool(pools[1].id) == []
     # The names are free again: nothing of the deleted rows survives.
     again = await store.create_backend(name="b", base_url="http://b", type="ollama")
-    await store.assign_backend_to_pool(pools[1].id, again.id)
+    await store.assign_backend_to_pool(pool_id=pools[1].id, backend_id=again.id)
 
 
 # ---- records -------------------------------------------------------------------------------

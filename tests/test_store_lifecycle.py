@@ -276,7 +276,7 @@ async def test_transaction_commits_on_clean_exit(store: Store) -> None:
     async with store.transaction() as tx:
         pool = await tx.create_pool(name="p", purpose_type="x")
         backend = await tx.create_backend(name="b", base_url="http://b", type="ollama")
-        await tx.assign_backend_to_pool(pool.id, backend.id)
+        await tx.assign_backend_to_pool(pool_id=pool.id, backend_id=backend.id)
         assert await tx.list_backends_for_pool(pool.id) == [backend]
     assert await store.list_backends_for_pool(pool.id) == [backend]
 

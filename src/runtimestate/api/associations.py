@@ -29,7 +29,7 @@ _ASSIGN = {**_NOT_FOUND, **errors_doc((409, "Already assigned"))}
     responses=_ASSIGN,
 )
 async def assign_backend(pool_id: Key, backend_id: Key, ctx: Context) -> None:
-    await ctx.store.assign_backend_to_pool(pool_id, backend_id)
+    await ctx.store.assign_backend_to_pool(pool_id=pool_id, backend_id=backend_id)
 
 
 @router.delete(
@@ -38,7 +38,7 @@ async def assign_backend(pool_id: Key, backend_id: Key, ctx: Context) -> None:
     responses=_NOT_FOUND,
 )
 async def unassign_backend(pool_id: Key, backend_id: Key, ctx: Context) -> None:
-    await ctx.store.remove_backend_from_pool(pool_id, backend_id)
+    await ctx.store.remove_backend_from_pool(pool_id=pool_id, backend_id=backend_id)
 
 
 @router.get(
@@ -65,7 +65,7 @@ async def pools_of_backend(backend_id: Key, ctx: Context) -> list[PoolOut]:
     responses=_ASSIGN,
 )
 async def assign_model(pool_id: Key, model_id: Key, ctx: Context) -> None:
-    await ctx.store.assign_model_to_pool(pool_id, model_id)
+    await ctx.store.assign_model_to_pool(pool_id=pool_id, model_id=model_id)
 
 
 @router.delete(
@@ -74,7 +74,7 @@ async def assign_model(pool_id: Key, model_id: Key, ctx: Context) -> None:
     responses=_NOT_FOUND,
 )
 async def unassign_model(pool_id: Key, model_id: Key, ctx: Context) -> None:
-    await ctx.store.remove_model_from_pool(pool_id, model_id)
+    await ctx.store.remove_model_from_pool(pool_id=pool_id, model_id=model_id)
 
 
 @router.get(

@@ -204,10 +204,10 @@ class Store(abc.ABC):
     # Assigning twice is a Conflict; removing an absent assignment is NotFound; assigning an
     # unknown pool, backend or model is NotFound.
     @abc.abstractmethod
-    async def assign_backend_to_pool(self, pool_id: str, backend_id: str) -> None: ...
+    async def assign_backend_to_pool(self, *, pool_id: str, backend_id: str) -> None: ...
 
     @abc.abstractmethod
-    async def remove_backend_from_pool(self, pool_id: str, backend_id: str) -> None: ...
+    async def remove_backend_from_pool(self, *, pool_id: str, backend_id: str) -> None: ...
 
     @abc.abstractmethod
     async def list_backends_for_pool(self, pool_id: str) -> list[Backend]: ...
@@ -216,10 +216,10 @@ class Store(abc.ABC):
     async def list_pools_for_backend(self, backend_id: str) -> list[Pool]: ...
 
     @abc.abstractmethod
-    async def assign_model_to_pool(self, pool_id: str, model_id: str) -> None: ...
+    async def assign_model_to_pool(self, *, pool_id: str, model_id: str) -> None: ...
 
     @abc.abstractmethod
-    async def remove_model_from_pool(self, pool_id: str, model_id: str) -> None: ...
+    async def remove_model_from_pool(self, *, pool_id: str, model_id: str) -> None: ...
 
     @abc.abstractmethod
     async def list_models_for_pool(self, pool_id: str) -> list[Model]: ...
@@ -325,22 +325,22 @@ class Store(abc.ABC):
     async def assign_backends_to_pools(self, pairs: Sequence[tuple[str, str]]) -> None:
         async with self.transaction() as tx:
             for pool_id, backend_id in pairs:
-                await tx.assign_backend_to_pool(pool_id, backend_id)
+                await tx.assign_backend_to_pool(pool_id=pool_id, backend_id=backend_id)
 
     async def remove_backends_from_pools(self, pairs: Sequence[tuple[str, str]]) -> None:
         async with self.transaction() as tx:
             for pool_id, backend_id in pairs:
-                await tx.remove_backend_from_pool(pool_id, backend_id)
+                await tx.remove_backend_from_pool(pool_id=pool_id, backend_id=backend_id)
 
     async def assign_models_to_pools(self, pairs: Sequence[tuple[str, str]]) -> None:
         async with self.transaction() as tx:
             for pool_id, model_id in pairs:
-                await tx.assign_model_to_pool(pool_id, model_id)
+                await tx.assign_model_to_pool(pool_id=pool_id, model_id=model_id)
 
     async def remove_models_from_pools(self, pairs: Sequence[tuple[str, str]]) -> None:
         async with self.transaction() as tx:
             for pool_id, model_id in pairs:
-                await tx.remove_model_from_pool(pool_id, model_id)
+                await tx.remove_model_from_pool(pool_id=pool_id, model_id=model_id)
 
     # ---- job queue -------------------------------------------------------------------------
     @abc.abstractmethod

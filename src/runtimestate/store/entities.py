@@ -386,10 +386,10 @@ class EntityOps:
         return await self._count(pools)
 
     # ---- assignments -----------------------------------------------------------------------
-    async def assign_backend_to_pool(self, pool_id: str, backend_id: str) -> None:
+    async def assign_backend_to_pool(self, *, pool_id: str, backend_id: str) -> None:
         await self._assign(pool_backends, backends, "backend", pool_id, backend_id)
 
-    async def remove_backend_from_pool(self, pool_id: str, backend_id: str) -> None:
+    async def remove_backend_from_pool(self, *, pool_id: str, backend_id: str) -> None:
         await self._unassign(pool_backends, "backend", pool_id, backend_id)
 
     async def list_backends_for_pool(self, pool_id: str) -> list[Backend]:
@@ -400,10 +400,10 @@ class EntityOps:
         rows = await self._pools_of_member(pool_backends, backends, "backend", backend_id)
         return [pool_from_row(row) for row in rows]
 
-    async def assign_model_to_pool(self, pool_id: str, model_id: str) -> None:
+    async def assign_model_to_pool(self, *, pool_id: str, model_id: str) -> None:
         await self._assign(pool_models, models, "model", pool_id, model_id)
 
-    async def remove_model_from_pool(self, pool_id: str, model_id: str) -> None:
+    async def remove_model_from_pool(self, *, pool_id: str, model_id: str) -> None:
         await self._unassign(pool_models, "model", pool_id, model_id)
 
     async def list_models_for_pool(self, pool_id: str) -> list[Model]:

@@ -486,12 +486,12 @@ class MemoryStore(Store):
         return len((await self._read()).pools)
 
     # ---- assignments -----------------------------------------------------------------------
-    async def assign_backend_to_pool(self, pool_id: str, backend_id: str) -> None:
+    async def assign_backend_to_pool(self, *, pool_id: str, backend_id: str) -> None:
         pair = (require_text(pool_id, "pool_id"), require_text(backend_id, "backend_id"))
         async with self._write() as t:
             _link(t.pool_backends, t.pools, t.backends, "backend", [pair], self._now())
 
-    async def remove_backend_from_pool(self, pool_id: str, backend_id: str) -> None:
+    async def remove_backend_from_pool(self, *, pool_id: str, backend_id: str) -> None:
         pair = (require_text(pool_id, "pool_id"), require_text(backend_id, "backend_id"))
         async with self._write() as t:
             if pair not in t.pool_backends:
@@ -508,12 +508,12 @@ class MemoryStore(Store):
         t = await self._read()
         return _pools_of(t.pool_backends, t.pools, t.backends, "backend", backend_id)
 
-    async def assign_model_to_pool(self, pool_id: str, model_id: str) -> None:
+    async def assign_model_to_pool(self, *, pool_id: str, model_id: str) -> None:
         pair = (require_text(pool_id, "pool_id"), require_text(model_id, "model_id"))
         async with self._write() as t:
             _link(t.pool_models, t.pools, t.models, "model", [pair], self._now())
 
-    async def remove_model_from_pool(self, pool_id: str, model_id: str) -> None:
+    async def remove_model_from_pool(self, *, pool_id: str, model_id: str) -> None:
         pair = (require_text(pool_id, "pool_id"), require_text(model_id, "model_id"))
         async with self._write() as t:
             if pair not in t.pool_models:

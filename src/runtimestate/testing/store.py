@@ -332,11 +332,15 @@ class FaultyStore(Store):
     async def estimate_pool_count(self) -> int:
         return await self._run(self._inner.estimate_pool_count)
 
-    async def assign_backend_to_pool(self, pool_id: str, backend_id: str) -> None:
-        return await self._run(self._inner.assign_backend_to_pool, pool_id, backend_id)
+    async def assign_backend_to_pool(self, *, pool_id: str, backend_id: str) -> None:
+        return await self._run(
+            self._inner.assign_backend_to_pool, pool_id=pool_id, backend_id=backend_id
+        )
 
-    async def remove_backend_from_pool(self, pool_id: str, backend_id: str) -> None:
-        return await self._run(self._inner.remove_backend_from_pool, pool_id, backend_id)
+    async def remove_backend_from_pool(self, *, pool_id: str, backend_id: str) -> None:
+        return await self._run(
+            self._inner.remove_backend_from_pool, pool_id=pool_id, backend_id=backend_id
+        )
 
     async def list_backends_for_pool(self, pool_id: str) -> list[Backend]:
         return await self._run(self._inner.list_backends_for_pool, pool_id)
@@ -344,11 +348,13 @@ class FaultyStore(Store):
     async def list_pools_for_backend(self, backend_id: str) -> list[Pool]:
         return await self._run(self._inner.list_pools_for_backend, backend_id)
 
-    async def assign_model_to_pool(self, pool_id: str, model_id: str) -> None:
-        return await self._run(self._inner.assign_model_to_pool, pool_id, model_id)
+    async def assign_model_to_pool(self, *, pool_id: str, model_id: str) -> None:
+        return await self._run(self._inner.assign_model_to_pool, pool_id=pool_id, model_id=model_id)
 
-    async def remove_model_from_pool(self, pool_id: str, model_id: str) -> None:
-        return await self._run(self._inner.remove_model_from_pool, pool_id, model_id)
+    async def remove_model_from_pool(self, *, pool_id: str, model_id: str) -> None:
+        return await self._run(
+            self._inner.remove_model_from_pool, pool_id=pool_id, model_id=model_id
+        )
 
     async def list_models_for_pool(self, pool_id: str) -> list[Model]:
         return await self._run(self._inner.list_models_for_pool, pool_id)
