@@ -268,6 +268,10 @@ class SnapshotPublisher:
         self._written: dict[str, dict[str, object]] | None = None
         self._history: dict[str, list[dict[str, str]]] = {}
         self._term: int | None = None
+        # The document of each state last published, by the state object: the reconciler keeps
+        # the same object for a backend whose state did not change, so a steady cycle dumps
+        # nothing (dumping every state every cycle was most of a steady publication's time).
+        self._documents: dict[str, tuple[LLMState, dict[str, object]]] = {}
         self.version = 0
         self.writes = 0
 
@@ -282,11 +286,13 @@ class SnapshotPublisher:
                 self._written[entry.backend_id] = document
             self._term = fence.term
             self.version = stored.version
-        documents = {key: state.model_dump(mode="json") for key, state in states.items()}
+        documents = {key: self._document(key, state) for key, state in states.items()}
+        self._documents = {key: (states[key], documents[key]) for key in documents}
+        written = self._written
         changed = {
             key: document
             for key, document in documents.items()
-            if self._written.get(key) != document
+            if written.get(key) is not document and written.get(key) != document
         }
         removed = sorted(self._written.keys() - documents.keys())
         if not changed and not removed:
@@ -318,6 +324,13 @@ class SnapshotPublisher:
             # Followers still refresh every cycle interval.
             logger.warning("cluster: snapshot notice not sent: %s", exc)
         return self.version
+
+    def _document(self, key: str, state: LLMState) -> dict[str, object]:
+        known = self._documents.get(key)
+        if known is not None and known[0] is state:
+            return known[1]
+        document: dict[str, object] = state.model_dump(mode="json")
+        return document
 
     def _next_history(self, key: str, document: Mapping[str, object]) -> list[dict[str, str]]:
         """The backend's error history with this document's change of ``error``, if any."""

@@ -216,42 +216,31 @@ class HttpClient:
     ) -> tuple[int, bytes]:
         """Send one request; return its status and body (bounded) whatever the status. For
         callers that give some error statuses a meaning of their own."""
-        shown = redact(url, *secrets)
+        # The URL is redacted for a message only when there is one to write: a backend cycle
+        # sends one request per backend, and redacting every URL cost it a noticeable share.
         try:
             # No redirects: a backend API has no reason to send one, and following it would
             # carry the request (and its key) to wherever the answer points.
             async with self._get_session().request(
                 method, url, json=json_body, headers=headers, params=params, allow_redirects=False
             ) as response:
-                body = await self._read_bounded(response, shown)
+                body = await self._read_bounded(response, url, secrets)
                 if 300 <= response.status < 400:
+                    shown = redact(url, *secrets)
                     raise ProtocolError(
                         f"unexpected redirect (HTTP {response.status}) from {shown}",
                         backend=shown,
                     )
                 return response.status, body
-        except aiohttp.InvalidURL as exc:
-            raise BackendError(f"invalid URL {shown!r}", backend=shown) from exc
-        except aiohttp.NonHttpUrlClientError as exc:
-            raise BackendError(_NOT_HTTP.format(shown), backend=shown) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise BackendUnreachable(
-                f"cannot connect to {shown}: {exc.os_error.strerror or exc}", backend=shown
-            ) from exc
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-            raise BackendUnreachable(
-                f"connection to {shown} dropped: {redact(str(exc), *secrets)}", backend=shown
-            ) from exc
-        except TimeoutError as exc:
-            raise BackendTimeout(f"request to {shown} timed out", backend=shown) from exc
-        except aiohttp.ClientError as exc:
-            raise BackendUnreachable(
-                f"request to {shown} failed: {redact(str(exc), *secrets)}", backend=shown
-            ) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _request_error(exc, redact(url, *secrets), secrets) from exc
 
-    async def _read_bounded(self, response: aiohttp.ClientResponse, shown: str) -> bytes:
+    async def _read_bounded(
+        self, response: aiohttp.ClientResponse, url: str, secrets: tuple[str, ...] = ()
+    ) -> bytes:
         limit = self.max_body_bytes
         if response.content_length is not None and response.content_length > limit:
+            shown = redact(url, *secrets)
             raise ProtocolError(
                 f"response too large from {shown}: {response.content_length} bytes (limit {limit})",
                 backend=shown,
@@ -261,6 +250,7 @@ class HttpClient:
         async for chunk in response.content.iter_chunked(2**16):
             size += len(chunk)
             if size > limit:
+                shown = redact(url, *secrets)
                 raise ProtocolError(
                     f"response too large from {shown}: over {limit} bytes", backend=shown
                 )
@@ -307,7 +297,7 @@ class HttpClient:
             ) from exc
         try:
             if response.status >= 400:
-                body = await self._read_bounded(response, shown)
+                body = await self._read_bounded(response, url)
                 raise status_error(response.status, body, url=url)
             yield self._iter_lines(response, url, shown)
         finally:
@@ -339,3 +329,26 @@ class HttpClient:
             if not isinstance(item, dict):
                 raise ProtocolError(f"stream line from {shown} is not an object", backend=shown)
             yield item
+
+
+def _request_error(
+    exc: aiohttp.ClientError | TimeoutError, shown: str, secrets: tuple[str, ...]
+) -> BackendError:
+    """The error a failed request raises, naming the redacted URL ``shown``."""
+    if isinstance(exc, aiohttp.InvalidURL):
+        return BackendError(f"invalid URL {shown!r}", backend=shown)
+    if isinstance(exc, aiohttp.NonHttpUrlClientError):
+        return BackendError(_NOT_HTTP.format(shown), backend=shown)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return BackendUnreachable(
+            f"cannot connect to {shown}: {exc.os_error.strerror or exc}", backend=shown
+        )
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        return BackendUnreachable(
+            f"connection to {shown} dropped: {redact(str(exc), *secrets)}", backend=shown
+        )
+    if isinstance(exc, TimeoutError):
+        return BackendTimeout(f"request to {shown} timed out", backend=shown)
+    return BackendUnreachable(
+        f"request to {shown} failed: {redact(str(exc), *secrets)}", backend=shown
+    )
