@@ -2,9 +2,10 @@
 
 One service per module (in-process, on a real socket, SQLite store) in front of an emulated
 fleet of every type the gateway serves: two Ollama nodes holding the same chat model, a vLLM
-server, an OpenAI account. Faults are armed at the emulator and the ground truth - which backend
-got a request, whether a request is still open there - is read at the emulator, never from the
-gateway's own account of itself.
+server, an OpenAI account, a Gemini account (reached through its OpenAI-compatible API), and a
+second Gemini account at a host the Gemini key may not go to. Faults are armed at the emulator
+and the ground truth - which backend got a request, whether a request is still open there, who
+received which key - is read at the emulator, never from the gateway's own account of itself.
 """
 
 from __future__ import annotations
@@ -25,11 +26,19 @@ import pytest_asyncio
 from typer.testing import CliRunner
 
 from runtimestate.cli.app import app as cli_app
+from runtimestate.kinds.gemini import GEMINI_KEY
 from runtimestate.kinds.openai import OPENAI_KEY
 from runtimestate.service import Service
 from runtimestate.settings import Settings
 from runtimestate.store import Store
-from runtimestate.testing import Emulator, OllamaNode, OpenAIAccount, VLLMServer
+from runtimestate.testing import (
+    Emulator,
+    GeminiAccount,
+    GeminiModel,
+    OllamaNode,
+    OpenAIAccount,
+    VLLMServer,
+)
 from runtimestate.testing.base import EmulatedBackend
 from tests.fixtures.common import EMULATOR_KEY_HOSTS
 from tests.fixtures.polling import eventually
@@ -43,6 +52,9 @@ EMBED = "nomic-embed-text"
 VLLM = "meta-llama/Llama-3.1-8B-Instruct"
 GPT = "gpt-4o-mini"
 GPT_EMBED = "text-embedding-3-small"
+GEMINI_SECRET = "AIzaGatewayTest0123456789abcdef"
+GEMINI = "gemini-2.0-flash"
+GEMINI_EMBED = "text-embedding-004"
 PULLING = "phi3:mini"
 BODY_LIMIT = 64 * 1024
 
@@ -54,6 +66,8 @@ class Fleet:
     node_b: OllamaNode
     vllm: VLLMServer
     account: OpenAIAccount
+    gemini: GeminiAccount
+    elsewhere: GeminiAccount  # at a host the Gemini key may not go to
     url: str
     admin: httpx.AsyncClient
     key: str
@@ -61,7 +75,7 @@ class Fleet:
 
     @property
     def backends(self) -> tuple[EmulatedBackend, ...]:
-        return (self.node_a, self.node_b, self.vllm, self.account)
+        return (self.node_a, self.node_b, self.vllm, self.account, self.gemini, self.elsewhere)
 
     def named(self, name: str) -> EmulatedBackend:
         """The emulated backend a gateway answer names in ``X-Runtimestate-Backend``."""
@@ -92,7 +106,12 @@ class Fleet:
 
 
 def _declare(
-    a: OllamaNode, b: OllamaNode, vllm: VLLMServer, account: OpenAIAccount
+    a: OllamaNode,
+    b: OllamaNode,
+    vllm: VLLMServer,
+    account: OpenAIAccount,
+    gemini: GeminiAccount,
+    elsewhere: GeminiAccount,
 ) -> Callable[[Store], Awaitable[None]]:
     async def on_startup(store: Store) -> None:
         await store.create_backend(name="node-a", base_url=a.base_url, type="ollama")
@@ -100,12 +119,22 @@ def _declare(
         await store.create_backend(name="vllm-1", base_url=vllm.base_url, type="vllm")
         await store.create_backend(name="acct", base_url=account.base_url, type="openai")
         await store.set_kv(OPENAI_KEY, {"APIKey": OPENAI_SECRET, "Type": "openai"})
+        await store.create_backend(name="gem", base_url=gemini.base_url, type="gemini")
+        # The same emulator under another name for its host: not one the Gemini key may go to.
+        await store.create_backend(
+            name="gem-elsewhere",
+            base_url=elsewhere.base_url.replace("//127.0.0.1:", "//localhost:"),
+            type="gemini",
+        )
+        await store.set_kv(GEMINI_KEY, {"APIKey": GEMINI_SECRET, "Type": "gemini"})
         for model, embeds in (
             (CHAT, False),
             (EMBED, True),
             (VLLM, False),
             (GPT, False),
             (GPT_EMBED, True),
+            (GEMINI, False),
+            (GEMINI_EMBED, True),
             (PULLING, False),
         ):
             await store.append_model(
@@ -129,6 +158,12 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
         b = emu.add_ollama("node-b", models=[CHAT], pull_seconds=3600)
         vllm = emu.add_vllm("vllm-1", model=VLLM)
         account = emu.add_openai("acct", api_key=OPENAI_SECRET, models=[GPT, GPT_EMBED])
+        gemini_models = [
+            GeminiModel(name=GEMINI, methods=("generateContent", "countTokens")),
+            GeminiModel(name=GEMINI_EMBED, methods=("embedContent",)),
+        ]
+        gemini = emu.add_gemini("gem", api_key=GEMINI_SECRET, models=gemini_models)
+        elsewhere = emu.add_gemini("gem-elsewhere", api_key=GEMINI_SECRET, models=gemini_models)
         settings = Settings(
             data_dir=tmp_path_factory.mktemp("gateway"),
             port=0,
@@ -138,9 +173,10 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
             gateway_max_body_bytes=BODY_LIMIT,
             gateway_backend_concurrency=2,
             gateway_refresh_interval=3600,
-            cloud_key_hosts=EMULATOR_KEY_HOSTS,  # the OpenAI key may go to the emulator's host
+            # The cloud keys may go to the emulator's host (127.0.0.1), and nowhere else.
+            cloud_key_hosts=EMULATOR_KEY_HOSTS,
         )
-        service = Service(settings, on_startup=_declare(a, b, vllm, account))
+        service = Service(settings, on_startup=_declare(a, b, vllm, account, gemini, elsewhere))
         task = asyncio.create_task(service.run())
         url = await service.wait_started()
         async with httpx.AsyncClient(
@@ -154,6 +190,8 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
                 node_b=b,
                 vllm=vllm,
                 account=account,
+                gemini=gemini,
+                elsewhere=elsewhere,
                 url=url,
                 admin=admin,
                 key=created.json()["key"],
@@ -186,6 +224,7 @@ async def test_listings_show_each_served_model_once(fleet: Fleet) -> None:
     models = [m.id for m in (await fleet.openai().models.list()).data]
     # llama3 is on two nodes and listed once; the model being pulled is not listed.
     served = ["llama3:latest", "nomic-embed-text:latest", VLLM, GPT, GPT_EMBED]
+    served += [f"models/{GEMINI}", f"models/{GEMINI_EMBED}"]
     assert sorted(models) == sorted(served)
     tags = await fleet.ollama().list()
     assert sorted(m.model or "" for m in tags.models) == sorted(models)
@@ -197,7 +236,7 @@ async def test_listings_show_each_served_model_once(fleet: Fleet) -> None:
 # -- OpenAI routes ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", [CHAT, VLLM, GPT])
+@pytest.mark.parametrize("model", [CHAT, VLLM, GPT, GEMINI])
 async def test_chat_keeps_openai_shapes_and_passes_fields_through(fleet: Fleet, model: str) -> None:
     client = fleet.openai()
     answer = await client.chat.completions.create(
@@ -242,7 +281,7 @@ async def test_chat_keeps_openai_shapes_and_passes_fields_through(fleet: Fleet, 
         assert body[field] == value, field
 
 
-@pytest.mark.parametrize("model", [CHAT, VLLM, GPT])
+@pytest.mark.parametrize("model", [CHAT, VLLM, GPT, GEMINI])
 async def test_streamed_chat_arrives_chunk_by_chunk_with_usage(fleet: Fleet, model: str) -> None:
     stream = await fleet.openai().chat.completions.create(
         model=model,
@@ -265,16 +304,66 @@ async def test_completions_and_embeddings(fleet: Fleet) -> None:
         done = await client.completions.create(model=model, prompt="complete me")
         assert done.choices[0].text.endswith("you wrote complete me")
         assert done.choices[0].finish_reason == "stop"
-    for model, size in ((EMBED, 768), (GPT_EMBED, 1536)):
+    for model, size in ((EMBED, 768), (GPT_EMBED, 1536), (GEMINI_EMBED, 768)):
         vectors = await client.embeddings.create(model=model, input=["one", "two"])
         assert [len(d.embedding) for d in vectors.data] == [size, size]
         assert vectors.usage.prompt_tokens == 2
 
 
+def _carrying(backend: EmulatedBackend, secret: str) -> list[str]:
+    """The paths of the requests ``backend`` received with ``secret`` in a header or the query."""
+    return [
+        r.path
+        for r in backend.requests
+        if secret in " ".join([*r.headers.values(), *r.query.values()])
+    ]
+
+
+async def test_gemini_is_served_through_its_openai_api_and_its_key_goes_only_there(
+    fleet: Fleet,
+) -> None:
+    client = fleet.openai()
+    before = len(fleet.gemini.requests)
+    raw = await client.chat.completions.with_raw_response.create(
+        model=GEMINI, messages=[{"role": "user", "content": "hello gemini"}]
+    )
+    assert raw.headers["x-runtimestate-backend"] == "gem"
+    assert (raw.parse().choices[0].message.content or "").endswith("you wrote hello gemini")
+    stream = await client.chat.completions.create(
+        model=f"models/{GEMINI}",
+        messages=[{"role": "user", "content": "stream gemini"}],
+        stream=True,
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text.endswith("you wrote stream gemini")
+    vectors = await client.embeddings.create(model=GEMINI_EMBED, input="embed gemini")
+    assert [len(d.embedding) for d in vectors.data] == [768]
+    # Ground truth at the emulator: the three requests reached Gemini's OpenAI-compatible API,
+    # the model named without "models/", the key as a bearer token.
+    sent = fleet.gemini.requests[before:]
+    assert [r.path for r in sent] == [
+        "/v1beta/openai/chat/completions",
+        "/v1beta/openai/chat/completions",
+        "/v1beta/openai/embeddings",
+    ]
+    assert [r.json["model"] for r in sent] == [GEMINI, GEMINI, GEMINI_EMBED]
+    assert all(r.headers.get("Authorization") == f"Bearer {GEMINI_SECRET}" for r in sent)
+    # The Gemini key reached the Gemini account on its allowed host, and no other backend: not
+    # the other types, not the same emulator declared under a host the key may not go to (that
+    # backend is in error instead, and serves nothing).
+    assert _carrying(fleet.gemini, GEMINI_SECRET)
+    for backend in fleet.backends:
+        if backend is not fleet.gemini:
+            assert _carrying(backend, GEMINI_SECRET) == [], backend.name
+    states = {s["name"]: s for s in (await fleet.admin.get("/state")).json()}
+    assert "credential of its own" in states["gem-elsewhere"]["error"]
+    assert GEMINI_SECRET not in json.dumps(states)
+
+
 # -- Ollama routes ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", [CHAT, VLLM, GPT])
+@pytest.mark.parametrize("model", [CHAT, VLLM, GPT, GEMINI])
 async def test_ollama_sdk_on_every_type(fleet: Fleet, model: str) -> None:
     client = fleet.ollama()
     answer = await client.chat(
@@ -598,7 +687,7 @@ async def test_providers_health_says_which_backend_cools_down_and_until_when(
     assert cooling.value.status_code == 503
     assert _chat_posts(fleet.vllm) - before == 3
     health = {entry["name"]: entry for entry in (await fleet.admin.get("/providers/health")).json()}
-    assert set(health) == {"node-a", "node-b", "vllm-1", "acct"}
+    assert set(health) == {"node-a", "node-b", "vllm-1", "acct", "gem", "gem-elsewhere"}
     routing = health["vllm-1"]["routing"]
     until = datetime.fromisoformat(routing["coolingUntil"])
     # The gateway's default cooldown: 30 s from the third failure, which came between the

@@ -145,7 +145,7 @@ async def fleet() -> AsyncIterator[Fleet]:
                 GEMINI_KEY,
             ),
         }
-        backends = {
+        backends: dict[str, EmulatedBackend] = {
             "openai-compatible": compatible,
             "ollama": node,
             "vllm": vllm,

@@ -50,6 +50,8 @@ from runtimestate.gateway.upstream import (
 )
 from runtimestate.kinds import gemini as gemini_kind
 from runtimestate.kinds import ollama as ollama_kind
+from runtimestate.kinds.gemini.api import VERSION as GEMINI_VERSION
+from runtimestate.kinds.gemini.api import gemini_root
 from runtimestate.kinds.openai_api import openai_root as openai_api_root
 from runtimestate.providers import BackendRef, Capability, ClientPool, HealthConfig, Provider
 from runtimestate.records import LLMState
@@ -190,11 +192,10 @@ class _Refused(Exception):
 
 
 def openai_root(backend: BackendRef) -> str:
-    """The OpenAI-compatible API root of a backend, whatever its type: Gemini's is under its
-    ``/v1beta`` root, every other kind's (Ollama's too) is ``/v1``."""
+    """The OpenAI-compatible API root of a backend, whatever its type: Gemini's is
+    ``/v1beta/openai`` under its root, every other kind's (Ollama's too) is ``/v1``."""
     if backend.type == _GEMINI:
-        root: str = gemini_kind.KIND.api_root(backend.base_url)
-        return root + "/openai"
+        return f"{gemini_root(backend.base_url)}/{GEMINI_VERSION}/openai"
     return openai_api_root(backend.base_url)
 
 

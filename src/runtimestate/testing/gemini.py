@@ -12,6 +12,13 @@ otherwise), ``:embedContent``, ``:batchEmbedContents`` (google-genai sends every
 lacks, or one whose ``supportedGenerationMethods`` lack the method, is the real 404
 ``NOT_FOUND``. A stream that fails after it began carries a ``data: {"error": {...}}`` event,
 which google-genai raises as ``APIError``.
+
+The account also serves Gemini's OpenAI-compatible API under ``/v1beta/openai``: ``/chat/
+completions`` (streamed or not) and ``/embeddings``, in OpenAI's shapes (the same inference as the
+OpenAI emulators, :class:`~runtimestate.testing.openai.OpenAIEndpoints`). Two things differ there,
+as on the real API: the key travels as ``Authorization: Bearer <key>``, and the model is named
+without ``models/`` (``gemini-2.0-flash``). Its errors keep Google's error object but wrapped in a
+JSON array (``[{"error": {"code": 400, ...}}]``), which is what the real endpoint answers.
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ from runtimestate.clock import Clock
 from runtimestate.errors import mask_secret
 from runtimestate.testing.base import (
     BodyError,
-    EmulatedBackend,
     EmuRequest,
     Handler,
     Reply,
@@ -37,10 +43,12 @@ from runtimestate.testing.base import (
     json_bytes,
     stable_int,
 )
+from runtimestate.testing.openai import OpenAIEndpoints
 
 __all__ = ["GeminiAccount", "GeminiModel"]
 
 _PREFIX = "/v1beta/models"
+_OPENAI_PREFIX = "/v1beta/openai"
 _DEFAULT_PAGE = 50
 _MAX_PAGE = 1000
 _EMBED_DIMS = 768
@@ -115,9 +123,9 @@ def _texts(content: Any) -> list[str]:
     return [str(p["text"]) for p in parts if isinstance(p, dict) and "text" in p]
 
 
-class GeminiAccount(EmulatedBackend):
+class GeminiAccount(OpenAIEndpoints):
     """A Gemini API account: its key and its models (``models`` is a mutable list), listed at
-    most ``max_page_size`` to a page."""
+    most ``max_page_size`` to a page; its native API and its OpenAI-compatible one."""
 
     kind = "gemini"
 
@@ -144,6 +152,8 @@ class GeminiAccount(EmulatedBackend):
         self.token_seconds = 0.0
         self.route("GET", _PREFIX, self._list)
         self.route("GET", "/v1beta/tunedModels", self._tuned)
+        # Gemini's OpenAI-compatible API has no legacy ``/completions``.
+        self.route_openai(_OPENAI_PREFIX, completions=False)
         self._actions: dict[str, Handler] = {
             "generateContent": self._generate,
             "streamGenerateContent": self._stream_generate,
@@ -178,15 +188,48 @@ class GeminiAccount(EmulatedBackend):
     def oversized_prefix(self) -> bytes:
         return b'{"models":['
 
+    # -- the OpenAI-compatible API ----------------------------------------------------------------
+
+    def serves(self, model: str) -> bool:
+        return any(m.short_name == model for m in self.models)
+
+    def model_not_found(self, model: str) -> Reply:
+        return self.openai_error(
+            404,
+            f"models/{model} is not found for API version v1main, or is not supported for "
+            "generateContent. Call ListModels to see the list of available models and their "
+            "supported methods.",
+        )
+
+    def embedding_dims(self, model: str) -> int:
+        return _EMBED_DIMS
+
+    def openai_error(self, status: int, message: str) -> Reply:
+        return Reply(status=status, body=json_bytes([self._error_body(status, message)]))
+
+    def _error_object(
+        self, status: int, message: str, *, kind: str, param: str | None = None, code: Any = None
+    ) -> Reply:
+        return self.openai_error(status, message)
+
+    # -- both --------------------------------------------------------------------------------------
+
+    def _key(self, request: EmuRequest) -> str | None:
+        if request.path.startswith(_OPENAI_PREFIX + "/"):
+            scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+            return secret.strip() if scheme.lower() == "bearer" and secret.strip() else None
+        return request.headers.get("x-goog-api-key") or request.query.get("key")
+
     async def respond(self, request: EmuRequest) -> Reply | StreamReply:
-        key = request.headers.get("x-goog-api-key") or request.query.get("key")
+        key = self._key(request)
+        wrap = request.path.startswith(_OPENAI_PREFIX + "/")
         if not key:
-            return self.error(
-                403,
+            message = (
                 "Method doesn't allow unregistered callers (callers without established "
                 "identity). Please use API Key or other form of API consumer identity to call "
-                "this API.",
+                "this API."
             )
+            return self.openai_error(403, message) if wrap else self.error(403, message)
         if key != self.api_key:
             body = self._error_body(400, _BAD_KEY)
             body["error"]["details"] = [
@@ -202,7 +245,7 @@ class GeminiAccount(EmulatedBackend):
                     "message": _BAD_KEY,
                 },
             ]
-            return Reply(status=400, body=json_bytes(body))
+            return Reply(status=400, body=json_bytes([body] if wrap else body))
         return await super().respond(request)
 
     def match(self, request: EmuRequest) -> Handler | None:

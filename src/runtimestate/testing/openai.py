@@ -82,9 +82,10 @@ class OpenAIEndpoints(EmulatedBackend):
     sse_pings: bool = False
     per_token_embeddings: bool = False
 
-    def route_openai(self, prefix: str) -> None:
+    def route_openai(self, prefix: str, *, completions: bool = True) -> None:
         self.route("POST", f"{prefix}/chat/completions", self._openai_chat)
-        self.route("POST", f"{prefix}/completions", self._openai_completions)
+        if completions:
+            self.route("POST", f"{prefix}/completions", self._openai_completions)
         self.route("POST", f"{prefix}/embeddings", self._openai_embeddings)
 
     @abstractmethod
