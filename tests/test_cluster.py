@@ -17,6 +17,7 @@ from runtimestate.cluster import (
     SnapshotCache,
     SnapshotPublisher,
 )
+from runtimestate.metrics import BACKENDS, PULL_TASKS, QUEUE_DEPTH, exposition
 from runtimestate.records import BackendInfo, LLMState
 from runtimestate.store import Store
 from runtimestate.store.records import Leadership
@@ -191,3 +192,17 @@ async def test_the_leaders_cycle_time_reaches_the_registry_and_only_it_claims_a_
         assert SnapshotFeed(follower).summary()["lastCycle"]["durationSeconds"] == 0.25
     finally:
         await bus.close()
+
+
+def test_the_fleet_gauges_come_from_the_leader_only() -> None:
+    # Backends by status, pull tasks by status and the queue depth describe the whole fleet:
+    # a follower leaves them out, so that a sum over replicas counts each once.
+    BACKENDS.labels(status="ok").set(3)
+    PULL_TASKS.labels(status="queued").set(2)
+    QUEUE_DEPTH.set(2)
+    fleet = ("runtimestate_backends{", "runtimestate_pull_tasks{", "runtimestate_queue_depth{")
+    leader = exposition(instance="r1", leader=True).decode()
+    follower = exposition(instance="r2", leader=False).decode()
+    assert [name for name in fleet if name not in leader] == []
+    assert [name for name in fleet if name in follower] == []
+    assert 'runtimestate_models_pulled_total{instance="r2"}' in follower

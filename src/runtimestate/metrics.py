@@ -7,8 +7,9 @@ other libraries.
 
 With several replicas, :func:`exposition` adds the label ``instance`` (the replica's id) to
 every series, and leaves out the fleet-wide gauges (:data:`FLEET_GAUGES`: backends by status,
-queue depth...) unless this replica is the leader: they describe the whole fleet, a follower's
-copy would be stale, and summing them over replicas would count everything several times.
+pull tasks by status, queue depth) unless this replica is the leader: they describe the whole
+fleet, a follower's copy would be stale, and summing them over replicas would count everything
+several times.
 """
 
 from __future__ import annotations
@@ -115,7 +116,11 @@ TERM = Gauge(
 )
 
 # Families that describe the whole fleet: exported by the leader only.
-FLEET_GAUGES: set[str] = {"runtimestate_backends", "runtimestate_queue_depth"}
+FLEET_GAUGES: set[str] = {
+    "runtimestate_backends",
+    "runtimestate_pull_tasks",
+    "runtimestate_queue_depth",
+}
 
 
 class _Labelled(Collector):
