@@ -77,7 +77,7 @@ async def test_construction_refuses_nonsense_options(
     assert refused.value.field == option
 
 
-async def test_states_serialize_to_the_seed_json(
+async def test_states_serialize_to_the_go_packages_json(
     store: Store, bus: Messenger, emu: Emulator
 ) -> None:
     node = emu.add_ollama("n1", models=["llama3"])

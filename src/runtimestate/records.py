@@ -122,7 +122,9 @@ def capability_flags(capabilities: frozenset[Capability]) -> dict[str, bool]:
     }
 
 
-class _SeedModel(BaseModel):
+class _GoJson(BaseModel):
+    """A record in the Go ``runtimestate`` package's JSON: camelCase names, frozen."""
+
     model_config = ConfigDict(
         alias_generator=to_camel,
         validate_by_name=True,
@@ -133,7 +135,7 @@ class _SeedModel(BaseModel):
     )
 
 
-class ModelDetails(_SeedModel):
+class ModelDetails(_GoJson):
     """What a backend reports about a model's build (Ollama's ``details``): family, parameter
     size, quantization; empty where the backend says nothing."""
 
@@ -145,7 +147,7 @@ class ModelDetails(_SeedModel):
     quantization_level: str = ""
 
 
-class ListModelResponse(_SeedModel):
+class ListModelResponse(_GoJson):
     """One model a backend really holds, with the declared (or discovered) capabilities."""
 
     name: str
@@ -165,7 +167,7 @@ class ListModelResponse(_SeedModel):
         return capabilities_of(self)
 
 
-class BackendInfo(_SeedModel):
+class BackendInfo(_GoJson):
     """The declared backend as it appears inside an ``LLMState`` (the Go package's ``backend``)."""
 
     id: str
@@ -176,7 +178,7 @@ class BackendInfo(_SeedModel):
     updated_at: datetime = _EPOCH
 
 
-class Download(_SeedModel):
+class Download(_GoJson):
     """One pull task of a backend as its state shows it: why a declared model is not there yet.
 
     ``status`` is ``queued``, ``running``, ``failed`` (waiting for ``next_attempt_at``) or
@@ -197,7 +199,7 @@ class Download(_SeedModel):
 _OBSERVATION = frozenset({"observed_at", "latency_seconds"})
 
 
-class LLMState(_SeedModel):
+class LLMState(_GoJson):
     """The observed state of one backend. Built by the reconciler, read through snapshots."""
 
     id: str
