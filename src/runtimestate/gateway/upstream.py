@@ -35,8 +35,6 @@ from runtimestate.errors import (
     BackendError,
     BackendUnreachable,
     ProtocolError,
-    RateLimited,
-    ServerError,
     redact,
 )
 from runtimestate.providers import BackendRef
@@ -178,15 +176,6 @@ async def open_answer(
             retry_after=response.headers.get("Retry-After"),
         )
     return response
-
-
-def classify(exc: Retryable) -> type[BackendError]:
-    """The error class the health book should count a :class:`Retryable` as."""
-    if exc.status == 429:
-        return RateLimited
-    if exc.status >= 500 and exc.body:
-        return ServerError
-    return BackendUnreachable
 
 
 @dataclass(slots=True)
