@@ -40,6 +40,7 @@ from runtimestate.bus import open_bus
 from runtimestate.state import State
 from runtimestate.store import open_store
 from runtimestate.testing import Emulator
+from tests.fixtures.polling import eventually
 from tests.fixtures.postgres import TEST_MASTER_KEY
 
 TOKEN = "schema-token-0123456789"
@@ -82,10 +83,10 @@ class ThreadedApi:
             config = uvicorn.Config(create_app(ctx), log_config=None, lifespan="off")
             self._server = uvicorn.Server(config)
             serving = asyncio.create_task(self._server.serve(sockets=[self._sock]))
-            for _ in range(500):
-                if self._server.started or serving.done():
-                    break
-                await asyncio.sleep(0.01)
+            server = self._server
+            await eventually(
+                lambda: server.started or serving.done(), what="the API server started"
+            )
             self._ready.set()
             await serving
         finally:

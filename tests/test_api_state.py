@@ -23,6 +23,7 @@ from runtimestate.state import State
 from runtimestate.store import Store
 from runtimestate.testing import Emulator, OllamaNode
 from tests.fixtures.common import EMULATOR_KEY_HOSTS
+from tests.fixtures.polling import eventually
 
 TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -221,11 +222,7 @@ async def _serve(ctx: ApiContext) -> tuple[uvicorn.Server, asyncio.Task[None], s
     config = uvicorn.Config(create_app(ctx), log_config=None, lifespan="off")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    for _ in range(500):
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    assert server.started
+    await eventually(lambda: server.started, what="the API server started")
     return server, task, f"http://127.0.0.1:{port}"
 
 

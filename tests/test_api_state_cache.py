@@ -33,6 +33,7 @@ from runtimestate.records import LLMState
 from runtimestate.state import State
 from runtimestate.store import Store
 from runtimestate.testing import Emulator, OllamaNode
+from tests.fixtures.polling import eventually
 
 TOKEN = "state-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -277,11 +278,7 @@ async def _serve(app: FastAPI) -> tuple[uvicorn.Server, asyncio.Task[None], str]
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    for _ in range(500):
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    assert server.started
+    await eventually(lambda: server.started, what="the API server started")
     return server, task, f"http://127.0.0.1:{port}"
 
 

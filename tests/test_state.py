@@ -700,11 +700,13 @@ async def _cycle_on(clock: FakeClock, state: State, step: float) -> None:
     time a request waits on it: then two sleep on the clock, the request and the backend's
     deadline in the cycle."""
     cycle = asyncio.create_task(state.run_backend_cycle())
-    async with asyncio.timeout(10):
-        while not cycle.done():
-            if clock.sleepers >= 2:
-                clock.advance(step)
-            await asyncio.sleep(0)
+
+    def advanced() -> bool:
+        if clock.sleepers >= 2:
+            clock.advance(step)
+        return cycle.done()
+
+    await eventually(advanced, what="the cycle done", every=0)
     await cycle
 
 
