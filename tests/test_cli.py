@@ -145,6 +145,15 @@ def test_serve_on_a_busy_port_fails_in_one_line(tmp_path: Path) -> None:
 
 
 # ---- against the running demo service ------------------------------------------------------
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps")
+def test_serve_runs_on_uvloop_with_the_httptools_parser(service: ServiceProcess) -> None:
+    # The C halves of the gateway's hot path, seen from outside: the libraries the running
+    # process has mapped (uvloop only once its loop is made; httptools once uvicorn chose it).
+    mapped = Path(f"/proc/{service.proc.pid}/maps").read_text()
+    assert "uvloop" in mapped
+    assert "httptools" in mapped
+
+
 def test_demo_fleet_is_declared_through_the_startup_hook(service: ServiceProcess) -> None:
     backends = run_json(service, "backend", "list")
     assert {b["name"] for b in backends} >= set(DEMO_NODES)

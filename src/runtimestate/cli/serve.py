@@ -11,6 +11,11 @@ so that the everyday commands, which only need an HTTP client, start quickly.
 ``--demo`` keeps its declarations in ``demo.db`` beside the real database (unless a database
 is named), so trying the demo never leaves emulated backends declared in an operator's fleet.
 
+The service runs on uvloop's event loop where uvloop is installed (a dependency everywhere but
+Windows, which it does not support), else on asyncio's own: the gateway's hot path is mostly
+event-loop and socket work, and uvloop does that work in C. uvicorn picks httptools, the other C
+half, by itself when it is importable.
+
 The bearer token is deliberately not a flag: argv is visible to every user of the machine
 (``ps``), so the token comes from ``RUNTIMESTATE_TOKEN`` or the generated token file.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -98,9 +104,20 @@ def serve_command(
         overrides["cycle_interval"] = interval if interval is not None else DEMO_INTERVAL
         overrides["download_workers"] = workers if workers is not None else DEMO_WORKERS
     try:
-        asyncio.run(_serve(overrides, demo=demo, pull_seconds=demo_pull_seconds))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_serve(overrides, demo=demo, pull_seconds=demo_pull_seconds))
     except KeyboardInterrupt:
         return
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed; None (asyncio's default) otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _print_demo_hints(settings: Any) -> None:
