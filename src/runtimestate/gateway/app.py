@@ -34,9 +34,8 @@ from runtimestate.backends.http import PolicyResolver
 from runtimestate.bus.base import Messenger
 from runtimestate.clock import SYSTEM_CLOCK, Clock
 from runtimestate.errors import BackendError, InvalidInput
-from runtimestate.gateway import translate
+from runtimestate.gateway import metrics, translate
 from runtimestate.gateway.keys import GatewayKey, KeyBook, list_keys
-from runtimestate.gateway.metrics import IN_FLIGHT, LATENCY, REQUESTS, RETRIES, TOKENS, TTFT
 from runtimestate.gateway.routing import RouteError, RoutingTable
 from runtimestate.gateway.upstream import (
     NDJSON,
@@ -576,7 +575,7 @@ class Gateway:
             await answer()
         except _Refused as refused:
             outcome = "unauthorized" if refused.status == 401 else "refused"
-            REQUESTS.labels(route, "unknown", "none", outcome).inc()
+            metrics.requests(route, "unknown", "none", outcome).inc()
             headers = []
             if refused.retry_after is not None:
                 headers.append((b"retry-after", str(refused.retry_after).encode()))
@@ -615,7 +614,7 @@ class Gateway:
             if not disconnected:
                 raise
             task.uncancel()
-            REQUESTS.labels(route.name, "unknown", "none", "disconnected").inc()
+            metrics.requests(route.name, "unknown", "none", "disconnected").inc()
 
     async def _forward(
         self,
@@ -661,7 +660,7 @@ class Gateway:
                 break
             provider, backend = candidate
             if attempt:
-                RETRIES.labels(route.name).inc()
+                metrics.retries(route.name).inc()
             try:
                 await self._send_once(
                     route, send, provider, backend, payload, body, stream, started
@@ -680,7 +679,7 @@ class Gateway:
                 else:
                     candidate = None
         assert last is not None
-        REQUESTS.labels(route.name, provider.model, backend.name, "upstream_error").inc()
+        metrics.requests(route.name, provider.model, backend.name, "upstream_error").inc()
         status = last.status if last.status in (429, 503) else 502
         retry = last.retry_after or ("1" if status in (429, 503) else None)
         headers = [(b"retry-after", retry.encode())] if retry else []
@@ -725,7 +724,7 @@ class Gateway:
                 route.name, openai_root(backend), upstream_model(provider), payload, stream
             )
         timeout = self._stream_timeout if stream else self._timeout
-        gauge = IN_FLIGHT.labels(backend.name)
+        gauge = metrics.in_flight(backend.name)
         gauge.inc()
         outcome = "ok"
         usage = Usage()
@@ -738,7 +737,7 @@ class Gateway:
                     def first() -> float:
                         call.answered()
                         now = self._clock.monotonic()
-                        TTFT.labels(route.name).observe(now - started)
+                        metrics.ttft(route.name).observe(now - started)
                         return now
 
                     if native:
@@ -801,12 +800,12 @@ class Gateway:
         finally:
             gauge.dec()
             if outcome != "retried":
-                REQUESTS.labels(route.name, provider.model, backend.name, outcome).inc()
-                LATENCY.labels(route.name).observe(self._clock.monotonic() - started)
+                metrics.requests(route.name, provider.model, backend.name, outcome).inc()
+                metrics.latency(route.name).observe(self._clock.monotonic() - started)
                 if usage.prompt:
-                    TOKENS.labels(provider.model, "in").inc(usage.prompt)
+                    metrics.tokens(provider.model, "in").inc(usage.prompt)
                 if usage.output:
-                    TOKENS.labels(provider.model, "out").inc(usage.output)
+                    metrics.tokens(provider.model, "out").inc(usage.output)
 
     def _native(
         self,
