@@ -161,13 +161,12 @@ class RoutingTable:
                 models=(name,), exact=True, policy=policy, min_context=min_context
             )
             try:
-                resolution = resolver.resolve(request, capability)
+                return resolver.pick(request, capability)
             except AllCoolingDown as exc:
                 cooling = cooling or exc
                 continue
             except NoProvider:
                 continue
-            return resolution.provider, _backend(resolution.provider, resolution.backend_id)
         if cooling is not None:
             health = self._client_pool.health
             wait = (cooling.retry_at - health.wall_time(health.monotonic())).total_seconds()
@@ -271,13 +270,6 @@ def _with_backends(provider: Provider, backends: tuple[BackendRef, ...]) -> Prov
         capabilities=provider.capabilities,
         backends=backends,
     )
-
-
-def _backend(provider: Provider, backend_id: str) -> BackendRef:
-    for backend in provider.backends:
-        if backend.id == backend_id:
-            return backend
-    raise AssertionError(f"resolver chose {backend_id!r}, which does not serve {provider.id}")
 
 
 def _details(snapshot: Mapping[str, LLMState]) -> dict[tuple[str, str], ListModelResponse]:

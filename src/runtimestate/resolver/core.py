@@ -190,6 +190,16 @@ class Resolver:
 
     def resolve(self, request: ResolveRequest, capability: Capability) -> Resolution:
         """Pick a provider and backend for ``capability``; raise if none is usable."""
+        provider, backend = self.pick(request, capability)
+        return Resolution(
+            client=self._pool.client(provider, backend),
+            provider=provider,
+            backend_id=backend.id,
+        )
+
+    def pick(self, request: ResolveRequest, capability: Capability) -> tuple[Provider, BackendRef]:
+        """:meth:`resolve` without the client: for a caller that speaks to the backend itself
+        (the gateway), which would otherwise build a client per request and throw it away."""
         key = (capability, request)
         turn = self._turns.get(key, 0)
         if turn == 0 and len(self._turns) >= _CACHE_LIMIT:
@@ -202,12 +212,7 @@ class Resolver:
             matched = True
             picked = policy(providers, n, choice)
             if picked is not None:
-                provider, backend = picked
-                return Resolution(
-                    client=self._pool.client(provider, backend),
-                    provider=provider,
-                    backend_id=backend.id,
-                )
+                return picked
         if matched:
             raise self._all_cooling(request, capability, choice.now)
         raise self._no_provider(request, capability)
