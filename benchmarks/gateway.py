@@ -16,6 +16,9 @@ per second, and for the gateway its CPU time per request (user + system of the s
 from ``/proc``, divided by the requests served in that window). The client shares the machine
 with the servers it measures, so the figures are an upper bound on what each proxy adds.
 
+The section ends with where the gateway's CPU time goes, from a profile of the service at low
+load (:mod:`benchmarks.gateway_profile`, its own processes, after the load runs).
+
 Run ``python -m benchmarks --only gateway``.
 """
 
@@ -243,42 +246,59 @@ def _table(results: dict[tuple[str, bool, int], Figures], direct: str) -> list[s
     return lines
 
 
+@dataclass(frozen=True)
+class Served:
+    """The emulated vLLM server and ``runtimestate serve`` in front of it, ready for load."""
+
+    backend_url: str
+    gateway: str
+    key: str
+    service: subprocess.Popen[bytes]
+    env: dict[str, str]
+
+
+@contextlib.contextmanager
+def served(root: Path, serve: list[str]) -> Iterator[Served]:
+    """Start the emulator and the service (``serve``: the argv that runs ``runtimestate``, to
+    which ``serve --port N`` is added), declare the backend, its model and a gateway key."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNTIMESTATE_")}
+    emu_argv = [sys.executable, "-m", "runtimestate.testing", "--vllm", "1", "--vllm-model", MODEL]
+    with _process(emu_argv, env=env, log=root / "emulator.log") as emulator:
+        assert emulator.stdout is not None
+        backend_url = f"{emulator.stdout.readline().decode().strip()}/vllm/vllm-0"
+        port = _free_port()
+        serve_env = {
+            **env,
+            "RUNTIMESTATE_DATA_DIR": str(root / "data"),
+            "RUNTIMESTATE_TOKEN": TOKEN,
+            "RUNTIMESTATE_CYCLE_INTERVAL": "3600",
+            "RUNTIMESTATE_LOG_LEVEL": "WARNING",
+        }
+        argv = [*serve, "serve", "--port", str(port)]
+        with _process(argv, env=serve_env, log=root / "serve.log") as service:
+            gateway = f"http://127.0.0.1:{port}"
+            _wait_http(gateway + "/health")
+            key = _declare(gateway, backend_url)
+            yield Served(
+                backend_url=backend_url, gateway=gateway, key=key, service=service, env=env
+            )
+
+
 def run() -> str:
     with tempfile.TemporaryDirectory(prefix="rs-bench-gateway-") as tmp:
         root = Path(tmp)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RUNTIMESTATE_")}
-        emu_argv = [
-            sys.executable,
-            "-m",
-            "runtimestate.testing",
-            "--vllm",
-            "1",
-            "--vllm-model",
-            MODEL,
-        ]
-        with _process(emu_argv, env=env, log=root / "emulator.log") as emulator:
-            assert emulator.stdout is not None
-            emu_url = emulator.stdout.readline().decode().strip()
-            backend_url = f"{emu_url}/vllm/vllm-0"
-            port = _free_port()
-            serve_env = {
-                **env,
-                "RUNTIMESTATE_DATA_DIR": str(root / "data"),
-                "RUNTIMESTATE_TOKEN": TOKEN,
-                "RUNTIMESTATE_CYCLE_INTERVAL": "3600",
-                "RUNTIMESTATE_LOG_LEVEL": "WARNING",
-            }
-            serve_argv = [sys.executable, "-m", "runtimestate", "serve", "--port", str(port)]
-            with _process(serve_argv, env=serve_env, log=root / "serve.log") as service:
-                gateway = f"http://127.0.0.1:{port}"
-                _wait_http(gateway + "/health")
-                key = _declare(gateway, backend_url)
-                targets = [
-                    Target(name="direct", url=backend_url + "/v1", key="none"),
-                    Target(name="gateway", url=gateway + "/v1", key=key, pid=service.pid),
-                ]
-                results: dict[tuple[str, bool, int], Figures] = {}
-                litellm_note = _with_litellm(root, backend_url, env, targets, results)
+        with served(root, [sys.executable, "-m", "runtimestate"]) as fleet:
+            targets = [
+                Target(name="direct", url=fleet.backend_url + "/v1", key="none"),
+                Target(
+                    name="gateway",
+                    url=fleet.gateway + "/v1",
+                    key=fleet.key,
+                    pid=fleet.service.pid,
+                ),
+            ]
+            results: dict[tuple[str, bool, int], Figures] = {}
+            litellm_note = _with_litellm(root, fleet.backend_url, fleet.env, targets, results)
     lines = [
         "## Gateway",
         "",
@@ -296,6 +316,13 @@ def run() -> str:
     ]
     if litellm_note:
         lines += [litellm_note, ""]
+    # Imported here: the profile module reuses this module's helpers.
+    from benchmarks import gateway_profile
+
+    try:
+        lines += [gateway_profile.run(), ""]
+    except RuntimeError as exc:
+        lines += [f"The gateway's profile was not taken: {exc}.", ""]
     return "\n".join(lines)
 
 
