@@ -26,6 +26,7 @@ import pytest_asyncio
 from typer.testing import CliRunner
 
 from runtimestate.cli.app import app as cli_app
+from runtimestate.gateway.completions import ChunkRewriter
 from runtimestate.kinds.gemini import GEMINI_KEY
 from runtimestate.kinds.openai import OPENAI_KEY
 from runtimestate.service import Service
@@ -338,15 +339,28 @@ async def test_gemini_is_served_through_its_openai_api_and_its_key_goes_only_the
     assert text.endswith("you wrote stream gemini")
     vectors = await client.embeddings.create(model=GEMINI_EMBED, input="embed gemini")
     assert [len(d.embedding) for d in vectors.data] == [768]
-    # Ground truth at the emulator: the three requests reached Gemini's OpenAI-compatible API,
-    # the model named without "models/", the key as a bearer token.
+    # Legacy completions, which Gemini's OpenAI API lacks, go to it as chat completions.
+    done = await client.completions.create(model=GEMINI, prompt="complete gemini", max_tokens=50)
+    assert done.object == "text_completion"
+    assert done.choices[0].text.endswith("you wrote complete gemini")
+    assert done.choices[0].finish_reason == "stop"
+    parts = await client.completions.create(model=GEMINI, prompt="stream it", stream=True)
+    pieces = [c async for c in parts]
+    assert "".join(c.choices[0].text for c in pieces if c.choices).endswith("you wrote stream it")
+    assert {c.object for c in pieces} == {"text_completion"}
+    # Ground truth at the emulator: the requests reached Gemini's OpenAI-compatible API, the
+    # model named without "models/", the key as a bearer token.
     sent = fleet.gemini.requests[before:]
     assert [r.path for r in sent] == [
         "/v1beta/openai/chat/completions",
         "/v1beta/openai/chat/completions",
         "/v1beta/openai/embeddings",
+        "/v1beta/openai/chat/completions",
+        "/v1beta/openai/chat/completions",
     ]
-    assert [r.json["model"] for r in sent] == [GEMINI, GEMINI, GEMINI_EMBED]
+    assert [r.json["model"] for r in sent] == [GEMINI, GEMINI, GEMINI_EMBED, GEMINI, GEMINI]
+    assert sent[3].json["max_tokens"] == 50
+    assert sent[3].json["messages"] == [{"role": "user", "content": "complete gemini"}]
     assert all(r.headers.get("Authorization") == f"Bearer {GEMINI_SECRET}" for r in sent)
     # The Gemini key reached the Gemini account on its allowed host, and no other backend: not
     # the other types, not the same emulator declared under a host the key may not go to (that
@@ -358,6 +372,34 @@ async def test_gemini_is_served_through_its_openai_api_and_its_key_goes_only_the
     states = {s["name"]: s for s in (await fleet.admin.get("/state")).json()}
     assert "credential of its own" in states["gem-elsewhere"]["error"]
     assert GEMINI_SECRET not in json.dumps(states)
+
+
+async def test_a_chat_chunk_split_across_two_bodies_is_rewritten_whole() -> None:
+    sent: list[bytes] = []
+
+    async def collect(message: Any) -> None:
+        sent.append(message["body"])
+
+    rewrite = ChunkRewriter(collect)
+    chunk = {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": "hi"}}],
+    }
+    event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    for body, more in (
+        (b": ping\n\n" + event[:20], True),
+        (event[20:], True),
+        (b"data: [DONE]", False),
+    ):
+        await rewrite({"type": "http.response.body", "body": body, "more_body": more})
+    out = b"".join(sent)
+    assert out.startswith(b": ping\n\ndata: {")
+    assert out.endswith(b"\n\ndata: [DONE]")
+    rewritten = json.loads(out.split(b"\n\n")[1].removeprefix(b"data: "))
+    assert rewritten["object"] == "text_completion"
+    assert rewritten["choices"] == [
+        {"index": 0, "text": "hi", "logprobs": None, "finish_reason": None}
+    ]
 
 
 # -- Ollama routes ---------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from runtimestate.backends.http import PolicyResolver
 from runtimestate.bus.base import Messenger
 from runtimestate.clock import SYSTEM_CLOCK, Clock
 from runtimestate.errors import BackendError, InvalidInput
-from runtimestate.gateway import metrics, translate
+from runtimestate.gateway import completions, metrics, translate
 from runtimestate.gateway.keys import GatewayKey, KeyBook, list_keys
 from runtimestate.gateway.routing import RouteError, RoutingTable
 from runtimestate.gateway.upstream import (
@@ -717,7 +717,13 @@ class Gateway:
         any later failure is answered here (an error event) and counted, never raised."""
         assert self._session is not None
         native = route.dialect is SSE or backend.type == _OLLAMA
-        if native:
+        # Gemini's OpenAI API has no legacy completions: they go to it as chat completions.
+        as_chat = route is _OPENAI_COMPLETIONS and backend.type == _GEMINI
+        if as_chat:
+            url = openai_root(backend) + _OPENAI_CHAT.openai_path
+            data = completions.request(payload, upstream_model(provider))
+            send = completions.ChunkRewriter(send)
+        elif native:
             url, data = self._native(route, provider, backend, payload, body)
         else:
             url, data = translate.request(
@@ -782,7 +788,9 @@ class Gateway:
                     response.release()
                     status = response.status
                     content_type = response.headers.get("Content-Type", "application/json").encode()
-                    if not native and status == 200:
+                    if as_chat and status == 200:
+                        content = completions.answer(content)
+                    elif not native and status == 200:
                         content = translate.answer(route.name, content, provider.model)
                         content_type = _JSON
                     elif not native:
