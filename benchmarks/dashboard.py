@@ -156,7 +156,10 @@ def _measure(url: str) -> dict[str, list[float]]:
         for page in PAGES:
             driver.execute_script("window.location.hash = arguments[0]", f"#/{page}")
             for _ in range(300):
-                if driver.execute_script("return data.state !== null && drawn !== null"):
+                # The page's own frame must be drawn (drawn names the page shown), not only
+                # some page's: a page updates regions that only its frame has.
+                shown = "return data.state !== null && drawn === arguments[0] + '/'"
+                if driver.execute_script(shown, page):
                     break
                 time.sleep(0.1)
             timings[page] = list(driver.execute_script(_TIME_PAGE, page, REPEATS))
