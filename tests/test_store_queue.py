@@ -17,6 +17,7 @@ import pytest
 from runtimestate.clock import FakeClock
 from runtimestate.errors import Conflict, InvalidInput, NotFound
 from runtimestate.store import Job, Store
+from runtimestate.store.records import MAX_PAGE_SIZE
 from tests.fixtures.postgres import EVERY_STORE, StoreFactory
 
 START = datetime(2026, 3, 1, 12, 0, 0, 654321, tzinfo=UTC)
@@ -273,6 +274,21 @@ async def test_kv_listing_pages(clock_store: tuple[Store, FakeClock]) -> None:
     with pytest.raises(InvalidInput) as caught:
         await store.list_kv(limit=1001)
     assert caught.value.field == "limit"
+
+
+async def test_kv_prefix_listing_of_everything_reads_past_one_page(
+    clock_store: tuple[Store, FakeClock],
+) -> None:
+    store, _ = clock_store
+    keys = [f"r:{i:04d}" for i in range(MAX_PAGE_SIZE + 1)]
+    async with store.transaction() as tx:
+        for key in keys:
+            await tx.set_kv(key, 1)
+    await store.set_kv("s:0", 0)
+    listed = [entry.key for entry in await store.list_all_kv_prefix("r:")]
+    assert len(listed) == len(keys)
+    assert sorted(listed) == keys
+    assert await store.list_all_kv_prefix("t:") == []
 
 
 # ---- leases --------------------------------------------------------------------------------

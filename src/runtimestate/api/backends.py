@@ -80,15 +80,10 @@ async def _store_credential(store: Store, backend: Backend, api_key: str) -> str
 
 
 async def _all_credentials(ctx: ApiContext) -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    cursor: str | None = None
-    while True:
-        page = await ctx.store.list_kv_prefix(BACKEND_CREDENTIAL_PREFIX, cursor=cursor, limit=1000)
-        for entry in page.items:
-            found[entry.key.removeprefix(BACKEND_CREDENTIAL_PREFIX)] = _masked(entry.value)
-        cursor = page.next_cursor
-        if cursor is None:
-            return found
+    return {
+        entry.key.removeprefix(BACKEND_CREDENTIAL_PREFIX): _masked(entry.value)
+        for entry in await ctx.store.list_all_kv_prefix(BACKEND_CREDENTIAL_PREFIX)
+    }
 
 
 @router.post(

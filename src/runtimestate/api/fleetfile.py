@@ -44,9 +44,9 @@ from pydantic_core import PydanticCustomError
 
 from runtimestate.api.schemas import BackendIn, Id, ModelIn, Name, PoolIn
 from runtimestate.api.secrets import (
-    SECRET_FIELD,
     credential_secret_names,
     named_secret_values,
+    secret_credential,
 )
 from runtimestate.errors import InvalidInput
 from runtimestate.logging import register_secret
@@ -815,7 +815,7 @@ async def _write(store: Store, writes: _Writes) -> None:
             register_secret(values[secret])
             await store.set_kv(
                 BACKEND_CREDENTIAL_PREFIX + backend_ids[backend],
-                {"APIKey": values[secret], "Type": kind, SECRET_FIELD: secret},
+                secret_credential(values[secret], backend_type=kind, name=secret),
             )
     if writes.add_pool_backends or writes.add_pool_models:
         pool_ids = {p.name: p.id for p in await store.list_all_pools()}

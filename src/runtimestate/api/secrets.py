@@ -34,10 +34,10 @@ from runtimestate.store.records import KVEntry
 
 __all__ = [
     "SECRET_FIELD",
-    "apply_secret",
     "credential_secret_names",
     "named_secret_values",
     "router",
+    "secret_credential",
 ]
 
 router = APIRouter(tags=["secrets"], responses=ERROR_RESPONSES)
@@ -67,17 +67,6 @@ def _key(name: str) -> str:
     return NAMED_SECRET_PREFIX + name
 
 
-async def _entries(store: Store, prefix: str) -> list[KVEntry]:
-    found: list[KVEntry] = []
-    cursor: str | None = None
-    while True:
-        page = await store.list_kv_prefix(prefix, cursor=cursor, limit=1000)
-        found.extend(page.items)
-        cursor = page.next_cursor
-        if cursor is None:
-            return found
-
-
 def _value_of(entry: KVEntry) -> str:
     value = entry.value
     return str(value.get(_VALUE, "")) if isinstance(value, Mapping) else ""
@@ -87,7 +76,7 @@ async def named_secret_values(store: Store) -> dict[str, str]:
     """Every named secret's value, by name (for the fleet file's references)."""
     return {
         entry.key.removeprefix(NAMED_SECRET_PREFIX): _value_of(entry)
-        for entry in await _entries(store, NAMED_SECRET_PREFIX)
+        for entry in await store.list_all_kv_prefix(NAMED_SECRET_PREFIX)
     }
 
 
@@ -95,7 +84,7 @@ async def credential_secret_names(store: Store) -> dict[str, str | None]:
     """Every backend credential, by backend id: the named secret it was copied from, or None
     for one set directly (``PUT /backends/{id}`` with ``apiKey``)."""
     names: dict[str, str | None] = {}
-    for entry in await _entries(store, BACKEND_CREDENTIAL_PREFIX):
+    for entry in await store.list_all_kv_prefix(BACKEND_CREDENTIAL_PREFIX):
         value = entry.value
         name = value.get(SECRET_FIELD) if isinstance(value, Mapping) else None
         names[entry.key.removeprefix(BACKEND_CREDENTIAL_PREFIX)] = (
@@ -104,18 +93,19 @@ async def credential_secret_names(store: Store) -> dict[str, str | None]:
     return names
 
 
-async def apply_secret(store: Store, *, backend_id: str, backend_type: str, name: str) -> None:
-    """Give a backend the named secret as its credential, remembering the name; NotFound when
-    no secret has that name."""
-    entry = await store.get_kv(_key(name))
-    value = _value_of(entry)
-    register_secret(value)
-    credential: dict[str, Any] = {"APIKey": value, "Type": backend_type, SECRET_FIELD: name}
-    await store.set_kv(BACKEND_CREDENTIAL_PREFIX + backend_id, credential)
+def secret_credential(value: str, *, backend_type: str, name: str) -> dict[str, Any]:
+    """A backend credential copied from the named secret ``name``: the stored shape of every
+    credential, plus the name it was copied from."""
+    return {"APIKey": value, "Type": backend_type, SECRET_FIELD: name}
 
 
-async def _users(store: Store, name: str) -> list[str]:
-    return sorted(i for i, used in (await credential_secret_names(store)).items() if used == name)
+async def _users(store: Store, name: str) -> dict[str, Mapping[str, Any]]:
+    """The stored credentials that name the secret ``name``, by backend id."""
+    return {
+        entry.key.removeprefix(BACKEND_CREDENTIAL_PREFIX): entry.value
+        for entry in await store.list_all_kv_prefix(BACKEND_CREDENTIAL_PREFIX)
+        if isinstance(entry.value, Mapping) and entry.value.get(SECRET_FIELD) == name
+    }
 
 
 def _out(name: str, value: str, users: list[str]) -> SecretOut:
@@ -129,11 +119,11 @@ async def set_secret(name: SecretName, body: SecretIn, ctx: Context) -> SecretOu
     async with ctx.store.transaction() as tx:
         await tx.set_kv(_key(name), {_VALUE: body.value})
         users = await _users(tx, name)
-        for backend_id in users:
-            stored = (await tx.get_kv(BACKEND_CREDENTIAL_PREFIX + backend_id)).value
-            kind = str(stored.get("Type", "")) if isinstance(stored, Mapping) else ""
-            await apply_secret(tx, backend_id=backend_id, backend_type=kind, name=name)
-    return _out(name, body.value, users)
+        for backend_id, stored in users.items():
+            kind = str(stored.get("Type", ""))
+            credential = secret_credential(body.value, backend_type=kind, name=name)
+            await tx.set_kv(BACKEND_CREDENTIAL_PREFIX + backend_id, credential)
+    return _out(name, body.value, sorted(users))
 
 
 @router.get("/secrets", response_model=list[SecretOut])
@@ -158,7 +148,7 @@ async def delete_secret(name: SecretName, ctx: Context) -> None:
         users = await _users(tx, name)
         if users:
             raise Conflict(
-                f"secret {name!r} is the credential of backend(s) {', '.join(users)}: "
+                f"secret {name!r} is the credential of backend(s) {', '.join(sorted(users))}: "
                 "give them another (or none) first",
                 field="name",
             )

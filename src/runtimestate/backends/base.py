@@ -41,7 +41,7 @@ from runtimestate.records import (
     capability_flags,
 )
 from runtimestate.store.base import Store
-from runtimestate.store.records import MAX_PAGE_SIZE, Backend, KVEntry, Model
+from runtimestate.store.records import Backend, KVEntry, Model
 
 if TYPE_CHECKING:
     # Only a type here: importing the aiohttp session would make every kind's module (which the
@@ -206,17 +206,9 @@ class CycleContext:
             return self._kv_prefixed[prefix]
         async with self._kv_locks.setdefault("\x00" + prefix, asyncio.Lock()):
             if prefix not in self._kv_prefixed:
-                entries: dict[str, KVEntry] = {}
-                cursor: str | None = None
-                while True:
-                    page = await self.store.list_kv_prefix(
-                        prefix, cursor=cursor, limit=MAX_PAGE_SIZE
-                    )
-                    entries.update((entry.key, entry) for entry in page.items)
-                    cursor = page.next_cursor
-                    if cursor is None:
-                        break
-                self._kv_prefixed[prefix] = entries
+                self._kv_prefixed[prefix] = {
+                    entry.key: entry for entry in await self.store.list_all_kv_prefix(prefix)
+                }
             return self._kv_prefixed[prefix]
 
 

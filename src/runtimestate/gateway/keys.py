@@ -145,17 +145,11 @@ async def add_key(
 
 
 async def list_keys(store: Store) -> list[GatewayKey]:
-    keys: list[GatewayKey] = []
-    cursor: str | None = None
-    while True:
-        page = await store.list_kv_prefix(KEY_PREFIX, cursor=cursor, limit=1000)
-        keys.extend(
-            GatewayKey.from_storage(entry.key[len(KEY_PREFIX) :], entry.value)
-            for entry in page.items
-        )
-        if not page.next_cursor:
-            return sorted(keys, key=lambda k: k.name)
-        cursor = page.next_cursor
+    keys = [
+        GatewayKey.from_storage(entry.key[len(KEY_PREFIX) :], entry.value)
+        for entry in await store.list_all_kv_prefix(KEY_PREFIX)
+    ]
+    return sorted(keys, key=lambda k: k.name)
 
 
 async def remove_key(store: Store, name: str) -> None:

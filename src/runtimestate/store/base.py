@@ -45,6 +45,7 @@ from datetime import timedelta
 from types import TracebackType
 
 from runtimestate.store.records import (
+    MAX_PAGE_SIZE,
     Backend,
     BackendSpec,
     Fence,
@@ -399,6 +400,17 @@ class Store(abc.ABC):
         self, prefix: str, *, cursor: str | None = None, limit: int = 100
     ) -> Page[KVEntry]:
         """Entries whose key starts with ``prefix`` taken literally (``%`` and ``_`` included)."""
+
+    async def list_all_kv_prefix(self, prefix: str) -> list[KVEntry]:
+        """Every entry under ``prefix``, read page by page (newest first, like each page)."""
+        entries: list[KVEntry] = []
+        cursor: str | None = None
+        while True:
+            page = await self.list_kv_prefix(prefix, cursor=cursor, limit=MAX_PAGE_SIZE)
+            entries.extend(page.items)
+            cursor = page.next_cursor
+            if cursor is None:
+                return entries
 
     # ---- leases ----------------------------------------------------------------------------
     @abc.abstractmethod
