@@ -177,17 +177,9 @@ _OLLAMA_EMBED = _Inference(
 )
 
 
-class _Refused(Exception):
-    """A request answered by the gateway itself (4xx/5xx) before any backend was involved."""
-
-    def __init__(
-        self, status: int, code: str, message: str, *, retry_after: int | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
+class _Refused(RouteError):
+    """A request answered by the gateway itself (4xx/5xx) before any backend was involved;
+    answered like a :class:`RouteError`, the routing table's own refusal."""
 
 
 def openai_root(backend: BackendRef) -> str:
@@ -573,7 +565,7 @@ class Gateway:
         """Run ``answer``; turn a refusal into the dialect's error answer."""
         try:
             await answer()
-        except _Refused as refused:
+        except RouteError as refused:
             outcome = "unauthorized" if refused.status == 401 else "refused"
             metrics.requests(route, "unknown", "none", outcome).inc()
             headers = []
@@ -637,12 +629,9 @@ class Gateway:
         policy = self._policy(scope)
         min_context = _min_context(scope, payload)
         capability = Capability.STREAM if stream else route.capability
-        try:
-            provider, backend = table.route(
-                model, capability, policy=policy, min_context=min_context, backends=backends
-            )
-        except RouteError as exc:
-            raise _Refused(exc.status, exc.code, exc.message, retry_after=exc.retry_after) from exc
+        provider, backend = table.route(
+            model, capability, policy=policy, min_context=min_context, backends=backends
+        )
         tried: list[str] = []
         last: Retryable | None = None
         candidate: tuple[Provider, BackendRef] | None = self._capped(
