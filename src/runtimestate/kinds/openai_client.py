@@ -159,17 +159,7 @@ class OpenAIClient(ModelClient):
     async def _completion(
         self, messages: list[ChatMessage], sampling: Sampling = _DEFAULTS
     ) -> ChatResult:
-        params: dict[str, Any] = {
-            name: value
-            for name, value in (
-                ("max_tokens", sampling.max_tokens),
-                ("temperature", sampling.temperature),
-                ("top_p", sampling.top_p),
-                ("seed", sampling.seed),
-                ("stop", list(sampling.stop) or None),
-            )
-            if value is not None
-        }
+        params = sampling.named(max_tokens="max_tokens")
         response: Any = await self._once_more_if_stale(
             lambda: self._client().chat.completions.create(
                 model=self.provider.model, messages=_wire(messages), stream=False, **params

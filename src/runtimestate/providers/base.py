@@ -191,6 +191,18 @@ class Sampling:
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise InvalidInput("stop is a sequence of strings", field="stop")
 
+    def named(self, *, max_tokens: str, stop: str = "stop") -> dict[str, Any]:
+        """The parameters that are set, under a protocol's names: each protocol has its own
+        word for ``max_tokens`` (and Gemini for ``stop``); the others are the same everywhere."""
+        values = {
+            max_tokens: self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            stop: list(self.stop) or None,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
 
 def _messages(messages: Sequence[ChatMessage | Mapping[str, str]]) -> list[ChatMessage]:
     if isinstance(messages, str | Mapping):

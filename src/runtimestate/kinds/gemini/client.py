@@ -180,13 +180,7 @@ class GeminiClient(ModelClient):
         config = _config(system)
         if sampling is not None and sampling != _DEFAULTS:
             config = (config or types.GenerateContentConfig()).model_copy(
-                update={
-                    "max_output_tokens": sampling.max_tokens,
-                    "temperature": sampling.temperature,
-                    "top_p": sampling.top_p,
-                    "seed": sampling.seed,
-                    "stop_sequences": list(sampling.stop) or None,
-                }
+                update=sampling.named(max_tokens="max_output_tokens", stop="stop_sequences")
             )
         response = await self._models().generate_content(
             model=self.provider.model, contents=contents, config=config

@@ -83,17 +83,7 @@ class OllamaClient(ModelClient):
         return sdk
 
     async def _chat(self, messages: list[ChatMessage], sampling: Sampling) -> ChatResult:
-        options = {
-            name: value
-            for name, value in (
-                ("num_predict", sampling.max_tokens),
-                ("temperature", sampling.temperature),
-                ("top_p", sampling.top_p),
-                ("seed", sampling.seed),
-                ("stop", list(sampling.stop) or None),
-            )
-            if value is not None
-        }
+        options = sampling.named(max_tokens="num_predict")
         response = await self._client().chat(
             model=self.provider.model,
             messages=[{"role": m.role, "content": m.content} for m in messages],
