@@ -82,12 +82,12 @@ def _serve(specs: list[NodeSpec], latency: float, conn: Connection) -> None:
 
 
 class EmulatorProcess:
-    def __init__(self, specs: list[NodeSpec]) -> None:
+    def __init__(self, specs: list[NodeSpec], *, latency: float = LATENCY) -> None:
         self._specs = specs
         context = multiprocessing.get_context("spawn")
         self._parent, child = context.Pipe()
         self._process = context.Process(
-            target=_serve, args=(specs, LATENCY, child), name="emulator", daemon=True
+            target=_serve, args=(specs, latency, child), name="emulator", daemon=True
         )
         self.urls: list[str] = []
 

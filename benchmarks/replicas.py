@@ -4,7 +4,9 @@ Both run against a private PostgreSQL cluster started for the run (the test suit
 
 * **Steady cycle** - 10,000 emulated Ollama nodes (the emulator in a separate, spawned process),
   each already holding its two declared models. The leader's unit of work is timed as the
-  service runs it: ``run_backend_cycle`` with the term's fence, then the snapshot publication.
+  service runs it - ``run_backend_cycle`` with the term's fence, then the snapshot publication,
+  on the service's event loop with its garbage-collector settings - first with no emulated
+  latency (the cycle's own CPU cost), then with 50 ms per request at a concurrency of 1,024.
   The first cycle writes every backend's state once; the steady ones that follow must write
   nothing. Store statements are counted at the database driver (SQLAlchemy's
   ``before_cursor_execute``), writes being ``INSERT``/``UPDATE``/``DELETE``.
@@ -17,19 +19,24 @@ Both run against a private PostgreSQL cluster started for the run (the test suit
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import statistics
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import aiohttp
 from sqlalchemy import event
 from tests.fixtures.postgres import private_postgres
 
 from benchmarks.reconcile import EmulatorProcess, NodeSpec
 from runtimestate.bus import open_bus
 from runtimestate.cluster import LEADER_ROLE, Cluster, SnapshotPublisher
+from runtimestate.service import event_loop_factory, tune_collector
+from runtimestate.settings import Settings
 from runtimestate.state import State
 from runtimestate.store import SqlStore, open_store
 from runtimestate.store.records import Leadership
@@ -42,6 +49,8 @@ STEADY_RUNS = 3
 KILLS = 5
 REPLICAS = 3
 TTL = 10.0
+# (emulated latency per request in seconds, the cycle's concurrency)
+SETTINGS = ((0.0, 256), (0.05, 1024))
 
 
 @dataclass
@@ -60,9 +69,20 @@ class StatementCount:
                 self.writes += 1
 
 
+async def _set_latency(emulator: EmulatorProcess, latency: float) -> None:
+    """Every emulated node's latency, through the emulator's control API."""
+    root = emulator.urls[0].split("/ollama/", 1)[0]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.put(f"{root}/_emulator/latency", json={"latency": latency}) as response,
+    ):
+        response.raise_for_status()
+
+
 async def _steady(url: str) -> list[str]:
     specs = [NodeSpec(name=f"node-{i}", models=MODELS) for i in range(BACKENDS)]
-    with EmulatorProcess(specs) as emulator:
+    rows: list[str] = []
+    with EmulatorProcess(specs, latency=0.0) as emulator:
         store = await open_store(url)
         bus = await open_bus(None)
         try:
@@ -78,30 +98,56 @@ async def _steady(url: str) -> list[str]:
             publisher = SnapshotPublisher(store, bus)
             counted = StatementCount()
             counted.attach(store)
-            async with State(store, bus, concurrency=256, backend_timeout=30.0) as state:
+            for latency, concurrency in SETTINGS:
+                await _set_latency(emulator, latency)
+                async with State(
+                    store, bus, concurrency=concurrency, backend_timeout=30.0
+                ) as state:
 
-                async def cycle() -> tuple[float, int, int]:
-                    before_total, before_writes = counted.total, counted.writes
-                    started = time.perf_counter()
-                    await state.run_backend_cycle(fence=fence)
-                    await publisher.publish(state.get(), fence)
-                    return (
-                        time.perf_counter() - started,
-                        counted.total - before_total,
-                        counted.writes - before_writes,
-                    )
+                    async def cycle(state: State = state) -> tuple[float, float, int, int]:
+                        before_total, before_writes = counted.total, counted.writes
+                        started, cpu = time.perf_counter(), time.process_time()
+                        await state.run_backend_cycle(fence=fence)
+                        await publisher.publish(state.get(), fence)
+                        return (
+                            time.perf_counter() - started,
+                            time.process_time() - cpu,
+                            counted.total - before_total,
+                            counted.writes - before_writes,
+                        )
 
-                first = await cycle()
-                steady = [await cycle() for _ in range(STEADY_RUNS)]
+                    first = await cycle()
+                    steady = [await cycle() for _ in range(STEADY_RUNS)]
+                where = f"{latency * 1000:g} ms | {concurrency:,}"
+                if not rows:
+                    rows.append(_row("first cycle (writes every state)", where, [first]))
+                rows.append(_row(f"steady cycle, median of {STEADY_RUNS}", where, steady))
         finally:
             await bus.close()
             await store.close()
-    wall = statistics.median(run[0] for run in steady)
-    return [
-        f"| first cycle (writes every state) | {first[0]:.2f} s | {first[1]} | {first[2]} |",
-        f"| steady cycle, median of {STEADY_RUNS} | {wall:.2f} s | "
-        f"{max(run[1] for run in steady)} | {max(run[2] for run in steady)} |",
-    ]
+    return rows
+
+
+def _row(name: str, where: str, runs: list[tuple[float, float, int, int]]) -> str:
+    wall = statistics.median(run[0] for run in runs)
+    cpu = statistics.median(run[1] for run in runs)
+    return (
+        f"| {name} | {where} | {wall:.2f} s | {cpu:.2f} s | "
+        f"{max(run[2] for run in runs)} | {max(run[3] for run in runs)} |"
+    )
+
+
+def _as_served(main: Coroutine[Any, Any, list[str]]) -> list[str]:
+    """Run ``main`` as ``runtimestate serve`` runs the leader: its event loop and its tuned
+    garbage collector (given back as it was afterwards, for the benchmarks that follow)."""
+    before = gc.get_threshold()
+    tune_collector(Settings.model_fields["gc_threshold"].default)
+    try:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            return runner.run(main)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def _replica(url: str, instance: str) -> None:
@@ -160,7 +206,7 @@ async def _failover(url: str) -> list[float]:
 
 def run() -> str:
     with private_postgres() as pg:
-        steady = asyncio.run(_steady(pg.url))
+        steady = _as_served(_steady(pg.url))
     with private_postgres() as pg:
         failovers = asyncio.run(_failover(pg.url))
     lines = [
@@ -168,12 +214,15 @@ def run() -> str:
         "",
         "Command: `python -m benchmarks --only replicas`.",
         "",
-        f"Steady cycle: {BACKENDS:,} emulated Ollama nodes (separate process, no latency), each",
-        f"holding its {len(MODELS)} declared models; the leader's cycle (reconcile + snapshot",
-        "publication), statements counted at the database driver:",
+        f"Steady cycle: {BACKENDS:,} emulated Ollama nodes (a separate process), each holding its",
+        f"{len(MODELS)} declared models; the leader's cycle (reconcile + snapshot publication) on",
+        "the service's event loop (uvloop) and garbage-collector settings; statements counted at",
+        "the database driver; CPU is this process's (the emulator has the other core). Without",
+        "latency the cycle is bound by CPU; with 50 ms per request by",
+        "`backends / concurrency x latency` (0.49 s at 1,024), so size `concurrency` to the fleet:",
         "",
-        "| cycle | wall time | statements | writes |",
-        "|---|---|---|---|",
+        "| cycle | latency per request | concurrency | wall time | CPU | statements | writes |",
+        "|---|---|---|---|---|---|---|",
         *steady,
         "",
         f"Failover: {REPLICAS} replicas' lease loops (TTL {TTL:g} s, renewed every "

@@ -4,6 +4,7 @@ lost, crash supervision and signals. Backends are an emulated Ollama node on loo
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import logging
@@ -22,7 +23,7 @@ import pytest
 from runtimestate import OPENAI_KEY
 from runtimestate.errors import RuntimeStateError
 from runtimestate.logging import configure_logging
-from runtimestate.service import RoutineCrashed, Service, serve
+from runtimestate.service import RoutineCrashed, Service, serve, tune_collector
 from runtimestate.settings import LogFormat, Settings
 from runtimestate.store import MemoryStore, Store
 from runtimestate.testing import Emulator, OllamaNode
@@ -242,13 +243,40 @@ async def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
             await service.run()
 
 
-@pytest.mark.usefixtures("root_handlers")
+@pytest.fixture
+def collector() -> Iterator[None]:
+    """Give the process's garbage collector back as it was: ``serve`` tunes it."""
+    before = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*before)
+
+
+@pytest.mark.usefixtures("collector")
+def test_tune_collector_widens_the_young_generation_and_freezes_what_exists() -> None:
+    _, middle, old = gc.get_threshold()
+    gc.unfreeze()
+    tune_collector(12_345)
+    assert gc.get_threshold() == (12_345, middle, old)
+    assert gc.get_freeze_count() > 0
+
+
+@pytest.mark.usefixtures("collector")
+def test_tune_collector_zero_leaves_the_collector_as_it_was() -> None:
+    before = gc.get_threshold()
+    gc.unfreeze()
+    tune_collector(0)
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.usefixtures("root_handlers", "collector")
 async def test_serve_stops_on_sigterm(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     before = signal.getsignal(signal.SIGTERM)
-    task = asyncio.create_task(serve(settings_for(tmp_path, port=port)))
+    task = asyncio.create_task(serve(settings_for(tmp_path, port=port, gc_threshold=23_456)))
 
     async def healthy() -> bool:
         try:
@@ -259,6 +287,8 @@ async def test_serve_stops_on_sigterm(tmp_path: Path) -> None:
         return response.status_code == 200
 
     await eventually(healthy)
+    # The service tunes the collector of its process (the setting reaches it).
+    assert gc.get_threshold()[0] == 23_456
     os.kill(os.getpid(), signal.SIGTERM)
     async with asyncio.timeout(20):
         await task

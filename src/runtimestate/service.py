@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
@@ -79,7 +80,14 @@ from runtimestate.store.secrets import SecretsUnreadable
 from runtimestate.urls import UrlPolicy
 from runtimestate.web import install_dashboard
 
-__all__ = ["OnStartup", "RoutineCrashed", "Service", "serve"]
+__all__ = [
+    "OnStartup",
+    "RoutineCrashed",
+    "Service",
+    "event_loop_factory",
+    "serve",
+    "tune_collector",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -621,13 +629,46 @@ def _outcome(task: asyncio.Task[None]) -> BaseException | None:
     return task.exception()
 
 
+def tune_collector(threshold: int) -> None:
+    """Fit Python's garbage collector to a long-running service with a large live heap.
+
+    A cycle over a large fleet allocates a few hundred objects per backend, and at Python's
+    default (a young collection every 700 allocations) many of them are still in flight at each
+    young collection, get promoted, and soon trigger a full collection - which walks every live
+    object: the snapshot, the drivers' memos, the stores' rows. Measured on 10,000 backends, the
+    collector took more than half of a steady cycle's CPU. A young generation of ``threshold``
+    allocations lets the in-flight objects die young; what the imports made is collected once
+    and frozen (moved out of every later collection - it lives as long as the process anyway).
+    ``0`` leaves the collector as Python configured it.
+    """
+    if threshold == 0:
+        return
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(threshold, middle, old)
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (the service's: faster sockets and timers);
+    None, asyncio's default, otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 async def serve(settings: Settings, *, on_startup: OnStartup | None = None) -> None:
     """Run the service until SIGINT/SIGTERM; raise :class:`RoutineCrashed` if a routine dies.
 
     ``on_startup(store)`` runs once the store is open and before any routine starts (the demo
-    declares its fleet there).
+    declares its fleet there). The process's garbage collector is tuned first
+    (:func:`tune_collector`).
     """
     configure_logging(format=settings.log_format, level=settings.log_level)
+    tune_collector(settings.gc_threshold)
     service = Service(settings, on_startup=on_startup)
     loop = asyncio.get_running_loop()
     handled = (signal.SIGINT, signal.SIGTERM)

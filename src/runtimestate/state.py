@@ -327,21 +327,30 @@ class State:
             clock=self._clock,
             fence=None if fence is None else functools.partial(self._store.check_fence, fence),
         )
-        semaphore = asyncio.Semaphore(self._concurrency)
-        tasks = [
-            asyncio.create_task(
-                self._run_one(ctx, semaphore, item, act=act), name=f"backend {item.backend.id}"
-            )
-            for item in declared
+        # A fixed set of ``concurrency`` workers, each taking the next backend in turn, rather
+        # than one task per backend queued on a semaphore: with 10,000 backends that was 10,000
+        # tasks, and asyncio's semaphore scans its waiters on every release (quadratic, most of
+        # a large cycle's CPU).
+        outcomes: list[_Outcome | None] = [None] * len(declared)
+        turns = iter(enumerate(declared))
+
+        async def worker() -> None:
+            for index, item in turns:
+                outcomes[index] = await self._run_one(ctx, item, act=act)
+
+        workers = [
+            asyncio.create_task(worker(), name=f"backend cycle worker {n}")
+            for n in range(min(self._concurrency, len(declared)))
         ]
         try:
-            return await asyncio.gather(*tasks)
+            await asyncio.gather(*workers)
         except BaseException:
-            for task in tasks:
+            for task in workers:
                 task.cancel()
-            if tasks:
-                await asyncio.wait(tasks)
+            if workers:
+                await asyncio.wait(workers)
             raise
+        return [outcome for outcome in outcomes if outcome is not None]
 
     async def _sync_tasks(
         self,
@@ -411,15 +420,12 @@ class State:
                 )
         return synced
 
-    async def _run_one(
-        self, ctx: CycleContext, semaphore: asyncio.Semaphore, declared: Declared, *, act: bool
-    ) -> _Outcome:
-        async with semaphore:
-            # Measured from the moment this backend's turn comes, not from the cycle's start:
-            # the latency is the backend's, not the wait for a free slot.
-            started = self._clock.monotonic()
-            plan, ok = await self._observe_one(ctx, declared, act=act)
-            seconds = max(0.0, self._clock.monotonic() - started)
+    async def _run_one(self, ctx: CycleContext, declared: Declared, *, act: bool) -> _Outcome:
+        # Measured from the moment this backend's turn comes, not from the cycle's start: the
+        # latency is the backend's, not the wait for a free worker.
+        started = self._clock.monotonic()
+        plan, ok = await self._observe_one(ctx, declared, act=act)
+        seconds = max(0.0, self._clock.monotonic() - started)
         return _Outcome(plan, ok, _Observation(self._clock.now(), round(seconds, 6)))
 
     async def _observe_one(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -103,21 +102,13 @@ def serve_command(
     if demo:
         overrides["cycle_interval"] = interval if interval is not None else DEMO_INTERVAL
         overrides["download_workers"] = workers if workers is not None else DEMO_WORKERS
+    from runtimestate.service import event_loop_factory
+
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(_serve(overrides, demo=demo, pull_seconds=demo_pull_seconds))
     except KeyboardInterrupt:
         return
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed; None (asyncio's default) otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
 
 
 def _print_demo_hints(settings: Any) -> None:
