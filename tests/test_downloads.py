@@ -33,7 +33,7 @@ from runtimestate.downloads import (
     PullWorker,
 )
 from runtimestate.errors import NotFound
-from runtimestate.kinds.ollama.driver import open_pull
+from runtimestate.kinds.ollama.driver import holds, open_pull
 from runtimestate.metrics import REGISTRY
 from runtimestate.runner import CircuitBreaker, Runner, while_true
 from runtimestate.settings import Settings
@@ -99,6 +99,7 @@ class Fleet:
             worker_id=worker_id,
             clock=self.clock,
             rand=lambda: 0.0,
+            holds=functools.partial(holds, self.http),
             **kwargs,
         )
         return State(self.store, self.bus, clock=self.clock, http=self.http, worker=worker)
@@ -728,3 +729,54 @@ def test_backoff_doubles_with_jitter_up_to_its_maximum() -> None:
         1800,
     ]
     assert backoff.delay(1, rand=lambda: 1.0).total_seconds() == pytest.approx(12)
+
+
+async def _claimed_once_then_given_back(fleet: Fleet) -> None:
+    """Queue the declared pulls, then claim the task as another worker and give it back, as a
+    worker does that is stopped: the next claim is the task's second attempt."""
+    async with fleet.state() as state:
+        await state.run_backend_cycle()
+    task = await fleet.store.claim_pull_task(owner="gone/1", stale_after=timedelta(seconds=15))
+    assert task is not None
+    assert await fleet.store.release_pull_task(
+        backend_id=task.backend_id, model=task.model, owner="gone/1", attempt=task.attempt
+    )
+
+
+async def test_a_pull_attempted_again_is_not_repeated_when_the_model_already_landed(
+    fleet: Fleet,
+) -> None:
+    """The attempt before landed the model, but its worker died before marking the task done:
+    the next attempt sees the model on the node and finishes the task without a pull."""
+    node = await fleet.node("n1")
+    await fleet.model("phi3:mini")
+    await _claimed_once_then_given_back(fleet)
+    node.add_model("phi3:mini")
+    async with fleet.state() as state, await fleet.bus.stream(MODEL_DOWNLOAD) as sub:
+        assert await state.run_download_cycle() is True
+        published = await statuses_until(sub, "success")
+    assert node.pull_requests == {}
+    assert await fleet.tasks() == {}
+    assert [p["status"] for p in published] == ["success"]
+
+
+async def test_a_pull_attempted_again_pulls_when_the_model_is_not_there(fleet: Fleet) -> None:
+    node = await fleet.node("n1", pull_seconds=0.0)
+    await fleet.model("phi3:mini")
+    await _claimed_once_then_given_back(fleet)
+    async with fleet.state() as state:
+        assert await state.run_download_cycle() is True
+    assert node.pull_requests == {"phi3:mini": 1}
+    assert await fleet.tasks() == {}
+
+
+async def test_a_pull_attempted_again_still_pulls_when_the_listing_fails(fleet: Fleet) -> None:
+    """The check is a shortcut, not a gate: a node whose listing fails is pulled as before."""
+    node = await fleet.node("n1", pull_seconds=0.0)
+    await fleet.model("phi3:mini")
+    await _claimed_once_then_given_back(fleet)
+    node.faults.fail(path="/api/tags", times=1)
+    async with fleet.state() as state:
+        assert await state.run_download_cycle() is True
+    assert node.pull_requests == {"phi3:mini": 1}
+    assert await fleet.tasks() == {}

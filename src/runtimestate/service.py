@@ -332,11 +332,13 @@ class Service:
         open_pull = kinds.pull_stream()
         if open_pull is None:
             raise RuntimeStateError("no backend kind pulls models")
+        check = kinds.pull_check()
         return PullWorker(
             store,
             messenger,
             functools.partial(open_pull, http),
             worker_id=f"{socket.gethostname()}:{os.getpid()}",
+            holds=None if check is None else functools.partial(check, http),
             clock=self._clock,
             header_timeout=settings.pull_header_timeout,
             stall_timeout=settings.stall_timeout,

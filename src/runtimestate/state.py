@@ -161,12 +161,14 @@ class State:
         open_pull = kinds.pull_stream()
         if open_pull is None:
             raise RuntimeError("no backend kind pulls models")
+        check = kinds.pull_check()
         self._worker = worker or PullWorker(
             store,
             messenger,
             functools.partial(open_pull, self._http),
             worker_id=worker_id or _default_worker_id(),
             clock=clock,
+            holds=None if check is None else functools.partial(check, self._http),
         )
         self._states: dict[str, LLMState] = {}
         self._version = 0

@@ -41,7 +41,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -51,7 +51,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtimestate.bus.base import Messenger, Subscription
-from runtimestate.clock import SYSTEM_CLOCK, Clock
+from runtimestate.clock import SYSTEM_CLOCK, Clock, timeout
 from runtimestate.downloads.tasks import MODEL_DOWNLOAD, QUEUE_CANCEL, Backoff
 from runtimestate.errors import (
     BackendError,
@@ -66,12 +66,14 @@ from runtimestate.metrics import DOWNLOAD_BYTES, DOWNLOAD_FAILURES, MODELS_PULLE
 from runtimestate.store.base import Store
 from runtimestate.store.records import PullTask
 
-__all__ = ["DownloadOutcome", "DownloadStatus", "PullWorker", "Puller"]
+__all__ = ["DownloadOutcome", "DownloadStatus", "Holds", "PullWorker", "Puller"]
 
 logger = logging.getLogger(__name__)
 
 # Opens the pull stream of (base_url, model): an iterator of the decoded NDJSON objects.
 Puller = Callable[[str, str], AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]]
+# Whether the backend at base_url already holds the model.
+Holds = Callable[[str, str], Awaitable[bool]]
 
 
 class DownloadStatus(BaseModel):
@@ -141,6 +143,7 @@ class PullWorker:
         heartbeat_timeout: float = 15.0,
         backoff: Backoff | None = None,
         rand: Callable[[], float] = random.random,
+        holds: Holds | None = None,
     ) -> None:
         if not isinstance(worker_id, str) or not worker_id:
             raise InvalidInput("worker id must be a non-empty string", field="worker_id")
@@ -166,6 +169,7 @@ class PullWorker:
         self.heartbeat_timeout = heartbeat_timeout
         self._backoff = backoff or Backoff()
         self._rand = rand
+        self._holds = holds
         self.last_outcome = DownloadOutcome.EMPTY
         self._claims = itertools.count(1)
 
@@ -198,14 +202,22 @@ class PullWorker:
     async def _carry_out(
         self, task: PullTask, url: str, log_extra: dict[str, str]
     ) -> DownloadOutcome:
-        logger.info("download started (attempt %d)", task.attempt, extra=log_extra)
-        progress = _Progress(started=self._clock.monotonic())
         fence: dict[str, Any] = {
             "backend_id": task.backend_id,
             "model": task.model,
             "owner": task.owner,
             "attempt": task.attempt,
         }
+        if task.attempt > 1 and await self._landed(url, task.model):
+            # The claim before this one pulled it: its worker died (or its stream broke) after
+            # the model landed and before the task was marked done. Pulling again would be a
+            # second pull of a model the backend holds.
+            logger.info("model already on the backend: no pull needed", extra=log_extra)
+            await self._store.finish_pull_task(**fence)
+            await self._publish(DownloadStatus(status="success", model=task.model, base_url=url))
+            return DownloadOutcome.SUCCEEDED
+        logger.info("download started (attempt %d)", task.attempt, extra=log_extra)
+        progress = _Progress(started=self._clock.monotonic())
         try:
             async with await self._messenger.stream(QUEUE_CANCEL) as cancels:
                 watchers = {
@@ -238,6 +250,17 @@ class PullWorker:
         logger.info("download stopped: the task is no longer this worker's", extra=log_extra)
         await self._publish(DownloadStatus(status="cancelled", model=task.model, base_url=url))
         return DownloadOutcome.LOST
+
+    async def _landed(self, url: str, model: str) -> bool:
+        """Whether the backend holds ``model`` already; False when it cannot tell within the
+        header timeout (the pull then goes ahead and meets whatever the problem is)."""
+        if self._holds is None:
+            return False
+        try:
+            async with timeout(self._clock, self._header_timeout):
+                return await self._holds(url, model)
+        except (BackendError, TimeoutError):
+            return False
 
     async def _fail(
         self,

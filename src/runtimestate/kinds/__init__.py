@@ -18,18 +18,20 @@ from types import MappingProxyType
 
 from runtimestate.errors import Unsupported
 from runtimestate.kinds import gemini, ollama, openai, openai_compatible, vllm
-from runtimestate.kinds.base import ClassRef, KeySource, Kind, PullStream
+from runtimestate.kinds.base import ClassRef, HoldsModel, KeySource, Kind, PullStream
 
 __all__ = [
     "KINDS",
     "BackendType",
     "ClassRef",
+    "HoldsModel",
     "KeySource",
     "Kind",
     "PullStream",
     "cloud_kinds",
     "get",
     "names",
+    "pull_check",
     "pull_stream",
 ]
 
@@ -89,3 +91,10 @@ def pull_stream() -> PullStream | None:
             "more than one backend kind pulls models: " + ", ".join(k.name for k in pullers)
         )
     return pullers[0].pull if pullers else None
+
+
+def pull_check() -> HoldsModel | None:
+    """How the kind that pulls (see :func:`pull_stream`) tells whether a backend already holds
+    a model; ``None`` if it cannot tell."""
+    pullers = [kind for kind in KINDS if kind.pull is not None]
+    return pullers[0].holds if len(pullers) == 1 else None

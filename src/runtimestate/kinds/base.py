@@ -16,7 +16,7 @@ command. The driver is referred to directly; drivers import nothing heavy.
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -29,12 +29,15 @@ if TYPE_CHECKING:
     from runtimestate.backends.http import HttpClient
     from runtimestate.providers.base import ModelClient
 
-__all__ = ["ClassRef", "KeySource", "Kind", "PullStream", "same_root"]
+__all__ = ["ClassRef", "HoldsModel", "KeySource", "Kind", "PullStream", "same_root"]
 
 PullStream = Callable[
     ["HttpClient", str, str], AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]
 ]
 """``(http, base_url, model)`` -> the progress stream of pulling ``model`` onto a backend."""
+
+HoldsModel = Callable[["HttpClient", str, str], Awaitable[bool]]
+"""``(http, base_url, model)`` -> whether the backend already holds ``model``."""
 
 
 class KeySource(StrEnum):
@@ -80,6 +83,10 @@ class Kind:
     key_source: KeySource = KeySource.NONE
     pull: PullStream | None = None
     """How a model is pulled onto a backend of the kind; ``None`` if it cannot be."""
+    holds: HoldsModel | None = None
+    """Whether a backend of the kind holds a model: a pull attempted again asks first, since
+    the attempt before (of a worker that died, or a stream that broke at its very end) may have
+    landed it."""
     can_delete: bool = False
     rejects_key: Callable[[int, str], bool] | None = None
     """The kind's own way of saying "bad key" with a status and body that

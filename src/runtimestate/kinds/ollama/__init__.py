@@ -8,7 +8,7 @@ takes no key, and its API lives at the declared base URL itself.
 from __future__ import annotations
 
 from runtimestate.kinds.base import ClassRef, Kind
-from runtimestate.kinds.ollama.driver import OllamaDriver, open_pull
+from runtimestate.kinds.ollama.driver import OllamaDriver, holds, open_pull
 
 __all__ = ["KIND"]
 
@@ -18,5 +18,6 @@ KIND = Kind(
     driver=OllamaDriver,
     client=ClassRef("runtimestate.kinds.ollama.client:OllamaClient"),
     pull=open_pull,
+    holds=holds,
     can_delete=True,
 )

@@ -50,7 +50,7 @@ from runtimestate.records import ListModelResponse, LLMState
 if TYPE_CHECKING:
     from runtimestate.backends.http import HttpClient
 
-__all__ = ["OllamaDriver", "OllamaInventory", "open_pull", "parse_show"]
+__all__ = ["OllamaDriver", "OllamaInventory", "holds", "open_pull", "parse_show"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,14 @@ def open_pull(
         join_url(base_url, "/api/pull"),
         json_body={"model": model, "insecure": False, "stream": True},
     )
+
+
+async def holds(http: HttpClient, base_url: str, model: str) -> bool:
+    """Whether the node at ``base_url`` lists ``model`` (in any spelling Ollama accepts)."""
+    tags_url = join_url(base_url, "/api/tags")
+    listed = _parse_tags(await http.request_json("GET", tags_url), base_url)
+    key = ollama_key(model)
+    return any(ollama_key(m.name) == key for m in listed)
 
 
 class OllamaDriver(Driver[OllamaInventory]):
