@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
+import pytest
+
 from runtimestate.api.snapshot import SnapshotFeed
 from runtimestate.bus import Messenger, open_bus
 from runtimestate.clock import FakeClock
@@ -17,9 +19,10 @@ from runtimestate.cluster import (
     SnapshotCache,
     SnapshotPublisher,
 )
+from runtimestate.errors import InvalidInput
 from runtimestate.metrics import BACKENDS, PULL_TASKS, QUEUE_DEPTH, exposition
 from runtimestate.records import BackendInfo, LLMState
-from runtimestate.store import Store
+from runtimestate.store import MemoryStore, Store
 from runtimestate.store.records import Leadership
 from tests.fixtures.postgres import StoreFactory
 
@@ -55,6 +58,43 @@ async def test_one_replica_leads_and_only_it_carries_a_fence(store_factory: Stor
         clock.advance(9)
         assert first.fence() is None
         assert first.role is Role.FOLLOWER
+    finally:
+        await bus.close()
+
+
+async def test_the_leader_forgets_replicas_that_died_without_leaving() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    bus = await open_bus(None)
+    try:
+        leader = Cluster(store, bus, instance="one", ttl=9, clock=clock, forget_after=30)
+        follower = Cluster(store, bus, instance="two", ttl=9, clock=clock, forget_after=30)
+        await store.heartbeat_replica("killed", info={})  # a replica that got SIGKILL
+        await leader.round()
+        await follower.round()
+        # Rounds every 3 s: the dead one is past forget_after from 33 s on, but the leader
+        # prunes at most once a minute, and a follower never.
+        for _ in range(20):
+            clock.advance(3)
+            await follower.round()
+            assert [r.instance for r in await store.list_replicas()] == ["killed", "one", "two"]
+            await leader.round()
+        assert [r.instance for r in await store.list_replicas()] == ["one", "two"]
+        # The live ones heartbeat every round and stay, prune after prune.
+        for _ in range(30):
+            clock.advance(3)
+            await follower.round()
+            await leader.round()
+        assert [r.instance for r in await store.list_replicas()] == ["one", "two"]
+    finally:
+        await bus.close()
+
+
+async def test_a_replica_forget_after_shorter_than_its_ttl_is_refused(store: Store) -> None:
+    bus = await open_bus(None)
+    try:
+        with pytest.raises(InvalidInput, match="forget_after"):
+            Cluster(store, bus, instance="one", ttl=10, forget_after=5)
     finally:
         await bus.close()
 

@@ -12,6 +12,7 @@ import pytest
 from runtimestate.clock import FakeClock
 from runtimestate.errors import Fenced, InvalidInput, NotFound
 from runtimestate.store import Store, open_store
+from tests.fixtures.polling import eventually
 from tests.fixtures.postgres import EVERY_STORE, StoreFactory, fresh_database
 
 ROLE = "backend-cycle"
@@ -155,6 +156,23 @@ async def test_replicas_register_heartbeat_and_leave(store_factory: StoreFactory
     await store.remove_replica("r2")
     await store.remove_replica("never-there")
     assert [r.instance for r in await store.list_replicas()] == ["r1"]
+
+
+async def test_replicas_silent_too_long_are_pruned(store_factory: StoreFactory) -> None:
+    store = await store_factory()
+    await store.heartbeat_replica("r1", info={})
+    assert await store.prune_replicas(silent_for=timedelta(hours=1)) == []
+    assert [r.instance for r in await store.list_replicas()] == ["r1"]
+    # Database time (PostgreSQL's own clock): any time after its heartbeat is more than none.
+    pruned: list[str] = []
+
+    async def gone() -> bool:
+        pruned.extend(await store.prune_replicas(silent_for=timedelta(0)))
+        return bool(pruned)
+
+    await eventually(gone, what="the silent replica pruned")
+    assert pruned == ["r1"]
+    assert await store.list_replicas() == []
 
 
 async def test_bad_arguments_are_invalid_input(store: Store) -> None:

@@ -10,7 +10,10 @@ backend cycles. Three pieces, each usable on its own and wired together by the s
   monotonic clock, so a leader cut off from the store stops cycling before anyone can take
   over; and every write a cycle makes carries :meth:`Cluster.fence`, which the store checks in
   the write's own transaction, so even a leader that is paused past its lease cannot write late.
-  On SQLite (one process) the one instance becomes leader through the same path. While leader
+  On SQLite (one process) the one instance becomes leader through the same path. The leader
+  also forgets, at most once a minute, the registry entries of replicas silent for
+  ``forget_after`` (default an hour): processes killed without leaving, which would otherwise
+  be listed forever (each start of a replica is a new instance). While leader
   it answers sync requests on :data:`SYNC_SUBJECT` (request/reply), so a follower's ``POST
   /state/sync`` runs the cycle where cycles run.
 * :class:`SnapshotPublisher` - on the leader, after each cycle: writes to the store only the
@@ -51,6 +54,7 @@ from runtimestate.store.records import Fence, Leadership
 __all__ = [
     "ERROR_HISTORY",
     "ERROR_HISTORY_SIZE",
+    "FORGET_AFTER",
     "LEADER_ROLE",
     "SNAPSHOT_NOTICE",
     "SYNC_SUBJECT",
@@ -61,6 +65,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Seconds without a heartbeat after which the leader drops a replica from the registry; and the
+# least time between two such prunes (a DELETE each, on the leader only).
+FORGET_AFTER = 3600.0
+PRUNE_EVERY = 60.0
 
 LEADER_ROLE = "backend-cycle"
 SNAPSHOT_NOTICE = "runtimestate.cluster.snapshot"
@@ -90,11 +99,14 @@ class Cluster:
         ttl: float = 10.0,
         info: Mapping[str, object] | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        forget_after: float = FORGET_AFTER,
     ) -> None:
         if not isinstance(instance, str) or not instance.strip():
             raise InvalidInput("instance must be a non-empty string", field="instance")
         if not ttl > 0:
             raise InvalidInput("ttl must be positive", field="ttl")
+        if not forget_after > ttl:
+            raise InvalidInput("forget_after must be longer than the ttl", field="forget_after")
         self.store = store
         self.messenger = messenger
         self.instance = instance
@@ -108,6 +120,8 @@ class Cluster:
         self._on_sync: SyncHandler | None = None
         self._serving: Subscription | None = None
         self._became_leader: list[Callable[[], None]] = []
+        self.forget_after = forget_after
+        self._pruned_at = float("-inf")
         self.claims = 0
         self.failed_claims = 0
 
@@ -215,6 +229,20 @@ class Cluster:
             await self.store.heartbeat_replica(self.instance, info=self._heartbeat_info())
         except StoreError as exc:
             logger.warning("cluster: cannot renew this replica's heartbeat: %s", exc)
+        if self.is_leader and started - self._pruned_at >= PRUNE_EVERY:
+            await self._prune(started)
+
+    async def _prune(self, now: float) -> None:
+        try:
+            gone = await self.store.prune_replicas(silent_for=timedelta(seconds=self.forget_after))
+        except StoreError as exc:
+            logger.warning("cluster: cannot prune the replica registry: %s", exc)
+            return
+        self._pruned_at = now
+        for instance in gone:
+            logger.info(
+                "cluster: forgot replica %s, silent for over %.0f s", instance, self.forget_after
+            )
 
     def _heartbeat_info(self) -> dict[str, object]:
         info = {**self.info, "role": self.role.value, "term": self.term}

@@ -553,6 +553,11 @@ class Store(abc.ABC):
         """Forget ``instance`` (a clean shutdown); absent is not an error."""
 
     @abc.abstractmethod
+    async def prune_replicas(self, *, silent_for: timedelta) -> list[str]:
+        """Forget every replica whose last heartbeat is more than ``silent_for`` old (database
+        time): processes that died without leaving. Returns their instances."""
+
+    @abc.abstractmethod
     async def write_snapshot(
         self,
         *,

@@ -259,6 +259,16 @@ class ClusterOps:
                 delete(cluster_replicas).where(cluster_replicas.c.instance == instance)
             )
 
+    async def prune_replicas(self, *, silent_for: timedelta) -> list[str]:
+        async with self._db.connect(write=True) as conn:
+            before = await self._db_now(conn) - silent_for
+            rows = await conn.execute(
+                delete(cluster_replicas)
+                .where(cluster_replicas.c.heartbeat_at < before)
+                .returning(cluster_replicas.c.instance)
+            )
+            return sorted(row.instance for row in rows)
+
     # ---- shared snapshot -------------------------------------------------------------------
     async def write_snapshot(
         self,

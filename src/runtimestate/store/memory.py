@@ -1094,6 +1094,14 @@ class MemoryStore(Store):
         async with self._write() as t:
             t.replicas.pop(instance, None)
 
+    async def prune_replicas(self, *, silent_for: timedelta) -> list[str]:
+        async with self._write() as t:
+            before = self._now() - silent_for
+            gone = sorted(i for i, row in t.replicas.items() if row.heartbeat_at < before)
+            for instance in gone:
+                del t.replicas[instance]
+        return gone
+
     async def write_snapshot(
         self,
         *,

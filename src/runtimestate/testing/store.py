@@ -578,6 +578,9 @@ class FaultyStore(Store):
     async def remove_replica(self, instance: str) -> None:
         return await self._run(self._inner.remove_replica, instance)
 
+    async def prune_replicas(self, *, silent_for: timedelta) -> list[str]:
+        return await self._run(self._inner.prune_replicas, silent_for=silent_for)
+
     async def write_snapshot(
         self,
         *,
