@@ -60,6 +60,7 @@ from runtimestate import kinds
 from runtimestate.api import ApiContext, create_app
 from runtimestate.api.errors import ApiError
 from runtimestate.api.limits import Limits
+from runtimestate.api.session import Sessions, follow_revocations
 from runtimestate.backends.http import HttpClient
 from runtimestate.bus import Messenger, open_bus
 from runtimestate.clock import SYSTEM_CLOCK, Clock
@@ -229,6 +230,7 @@ class Service:
         self._messenger: Messenger | None = None
         self.cluster: Cluster | None = None
         self.snapshot: SnapshotCache | None = None
+        self.sessions: Sessions | None = None
         self._started_at = clock.monotonic()
 
     def stop(self) -> None:
@@ -325,6 +327,7 @@ class Service:
                 )
             )
             install_dashboard(app)
+            self.sessions = app.state.sessions
             await self._supervise(gateway.asgi(app), closing)
 
     def _worker(self, store: Store, messenger: Messenger, http: HttpClient) -> PullWorker:
@@ -455,6 +458,11 @@ class Service:
         interval = self.settings.cycle_interval
         routines["cluster"] = self.cluster.run
         routines["snapshot"] = lambda: snapshot.follow(messenger, interval=interval)
+        if self.sessions is not None:
+            sessions, store, clock = self.sessions, self.cluster.store, self._clock
+            routines["sessions"] = lambda: follow_revocations(
+                sessions, store, messenger, interval=interval, clock=clock
+            )
         return routines
 
     def problems(self) -> list[str]:

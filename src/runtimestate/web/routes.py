@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from runtimestate.api.deps import context, sessions
-from runtimestate.api.session import COOKIE
+from runtimestate.api.session import COOKIE, share_revocation
 
 __all__ = ["PREFIX", "install_dashboard"]
 
@@ -187,6 +187,8 @@ def install_dashboard(app: FastAPI) -> None:
             if not _same_origin(request) or not book.csrf_ok(session, form.get("csrf")):
                 return _html(_login_page("Log out from the dashboard's own button."), 403)
             book.revoke(session)
+            ctx = context(request)
+            await share_revocation(ctx.store, ctx.messenger, session)
         answer = RedirectResponse(PREFIX, status_code=303, headers=SECURITY_HEADERS)
         answer.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return answer
