@@ -28,6 +28,9 @@ __all__ = ["SYSTEM_CLOCK", "Clock", "FakeClock", "SystemClock", "timeout"]
 
 
 class Clock(Protocol):
+    """What everything that waits, expires or measures asks for the time: :data:`SYSTEM_CLOCK` in
+    production, a :class:`FakeClock` in tests."""
+
     def now(self) -> datetime:
         """The current wall-clock time, timezone-aware UTC."""
         ...

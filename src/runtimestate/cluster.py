@@ -80,6 +80,9 @@ ERROR_HISTORY_SIZE = 20
 
 
 class Role(StrEnum):
+    """A replica's part in the cluster (:attr:`Cluster.role`): the leader runs the backend cycles,
+    followers serve the snapshot it shares."""
+
     LEADER = "leader"
     FOLLOWER = "follower"
 

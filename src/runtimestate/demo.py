@@ -53,6 +53,8 @@ PULL_SECONDS = 40.0
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DemoModel:
+    """A model the demo declares, with the fields ``POST /models`` takes."""
+
     model: str
     context_length: int
     can_chat: bool = False

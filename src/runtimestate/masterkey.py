@@ -48,10 +48,13 @@ class MasterKeyError(RuntimeStateError):
 
 
 def master_key_path(data_dir: Path) -> Path:
+    """The master key file of the service whose data directory is ``data_dir``."""
     return data_dir / MASTER_KEY_FILE
 
 
 def split_keys(text: str) -> list[str]:
+    """The keys in a master key's text, in order (the first seals): separated by commas or lines,
+    blanks dropped."""
     return [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
 
 

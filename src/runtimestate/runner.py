@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 
 class BreakerState(StrEnum):
+    """Where a :class:`CircuitBreaker` stands: ``closed`` lets calls through, ``open`` refuses them
+    until ``reset_timeout`` has passed, ``half_open`` allows one trial call."""
+
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"

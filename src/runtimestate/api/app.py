@@ -40,6 +40,9 @@ DESCRIPTION = (
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
+    """The API over ``ctx``: every route group, one error shape, the audit log and the request
+    limits, with the OpenAPI schema at ``/openapi.json`` behind the token like the rest. It opens
+    and closes nothing: ``ctx``'s store and bus remain the caller's."""
     # FastAPI's own schema and docs routes would be open to anyone; the schema is served below
     # behind the token like every route but /health, and the browser UIs, which cannot send
     # the token when they fetch the schema, are left out.

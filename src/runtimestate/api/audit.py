@@ -44,6 +44,10 @@ def token_id(token: str) -> str:
 
 
 class AuditMiddleware:
+    """Writes one audit record per change attempted through the admin API, once answered. Paths
+    under ``exempt_prefixes`` (the gateway's ``/v1/`` and ``/api/``: inference traffic, not
+    changes) are passed through unrecorded."""
+
     def __init__(
         self, app: ASGIApp, *, exempt_prefixes: tuple[str, ...] = ("/v1/", "/api/")
     ) -> None:

@@ -50,6 +50,7 @@ _CONFLICT = errors_doc((409, "Name or base URL already declared"))
 
 
 def credential_key(backend_id: str) -> str:
+    """The key-value entry that holds the credential of the backend ``backend_id``."""
     return BACKEND_CREDENTIAL_PREFIX + backend_id
 
 

@@ -114,6 +114,11 @@ class ClusterView(Protocol):
 
 @dataclass(frozen=True, kw_only=True)
 class ApiContext:
+    """Everything the routes work with, built once by whoever creates the app (the service, or a
+    test): the open store and bus, the admin token, and views of the reconciler, the shared
+    snapshot, the cluster and the gateway. The views are optional: an app without them still
+    starts, and a route that needs one falls back to another or answers 503."""
+
     store: Store
     messenger: Messenger
     token: str
@@ -138,6 +143,7 @@ class ApiContext:
 
 
 def context(request: Request) -> ApiContext:
+    """The app's :class:`ApiContext`, as a FastAPI dependency (routes take :data:`Context`)."""
     ctx = request.app.state.ctx
     assert isinstance(ctx, ApiContext)
     return ctx

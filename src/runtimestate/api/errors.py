@@ -108,6 +108,8 @@ def error_response(
     field: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    """An answer in the one error shape, its message redacted: for code that answers outside the
+    exception handlers (the limits middleware refuses before any route runs)."""
     body = {"error": {"code": code, "message": redact(message), "field": field}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -179,6 +181,9 @@ def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Make every failure of ``app`` an answer in the one error shape: the project's errors by
+    :data:`STATUS`, :class:`ApiError` as it says, and FastAPI's validation errors and Starlette's
+    HTTP errors (unknown route, wrong method) rewritten."""
     app.add_exception_handler(RuntimeStateError, _domain_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -66,6 +66,10 @@ class Limits:
 
 
 class LimitsMiddleware:
+    """Enforces ``limits`` on every HTTP request (414, 431, 413). Installed outermost, so that a
+    request refused on its line or headers is never routed, authenticated or audited; a body sent
+    without a length is counted as the app reads it."""
+
     def __init__(self, app: ASGIApp, limits: Limits | None = None) -> None:
         self.app = app
         self.limits = limits or Limits()

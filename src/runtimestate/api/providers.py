@@ -56,7 +56,12 @@ ProviderType = StrEnum(  # type: ignore[misc]
     [(kind.name.upper().replace("-", "_"), kind.name) for kind in kinds.cloud_kinds()],
     module=__name__,
 )
-"""The cloud kinds, as the ``{provider}`` path parameter accepts them."""
+# Set on the class, not written as a bare string after it: the enum's __doc__ is what the
+# OpenAPI schema shows for the ``{provider}`` path parameter.
+ProviderType.__doc__ = (
+    "A cloud provider: one of the cloud backend types, whose backends all use the one API key "
+    "configured for it."
+)
 
 
 def _key(provider: ProviderType) -> str:

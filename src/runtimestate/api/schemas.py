@@ -194,6 +194,10 @@ class _Input(_Camel):
 
 
 class ErrorBody(BaseModel):
+    """What went wrong: ``code`` for programs, one fixed word per kind of failure; ``message`` for
+    people, with any secret masked; ``field`` the request field at fault (``baseUrl``,
+    ``limit``), null when no single field is."""
+
     code: ErrorCode
     message: str
     field: str | None = None
@@ -206,6 +210,9 @@ class ErrorResponse(BaseModel):
 
 
 class BackendUpdate(_Input):
+    """The body of ``PUT /backends/{id}``: the backend's whole declaration, replacing the stored
+    one; only ``apiKey`` may be left out, to keep the stored credential."""
+
     name: Name
     base_url: HttpUrl
     type: BackendType = Field(description="One of: " + ", ".join(t.value for t in BackendType))
@@ -221,10 +228,16 @@ class BackendUpdate(_Input):
 
 
 class BackendIn(BackendUpdate):
+    """The body of ``POST /backends``: an LLM server or cloud account for runtimestate to observe.
+    ``name`` and ``baseUrl`` must be unique among backends (409 otherwise)."""
+
     id: Id | None = Field(default=None, description="Optional id; generated when absent.")
 
 
 class BackendOut(_Camel):
+    """A declared backend. What it really holds, and its error if any, is in ``GET /state``; its
+    credential is only ever shown masked."""
+
     id: str
     name: str
     base_url: str
@@ -237,6 +250,11 @@ class BackendOut(_Camel):
 
 
 class ModelUpdate(_Input):
+    """The body of ``PUT /models/{id}``: the model's whole declaration, replacing the stored one (a
+    field left out takes its default). A ``contextLength`` of 0 means unknown and no capability
+    flag set means none declared: both are then taken from what the backend reports, where it
+    reports them."""
+
     model: ModelName
     context_length: Integer = Field(default=0, ge=0, le=2**31 - 1)
     can_chat: StrictBool = False
@@ -246,10 +264,17 @@ class ModelUpdate(_Input):
 
 
 class ModelIn(ModelUpdate):
+    """The body of ``POST /models``: a model the fleet should serve, by the name backends know it by
+    (``llama3.2:1b``). Every backend should hold it - in pool mode, the backends of its pools.
+    ``model`` must be unique (409 otherwise)."""
+
     id: Id | None = Field(default=None, description="Optional id; generated when absent.")
 
 
 class ModelOut(_Camel):
+    """A declared model, with its declared context length and capabilities (what each backend
+    reports of it is in ``GET /state``)."""
+
     id: str
     model: str
     context_length: int
@@ -262,15 +287,25 @@ class ModelOut(_Camel):
 
 
 class PoolUpdate(_Input):
+    """The body of ``PUT /pools/{id}``: the pool's name and purpose, replacing the stored ones."""
+
     name: Name
     purpose_type: Name
 
 
 class PoolIn(PoolUpdate):
+    """The body of ``POST /pools``: a named group of backends and models. In pool mode a backend
+    holds the models of its pools; a gateway key or request can be kept inside one pool.
+    ``purposeType`` is a free label (``chat``, ``embed``) to find pools by, with
+    ``GET /pool-by-purpose/{purpose}``. ``name`` must be unique (409 otherwise)."""
+
     id: Id | None = Field(default=None, description="Optional id; generated when absent.")
 
 
 class PoolOut(_Camel):
+    """A declared pool. Its members are listed under ``/backend-associations/{id}/backends`` and
+    ``/model-associations/{id}/models``."""
+
     id: str
     name: str
     purpose_type: str
@@ -341,6 +376,8 @@ class StateSummaryOut(_Camel):
 
 
 class ErrorChangeOut(_Camel):
+    """One change of a backend's error, as the leader observed it."""
+
     at: datetime | None = Field(description="When the backend was observed with this error.")
     error: str = Field(description="The new error; empty when the backend recovered.")
 
@@ -386,6 +423,8 @@ class BackendHealthOut(_Camel):
 
 
 class ActionOut(_Camel):
+    """One change the cycle would make to the backend: pull ``model`` onto it, or delete it."""
+
     kind: Literal["pull", "delete"]
     model: str
 
@@ -427,10 +466,15 @@ class QueueRetryIn(_Input):
 
 
 class QueueRetryOut(_Camel):
+    """The downloads queued again, in their new state."""
+
     retried: list[QueueItemOut]
 
 
 class ProviderKeyIn(_Input):
+    """The body of ``POST /providers/{provider}/configure``: the provider's API key, used by every
+    backend of that type. It replaces any stored key and is never shown again but masked."""
+
     api_key: ApiKey
 
 
@@ -457,6 +501,12 @@ class ProviderConfigOut(BaseModel):
 
 
 class HealthOut(BaseModel):
+    """``GET /health``: whether this replica can serve. ``status`` is ``ok``, ``degraded`` (store
+    and bus answer, but a routine keeps failing or the shared snapshot is stale) or
+    ``unavailable`` (the store or the bus does not answer); anything but ``ok`` comes with a 503
+    and ``reasons``. ``instance``, ``role``, ``term`` and ``leader`` describe this replica among
+    several; each is omitted when not known."""
+
     status: Literal["ok", "degraded", "unavailable"]
     store: Literal["ok", "timeout", "error"]
     bus: Literal["ok", "timeout", "error"]
@@ -498,5 +548,7 @@ class ClusterOut(BaseModel):
 
 
 class VersionOut(BaseModel):
+    """``GET /version``: the running service's version, and the version of this HTTP API."""
+
     version: str
     api: str = "1"

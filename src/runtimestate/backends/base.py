@@ -66,6 +66,8 @@ ObservedT = TypeVar("ObservedT")
 
 
 class ActionKind(StrEnum):
+    """What an :class:`Action` does to a model on a backend (``kind`` in ``GET /state/plan``)."""
+
     PULL = "pull"
     DELETE = "delete"
 

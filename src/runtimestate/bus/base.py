@@ -29,6 +29,9 @@ DEFAULT_MAX_PENDING = 1024
 
 @dataclass(frozen=True, slots=True)
 class Message:
+    """One delivered message: the concrete subject it was published to (a subscription's pattern
+    may match many) and its payload."""
+
     subject: str
     data: bytes
 

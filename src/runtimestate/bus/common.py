@@ -88,6 +88,7 @@ def subject_matches(pattern: str, subject: str) -> bool:
 
 
 def check_max_pending(max_pending: int) -> None:
+    """Refuse, as ``InvalidInput``, a subscription buffer size that is not a positive integer."""
     if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
         raise InvalidInput("max_pending must be a positive integer", field="max_pending")
 
@@ -101,6 +102,8 @@ def check_data(data: object) -> bytes:
 
 
 def check_timeout(timeout: float) -> None:
+    """Refuse, as ``InvalidInput``, a request timeout that is not a positive number of seconds
+    (a ``bool`` is not one)."""
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise InvalidInput("timeout must be a positive number of seconds", field="timeout")
 
@@ -230,4 +233,5 @@ class HandlerTasks:
 
 
 def closed_error() -> BusError:
+    """The ``BusError`` every operation raises after ``close()``, alike on both transports."""
     return BusError("the message bus is closed")

@@ -32,7 +32,8 @@ class GlobalOptions:
 
 
 def out() -> Console:
-    # Built per call so that it writes to whatever sys.stdout is now (CliRunner swaps it).
+    """A console on the current ``sys.stdout``: built per call, because ``CliRunner`` swaps
+    stdout and a console made once would keep writing to the old one."""
     return Console()
 
 

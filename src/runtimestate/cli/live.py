@@ -55,6 +55,8 @@ def format_bytes(count: float) -> str:
 
 
 def format_seconds(seconds: float) -> str:
+    """A duration as people read it, at most two units: ``42 s``, ``3 min 05 s``, ``2 h 07 min``
+    (a negative one is ``0 s``)."""
     seconds = max(0.0, seconds)
     if seconds < 60:
         return f"{seconds:.0f} s"

@@ -30,6 +30,9 @@ _EMBED = Capabilities(flags=EMBEDDING)
 
 
 class OpenAIDriver(CloudDriver):
+    """The ``openai`` kind's driver: the account's models from ``/v1/models`` with the provider key,
+    which say nothing of capabilities (those come from the declaration, else from the id)."""
+
     kv_key = PROVIDER_KEY_PREFIX + _NAME
     key_hosts = frozenset({"api.openai.com"})
 

@@ -35,6 +35,10 @@ def models_url(base_url: str) -> str:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ServedModel:
+    """One entry of a ``/v1/models`` listing. ``created`` is Unix seconds (0 when absent);
+    ``max_model_len`` is the context length where the server reports it (vLLM), else ``None``;
+    ``parent`` is the base model of a LoRA adapter."""
+
     id: str
     created: int
     max_model_len: int | None = None

@@ -106,6 +106,9 @@ def _wire(messages: list[ChatMessage]) -> list[ChatCompletionMessageParam]:
 
 
 class OpenAIClient(ModelClient):
+    """The model client of every kind that speaks the OpenAI protocol (``openai``, ``vllm``,
+    ``openai-compatible``), on ``openai.AsyncOpenAI`` without its retries."""
+
     translated = (openai.OpenAIError, json.JSONDecodeError)
 
     @classmethod

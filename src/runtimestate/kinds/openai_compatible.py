@@ -51,6 +51,10 @@ __all__ = ["KIND", "OpenAICompatibleDriver"]
 
 
 class OpenAICompatibleDriver(Driver[ServerListing]):
+    """The ``openai-compatible`` kind's driver: lists ``/v1/models`` on every cycle and asks
+    llama.cpp's ``/props`` for a context length neither declared nor listed; never pulls or
+    deletes."""
+
     def __init__(self, options: DriverOptions) -> None:
         super().__init__(options)
         # Per backend: the listed ids and base URL /props was asked for, and its answer.

@@ -43,6 +43,9 @@ KEY_REQUIRED = (
 
 
 class VllmDriver(Driver[ServerListing]):
+    """The ``vllm`` kind's driver: reports what the server serves and never acts; a served model
+    nobody declared is the backend's error."""
+
     async def observe(self, ctx: CycleContext, declared: Declared) -> ServerListing:
         backend = declared.backend
         api_key = await backend_credential(ctx, KIND.credential_key(backend.id))

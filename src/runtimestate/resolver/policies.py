@@ -36,6 +36,10 @@ _DRAWS = 16
 
 @dataclass(kw_only=True, slots=True)
 class Choice:
+    """What a policy needs besides the candidates: the health book (to skip backends cooling down),
+    the current time on its monotonic clock, the resolver's random generator, and the request's
+    turn - how often the same request was resolved before - from which ties rotate."""
+
     health: Health
     now: float
     rng: random.Random

@@ -83,12 +83,15 @@ def _leadership(row: Row[Any], now: datetime) -> Leadership:
 
 # ---- checks shared with every Store implementation ------------------------------------------
 def check_ttl(ttl: object) -> timedelta:
+    """``ttl`` if it is a positive ``timedelta``; ``InvalidInput`` otherwise."""
     if not isinstance(ttl, timedelta) or ttl <= timedelta(0):
         raise InvalidInput("ttl must be a positive timedelta", field="ttl")
     return ttl
 
 
 def check_cycle_age(cycle_age: object) -> None:
+    """Refuse, as ``InvalidInput``, a ``cycle_age`` that is neither ``None`` nor a non-negative
+    number of seconds."""
     if cycle_age is not None and (
         isinstance(cycle_age, bool) or not isinstance(cycle_age, int | float) or cycle_age < 0
     ):
@@ -96,6 +99,7 @@ def check_cycle_age(cycle_age: object) -> None:
 
 
 def check_fence_value(fence: object) -> Fence:
+    """``fence`` if it is a :class:`Fence`; ``InvalidInput`` otherwise."""
     if not isinstance(fence, Fence):
         raise InvalidInput(f"fence must be a Fence, not {type(fence).__name__}", field="fence")
     return fence
@@ -123,6 +127,9 @@ def snapshot_texts(
 
 
 class ClusterOps:
+    """The leader lease, the replica registry and the shared snapshot: the cluster half of
+    :class:`~runtimestate.store.sql.SqlStore`."""
+
     _db: Database
     _clock: Clock
 

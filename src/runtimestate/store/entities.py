@@ -65,6 +65,9 @@ T = TypeVar("T")
 
 
 class EntityOps:
+    """Backends, models, pools and their assignments: the declaration half of
+    :class:`~runtimestate.store.sql.SqlStore`."""
+
     _db: Database
     _clock: Clock
 

@@ -54,6 +54,9 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Migration:
+    """One numbered change of the schema, written once for both engines: ``{ts}``, ``{blob}`` and
+    ``{seq_pk}`` in its statements stand for the types that differ (see :meth:`sql`)."""
+
     version: int
     name: str
     statements: tuple[str, ...]

@@ -85,12 +85,15 @@ def require_int(value: object, field: str, *, minimum: int = 0, maximum: int = I
 
 
 def require_bool(value: object, field: str) -> bool:
+    """``value`` if it is a real ``bool``; ``InvalidInput`` naming ``field`` otherwise (a 0 or 1
+    would be stored as a flag without complaint)."""
     if not isinstance(value, bool):
         raise InvalidInput(f"{field} must be a boolean, not {type(value).__name__}", field=field)
     return value
 
 
 def check_limit(limit: object) -> int:
+    """``limit`` if it is an integer from 1 to :data:`MAX_PAGE_SIZE`; ``InvalidInput`` otherwise."""
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
         raise InvalidInput(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}", field="limit")
     return limit
@@ -103,6 +106,8 @@ _CURSOR_MAX_MICROS = to_micros(datetime.max.replace(tzinfo=UTC))
 
 
 def encode_cursor(created_at_micros: int, key: str) -> str:
+    """The cursor naming the row at ``(created_at_micros, key)``: URL-safe base64 of a small JSON
+    array, without padding; :func:`decode_cursor` reads it back."""
     raw = json.dumps([created_at_micros, key], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 

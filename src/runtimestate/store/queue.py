@@ -57,6 +57,9 @@ _JOB_ORDER = (jobs.c.created_at, jobs.c.seq)
 
 
 class QueueOps:
+    """The job queue, the key-value table and leases: the coordination half of
+    :class:`~runtimestate.store.sql.SqlStore`."""
+
     _db: Database
     _clock: Clock
     _box: SecretBox | None

@@ -44,6 +44,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Backend:
+    """A declared backend: a server or cloud account, its kind (``type``) and where its API is."""
+
     id: str
     name: str
     base_url: str
@@ -65,6 +67,9 @@ class Backend:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Model:
+    """A declared model: the name backends know it by, its context length and its capabilities
+    (0 and no flag set: not declared, left to what the backend reports)."""
+
     id: str
     model: str
     context_length: int
@@ -78,6 +83,8 @@ class Model:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Pool:
+    """A declared pool: a named group of backends and models, with a free-form purpose."""
+
     id: str
     name: str
     purpose_type: str
@@ -134,6 +141,8 @@ class Job:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class KVEntry:
+    """One key-value entry. ``value`` is plain JSON: the store opens a sealed secret on read."""
+
     key: str
     value: JSONValue
     created_at: datetime

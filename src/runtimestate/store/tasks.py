@@ -66,6 +66,9 @@ _INSERT_CHUNK = 500
 
 
 class PullTaskOps:
+    """Pull tasks, one row per (backend, model), each step of a pull one statement: the downloads'
+    part of :class:`~runtimestate.store.sql.SqlStore`."""
+
     _db: Database
     _clock: Clock
 

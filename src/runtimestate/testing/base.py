@@ -48,6 +48,9 @@ class BodyError(ValueError):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EmuRequest:
+    """A request as a handler sees it: ``path`` relative to the backend's base URL, the body as
+    bytes, headers case-insensitive."""
+
     method: str
     path: str
     query: Mapping[str, str]
@@ -82,6 +85,8 @@ class EmuRequest:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Reply:
+    """A handler's answer in one body, JSON unless ``content_type`` says otherwise."""
+
     status: int = 200
     body: bytes = b""
     content_type: str = "application/json; charset=utf-8"
@@ -89,6 +94,9 @@ class Reply:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StreamReply:
+    """A handler's streamed answer: ``chunks`` yields complete NDJSON lines or SSE events, which the
+    server sends one at a time so that stream faults can strike between them."""
+
     chunks: AsyncGenerator[bytes, None]
     content_type: str
     status: int = 200
@@ -98,6 +106,7 @@ Handler = Callable[[EmuRequest], Awaitable[Reply | StreamReply]]
 
 
 def json_bytes(value: Any) -> bytes:
+    """``value`` as compact JSON, the bytes an emulated server answers with."""
     return json.dumps(value, separators=(",", ":")).encode()
 
 
@@ -108,6 +117,7 @@ def stable_int(*parts: str) -> int:
 
 
 def count_tokens(text: str) -> int:
+    """The emulators' token count: the words of ``text``, split on whitespace."""
     return len(text.split())
 
 

@@ -100,6 +100,9 @@ def _finish_reason(response: types.GenerateContentResponse) -> str | None:
 
 
 class GeminiClient(ModelClient):
+    """The ``gemini`` kind's model client, on ``google-genai``'s async side with our own transport,
+    one attempt per call and nothing taken from the environment."""
+
     translated = (
         genai_errors.APIError,
         genai_errors.UnknownApiResponseError,

@@ -54,6 +54,9 @@ def parse_model(item: Any, url: str) -> CloudModel:
 
 
 class GeminiDriver(CloudDriver):
+    """The ``gemini`` kind's driver: the account's models, with their context length and
+    capabilities, from the paged listing."""
+
     kv_key = PROVIDER_KEY_PREFIX + NAME
     key_hosts = frozenset({"generativelanguage.googleapis.com"})
 

@@ -48,6 +48,9 @@ def _system(system: str | None) -> dict[str, Any]:
 
 
 class OllamaClient(ModelClient):
+    """The ``ollama`` kind's model client, on the official ``ollama.AsyncClient`` with its uneven
+    errors made regular."""
+
     translated = (
         ollama.ResponseError,
         ConnectionError,

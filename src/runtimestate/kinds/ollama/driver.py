@@ -122,6 +122,10 @@ async def holds(http: HttpClient, base_url: str, model: str) -> bool:
 
 
 class OllamaDriver(Driver[OllamaInventory]):
+    """The ``ollama`` kind's driver: plans the pulls of what is missing and deletes what nobody
+    declared. It remembers ``/api/show`` answers per digest and a node's last ``/api/tags`` body
+    with its plan, so that a steady cycle costs one request and no planning per node."""
+
     def __init__(self, options: DriverOptions) -> None:
         super().__init__(options)
         self._show_cache: dict[str, Capabilities] = {}
