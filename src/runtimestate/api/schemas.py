@@ -486,7 +486,8 @@ class ProviderStatusOut(_Camel):
     backends: int = Field(default=0, description="Backends of this type in the last snapshot.")
     healthy: int = Field(default=0, description="Of those, the ones observed without an error.")
     models: int = Field(
-        default=0, description="Distinct declared models the healthy backends serve."
+        default=0,
+        description="Distinct models the healthy backends report serving, by the names they use.",
     )
     error: str | None = Field(default=None, description="The first backend error, if any.")
 
