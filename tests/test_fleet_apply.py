@@ -468,3 +468,47 @@ async def test_a_file_names_a_backends_secret_and_never_holds_it(
     assert (await credential(store, "vllm-1") or {})["Secret"] == "other-key"
     assert (await client.delete("/secrets/vllm-key")).status_code == 204
     assert [s["name"] for s in (await client.get("/secrets")).json()] == ["other-key"]
+
+
+async def test_a_key_for_a_backend_type_that_takes_none_is_refused(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """An Ollama node takes no key and a cloud backend uses its account's: a key given to one
+    of them would be stored and never sent, so it is refused - by the API and in a file."""
+    key = "sk-unused-0123456789abcdef"
+    for backend_type, hint in (("ollama", "never sent"), ("openai", "/providers/openai")):
+        declared = {"name": "b", "baseUrl": "http://10.0.2.1:8000", "type": backend_type}
+        refused = await client.post("/backends", json={**declared, "apiKey": key})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["field"] == "apiKey"
+        assert hint in refused.json()["error"]["message"]
+        assert key not in refused.text
+    assert await store.list_all_backends() == []
+
+    made = await client.post(
+        "/backends",
+        json={"name": "v", "baseUrl": "http://10.0.2.2:8000", "type": "vllm", "apiKey": key},
+    )
+    assert made.status_code == 201, made.text
+    assert made.json()["apiKey"] == "****cdef"
+    assert await credential(store, "v") is not None
+    # Turned into a type that takes no key, the backend does not keep one it would never send.
+    backend_id = made.json()["id"]
+    moved = await client.put(
+        f"/backends/{backend_id}",
+        json={"name": "v", "baseUrl": "http://10.0.2.2:8000", "type": "ollama"},
+    )
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["apiKey"] is None
+    assert await credential(store, "v") is None
+
+    assert (await client.put("/secrets/node-key", json={"value": SECRET_VALUE})).status_code == 200
+    status, body = await apply(
+        client,
+        "backends:\n  - name: n1\n    baseUrl: http://10.0.2.3:11434\n    type: ollama\n"
+        "    apiKeySecret: node-key\n",
+        file="nodes.yaml",
+    )
+    assert status == 422
+    assert body["error"]["field"] == "backends[0].apiKeySecret"
+    assert "Ollama backends take no key" in body["error"]["message"]

@@ -21,7 +21,7 @@ import contextlib
 
 from fastapi import APIRouter, Response, status
 
-from runtimestate import downloads
+from runtimestate import downloads, kinds
 from runtimestate.api.deps import (
     PAGED,
     ApiContext,
@@ -33,7 +33,8 @@ from runtimestate.api.deps import (
 )
 from runtimestate.api.errors import ERROR_RESPONSES, errors_doc
 from runtimestate.api.schemas import BackendIn, BackendOut, BackendUpdate
-from runtimestate.errors import NotFound, mask_secret
+from runtimestate.errors import InvalidInput, NotFound, mask_secret
+from runtimestate.kinds import BackendType
 from runtimestate.logging import register_secret
 from runtimestate.records import ProviderConfig
 from runtimestate.store import Store
@@ -47,6 +48,13 @@ router = APIRouter(tags=["backends"], responses=ERROR_RESPONSES)
 _NOT_FOUND = errors_doc((404, "No such backend"))
 _CREATED = created_links("/backends/{backend_id}", "backend_id", methods=("get", "put", "delete"))
 _CONFLICT = errors_doc((409, "Name or base URL already declared"))
+_UNUSED_KEY = errors_doc((400, "A key for a backend type that takes none of its own"))
+
+
+def _refuse_unused_key(backend_type: BackendType) -> None:
+    kind = kinds.get(backend_type.value)
+    if not kind.takes_credential:
+        raise InvalidInput(kind.no_credential_reason(), field="apiKey")
 
 
 def credential_key(backend_id: str) -> str:
@@ -91,9 +99,11 @@ async def _all_credentials(ctx: ApiContext) -> dict[str, str | None]:
     "/backends",
     status_code=status.HTTP_201_CREATED,
     response_model=BackendOut,
-    responses={**_CONFLICT, **_CREATED},
+    responses={**_CONFLICT, **_CREATED, **_UNUSED_KEY},
 )
 async def create_backend(body: BackendIn, ctx: Context) -> BackendOut:
+    if body.api_key is not None:
+        _refuse_unused_key(body.type)
     await ctx.url_policy.check(body.base_url)
     credential = None
     async with ctx.store.transaction() as tx:
@@ -122,17 +132,21 @@ async def get_backend(backend_id: Key, ctx: Context) -> BackendOut:
 @router.put(
     "/backends/{backend_id}",
     response_model=BackendOut,
-    responses={**_NOT_FOUND, **_CONFLICT},
+    responses={**_NOT_FOUND, **_CONFLICT, **_UNUSED_KEY},
 )
 async def update_backend(backend_id: Key, body: BackendUpdate, ctx: Context) -> BackendOut:
+    if body.api_key is not None:
+        _refuse_unused_key(body.type)
     await ctx.url_policy.check(body.base_url)
     async with ctx.store.transaction() as tx:
         backend = await tx.update_backend(
             backend_id, name=body.name, base_url=body.base_url, type=body.type.value
         )
-        if "api_key" not in body.model_fields_set:
+        if "api_key" not in body.model_fields_set and kinds.get(backend.type).takes_credential:
             credential = await _credential(tx, backend.id)
         elif body.api_key is None:
+            # Removed, or the backend's new type takes no key: a stored one would never be
+            # sent again, so it is not kept.
             with contextlib.suppress(NotFound):
                 await tx.delete_kv(credential_key(backend.id))
             credential = None

@@ -42,7 +42,8 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from runtimestate.api.schemas import BackendIn, Id, ModelIn, Name, PoolIn
+from runtimestate import kinds
+from runtimestate.api.schemas import BackendIn, Id, ModelIn, Name, PoolIn, keyed_types_only
 from runtimestate.api.secrets import (
     credential_secret_names,
     named_secret_values,
@@ -125,6 +126,8 @@ class _Loader(_Base):  # type: ignore[valid-type,misc]
 class FleetBackend(BackendIn):
     """A backend: the fields ``POST /backends`` takes but its credential - a file under
     version control is no place for a key; it names a secret instead (``apiKeySecret``)."""
+
+    model_config = ConfigDict(json_schema_extra=keyed_types_only("apiKeySecret"))
 
     api_key: SkipJsonSchema[None] = Field(default=None, exclude=True)
     api_key_secret: Id | None = Field(
@@ -704,6 +707,12 @@ class _Differ:
         it, or its type changed (the credential records the type)."""
         name = item.api_key_secret
         if name is None:
+            return
+        kind = kinds.get(item.type.value)
+        if not kind.takes_credential:
+            self.issues.append(
+                self.doc.issue(("backends", index, "apiKeySecret"), kind.no_credential_reason())
+            )
             return
         if name not in self.cur.secret_names:
             self.issues.append(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -30,6 +30,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from runtimestate import kinds
 from runtimestate.errors import InvalidInput
 from runtimestate.identifiers import (
     ID_PATTERN,
@@ -83,6 +84,7 @@ __all__ = [
     "RoutingHealthOut",
     "StateSummaryOut",
     "VersionOut",
+    "keyed_types_only",
 ]
 
 ErrorCode = Literal[
@@ -209,9 +211,27 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+def keyed_types_only(field: str) -> dict[str, Any]:
+    """A JSON-schema constraint for a backend's body: ``field`` is null unless the backend's
+    ``type`` takes a key of its own - said in the schema too, so that a client (or a
+    schema-driven test) knows such a key is refused (400) without trying."""
+    keyless = [kind.name for kind in kinds.KINDS if not kind.takes_credential]
+    return {
+        "allOf": [
+            {
+                "if": {"properties": {"type": {"enum": keyless}}, "required": ["type"]},
+                "then": {"properties": {field: {"type": "null"}}},
+            }
+        ]
+    }
+
+
 class BackendUpdate(_Input):
     """The body of ``PUT /backends/{id}``: the backend's whole declaration, replacing the stored
-    one; only ``apiKey`` may be left out, to keep the stored credential."""
+    one; only ``apiKey`` may be left out, to keep the stored credential. Only the types that
+    take a key of their own (vLLM, OpenAI-compatible) accept one: the others answer 400."""
+
+    model_config = ConfigDict(json_schema_extra=keyed_types_only("apiKey"))
 
     name: Name
     base_url: HttpUrl
@@ -486,7 +506,8 @@ class ProviderStatusOut(_Camel):
     backends: int = Field(default=0, description="Backends of this type in the last snapshot.")
     healthy: int = Field(default=0, description="Of those, the ones observed without an error.")
     models: int = Field(
-        default=0, description="Distinct declared models the healthy backends serve."
+        default=0,
+        description="Distinct models the healthy backends report serving, by the names they use.",
     )
     error: str | None = Field(default=None, description="The first backend error, if any.")
 

@@ -59,7 +59,9 @@ async def _probe(name: str, ping: Callable[[], Awaitable[None]], error: type[Exc
 @router.get(
     "/health",
     response_model=HealthOut,
-    responses={503: {"model": HealthOut, "description": "Store or bus unreachable"}},
+    responses={
+        503: {"model": HealthOut, "description": "Degraded or unavailable; `reasons` says why"}
+    },
 )
 async def health(ctx: Context) -> JSONResponse:
     store, bus = await asyncio.gather(

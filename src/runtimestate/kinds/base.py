@@ -97,6 +97,22 @@ class Kind:
         return self.pull is not None
 
     @property
+    def takes_credential(self) -> bool:
+        """Whether a backend of the kind may have a key of its own (a vLLM server's
+        ``--api-key``); the others take none (Ollama) or their account's (``/providers``)."""
+        return self.key_source is KeySource.BACKEND_CREDENTIAL
+
+    def no_credential_reason(self) -> str:
+        """Why a key given to one backend of this kind would never be used."""
+        if self.cloud:
+            return (
+                f"{self.title} backends take no key of their own: the account's key is set "
+                f"once for the type (POST /providers/{self.name}/configure, or "
+                f"`runtimestate provider configure {self.name}`)"
+            )
+        return f"{self.title} backends take no key: it would be stored and never sent"
+
+    @property
     def cloud(self) -> bool:
         """A hosted account with one key for the kind (configured through ``/providers``)."""
         return self.key_source is KeySource.CLOUD_PROVIDER
