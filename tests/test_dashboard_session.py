@@ -80,6 +80,7 @@ async def test_the_cookie_reads_but_changes_need_the_csrf_token(
     body = {"name": "n1", "baseUrl": "http://10.0.0.1:11434", "type": "ollama"}
     refused = await client.post("/backends", json=body)
     assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "forbidden"
     assert CSRF_HEADER in refused.json()["error"]["message"]
     wrong = await client.post("/backends", json=body, headers={CSRF_HEADER: "0" * len(csrf)})
     assert wrong.status_code == 403

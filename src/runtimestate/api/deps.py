@@ -183,7 +183,7 @@ def require_token(
         if request.method not in _SAFE_METHODS and not book.csrf_ok(
             session, request.headers.get(CSRF_HEADER)
         ):
-            raise ApiError(403, "unauthorized", f"the {CSRF_HEADER} header does not match")
+            raise ApiError(403, "forbidden", f"the {CSRF_HEADER} header does not match")
         # A session stands for the admin token it was issued for.
         request.scope[CALLER_SCOPE_KEY] = token_id(ctx.token)
         return

@@ -64,6 +64,7 @@ STATUS: tuple[tuple[type[RuntimeStateError], int, ErrorCode], ...] = (
 _HTTP_CODES: dict[int, ErrorCode] = {
     400: "invalid_input",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "unsupported",
     409: "conflict",

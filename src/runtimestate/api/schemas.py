@@ -92,6 +92,7 @@ ErrorCode = Literal[
     "conflict",
     "invalid_input",
     "unauthorized",
+    "forbidden",
     "unsupported",
     "unavailable",
     "too_large",
