@@ -36,6 +36,9 @@ MAX_FLEET_BYTES = 32 * 1024 * 1024
 
 
 class CountsOut(BaseModel):
+    """How many declarations an apply adds, changes, removes (only with ``prune``), leaves
+    as they are, and finds in the store but not in the file (kept, without ``prune``)."""
+
     added: int
     changed: int
     removed: int
@@ -44,6 +47,10 @@ class CountsOut(BaseModel):
 
 
 class ChangeOut(BaseModel):
+    """One change of an apply: what kind of declaration, its name, and ``fields``: the declared
+    values of an addition, ``[old, new]`` per changed field of a change, nothing for a removal
+    (a credential appears only as the name of its secret)."""
+
     action: Literal["add", "change", "remove"]
     kind: Literal["backend", "model", "pool", "pool-backend", "pool-model"]
     name: str

@@ -32,12 +32,17 @@ ScopeName = Annotated[
 
 
 class GatewayKeyIn(_Input):
+    """The body of ``POST /gateway/keys``: a name, and optionally the models and pools the key
+    is limited to (none: every model)."""
+
     name: KeyName
     models: list[ScopeName] = Field(default_factory=list, max_length=1000)
     pools: list[ScopeName] = Field(default_factory=list, max_length=1000)
 
 
 class GatewayKeyOut(BaseModel):
+    """A gateway key as stored: never the key, only its first characters to tell keys apart."""
+
     name: str
     prefix: str
     models: list[str]
@@ -46,6 +51,8 @@ class GatewayKeyOut(BaseModel):
 
 
 class GatewayKeyCreatedOut(GatewayKeyOut):
+    """A key just made: the only answer that carries the key itself."""
+
     key: str = Field(description="The key itself; shown only in this answer.")
 
 

@@ -365,6 +365,10 @@ class LLMStateOut(_Camel):
 
 
 class StatusCountsOut(BaseModel):
+    """Backends by status: ``error`` when observing failed, ``failing`` when a pull failed,
+    ``pulling`` while a declared model is missing, else ``ok`` (each backend counted once, in
+    that order)."""
+
     ok: int
     error: int
     pulling: int
@@ -372,6 +376,8 @@ class StatusCountsOut(BaseModel):
 
 
 class ModelSummaryOut(_Camel):
+    """One declared model across the fleet: how many backends hold it, pull it, failed it."""
+
     model: str
     holding: int = Field(description="Backends that hold it.")
     pulling: int = Field(description="Backends that declare it and do not hold it yet.")
@@ -379,6 +385,8 @@ class ModelSummaryOut(_Camel):
 
 
 class CycleOut(_Camel):
+    """The last backend cycle this replica knows of."""
+
     at: datetime = Field(description="When the last backend cycle ended.")
     duration_seconds: float | None = Field(
         description="How long it took; null on a replica that did not run it (the leader's "
@@ -540,6 +548,9 @@ class HealthOut(BaseModel):
 
 
 class ReplicaOut(BaseModel):
+    """One replica the database knows of, as its last heartbeat described it. ``alive`` is
+    false after three missed heartbeats; a replica silent for an hour is forgotten."""
+
     instance: str
     role: str | None = None
     term: int | None = None
@@ -556,11 +567,17 @@ class ReplicaOut(BaseModel):
 
 
 class SnapshotInfoOut(BaseModel):
+    """The shared snapshot this replica serves: its version, and seconds since the leader's
+    last cycle confirmed it (null before any cycle)."""
+
     version: int
     age: float | None
 
 
 class ClusterOut(BaseModel):
+    """``GET /cluster``: the replica that answered (its role, the term, the leader it sees),
+    the snapshot it serves, and every replica the database knows of."""
+
     instance: str
     role: str
     term: int | None

@@ -48,10 +48,15 @@ _VALUE = "value"
 
 
 class SecretIn(_Input):
+    """The body of ``PUT /secrets/{name}``: the value, which replaces any stored one and is
+    copied to every backend that names the secret."""
+
     value: ApiKey = Field(description="The secret itself; write-only, never returned.")
 
 
 class SecretOut(BaseModel):
+    """A named secret: its value masked, and the backends whose credential it is."""
+
     name: str
     value: str = Field(description="The value, masked (****abcd).")
     used_by: list[str] = Field(
