@@ -48,6 +48,8 @@ Writer = asyncio.StreamWriter
 Script = Callable[[int, Reader, Writer], Awaitable[bool]]
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+# A failure bound for one scenario, below the suite's per-test timeout.
+WITHIN = 40.0
 
 
 @pytest.fixture(params=list(LOOPS))
@@ -55,8 +57,13 @@ def run(request: pytest.FixtureRequest) -> Run:
     """Runs a test's scenario on a fresh loop of the parametrized kind."""
 
     def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        async def bounded() -> None:
+            # Only turns a hang into a failure (naming where it hung); never a speed limit.
+            async with asyncio.timeout(WITHIN):
+                await scenario()
+
         with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
-            runner.run(scenario())
+            runner.run(bounded())
 
     return run
 
@@ -94,7 +101,10 @@ class Peer:
         self._server.close()
         for writer in self._writers:
             writer.transport.abort()
-        await asyncio.gather(*self._handlers)
+        # A script still waiting (the scenario failed before it let it go) is stopped.
+        _, waiting = await asyncio.wait(self._handlers, timeout=1) if self._handlers else ((), ())
+        for handler in waiting:
+            handler.cancel()
 
     async def _serve(self, reader: Reader, writer: Writer) -> None:
         self.connections += 1
@@ -434,7 +444,8 @@ def test_a_head_then_silence_times_out_as_a_whole_and_per_wait(run: Run) -> None
             streamed = await c.request("POST", peer.url, b"{}", idle=5)
             assert await streamed.chunk() == b"first"
             reading = asyncio.create_task(streamed.chunk())
-            await until_waiting(clock)
+            # The bound counts from the start of each wait: let this one start.
+            await eventually(lambda: streamed.waiter is not None, what="the reader waits")
             clock.advance(4)
             await asyncio.sleep(0)
             assert not reading.done()

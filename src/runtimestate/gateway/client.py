@@ -15,7 +15,8 @@ none), answers by ``Content-Length``, chunked, or until the connection closes, `
   taken first. A connection goes back only when its answer was read to its end and the server
   did not ask to close it (``Connection: close``, HTTP/1.0, a body ended by closing); one whose
   answer was not read to its end is closed, since the rest of the answer would be read as the
-  next one. Idle connections close after ``keepalive`` seconds. Bytes arriving on an idle
+  next one. Idle connections close after ``keepalive`` seconds (one timer for the pool, not one
+  per connection). Bytes arriving on an idle
   connection, or after the end of an answer, mean it cannot be trusted with another: closed.
 * **Stale connections.** A server may close an idle keep-alive connection while a request is
   being written to it. A reused connection that closes before any byte of the answer arrived is
@@ -147,6 +148,10 @@ class _Timers:
         return self._loop.create_task(fire())
 
 
+# A timer that fires this close to its bound (the loop's timers have millisecond steps) counts.
+_TIMER_SLACK = 0.001
+
+
 def _expire(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
@@ -176,7 +181,7 @@ class _Connection(asyncio.Protocol):
         "closed",
         "counted",
         "exchange",
-        "expiry",
+        "idle_since",
         "origin",
         "paused",
         "reusable",
@@ -195,7 +200,7 @@ class _Connection(asyncio.Protocol):
         self.reused = False
         self.reusable = True
         self.paused = False
-        self.expiry: _Cancellable | None = None
+        self.idle_since = 0.0
 
     # -- asyncio.Protocol --
 
@@ -301,9 +306,11 @@ class Response:
     __slots__ = (
         "_chunks",
         "_deadline",
+        "_due",
         "_head",
         "_idle",
         "_loop",
+        "_timer",
         "_timers",
         "buffered",
         "complete",
@@ -351,6 +358,8 @@ class Response:
         self.high_water = high_water
         self._deadline = deadline
         self._idle = idle
+        self._due = 0.0
+        self._timer: _Cancellable | None = None
         self._timers = timers
         self._loop = loop
 
@@ -416,17 +425,23 @@ class Response:
     async def wait(self) -> None:
         """Until something arrives (the head, body bytes, the end, a failure), within the
         answer's time bound."""
+        now = self._timers.now()
         if self._deadline is not None:
-            delay = self._deadline - self._timers.now()
+            due = self._deadline
         else:
             assert self._idle is not None
-            delay = self._idle
-        if delay <= 0:
+            due = now + self._idle
+        if due <= now:
             self.close()
             raise TimeoutError
+        self._due = due
+        # One timer per answer, not one per wait: a stream waits once per chunk, and a timer
+        # made and cancelled per chunk cost more than the rest of the wait. It is armed for the
+        # first wait's bound and, when it fires early for a later wait, armed again for the rest.
+        if self._timer is None:
+            self._timer = self._timers.later(due - now, self._on_timer)
         waiter = self._loop.create_future()
         self.waiter = waiter
-        timer = self._timers.later(delay, _expire, waiter)
         try:
             await waiter
         except BaseException:
@@ -436,6 +451,22 @@ class Response:
             raise
         finally:
             self.waiter = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # nobody is waiting: the next wait arms it again
+        left = self._due - self._timers.now()
+        if left > _TIMER_SLACK:
+            self._timer = self._timers.later(left, self._on_timer)
+        else:
+            waiter.set_exception(TimeoutError())
+
+    def _stop_timer(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
             timer.cancel()
 
     async def read(self) -> bytes:
@@ -446,8 +477,10 @@ class Response:
             conn.resume()
         while not self.complete:
             if self.error is not None:
+                self._stop_timer()
                 raise self.error
             await self.wait()
+        self._stop_timer()
         chunks = self._chunks
         self.buffered = 0
         if not chunks:
@@ -475,8 +508,10 @@ class Response:
                     conn.resume()
                 return data
             if self.complete:
+                self._stop_timer()
                 return b""
             if self.error is not None:
+                self._stop_timer()
                 raise self.error
             await self.wait()
 
@@ -493,6 +528,7 @@ class Response:
     def close(self) -> None:
         """Close the connection unless the whole answer has arrived (then it went back to the
         pool, or was closed, as the answer ended)."""
+        self._stop_timer()
         conn = self.conn
         self.conn = None
         if conn is not None and conn.exchange is self:
@@ -531,7 +567,7 @@ class Client:
         self._parsed: dict[str, tuple[tuple[str, str, int], str, str]] = {}
         self._timers: _Timers | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
+        self._sweeper: _Cancellable | None = None
 
     def connections(self, url: str) -> tuple[int, int]:
         """How many connections to ``url``'s origin are open, and how many of them idle."""
@@ -540,6 +576,9 @@ class Client:
 
     async def aclose(self) -> None:
         """Close every idle connection; later requests open new ones."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for origin in self._origins.values():
             for conn in list(origin.idle):
                 conn.abort()
@@ -658,14 +697,16 @@ class Client:
     async def _acquire(
         self, origin: _Origin, deadline: float | None, idle: float | None, *, fresh: bool = False
     ) -> _Connection:
-        while not fresh and origin.idle:
-            conn = origin.idle.pop()
-            if conn.expiry is not None:
-                conn.expiry.cancel()
-                conn.expiry = None
-            if not conn.closed:
-                conn.reused = True
-                return conn
+        if not fresh and origin.idle:
+            assert self._timers is not None
+            oldest = self._timers.now() - self.keepalive
+            while origin.idle:
+                conn = origin.idle.pop()
+                if conn.idle_since < oldest:
+                    conn.abort()
+                elif not conn.closed:
+                    conn.reused = True
+                    return conn
         if origin.open >= self.limit:
             handed = await self._wait_for_slot(origin, deadline, idle)
             if handed is not None:
@@ -733,15 +774,33 @@ class Client:
         if self._origins.get(origin.key) is not origin:
             conn.abort()  # the client was closed meanwhile
             return
-        origin.idle.append(conn)
         assert self._timers is not None
-        conn.expiry = self._timers.later(self.keepalive, conn.abort)
+        conn.idle_since = self._timers.now()
+        origin.idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self._timers.later(self.keepalive, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for ``keepalive`` seconds; forget the origins left with
+        none. Runs while there are idle connections, when the oldest of them is due."""
+        assert self._timers is not None
+        self._sweeper = None
+        now = self._timers.now()
+        oldest: float | None = None
+        for key, origin in list(self._origins.items()):
+            for conn in [c for c in origin.idle if now - c.idle_since >= self.keepalive]:
+                conn.abort()
+            if origin.idle:
+                first = origin.idle[0].idle_since
+                oldest = first if oldest is None else min(oldest, first)
+            elif not origin.open and not origin.waiters:
+                del self._origins[key]
+        if oldest is not None:
+            delay = max(oldest + self.keepalive - now, _TIMER_SLACK)
+            self._sweeper = self._timers.later(delay, self._sweep)
 
     def _forget(self, conn: _Connection) -> None:
         """``conn`` closed: its slot is free."""
-        if conn.expiry is not None:
-            conn.expiry.cancel()
-            conn.expiry = None
         origin = conn.origin
         if conn in origin.idle:
             origin.idle.remove(conn)
