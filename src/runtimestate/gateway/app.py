@@ -733,6 +733,7 @@ class Gateway:
         gauge.inc()
         outcome = "ok"
         usage = Usage()
+        first_at: float | None = None
         try:
             async with self.health.track(backend.id) as call:
                 response = await open_answer(
@@ -742,10 +743,11 @@ class Gateway:
                 if stream and response.status == 200:
 
                     def first() -> float:
+                        # Only noted here: the first chunk goes out before any bookkeeping.
+                        nonlocal first_at
                         call.answered()
-                        now = self._clock.monotonic()
-                        metrics.ttft(route.name).observe(now - started)
-                        return now
+                        first_at = self._clock.monotonic()
+                        return first_at
 
                     if native:
                         await send(
@@ -798,8 +800,8 @@ class Gateway:
                         content_type = _JSON
                     if status >= 400:
                         outcome = "client_error"
-                    usage.scan(content[-512:])
                     await _answer(send, status, content, content_type=content_type, headers=headers)
+                    usage.scan(content[-512:])
         except Retryable:
             outcome = "retried"
             raise
@@ -807,6 +809,8 @@ class Gateway:
             pass  # already answered as an error event and counted by the health book
         finally:
             gauge.dec()
+            if first_at is not None:
+                metrics.ttft(route.name).observe(first_at - started)
             if outcome != "retried":
                 metrics.requests(route.name, provider.model, backend.name, outcome).inc()
                 metrics.latency(route.name).observe(self._clock.monotonic() - started)
