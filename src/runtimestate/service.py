@@ -512,6 +512,12 @@ class Service:
         self.url = f"http://{display}:{port}"
         config = uvicorn.Config(
             app,
+            # httptools (C) rather than h11, named so that a missing build fails at start instead
+            # of falling back. No access log: a line per request, formatted and passed through
+            # the redaction filter, would sit on the gateway's hot path; the gateway counts its
+            # requests in its Prometheus series instead.
+            http="httptools",
+            access_log=False,
             log_config=None,
             lifespan="off",
             timeout_graceful_shutdown=SHUTDOWN_GRACE,

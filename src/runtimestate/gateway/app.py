@@ -28,13 +28,12 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
-
 from runtimestate.backends.http import PolicyResolver
 from runtimestate.bus.base import Messenger
 from runtimestate.clock import SYSTEM_CLOCK, Clock
-from runtimestate.errors import BackendError, InvalidInput
+from runtimestate.errors import BackendError, InvalidInput, redact
 from runtimestate.gateway import completions, metrics, translate
+from runtimestate.gateway.client import Client, ClientError
 from runtimestate.gateway.keys import GatewayKey, KeyBook, list_keys
 from runtimestate.gateway.routing import RouteError, RoutingTable
 from runtimestate.gateway.upstream import (
@@ -44,6 +43,7 @@ from runtimestate.gateway.upstream import (
     Retryable,
     Send,
     Usage,
+    describe,
     open_answer,
     relay_stream,
 )
@@ -94,6 +94,7 @@ class GatewayConfig:
     connect_timeout: float = 10.0
     stream_idle_timeout: float = 120.0
     backend_concurrency: int = 0  # requests in flight per backend; 0: no cap
+    backend_connections: int = 1024  # connections open per backend address; more requests wait
     pending_retry_after: int = 10
     health: HealthConfig | None = None
 
@@ -106,6 +107,10 @@ class GatewayConfig:
         for name in ("max_body_bytes", "request_timeout", "connect_timeout", "stream_idle_timeout"):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"{name} must be positive", field=name)
+        if self.backend_connections < 1:
+            raise InvalidInput(
+                "backend_connections must be at least 1", field="backend_connections"
+            )
         if self.backend_concurrency < 0:
             raise InvalidInput(
                 "backend_concurrency must not be negative", field="backend_concurrency"
@@ -276,15 +281,7 @@ class Gateway:
         self._downloads: dict[tuple[str, str], tuple[str, int, int]] = {}
         self._table: RoutingTable | None = None
         self._table_of: Mapping[str, LLMState] | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._timeout = aiohttp.ClientTimeout(
-            total=self.config.request_timeout, sock_connect=self.config.connect_timeout
-        )
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=self.config.connect_timeout,
-            sock_read=self.config.stream_idle_timeout,
-        )
+        self._client: Client | None = None
         self._routes: dict[tuple[str, str], Callable[..., Awaitable[None]]] = {
             ("GET", "/v1/models"): self._openai_models,
             ("POST", "/v1/chat/completions"): self._handler(_OPENAI_CHAT),
@@ -302,20 +299,20 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._session is None:
+        if self._client is None:
             if self._url_policy is not None:
                 self._resolver = PolicyResolver(self._url_policy)
-            connector = aiohttp.TCPConnector(
-                limit=0, keepalive_timeout=30, ttl_dns_cache=300, resolver=self._resolver
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, raise_for_status=False
+            self._client = Client(
+                connect_timeout=self.config.connect_timeout,
+                resolver=self._resolver,
+                limit=self.config.backend_connections,
+                clock=self._clock,
             )
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
         if self._resolver is not None:
             resolver, self._resolver = self._resolver, None
             await resolver.close()
@@ -491,16 +488,18 @@ class Gateway:
         await self._guard(send, NDJSON, "/api/ps", answer)
 
     async def _ps_of(self, base_url: str) -> list[dict[str, Any]]:
-        assert self._session is not None
+        assert self._client is not None
         try:
-            async with self._session.get(
-                base_url.rstrip("/") + "/api/ps",
-                timeout=aiohttp.ClientTimeout(total=self.config.connect_timeout),
-            ) as response:
+            response = await self._client.request(
+                "GET", base_url.rstrip("/") + "/api/ps", total=self.config.connect_timeout
+            )
+            try:
                 if response.status != 200:
                     return []
-                value = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+                value = json.loads(await response.read())
+            finally:
+                response.release()
+        except (ClientError, TimeoutError, ValueError):
             return []
         models = value.get("models") if isinstance(value, dict) else None
         return [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
@@ -522,19 +521,24 @@ class Gateway:
             ollama = [b for b in served.backends if b.type == _OLLAMA]
             if ollama:
                 body = json.dumps({**payload, "model": served.name}).encode()
-                assert self._session is not None
+                assert self._client is not None
                 try:
                     response = await open_answer(
-                        self._session,
+                        self._client,
                         ollama[0],
                         ollama[0].base_url.rstrip("/") + "/api/show",
                         body,
-                        timeout=self._timeout,
+                        total=self.config.request_timeout,
                     )
+                    try:
+                        data = await response.read()
+                    finally:
+                        response.release()
+                except (ClientError, TimeoutError) as exc:
+                    message = f"{describe(ollama[0])}: the answer broke off: {exc or 'timeout'}"
+                    raise _Refused(502, "upstream_error", message) from exc
                 except Retryable as exc:
                     raise _Refused(502, "upstream_error", str(exc)) from exc
-                async with response:
-                    data = await response.read()
                 await _answer(send, response.status, data)
                 return
             await _answer(send, 200, json.dumps(translate.show(served)).encode())
@@ -704,7 +708,7 @@ class Gateway:
     ) -> None:
         """One attempt on one backend. :class:`Retryable` when nothing was sent to the client;
         any later failure is answered here (an error event) and counted, never raised."""
-        assert self._session is not None
+        assert self._client is not None
         native = route.dialect is SSE or backend.type == _OLLAMA
         # Gemini's OpenAI API has no legacy completions: they go to it as chat completions.
         as_chat = route is _OPENAI_COMPLETIONS and backend.type == _GEMINI
@@ -718,22 +722,32 @@ class Gateway:
             url, data = translate.request(
                 route.name, openai_root(backend), upstream_model(provider), payload, stream
             )
-        timeout = self._stream_timeout if stream else self._timeout
+        # A stream is bounded per wait (a long answer is fine while it keeps coming), an
+        # answer read at once as a whole.
+        total, idle = (
+            (None, self.config.stream_idle_timeout)
+            if stream
+            else (self.config.request_timeout, None)
+        )
         gauge = metrics.in_flight(backend.name)
         gauge.inc()
         outcome = "ok"
         usage = Usage()
+        first_at: float | None = None
         try:
             async with self.health.track(backend.id) as call:
-                response = await open_answer(self._session, backend, url, data, timeout=timeout)
+                response = await open_answer(
+                    self._client, backend, url, data, total=total, idle=idle
+                )
                 headers = [(BACKEND_HEADER, backend.name.encode("utf-8", "replace"))]
                 if stream and response.status == 200:
 
                     def first() -> float:
+                        # Only noted here: the first chunk goes out before any bookkeeping.
+                        nonlocal first_at
                         call.answered()
-                        now = self._clock.monotonic()
-                        metrics.ttft(route.name).observe(now - started)
-                        return now
+                        first_at = self._clock.monotonic()
+                        return first_at
 
                     if native:
                         await send(
@@ -767,16 +781,15 @@ class Gateway:
                 else:
                     try:
                         content = await response.read()
-                    except (aiohttp.ClientError, TimeoutError) as exc:
+                    except (ClientError, TimeoutError) as exc:
                         response.close()
+                        cause = redact(str(exc), backend.api_key) if str(exc) else "timeout"
                         raise Retryable(
-                            f"{backend.type} backend {backend.name!r} ({backend.base_url}): "
-                            f"the answer broke off: {type(exc).__name__}",
+                            f"{describe(backend)}: the answer broke off: {cause}",
                             backend=backend.base_url,
                         ) from exc
-                    response.release()
                     status = response.status
-                    content_type = response.headers.get("Content-Type", "application/json").encode()
+                    content_type = response.headers.get(b"content-type", _JSON)
                     if as_chat and status == 200:
                         content = completions.answer(content)
                     elif not native and status == 200:
@@ -787,8 +800,8 @@ class Gateway:
                         content_type = _JSON
                     if status >= 400:
                         outcome = "client_error"
-                    usage.scan(content[-512:])
                     await _answer(send, status, content, content_type=content_type, headers=headers)
+                    usage.scan(content[-512:])
         except Retryable:
             outcome = "retried"
             raise
@@ -796,6 +809,8 @@ class Gateway:
             pass  # already answered as an error event and counted by the health book
         finally:
             gauge.dec()
+            if first_at is not None:
+                metrics.ttft(route.name).observe(first_at - started)
             if outcome != "retried":
                 metrics.requests(route.name, provider.model, backend.name, outcome).inc()
                 metrics.latency(route.name).observe(self._clock.monotonic() - started)

@@ -36,6 +36,8 @@ __all__ = ["Pending", "RouteError", "RoutingTable", "ServedModel"]
 
 # How many close names a 404 suggests.
 _SUGGESTED = 5
+# A bound on the kept resolve requests: clients choose the names, so the keys are unbounded.
+_REQUESTS_KEPT = 4096
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -93,6 +95,9 @@ class RoutingTable:
         self.providers = build_providers(snapshot)
         self.resolver = Resolver(self.providers, pool=pool, rng=rng)
         self._scoped: dict[frozenset[str], Resolver] = {}
+        # (asked name, policy, min context) -> the requests it resolves as, in order: made (and
+        # validated) once, not per request.
+        self._requests: dict[tuple[str, str, int], tuple[ResolveRequest, ...]] = {}
         # normalized name -> the exact names served under it (several types may spell it alike)
         self._normal: dict[str, list[str]] = {}
         self.served: dict[str, ServedModel] = {}  # normalized name -> first spelling
@@ -151,15 +156,22 @@ class RoutingTable:
     ) -> tuple[Provider, BackendRef]:
         """The provider and backend for ``model``; :class:`RouteError` when there is none."""
         resolver = self._resolver(backends)
-        names = [model]
-        for name in self._normal.get(normalize_model_name(model), ()):
-            if name != model:
-                names.append(name)
-        cooling: AllCoolingDown | None = None
-        for name in names:
-            request = ResolveRequest(
-                models=(name,), exact=True, policy=policy, min_context=min_context
+        key = (model, policy, min_context)
+        requests = self._requests.get(key)
+        if requests is None:
+            names = [model]
+            for name in self._normal.get(normalize_model_name(model), ()):
+                if name != model:
+                    names.append(name)
+            requests = tuple(
+                ResolveRequest(models=(name,), exact=True, policy=policy, min_context=min_context)
+                for name in names
             )
+            if len(self._requests) >= _REQUESTS_KEPT:
+                self._requests.clear()
+            self._requests[key] = requests
+        cooling: AllCoolingDown | None = None
+        for request in requests:
             try:
                 return resolver.pick(request, capability)
             except AllCoolingDown as exc:

@@ -24,9 +24,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-
-from runtimestate.errors import BackendError, BackendUnreachable, ProtocolError, ServerError
+from runtimestate.errors import (
+    BackendError,
+    BackendUnreachable,
+    ProtocolError,
+    ServerError,
+    redact,
+)
+from runtimestate.gateway.client import ClientError, Response
 from runtimestate.gateway.upstream import NDJSON, Send, StreamEnd, Usage
 from runtimestate.providers import BackendRef
 from runtimestate.records import ListModelResponse
@@ -211,7 +216,7 @@ def error(content: bytes, status: int) -> bytes:
 
 async def relay(
     route: str,
-    response: aiohttp.ClientResponse,
+    response: Response,
     send: Send,
     backend: BackendRef,
     *,
@@ -246,7 +251,7 @@ async def relay(
 
     try:
         while not finished:
-            chunk = await response.content.readany()
+            chunk = await response.chunk()
             if not chunk:
                 break
             if first is None:
@@ -301,9 +306,10 @@ async def relay(
         failure = BackendUnreachable(
             f"{where}: the stream stalled beyond the idle timeout", backend=backend.base_url
         )
-    except aiohttp.ClientError as exc:
+    except ClientError as exc:
         failure = BackendUnreachable(
-            f"{where}: the stream broke off: {type(exc).__name__}", backend=backend.base_url
+            f"{where}: the stream broke off: {redact(str(exc), backend.api_key)}",
+            backend=backend.base_url,
         )
     finally:
         if finished and failure is None:

@@ -1,4 +1,4 @@
-"""Sending one request to one backend and relaying its answer: the gateway's only HTTP client.
+"""Sending one request to one backend and relaying its answer, over the gateway's HTTP client.
 
 The bytes are proxied, not re-encoded: a request body is forwarded as it came (only the model
 name is rewritten when the backend spells it differently), and an answer is relayed as the
@@ -17,8 +17,13 @@ What this module decides, because it is where the bytes are:
   ``finish_reason`` for OpenAI, ``"done": true`` for Ollama) reaches the client as an error event
   in the dialect's own shape - never as a silently short answer - and comes back as a value so
   the caller records the failure;
-* backpressure is the ASGI server's: ``send`` waits while the client's socket buffer is full, so
-  a slow reader slows the read from the backend instead of filling memory.
+* backpressure runs end to end: ``send`` waits while the client's socket buffer is full, the
+  relay reads the next chunk only after that, and :mod:`.client` stops reading the backend's
+  socket while an answer's unread bytes are over its bound - a slow reader slows the backend
+  instead of filling memory.
+
+The connection, its pool and its time bounds are :mod:`.client`'s; this module turns what the
+client raises into the project's errors, naming the backend (never its key).
 """
 
 from __future__ import annotations
@@ -29,14 +34,13 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from runtimestate.errors import (
     BackendError,
     BackendUnreachable,
     ProtocolError,
     redact,
 )
+from runtimestate.gateway.client import Client, ClientError, ConnectFailed, Disconnected, Response
 from runtimestate.providers import BackendRef
 
 __all__ = [
@@ -46,6 +50,7 @@ __all__ = [
     "Retryable",
     "Send",
     "Usage",
+    "describe",
     "open_answer",
     "relay_stream",
 ]
@@ -119,61 +124,69 @@ class Usage:
             self.output = int(found.group(1))
 
 
-def _where(backend: BackendRef) -> str:
+def describe(backend: BackendRef) -> str:
+    """How messages name a backend: its type, name and URL (never its key)."""
     return f"{backend.type} backend {backend.name!r} ({backend.base_url})"
 
 
 async def open_answer(
-    session: aiohttp.ClientSession,
+    client: Client,
     backend: BackendRef,
     url: str,
     body: bytes | None,
     *,
-    timeout: aiohttp.ClientTimeout,
+    total: float | None = None,
+    idle: float | None = None,
     method: str = "POST",
-) -> aiohttp.ClientResponse:
-    """The backend's response, its status below 500 and not 429; else :class:`Retryable`."""
-    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+) -> Response:
+    """The backend's answer, its status below 500 and not 429; else :class:`Retryable`.
+
+    ``total`` bounds the whole answer (one read at once), ``idle`` each wait for it (a stream).
+    """
+    headers = [("Content-Type", "application/json"), ("Accept-Encoding", "identity")]
     if backend.api_key:
-        headers["Authorization"] = f"Bearer {backend.api_key}"
+        headers.append(("Authorization", f"Bearer {backend.api_key}"))
     try:
-        response = await session.request(method, url, data=body, headers=headers, timeout=timeout)
-    except aiohttp.ServerDisconnectedError as exc:
+        response = await client.request(method, url, body, headers, total=total, idle=idle)
+    except Disconnected as exc:
+        if exc.before_answer:
+            raise Retryable(
+                f"{describe(backend)}: closed the connection before answering",
+                backend=backend.base_url,
+                stale=True,
+            ) from exc
         raise Retryable(
-            f"{_where(backend)}: closed the connection before answering",
-            backend=backend.base_url,
-            stale=True,
+            f"{describe(backend)}: {redact(str(exc), backend.api_key)}", backend=backend.base_url
         ) from exc
-    except aiohttp.ClientConnectorError as exc:
-        cause = redact(str(exc.os_error.strerror or exc.os_error), backend.api_key)
+    except ConnectFailed as exc:
         raise Retryable(
-            f"{_where(backend)}: connection failed: {cause}", backend=backend.base_url
+            f"{describe(backend)}: connection failed: {redact(str(exc), backend.api_key)}",
+            backend=backend.base_url,
         ) from exc
     except TimeoutError as exc:
         raise Retryable(
-            f"{_where(backend)}: no answer within the timeout", backend=backend.base_url
+            f"{describe(backend)}: no answer within the timeout", backend=backend.base_url
         ) from exc
-    except aiohttp.ClientError as exc:
+    except ClientError as exc:
         raise Retryable(
-            f"{_where(backend)}: {type(exc).__name__}: {redact(str(exc), backend.api_key)}",
-            backend=backend.base_url,
+            f"{describe(backend)}: {redact(str(exc), backend.api_key)}", backend=backend.base_url
         ) from exc
     status = response.status
     if status >= 500 or status == 429:
         try:
             data = await response.read()
-        except (aiohttp.ClientError, TimeoutError):
+        except (ClientError, TimeoutError):
             data = b""
         finally:
             response.release()
         text = redact(data[:300].decode("utf-8", "replace"), backend.api_key)
         kind = "rate limited" if status == 429 else "server error"
         raise Retryable(
-            f"{_where(backend)}: {kind}: HTTP {status}: {text}",
+            f"{describe(backend)}: {kind}: HTTP {status}: {text}",
             backend=backend.base_url,
             status=status,
             body=data,
-            retry_after=response.headers.get("Retry-After"),
+            retry_after=response.header(b"retry-after"),
         )
     return response
 
@@ -188,7 +201,7 @@ class StreamEnd:
 
 
 async def relay_stream(
-    response: aiohttp.ClientResponse,
+    response: Response,
     send: Send,
     dialect: Dialect,
     backend: BackendRef,
@@ -204,11 +217,10 @@ async def relay_stream(
     done = False
     tail = b""
     first: float | None = None
-    content = response.content
     error: BackendError | None = None
     try:
         while True:
-            chunk = await content.readany()
+            chunk = await response.chunk()
             if not chunk:
                 break
             if first is None:
@@ -223,12 +235,12 @@ async def relay_stream(
             tail = window[-_OVERLAP:]
     except TimeoutError:
         error = BackendUnreachable(
-            f"{_where(backend)}: the stream stalled beyond the idle timeout",
+            f"{describe(backend)}: the stream stalled beyond the idle timeout",
             backend=backend.base_url,
         )
-    except aiohttp.ClientError as exc:
+    except ClientError as exc:
         error = BackendUnreachable(
-            f"{_where(backend)}: the stream broke off: {type(exc).__name__}",
+            f"{describe(backend)}: the stream broke off: {redact(str(exc), backend.api_key)}",
             backend=backend.base_url,
         )
     finally:
@@ -240,7 +252,8 @@ async def relay_stream(
             response.close()
     if error is None and not done:
         error = ProtocolError(
-            f"{_where(backend)}: the stream ended without its terminator", backend=backend.base_url
+            f"{describe(backend)}: the stream ended without its terminator",
+            backend=backend.base_url,
         )
     if error is not None:
         code = "stream_incomplete" if isinstance(error, ProtocolError) else "upstream_unreachable"

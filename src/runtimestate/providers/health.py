@@ -24,8 +24,6 @@ resolver calls :meth:`cooling_until` for every candidate, so it must stay a dict
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -58,12 +56,18 @@ class HealthConfig:
 
 
 class Tracked:
-    """One call being tracked: when it started and, for a stream, when it first answered."""
+    """One call being tracked: when it started and, for a stream, when it first answered.
 
-    __slots__ = ("_clock", "answered_at", "started")
+    It is its own async context manager (what :meth:`Health.track` returns): the gateway enters
+    one per request, and a generator-based context manager cost several times more.
+    """
 
-    def __init__(self, clock: Clock) -> None:
+    __slots__ = ("_backend_id", "_clock", "_health", "answered_at", "started")
+
+    def __init__(self, clock: Clock, health: Health | None = None, backend_id: str = "") -> None:
         self._clock = clock
+        self._health = health
+        self._backend_id = backend_id
         self.started = clock.monotonic()
         self.answered_at: float | None = None
 
@@ -71,6 +75,24 @@ class Tracked:
         """Mark the first answer (idempotent): the latency ends here, not at the stream's end."""
         if self.answered_at is None:
             self.answered_at = self._clock.monotonic()
+
+    async def __aenter__(self) -> Tracked:
+        health = self._health
+        assert health is not None
+        health._in_flight[self._backend_id] = health._in_flight.get(self._backend_id, 0) + 1
+        self.started = self._clock.monotonic()
+        return self
+
+    async def __aexit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        health = self._health
+        assert health is not None
+        backend_id = self._backend_id
+        health._in_flight[backend_id] -= 1
+        if error is None:
+            end = self._clock.monotonic() if self.answered_at is None else self.answered_at
+            health.record_success(backend_id, end - self.started)
+        elif isinstance(error, BackendError) and not isinstance(error, BadRequest):
+            health.record_failure(backend_id, str(error))
 
 
 class Health:
@@ -88,27 +110,15 @@ class Health:
 
     # -- recording ---------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def track(self, backend_id: str) -> AsyncIterator[Tracked]:
-        """Count one request in flight; on exit record its latency or its failure.
+    def track(self, backend_id: str) -> Tracked:
+        """``async with`` it: count one request in flight; on exit record its latency or its
+        failure (a :class:`BackendError` other than :class:`BadRequest`; a cancellation or any
+        other exception records nothing).
 
         The latency is the time to :meth:`Tracked.answered` when the caller marks it (a stream,
         at its first chunk), else the whole call.
         """
-        self._in_flight[backend_id] = self._in_flight.get(backend_id, 0) + 1
-        call = Tracked(self._clock)
-        try:
-            yield call
-        except BadRequest:
-            raise
-        except BackendError as exc:
-            self.record_failure(backend_id, str(exc))
-            raise
-        else:
-            end = self._clock.monotonic() if call.answered_at is None else call.answered_at
-            self.record_success(backend_id, end - call.started)
-        finally:
-            self._in_flight[backend_id] -= 1
+        return Tracked(self._clock, self, backend_id)
 
     def record_success(self, backend_id: str, latency: float) -> None:
         previous = self._latency.get(backend_id)
