@@ -434,23 +434,30 @@ async def test_a_backend_credential_is_write_only(client: httpx.AsyncClient, sto
     key = f"backend-credential:{backend_id}"
     assert (await store.get_kv(key)).value == {"APIKey": secret, "Type": "vllm"}
     # PUT without apiKey keeps it, with a new one replaces it, with null removes it.
-    kept = await client.put(f"/backends/{backend_id}", json=backend_body(name="n2"))
+    kept = await client.put(f"/backends/{backend_id}", json=backend_body(name="n2", type="vllm"))
     assert kept.json()["apiKey"] == "****WXYZ"
     changed = await client.put(
-        f"/backends/{backend_id}", json=backend_body(apiKey="other-secret-0123456789-ABCD")
+        f"/backends/{backend_id}",
+        json=backend_body(apiKey="other-secret-0123456789-ABCD", type="vllm"),
     )
     assert changed.json()["apiKey"] == "****ABCD"
-    removed = await client.put(f"/backends/{backend_id}", json=backend_body(apiKey=None))
+    removed = await client.put(
+        f"/backends/{backend_id}", json=backend_body(apiKey=None, type="vllm")
+    )
     assert removed.json()["apiKey"] is None
     assert (await store.list_kv_prefix("backend-credential:")).items == []
     # A refused declaration leaves no credential behind; a deleted backend takes its own along.
-    duplicate = await client.post("/backends", json=backend_body(apiKey=secret))
+    duplicate = await client.post("/backends", json=backend_body(apiKey=secret, type="vllm"))
     error_of(duplicate, 409)
-    await client.put(f"/backends/{backend_id}", json=backend_body(apiKey=secret))
+    await client.put(f"/backends/{backend_id}", json=backend_body(apiKey=secret, type="vllm"))
     assert (await client.delete(f"/backends/{backend_id}")).status_code == 204
     assert (await store.list_kv_prefix("backend-credential:")).items == []
     for bad in ("short", "with\nnewline-0123456789", 12345678901):
-        error_of(await client.post("/backends", json=backend_body(apiKey=bad)), 422, "apiKey")
+        error_of(
+            await client.post("/backends", json=backend_body(apiKey=bad, type="vllm")),
+            422,
+            "apiKey",
+        )
 
 
 # ---- audit ---------------------------------------------------------------------------------
