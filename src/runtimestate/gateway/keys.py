@@ -47,6 +47,8 @@ _MAX_NAME = 128
 
 
 def hash_key(secret: str) -> str:
+    """The digest a key is stored and looked up by (SHA-256: the keys are random, so no
+    slow hash is needed against guessing)."""
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -145,6 +147,7 @@ async def add_key(
 
 
 async def list_keys(store: Store) -> list[GatewayKey]:
+    """Every gateway key's record, by name."""
     keys = [
         GatewayKey.from_storage(entry.key[len(KEY_PREFIX) :], entry.value)
         for entry in await store.list_all_kv_prefix(KEY_PREFIX)

@@ -112,6 +112,8 @@ class Retryable(BackendError):
 
 @dataclass(slots=True)
 class Usage:
+    """Tokens in and out, as the backend reported them in its answer (0: not reported)."""
+
     prompt: int = 0
     output: int = 0
 
