@@ -127,9 +127,6 @@ class Sessions:
         self._revoked[session_id] = expires
         return True
 
-    def expired(self, expires: int) -> bool:
-        return expires <= self._now()
-
 
 async def share_revocation(store: Store, messenger: Messenger, session: Session) -> None:
     """Make a logout hold on every replica: stored for those that read it later, announced
@@ -191,12 +188,11 @@ async def follow_revocations(
 async def _load_revocations(sessions: Sessions, store: Store) -> None:
     for entry in await store.list_all_kv_prefix(REVOKED_PREFIX):
         session_id = entry.key.removeprefix(REVOKED_PREFIX)
-        if not isinstance(entry.value, int) or sessions.expired(entry.value):
-            # Past its session's end (or not an expiry at all): nothing left to refuse.
-            with contextlib.suppress(NotFound):
-                await store.delete_kv(entry.key)
+        if isinstance(entry.value, int) and sessions.revoke_id(session_id, entry.value):
             continue
-        sessions.revoke_id(session_id, entry.value)
+        # Past its session's end (or not an expiry at all): nothing left to refuse.
+        with contextlib.suppress(NotFound):
+            await store.delete_kv(entry.key)
 
 
 def _apply_notice(sessions: Sessions, data: bytes) -> None:

@@ -79,8 +79,8 @@ def cloud_kinds() -> tuple[Kind, ...]:
     return tuple(kind for kind in KINDS if kind.cloud)
 
 
-def pull_stream() -> PullStream | None:
-    """The pull stream of the kind whose backends models are pulled onto.
+def _puller() -> Kind | None:
+    """The kind whose backends models are pulled onto.
 
     The download queue is keyed by a backend's base URL and does not record its kind, so at
     most one kind may pull; a second one would need its kind in the job.
@@ -90,11 +90,17 @@ def pull_stream() -> PullStream | None:
         raise RuntimeError(
             "more than one backend kind pulls models: " + ", ".join(k.name for k in pullers)
         )
-    return pullers[0].pull if pullers else None
+    return pullers[0] if pullers else None
+
+
+def pull_stream() -> PullStream | None:
+    """The pull stream of the kind that pulls (see :func:`_puller`)."""
+    kind = _puller()
+    return None if kind is None else kind.pull
 
 
 def pull_check() -> HoldsModel | None:
-    """How the kind that pulls (see :func:`pull_stream`) tells whether a backend already holds
-    a model; ``None`` if it cannot tell."""
-    pullers = [kind for kind in KINDS if kind.pull is not None]
-    return pullers[0].holds if len(pullers) == 1 else None
+    """How the kind that pulls tells whether a backend already holds a model; ``None`` if it
+    cannot tell."""
+    kind = _puller()
+    return None if kind is None else kind.holds

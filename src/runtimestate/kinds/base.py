@@ -124,9 +124,7 @@ class Kind:
 
     def credential_key(self, backend_id: str) -> str:
         """The key-value entry of one backend's optional key; ``""`` if the kind has none."""
-        if self.key_source is not KeySource.BACKEND_CREDENTIAL:
-            return ""
-        return BACKEND_CREDENTIAL_PREFIX + backend_id
+        return BACKEND_CREDENTIAL_PREFIX + backend_id if self.takes_credential else ""
 
     def key_rejected(self, status: int, body: str) -> bool:
         """Whether an error answer means the key was refused, in this kind's dialect."""
